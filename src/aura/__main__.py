@@ -1,0 +1,3 @@
+from aura.cli import main
+
+raise SystemExit(main())
