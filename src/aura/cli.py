@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line, like every other bad input."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_USAGE, f"aura: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _print_json(obj: Any) -> None:

@@ -1,0 +1,1 @@
+"""Data room: tokenizers, sources, pretokenized memmap shards + manifest, batch sampling."""

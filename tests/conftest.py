@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny generated corpora, a CLI runner, a hypothesis profile.
+
+Corpora are generated (seeded) English-like text small enough that a prepare takes milliseconds;
+the embedded Shakespeare is used by one or two tests only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from aura.cli import main
+
+settings.register_profile(
+    "aura",
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("aura")
+
+_VOCABULARY = (
+    "the of and to in is was he for it with as his on be at by had are but from or have an they "
+    "which one you were her all she there would their we him been has when who will more no if "
+    "out so said what up its about into than them can only other new some could time these two "
+    "may then do first any my now such like our over man me even most made after also did many "
+    "before must through back years where much your way well down should because each just those "
+    "people how too little state good very make world still own see men work long get here "
+    "between both life being under never day same another know while last might great old year "
+    "off come since against go came right used take three river stone garden winter lantern"
+)
+WORDS = _VOCABULARY.split()
+
+
+def english(rng: random.Random, n_words: int) -> str:
+    """Seeded English-like prose: capitalised sentences, commas, a line break now and then."""
+    out: list[str] = []
+    sentence = 0
+    for _ in range(n_words):
+        w = rng.choice(WORDS)
+        if sentence == 0:
+            w = w.capitalize()
+        sentence += 1
+        if sentence > rng.randint(6, 14):
+            w += "."
+            sentence = 0
+        elif rng.random() < 0.08:
+            w += ","
+        out.append(w)
+        if sentence == 0 and rng.random() < 0.3:
+            out.append("\n")
+    text = " ".join(out).replace(" \n ", "\n")
+    return text.rstrip(" ,") + ".\n"
+
+
+def make_docs(n: int, seed: int = 0, words: tuple[int, int] = (120, 260)) -> list[str]:
+    """``n`` distinct documents, each opening with a title line that names it."""
+    rng = random.Random(seed)
+    return [f"Document {i} of the test corpus.\n" + english(rng, rng.randint(*words))
+            for i in range(n)]
+
+
+def write_dir(root: Path, docs: Sequence[str], nested: bool = True) -> list[Path]:
+    """One .txt file per document, every third one in a subdirectory (sources recurse)."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, doc in enumerate(docs):
+        sub = root / "part" if nested and i % 3 == 2 else root
+        sub.mkdir(exist_ok=True)
+        path = sub / f"doc{i:02d}.txt"
+        path.write_text(doc, encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def docs() -> list[str]:
+    return make_docs(12)
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path, docs: list[str]) -> Path:
+    """A dozen small documents as files of one directory tree."""
+    root = tmp_path / "corpus"
+    write_dir(root, docs)
+    return root
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path, docs: list[str]) -> Path:
+    """The same dozen documents as blank-line separated paragraphs of one text file."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(d.strip() + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """``aura`` in process: exit code, stdout, stderr (argparse exits are caught too)."""
+
+    def run(*argv: str | Path) -> CliResult:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def assert_usage_error(res: CliResult, *needles: str) -> str:
+    """Exit 2 with exactly one line on stderr, no traceback, naming each of ``needles``."""
+    assert res.code == 2, (res.code, res.err)
+    assert "Traceback" not in res.err
+    lines = res.err.splitlines()
+    assert len(lines) == 1, res.err
+    assert lines[0].startswith("aura: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
