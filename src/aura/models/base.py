@@ -1,0 +1,89 @@
+"""The one interface every Aura model implements, and the registry the trainer builds from.
+
+The trainer, generator and evaluator know a model only through this: ``forward(idx, targets,
+**state) -> ModelOutput``, an optional cache for generation, ``num_params`` and ``config``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aura.config import ModelConfig
+from aura.errors import ConfigError
+
+
+@dataclass
+class ModelOutput:
+    """``loss`` is what to backpropagate (cross-entropy plus any weighted extra losses);
+    ``aux`` names its parts and any metrics worth logging (sparsity, firing rates, ...)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class AuraModel(nn.Module):
+    """Base class: subclasses set ``config`` and implement ``forward`` (and ``new_cache``).
+
+    ``forward(idx, targets=None, *, cache=None, last_only=False, label_smoothing=0.0, **state)``:
+    with ``cache`` the model reads and extends it (generation); ``last_only`` asks for the last
+    position's logits only; ``state`` carries per-step flags such as ``use_memory``, which a
+    model that does not know them ignores.
+    """
+
+    config: ModelConfig
+    grad_checkpoint: bool = False  # recompute each block in backward (set by the trainer)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                **state: Any) -> ModelOutput:
+        raise NotImplementedError
+
+    def new_cache(self, batch_size: int, max_len: int) -> Any:
+        """A generation cache, or None for models that only decode by re-running the prefix."""
+        return None
+
+    @property
+    def max_context(self) -> int | None:
+        """Longest input the model accepts at once; None when unbounded (recurrent models)."""
+        return self.config.block_size
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+            ) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; targets < 0 are ignored."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=-1, label_smoothing=label_smoothing)
+
+
+_REGISTRY: dict[str, Callable[[ModelConfig], AuraModel]] = {}
+
+
+def register_model(name: str) -> Callable[[type[AuraModel]], type[AuraModel]]:
+    def add(cls: type[AuraModel]) -> type[AuraModel]:
+        _REGISTRY[name] = cls
+        return cls
+    return add
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(config: ModelConfig) -> AuraModel:
+    if config.name not in _REGISTRY:
+        raise ConfigError(f"unknown model {config.name!r}; models: {', '.join(model_names())}")
+    if config.vocab_size is None:
+        raise ConfigError("model.vocab_size is not set (it normally comes from the prepared data)")
+    return _REGISTRY[config.name](config)

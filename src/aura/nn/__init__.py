@@ -1,0 +1,1 @@
+"""Building blocks shared by the models: attention and its caches, and (later) neurons and cells."""

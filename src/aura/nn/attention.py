@@ -1,0 +1,64 @@
+"""Causal multi-head self-attention on the fused `scaled_dot_product_attention`, with a KV cache.
+
+The cache is an explicit object owned by the caller (the generator), not hidden module state, so
+two generations never share or clobber each other's keys and values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """Preallocated keys/values for every layer; ``pos`` tokens are filled so far."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values at pos..pos+T and return everything cached for ``layer``."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens, asked for {end}")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, layer: int):
+        super().__init__()
+        self.n_head, self.head_dim, self.layer = n_head, n_embd // n_head, layer
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        if cache is None or cache.pos == 0:
+            if cache is not None:
+                cache.append(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            start = cache.pos
+            k, v = cache.append(self.layer, k, v)
+            mask = None
+            if T > 1:  # several new tokens: each sees the cache and the new ones up to itself
+                rows = torch.arange(T, device=x.device)[:, None] + start
+                mask = torch.arange(start + T, device=x.device)[None, :] <= rows
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
