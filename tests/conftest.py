@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from aura.cli import main
+from aura.config import AuraConfig, load_config
 
 settings.register_profile(
     "aura",
@@ -136,3 +137,45 @@ def assert_usage_error(res: CliResult, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+# --- training ----------------------------------------------------------------------------------
+
+# A model small enough that a step takes milliseconds on a CPU; every test adds its own settings.
+TINY_TRAIN = (
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    "train.batch_size=4", "train.device=cpu", "train.precision=fp32", "train.warmup_steps=2",
+    "train.eval_iters=2", "train.log_interval=1",
+)
+
+
+def tiny_config(*overrides: str) -> AuraConfig:
+    """The demo preset shrunk to ``TINY_TRAIN``, then ``overrides``."""
+    return load_config(preset="demo", overrides=[*TINY_TRAIN, *overrides])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """``{step: value}`` of the metrics rows that carry ``key``; a repeated step is an error."""
+    out: dict[int, float] = {}
+    for row in read_metrics(run_dir):
+        if key in row:
+            assert row["step"] not in out, f"step {row['step']} logged twice"
+            out[row["step"]] = row[key]
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A char-level dataset of ~12k tokens (60 symbols) with a val split, prepared once."""
+    from aura.data.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("train-data")
+    write_dir(root / "corpus", make_docs(12, seed=3))
+    opts = PrepareOptions([str(root / "corpus")], "char", val_fraction=0.2)
+    prepare(opts, root / "data", progress=False)
+    return root / "data"

@@ -268,7 +268,7 @@ def test_bad_override_is_a_one_line_error(overrides: list[str], expected: str) -
 
 def test_unknown_key_lists_the_sections_keys() -> None:
     message = _error(overrides=["train.lrr=1"])
-    assert "valid keys: train.batch_size, train.grad_accum" in message
+    assert "valid keys: train.batch_size, train.block_size, train.grad_accum" in message
     assert "model.n_layer" not in message
     assert "valid sections: model, data, train" in _error(overrides=["trian.lr=1"])
 

@@ -61,6 +61,7 @@ class TrainConfig:
     """The optimisation loop: batch, schedule, optimiser, precision, bookkeeping."""
 
     batch_size: int = 12  # sequences per micro-batch
+    block_size: int | None = None  # training sequence length; None = model.block_size
     grad_accum: int = 1  # micro-batches per optimiser step
     max_steps: int = 2000  # optimiser steps
     lr: float = 1e-3  # peak learning rate
@@ -84,6 +85,7 @@ class TrainConfig:
     log_interval: int = 10  # steps between log lines
     checkpoint_interval: int = 500  # steps between checkpoints
     keep_checkpoints: int = 3  # most recent checkpoints kept on disk
+    max_nonfinite: int = 3  # non-finite steps in a row before rolling back with half the lr
     memory_warmup_steps: int = 0  # steps the hippocampal memory stays off at the start
     seed: int = 1337
 
@@ -372,6 +374,7 @@ def validate_config(cfg: AuraConfig) -> None:
         "train.log_interval": t.log_interval,
         "train.checkpoint_interval": t.checkpoint_interval,
         "train.keep_checkpoints": t.keep_checkpoints,
+        "train.max_nonfinite": t.max_nonfinite,
     }
     if m.vocab_size is not None:
         positive["model.vocab_size"] = m.vocab_size
@@ -403,6 +406,11 @@ def validate_config(cfg: AuraConfig) -> None:
         m.n_embd % m.n_head == 0,
         f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})",
     )
+    if t.block_size is not None:
+        _check(
+            0 < t.block_size <= m.block_size,
+            f"train.block_size must be in [1, model.block_size={m.block_size}], got {t.block_size}",
+        )
     previous = -1
     for i, stage in enumerate(d.curriculum):
         _check(

@@ -1,0 +1,1 @@
+"""Training: device and precision, optimizers, schedules, checkpoints, faults, the loop."""

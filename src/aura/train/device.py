@@ -1,0 +1,95 @@
+"""Device and mixed-precision choice, and the CUDA memory helpers of seed 001.
+
+Precision is picked by device: bf16 autocast where the hardware has it, fp16 with a GradScaler
+on older GPUs, fp32 on CPU and MPS unless asked (CPU bf16 autocast is correct but often slower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from aura.errors import ConfigError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a torch device (auto, cpu, cuda, mps)"
+                          ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device is mps but MPS is not available")
+    return device
+
+
+@dataclass
+class Precision:
+    """How forward passes run: an autocast dtype (None = fp32) and whether losses are scaled."""
+
+    name: str
+    device_type: str
+    dtype: torch.dtype | None
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def new_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
+        if self.name == "fp16" and self.device_type == "cuda":
+            return torch.amp.GradScaler("cuda")
+        return None
+
+
+def pick_precision(name: str, device: torch.device) -> Precision:
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+    if name == "fp32":
+        return Precision("fp32", device.type, None)
+    if name == "fp16" and device.type == "cpu":
+        raise ConfigError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return Precision(name, device.type, torch.bfloat16 if name == "bf16" else torch.float16)
+
+
+def maybe_empty_cuda_cache(reason: str = "", min_free_ratio: float = 0.12,
+                           log: Callable[[str], None] = print) -> bool:
+    """Empty the CUDA cache only when free memory is below ``min_free_ratio`` (seed 001 1.3).
+
+    Emptying on every step thrashes the allocator; emptying never lets fragmentation cause OOMs.
+    """
+    if not torch.cuda.is_available():
+        return False
+    free, total = torch.cuda.mem_get_info()
+    if free / total >= min_free_ratio:
+        return False
+    log(f"emptying the CUDA cache{f' ({reason})' if reason else ''}: free {free / total:.1%}")
+    torch.cuda.empty_cache()
+    return True
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory, or this process's resident memory on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return torch.mps.current_allocated_memory() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
