@@ -1,0 +1,1 @@
+"""Inference: turning a model's next-token logits into text (sampling, cached decoding)."""

@@ -1,0 +1,179 @@
+"""Autoregressive decoding: token ids with or without a KV cache, and a text-level helper.
+
+With a cache the prompt is prefilled in one forward and each new token costs one single-token
+forward; without one the whole (cropped) context is re-run every step, which is the reference
+the cache must agree with and the only way to decode models that have no cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from aura.data.tokenizers import Tokenizer
+from aura.errors import AuraError
+from aura.infer.sampling import SamplingConfig, sample_next
+from aura.models.base import AuraModel
+
+TokenCallback = Callable[[torch.Tensor], bool | None]
+
+
+def _new_cache(model: AuraModel, batch: int, start: int, total: int,
+               max_ctx: int | None) -> Any:
+    """A cache for tokens start..total, no longer than the model can attend over."""
+    length = total - start if max_ctx is None else min(total - start, max_ctx)
+    return model.new_cache(batch, length)
+
+
+def _last_logits(model: AuraModel, idx: torch.Tensor, cache: Any) -> torch.Tensor:
+    return model(idx, cache=cache, last_only=True).logits[:, -1]
+
+
+def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
+            use_cache: bool, stop_ids: int | None, on_token: TokenCallback | None) -> int:
+    """Fill ``out[:, t:]`` one column per step; return how many columns are filled."""
+    batch, total = out.shape
+    max_ctx = model.max_context
+    generator = torch.Generator(device=out.device)
+    if sampling.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(sampling.seed)
+    done = torch.zeros(batch, dtype=torch.bool, device=out.device)
+    start = 0 if max_ctx is None else max(0, t - max_ctx)  # first token the model sees
+    cache = _new_cache(model, batch, start, total, max_ctx) if use_cache else None
+    logits = _last_logits(model, out[:, start:t], cache)
+    while True:
+        nxt = sample_next(logits, out[:, :t], sampling, generator)
+        if stop_ids is not None:
+            nxt = nxt.masked_fill(done, stop_ids)  # finished rows are padded with the stop id
+            done |= nxt == stop_ids
+        out[:, t] = nxt
+        t += 1
+        stop_asked = on_token is not None and on_token(nxt)
+        if t == total or stop_asked or (stop_ids is not None and bool(done.all())):
+            return t
+        if cache is None:
+            if max_ctx is not None:
+                start = max(0, t - max_ctx)
+            logits = _last_logits(model, out[:, start:t], None)
+        elif max_ctx is not None and t - start > max_ctx:
+            # The cache is full. Learned absolute positions cannot slide: every cached key was
+            # computed at its old position, so dropping the oldest token would need all of them
+            # recomputed anyway. Re-prefill from the last half window instead, which buys
+            # max_ctx // 2 cheap steps per prefill (a sliding window would prefill every step).
+            start = t - max(1, max_ctx // 2)
+            cache = _new_cache(model, batch, start, total, max_ctx)
+            logits = _last_logits(model, out[:, start:t], cache)
+        else:
+            logits = _last_logits(model, out[:, t - 1:t], cache)
+
+
+def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
+             sampling: SamplingConfig, *, use_cache: bool = True, stop_ids: int | None = None,
+             on_token: TokenCallback | None = None) -> torch.Tensor:
+    """(B, T0 + n) ids: the prompt followed by n <= max_new_tokens generated tokens.
+
+    Context beyond ``model.max_context`` is cropped to its last max_context tokens (uncached:
+    a window sliding by one token; cached: see the re-prefill in ``_decode``). Generation stops
+    early once every row has produced ``stop_ids`` (kept in the output; rows that stopped
+    earlier are padded with it), or when ``on_token``, called with each step's (B,) new ids,
+    returns True. A model whose ``new_cache`` returns None is always decoded uncached. The
+    model runs in eval mode under inference_mode; its previous mode is restored afterwards.
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long:
+        raise ValueError(f"prompt_ids must be a (B, T) long tensor, got {prompt_ids.dtype} "
+                         f"{tuple(prompt_ids.shape)}")
+    if prompt_ids.size(0) == 0 or prompt_ids.size(1) == 0:
+        raise AuraError(f"empty prompt: prompt_ids has shape {tuple(prompt_ids.shape)}")
+    if max_new_tokens < 0:
+        raise AuraError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    t0 = prompt_ids.size(1)
+    # Allocated outside inference_mode so callers get an ordinary tensor they may edit in place.
+    out = torch.empty(prompt_ids.size(0), t0 + max_new_tokens, dtype=torch.long,
+                      device=prompt_ids.device)
+    out[:, :t0] = prompt_ids
+    if max_new_tokens == 0:
+        return out
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            n = _decode(model, out, t0, sampling, use_cache, stop_ids, on_token)
+    finally:
+        model.train(was_training)
+    return out[:, :n]
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that could be the start of a stop string."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+class _TextStream:
+    """New ids -> text: finds stop strings and streams only text that can no longer change.
+
+    Text is held back while it ends in U+FFFD (a multi-byte character split across tokens) or
+    in a prefix of a stop string (it may turn out to be excluded), so the streamed pieces are
+    always a prefix of the final result and concatenate to exactly it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str],
+                 stream: Callable[[str], None] | None):
+        self.tokenizer, self.stop, self.stream = tokenizer, stop, stream
+        self.ids: list[int] = []
+        self.result: str | None = None  # set once a stop string is found
+        self.emitted = 0  # characters streamed so far
+
+    def push(self, token: torch.Tensor) -> bool:
+        """Take one step's (1,) ids; True asks ``generate`` to stop."""
+        tok = int(token[0])
+        if tok == self.tokenizer.eot_id:
+            return True
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if found:
+            self.result = text[:min(found)]
+            return True
+        if self.stream is not None and not text.endswith("\ufffd"):
+            settled = len(text) - _held_back(text, self.stop)
+            if settled > self.emitted:
+                self.stream(text[self.emitted:settled])
+                self.emitted = settled
+        return False
+
+    def finish(self) -> str:
+        """The whole new text, after streaming whatever was still held back."""
+        text = self.tokenizer.decode(self.ids) if self.result is None else self.result
+        if self.stream is not None and len(text) > self.emitted:
+            self.stream(text[self.emitted:])
+        return text
+
+
+def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
+                  sampling: SamplingConfig, *, use_cache: bool = True, stop: Sequence[str] = (),
+                  stream: Callable[[str], None] | None = None) -> str:
+    """The text generated after ``prompt``, ending before the first stop string or eot token.
+
+    ``stream`` receives the same text in pieces as it is generated. An empty prompt starts
+    from the tokenizer's end-of-text token, which is what a document start looks like in
+    training; without one there is nothing to condition on.
+    """
+    if any(s == "" for s in stop):
+        raise AuraError("stop strings must not be empty")
+    ids = tokenizer.encode(prompt)
+    if len(ids) == 0:
+        if tokenizer.eot_id is None:
+            raise AuraError(f"empty prompt: the {tokenizer.kind} tokenizer has no end-of-text "
+                            "token to start from")
+        ids = np.array([tokenizer.eot_id])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    prompt_ids = torch.as_tensor(ids.astype(np.int64), device=device)[None]
+    text = _TextStream(tokenizer, stop, stream)
+    generate(model, prompt_ids, max_new_tokens, sampling, use_cache=use_cache,
+             stop_ids=tokenizer.eot_id, on_token=text.push)
+    return text.finish()
