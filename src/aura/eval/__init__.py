@@ -1,0 +1,1 @@
+"""Held-out evaluation (exact perplexity, bits per byte) and training-curve plots."""
