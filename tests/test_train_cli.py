@@ -1,0 +1,203 @@
+"""`aura train`, `aura generate`, `aura eval` and `aura plot` from the command line: output,
+exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from aura.cli import main
+from aura.train.checkpoint import list_checkpoints, step_dir
+from conftest import TINY_TRAIN, CliResult, assert_usage_error, losses
+
+Run = Callable[..., CliResult]
+SETS = [a for s in (*TINY_TRAIN, "train.eval_interval=100") for a in ("--set", s)]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def train_args(data: Path, out: Path, *extra: str | int | Path) -> list[str | int | Path]:
+    return ["train", "--preset", "demo", *SETS, "--data", data, "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 5-step run made through the CLI, shared by the tests that only read it."""
+    run = tmp_path_factory.mktemp("cli-run") / "run"
+    argv = train_args(train_data, run, "--max-steps", 5, "--json")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main([str(a) for a in argv]) == 0
+    return run
+
+
+@pytest.fixture
+def own_run(trained: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    return run
+
+
+# --- aura train -----------------------------------------------------------------------------
+
+
+def test_train_json_prints_one_object(run_cli: Run, train_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = run_cli(*train_args(train_data, run, "--max-steps", 5, "--checkpoint-interval", 2,
+                              "--keep-checkpoints", 1, "--json"))
+    assert res.code == 0, res.err
+    report = json.loads(res.out)  # the whole of stdout is one object
+    assert report["run_dir"] == str(run)
+    assert (report["step"], report["stopped"]) == (5, "max_steps")
+    assert (report["nonfinite_skipped"], report["rollbacks"], report["micro_split"]) == (0, 0, 1)
+    assert math.isfinite(report["train_loss"]) and math.isfinite(report["val_loss"])
+    assert report["best_val_loss"] == report["val_loss"]
+    assert report["tokens_per_s"] > 0
+    assert "Traceback" not in res.err
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5]
+    # --checkpoint-interval 2 and --keep-checkpoints 1: steps 2, 4, 5 saved, 5 kept (also best)
+    assert list_checkpoints(run) == [step_dir(run, 5)]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 5 and saved["train"]["checkpoint_interval"] == 2
+    assert saved["model"]["n_embd"] == 32 and saved["data"]["dir"] == str(train_data)
+
+
+def test_train_text_output_is_a_summary_line(run_cli: Run, train_data: Path,
+                                             tmp_path: Path) -> None:
+    res = run_cli(*train_args(train_data, tmp_path / "run", "--max-steps", 2))
+    assert res.code == 0, res.err
+    lines = res.out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("max_steps at step 2: val loss "), res.out
+
+
+def test_training_into_an_existing_run_needs_resume(run_cli: Run, train_data: Path,
+                                                    own_run: Path) -> None:
+    before = (own_run / "metrics.jsonl").read_bytes()
+    res = run_cli(*train_args(train_data, own_run, "--max-steps", 8, "--json"))
+    assert_usage_error(res, "--resume")
+    assert res.out == ""
+    assert (own_run / "metrics.jsonl").read_bytes() == before
+    assert list_checkpoints(own_run)[-1] == step_dir(own_run, 5)
+
+
+def test_resume_without_a_preset_uses_the_saved_config(run_cli: Run, own_run: Path) -> None:
+    """No --preset and no --data: both come from RUN/config.json; --set still applies."""
+    res = run_cli("train", "--out", own_run, "--resume", "--max-steps", 8,
+                  "--set", "train.lr=5e-4", "--json")
+    assert res.code == 0, res.err
+    assert (res.json()["step"], res.json()["stopped"]) == (8, "max_steps")
+    assert f"resumed from {step_dir(own_run, 5)} at step 5" in res.err
+    saved = json.loads((own_run / "config.json").read_text())
+    assert saved["model"]["n_embd"] == 32 and saved["model"]["n_layer"] == 2
+    assert saved["train"]["lr"] == 5e-4 and saved["train"]["max_steps"] == 8
+    assert sorted(losses(own_run)) == list(range(1, 9))
+
+
+def test_resume_with_a_different_model_is_a_usage_error(run_cli: Run, train_data: Path,
+                                                        own_run: Path) -> None:
+    """--preset with --resume rebuilds the config from the preset: a model of another shape
+    cannot take the checkpoint's weights, and that is the user's input, not a crash."""
+    res = run_cli("train", "--preset", "demo", "--data", train_data, "--out", own_run,
+                  "--resume", "--max-steps", 8)
+    assert_usage_error(res, "model.n_embd 32 -> 128", "omit --preset")
+    assert sorted(losses(own_run)) == [1, 2, 3, 4, 5]
+
+
+def test_resume_may_change_dropout(run_cli: Run, own_run: Path) -> None:
+    res = run_cli("train", "--out", own_run, "--resume", "--max-steps", 6,
+                  "--set", "model.dropout=0.2", "--json")
+    assert res.code == 0, res.err
+    assert res.json()["step"] == 6
+
+
+def test_resume_of_an_empty_dir_without_a_preset_is_an_error(run_cli: Run,
+                                                             tmp_path: Path) -> None:
+    assert_usage_error(run_cli("train", "--out", tmp_path / "run", "--resume"), "--preset")
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("model.n_embd=wide", "model.n_embd"),
+    ("train.learning_rate=1e-3", "unknown config key 'train.learning_rate'"),
+    ("model.n_head=5", "divisible"),
+    ("train.lr", "KEY=VALUE"),
+    ("model.vocab_size=50", "vocab_size"),
+])
+def test_bad_set_is_a_usage_error(run_cli: Run, train_data: Path, tmp_path: Path,
+                                  override: str, needle: str) -> None:
+    res = run_cli(*train_args(train_data, tmp_path / "run", "--set", override, "--max-steps", 2))
+    assert_usage_error(res, needle)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_data_dir_is_a_usage_error(run_cli: Run, tmp_path: Path) -> None:
+    res = run_cli(*train_args(tmp_path / "nowhere", tmp_path / "run", "--max-steps", 2))
+    assert_usage_error(res, "nowhere")
+
+
+def test_unknown_model_is_a_usage_error(run_cli: Run, train_data: Path, tmp_path: Path) -> None:
+    res = run_cli(*train_args(train_data, tmp_path / "run", "--model", "mamba", "--max-steps", 2))
+    assert_usage_error(res, "unknown model 'mamba'")
+
+
+# --- generate / eval / plot -----------------------------------------------------------------
+
+
+def test_generate_json(run_cli: Run, trained: Path) -> None:
+    argv = ["generate", trained, "--prompt", "The ", "--max-new-tokens", 20, "--seed", 1,
+            "--device", "cpu", "--json"]
+    res = run_cli(*argv)
+    assert res.code == 0, res.err
+    report = res.json()
+    assert report["prompt"] == "The "
+    assert report["checkpoint"] == str(step_dir(trained, 5))
+    text = report["text"]
+    assert isinstance(text, str) and len(text) == 20  # char tokens, no end-of-text to stop on
+    assert run_cli(*argv).json()["text"] == text  # the same seed, the same text
+
+
+def test_generate_streams_the_prompt_and_text(run_cli: Run, trained: Path) -> None:
+    res = run_cli("generate", trained, "--prompt", "The ", "--max-new-tokens", 10,
+                  "--seed", 3, "--device", "cpu")
+    assert res.code == 0, res.err
+    assert res.out.startswith("The ") and len(res.out.rstrip("\n")) >= 4
+
+
+def test_eval_text_json(run_cli: Run, trained: Path, tmp_path: Path,
+                        corpus_file: Path) -> None:
+    res = run_cli("eval", trained, "--text", corpus_file, "--device", "cpu", "--json")
+    assert res.code == 0, res.err
+    report = res.json()
+    assert {"loss", "ppl", "bits_per_byte", "n_tokens", "checkpoint"} <= set(report)
+    assert 0 < report["loss"] < math.log(60) + 0.5
+    assert report["ppl"] == pytest.approx(math.exp(report["loss"]), rel=1e-6)
+    assert report["bits_per_byte"] == pytest.approx(report["loss"] / math.log(2), rel=1e-3)
+
+
+def test_eval_prepared_split_json(run_cli: Run, trained: Path, train_data: Path) -> None:
+    res = run_cli("eval", trained, "--data", train_data, "--split", "val", "--device", "cpu",
+                  "--json")
+    assert res.code == 0, res.err
+    assert math.isfinite(res.json()["loss"]) and res.json()["n_tokens"] > 0
+
+
+def test_eval_missing_text_file_is_a_usage_error(run_cli: Run, trained: Path,
+                                                 tmp_path: Path) -> None:
+    res = run_cli("eval", trained, "--text", tmp_path / "missing.txt", "--json")
+    assert_usage_error(res, "missing.txt")
+
+
+def test_plot_writes_a_png(run_cli: Run, trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "curves.png"
+    res = run_cli("plot", trained, "--out", out)
+    assert res.code == 0, res.err
+    assert res.out.strip() == str(out)
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_generate_from_a_missing_run_is_a_usage_error(run_cli: Run, tmp_path: Path) -> None:
+    assert_usage_error(run_cli("generate", tmp_path / "nope", "--json"), "nope")
