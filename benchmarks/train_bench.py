@@ -1,14 +1,15 @@
 """Training speed of `gpt` at nanoGPT's CPU Shakespeare config, side by side with nanoGPT.
 
-    python benchmarks/train_bench.py --nanogpt /path/to/nanoGPT [--iters 300] [--rounds 2]
+    python benchmarks/train_bench.py --nanogpt /path/to/nanoGPT [--iters 300] [--rounds 3]
 
-Both train the same character-level tokens (prepared once by Aura; the same ids are written as
-nanoGPT's train.bin/val.bin) at n_layer=4, n_head=4, n_embd=128, block 64, batch 12, dropout 0,
-eval every 250 iterations over 20 batches. Runs alternate (Aura, nanoGPT eager, nanoGPT compiled)
-for ``--rounds`` rounds so drift on a noisy machine hits all of them; the figure per system is the
-median milliseconds per training iteration over all its iterations but the first few. Prints JSON.
-Without ``--nanogpt`` only Aura is measured. nanoGPT's code is run from the given checkout, never
-copied here.
+Aura runs in fp32 (nanoGPT's CPU numerics) and with bf16 autocast (which nanoGPT's train.py never
+uses on CPU). Both train the same character-level tokens (prepared once by Aura; the same ids are
+written as nanoGPT's train.bin/val.bin) at n_layer=4, n_head=4, n_embd=128, block 64, batch 12,
+dropout 0, eval every 250 iterations over 20 batches. Runs alternate (Aura fp32, Aura bf16,
+nanoGPT eager, nanoGPT compiled) for ``--rounds`` rounds so drift on a noisy machine hits all of
+them; the figure per system is the median milliseconds per training iteration over all its
+iterations but the first few. Prints JSON. Without ``--nanogpt`` only Aura is measured.
+nanoGPT's code is run from the given checkout, never copied here.
 """
 
 from __future__ import annotations
@@ -90,7 +91,6 @@ def main() -> None:
     ap.add_argument("--source", default="builtin:shakespeare")
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args()
     tokens = SHAPE["batch_size"] * SHAPE["block_size"]
     with tempfile.TemporaryDirectory() as d:
@@ -98,20 +98,22 @@ def main() -> None:
         prepare(PrepareOptions([args.source], "char"), tmp / "data", progress=False)
         data = PreparedData.open(tmp / "data")
         dataset = nanogpt_data(data, args.nanogpt) if args.nanogpt else ""
-        results: dict[str, list[float]] = {"aura": []}
+        results: dict[str, list[float]] = {"aura_fp32": [], "aura_bf16": []}
         for _ in range(args.rounds):
-            results["aura"] += run_aura(tmp / "data", tmp / "run", args.iters, args.precision)
+            for precision in ("fp32", "bf16"):
+                results[f"aura_{precision}"] += run_aura(tmp / "data", tmp / "run", args.iters,
+                                                         precision)
             if args.nanogpt:
                 for compile_ in (False, True):
                     key = f"nanogpt_{'compile' if compile_ else 'eager'}"
                     results.setdefault(key, []).extend(
                         run_nanogpt(args.nanogpt, dataset, tmp / "ngpt", args.iters, compile_))
-    report = {"shape": SHAPE, "iters": args.iters, "rounds": args.rounds,
-              "precision": args.precision,
-              "systems": {k: summary(v, tokens) for k, v in results.items()}}
-    aura = report["systems"]["aura"]["ms_per_iter"]
-    report["speedup_vs"] = {k: round(v["ms_per_iter"] / aura, 3)
-                            for k, v in report["systems"].items() if k != "aura"}
+    systems = {k: summary(v, tokens) for k, v in results.items()}
+    report = {"shape": SHAPE, "iters": args.iters, "rounds": args.rounds, "systems": systems,
+              "speedup": {
+                  f"{a} vs {b}": round(systems[b]["ms_per_iter"] / systems[a]["ms_per_iter"], 3)
+                  for a in ("aura_fp32", "aura_bf16") for b in systems if b.startswith("nanogpt")
+              }}
     print(json.dumps(report, indent=1))
 
 
