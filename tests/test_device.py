@@ -1,0 +1,74 @@
+"""Device and precision choice, and the free-memory rule of maybe_empty_cuda_cache (seed 001)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aura.errors import ConfigError
+from aura.train import device as dev
+
+
+def test_auto_device_is_cpu_without_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert dev.pick_device("auto").type == "cpu"
+
+
+def test_auto_device_prefers_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dev.pick_device("auto").type == "cuda"
+
+
+@pytest.mark.parametrize("name", ["cuda", "mps", "tpu"])
+def test_unavailable_or_unknown_device_is_a_config_error(
+        monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError):
+        dev.pick_device(name)
+
+
+def test_cpu_auto_precision_is_fp32_without_autocast() -> None:
+    p = dev.pick_precision("auto", torch.device("cpu"))
+    assert (p.name, p.dtype) == ("fp32", None)
+    assert p.new_scaler() is None
+
+
+@pytest.mark.parametrize(("bf16_ok", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_cuda_auto_precision_follows_bf16_support(monkeypatch: pytest.MonkeyPatch, bf16_ok: bool,
+                                                  expected: torch.dtype) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    p = dev.pick_precision("auto", torch.device("cuda"))
+    assert p.dtype == expected
+
+
+def test_fp16_uses_a_grad_scaler_on_cuda_only() -> None:
+    assert isinstance(dev.pick_precision("fp16", torch.device("cuda")).new_scaler(),
+                      torch.amp.GradScaler)
+    assert dev.pick_precision("bf16", torch.device("cuda")).new_scaler() is None
+    with pytest.raises(ConfigError):
+        dev.pick_precision("fp16", torch.device("cpu"))
+
+
+def test_bf16_autocast_on_cpu_runs_matmuls_in_bf16() -> None:
+    p = dev.pick_precision("bf16", torch.device("cpu"))
+    with p.autocast():
+        y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("free", "emptied"), [(5, True), (11, True), (12, False), (80, False)])
+def test_cuda_cache_is_emptied_only_below_the_free_ratio(
+        monkeypatch: pytest.MonkeyPatch, free: int, emptied: bool) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free, 100))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    assert dev.maybe_empty_cuda_cache("test", log=lambda _m: None) is emptied
+    assert len(calls) == int(emptied)
+
+
+def test_no_cuda_means_nothing_to_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dev.maybe_empty_cuda_cache() is False
