@@ -50,9 +50,10 @@ def _error(**kwargs: Any) -> str:
 # --- presets ---------------------------------------------------------------------------------
 
 
-def test_presets_are_the_seven_in_order() -> None:
+def test_presets_are_listed_in_order() -> None:
     assert list(PRESETS) == [
         "demo", "cpu-small", "m1-8gb", "gpu-4gb", "l4-24gb", "a100-40gb", "a100-80gb",
+        "bdh-ref", "bdh-cpu",
     ]
     assert all(p.description for p in PRESETS.values())
 

@@ -141,6 +141,14 @@ def _gpu_large(description: str, batch_size: int, grad_accum: int) -> Preset:
     )
 
 
+def _bdh(n_embd: int, mlp_multiplier: int, block_size: int) -> dict[str, Any]:
+    return {
+        "model.name": "bdh",  # first: it selects the model section's config class
+        **_model(6, 4, n_embd, block_size, dropout=0.1),
+        "model.mlp_multiplier": mlp_multiplier,
+    }
+
+
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
         "GPT on Shakespeare characters, a couple of minutes on a laptop CPU",
@@ -208,15 +216,82 @@ PRESETS: dict[str, Preset] = {
         batch_size=32,
         grad_accum=4,
     ),
+    "bdh-ref": Preset(
+        "BDH as pathwaycom/bdh trains it: bytes, D=256, 4 heads, N=8192, shared layers, "
+        "batch 32 x 512, constant lr 1e-3, no clipping",
+        {
+            **_bdh(256, 128, 512),
+            "train.batch_size": 32,
+            "train.max_steps": 3000,
+            "train.lr": 1e-3,
+            "train.schedule": "constant",
+            "train.warmup_steps": 0,
+            "train.grad_clip": 0.0,
+            "train.weight_decay": 0.1,
+            "data.dir": "data/shakespeare-byte",
+        },
+    ),
+    "bdh-cpu": Preset(
+        "BDH small enough for minutes on a CPU: bytes, D=128, 4 heads, N=512, block 128",
+        {
+            **_bdh(128, 16, 128),
+            "train.batch_size": 8,
+            "train.max_steps": 1000,
+            "train.lr": 1e-3,
+            "train.warmup_steps": 100,
+            "data.dir": "data/shakespeare-byte",
+        },
+    ),
 }
 
 _SECTIONS: dict[str, type] = {
     f.name: get_type_hints(AuraConfig)[f.name] for f in dataclasses.fields(AuraConfig)
 }
-_FIELD_TYPES: dict[str, dict[str, Any]] = {
-    section: {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
-    for section, cls in _SECTIONS.items()
-}
+
+# One config dataclass per model (litgpt style): ``model.name`` picks the class of the model
+# section. Models register theirs from ``aura.models``, which is imported on first need so this
+# module never imports a model at load time.
+_MODEL_CONFIGS: dict[str, type[ModelConfig]] = {"gpt": ModelConfig}
+
+
+def register_model_config(name: str, cls: type[ModelConfig]) -> None:
+    _MODEL_CONFIGS[name] = cls
+
+
+def model_config_class(name: str) -> type[ModelConfig]:
+    """The config dataclass of model ``name`` (the base one for names no model registered)."""
+    if name not in _MODEL_CONFIGS:
+        import aura.models  # noqa: F401 - registers every model's config class
+    return _MODEL_CONFIGS.get(name, ModelConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+
+
+def _section_types(cfg: AuraConfig) -> dict[str, dict[str, Any]]:
+    return {section: _field_types(type(getattr(cfg, section))) for section in _SECTIONS}
+
+
+def _with_model(cfg: AuraConfig, name: str) -> AuraConfig:
+    """``cfg`` whose model section is ``name``'s config class, shared fields carried over.
+
+    Fields the new class has and the old one had keep their values unless the old value was
+    just the old class's default (so switching gpt -> bdh takes bdh's own defaults)."""
+    cls = model_config_class(name)
+    old = cfg.model
+    if type(old) is cls:
+        return cfg
+    old_defaults = type(old)()
+    kept = {
+        f.name: getattr(old, f.name)
+        for f in dataclasses.fields(cls)
+        if hasattr(old, f.name) and getattr(old, f.name) != getattr(old_defaults, f.name)
+    }
+    return dataclasses.replace(cfg, model=cls(**{**kept, "name": name}))
+
+
+_FIELD_TYPES: dict[str, dict[str, Any]] = _section_types(AuraConfig())
 _ALL_KEYS = [f"{s}.{name}" for s, names in _FIELD_TYPES.items() for name in names]
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -243,13 +318,13 @@ def get_preset(name: str) -> Preset:
         ) from None
 
 
-def _resolve(key: str) -> tuple[str, str]:
+def _resolve(key: str, types: dict[str, dict[str, Any]]) -> tuple[str, str]:
     """Split a dotted key into (section, field), or explain which keys exist."""
     section, _, name = key.partition(".")
-    if section in _FIELD_TYPES and name in _FIELD_TYPES[section]:
+    if section in types and name in types[section]:
         return section, name
-    if section in _FIELD_TYPES:
-        choices = [f"{section}.{n}" for n in _FIELD_TYPES[section]]
+    if section in types:
+        choices = [f"{section}.{n}" for n in types[section]]
         valid = f"valid keys: {', '.join(choices)}"
     else:
         choices = _ALL_KEYS
@@ -337,11 +412,14 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
 
 def _apply(cfg: AuraConfig, overrides: Mapping[str, Any]) -> AuraConfig:
     """``cfg`` with coerced overrides; no cross-field checks, so it may be inconsistent."""
+    base = copy.deepcopy(cfg)  # the result shares no section or list with ``cfg``
+    if "model.name" in overrides:  # first: it decides which keys the model section has
+        base = _with_model(base, _coerce("model.name", str, overrides["model.name"]))
+    types = _section_types(base)
     changes: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
-        section, name = _resolve(key)
-        changes.setdefault(section, {})[name] = _coerce(key, _FIELD_TYPES[section][name], value)
-    base = copy.deepcopy(cfg)  # the result shares no section or list with ``cfg``
+        section, name = _resolve(key, types)
+        changes.setdefault(section, {})[name] = _coerce(key, types[section][name], value)
     return dataclasses.replace(
         base,
         **{s: dataclasses.replace(getattr(base, s), **c) for s, c in changes.items()},

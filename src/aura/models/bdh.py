@@ -1,0 +1,178 @@
+"""`bdh`: the Dragon Hatchling (Pathway, arXiv 2509.26507) on Aura's engine.
+
+Reference semantics: byte vocabulary, D-dimensional stream, N = multiplier * D / heads neurons per
+head, ReLU-sparse activations, linear attention with Q = K = RoPE(x_sparse) over the N neuron
+dims (theta 2^16), values = the stream, strictly causal (a token does not see itself), no softmax
+and no score scaling, y = relu(LN(a) Dy) * x gating, parameter-free LayerNorms, untied head, and by
+default one set of encoder / encoder_v / decoder weights shared by all layers.
+
+Options from seed 004: per-layer weights (B/I), score normalisation by 1/N (E, makes fp16/bf16
+safe), RoPE cos/sin computed once for ``block_size`` positions (2), per-layer gradient
+checkpointing (1). Generation keeps a fixed (heads x N x D) state per layer, because the
+attention is linear: O(1) work per new token instead of re-running the prefix (F).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from aura.config import ModelConfig, register_model_config
+from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
+
+ROPE_THETA = 2.0**16
+
+
+@dataclass
+class BDHConfig(ModelConfig):
+    name: str = "bdh"
+    vocab_size: int | None = None  # from the data; the reference is byte-level (256)
+    block_size: int = 512  # training length; RoPE tables are precomputed up to it
+    n_layer: int = 6
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.1
+    mlp_multiplier: int = 128  # N = mlp_multiplier * n_embd / n_head neurons per head
+    shared_weights: bool = True  # one encoder/encoder_v/decoder for all layers (the reference)
+    score_norm: bool = False  # divide attention scores by N (seed 004 E)
+
+
+register_model_config("bdh", BDHConfig)
+
+
+def rope_freqs(n: int) -> torch.Tensor:
+    """The reference's frequencies (cycles per position), equal in each (even, odd) pair."""
+    pair = torch.arange(0, n, dtype=torch.float32).div(2).floor().mul(2)
+    return 1.0 / (ROPE_THETA ** (pair / n)) / (2 * math.pi)
+
+
+def rope_tables(positions: torch.Tensor, freqs: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the phases, computed exactly as the reference does (fp32, wrapped to [0, 1))."""
+    phases = (positions.float()[:, None] * freqs[None, :]) % 1 * (2 * math.pi)
+    return torch.cos(phases), torch.sin(phases)
+
+
+def apply_rope(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) pair of the last dim: the reference's stack-based rope, without
+    materialising the rotated copy."""
+    pairs = v.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    c, s = cos[..., 0::2].to(v.dtype), sin[..., 0::2].to(v.dtype)
+    return torch.stack((even * c - odd * s, odd * c + even * s), dim=-1).flatten(-2)
+
+
+class BDHState:
+    """Recurrent generation state: per layer sum_s RoPE(x_s)^T x_s, and the next position."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, n: int, d: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.kv = torch.zeros(n_layer, batch, n_head, n, d, device=device, dtype=dtype)
+        self.pos = 0
+
+
+@register_model("bdh")
+class BDH(AuraModel):
+    def __init__(self, config: BDHConfig):
+        super().__init__()
+        assert config.vocab_size is not None
+        self.config = config
+        nh, d = config.n_head, config.n_embd
+        self.n = config.mlp_multiplier * d // nh
+        sets = 1 if config.shared_weights else config.n_layer
+        self.encoder = nn.Parameter(torch.randn(sets, nh, d, self.n) * 0.02)
+        self.encoder_v = nn.Parameter(torch.randn(sets, nh, d, self.n) * 0.02)
+        self.decoder = nn.Parameter(torch.randn(sets, nh * self.n, d) * 0.02)
+        self.embed = nn.Embedding(config.vocab_size, d)
+        nn.init.normal_(self.embed.weight, 0.0, 0.02)
+        self.lm_head = nn.Parameter(torch.randn(d, config.vocab_size) * 0.02)
+        self.drop = nn.Dropout(config.dropout)
+        freqs = rope_freqs(self.n)
+        self.register_buffer("freqs", freqs, persistent=False)
+        cos, sin = rope_tables(torch.arange(config.block_size), freqs)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def max_context(self) -> int | None:
+        return None  # the recurrent state has no length limit
+
+    def _ln(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:])
+
+    def _weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        i = 0 if self.config.shared_weights else layer
+        return self.encoder[i], self.encoder_v[i], self.decoder[i]
+
+    def _tables(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start + t <= self.config.block_size:
+            return self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        return rope_tables(torch.arange(start, start + t, device=self.freqs.device), self.freqs)
+
+    def _layer(self, x: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor,
+               state: BDHState | None, stats: list[torch.Tensor]) -> torch.Tensor:
+        """One BDH layer on x of shape (B, 1, T, D)."""
+        enc, enc_v, dec = self._weights(layer)
+        B, _, T, _ = x.shape
+        x_sparse = F.relu(x @ enc)  # B, nh, T, N
+        qr = apply_rope(x_sparse, cos, sin)
+        scale = 1.0 / self.n if self.config.score_norm else 1.0
+        if state is None:
+            scores = (qr @ qr.mT).tril(diagonal=-1)
+            a = (scores * scale if scale != 1.0 else scores) @ x
+        else:  # recurrent: each token reads the state of the tokens before it, then adds itself
+            kv = state.kv[layer]
+            a = qr @ kv
+            if T > 1:  # a prompt: its tokens also see each other, strictly causally
+                a = a + (qr @ qr.mT).tril(diagonal=-1) @ x
+            kv += qr.mT @ x
+            a = a * scale if scale != 1.0 else a
+        y_sparse = F.relu(self._ln(a) @ enc_v)
+        xy = x_sparse * y_sparse  # the paper's y: gated, sparse
+        stats.append(torch.stack([(x_sparse > 0).float().mean(), (xy > 0).float().mean()]))
+        y = self._ln(self.drop(xy).transpose(1, 2).reshape(B, 1, T, -1) @ dec)
+        return self._ln(x + y)
+
+    def new_cache(self, batch_size: int, max_len: int) -> BDHState:
+        p = self.lm_head
+        c = self.config
+        return BDHState(c.n_layer, batch_size, c.n_head, self.n, c.n_embd, p.device, p.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: BDHState | None = None, label_smoothing: float = 0.0,
+                last_only: bool = False, **state: Any) -> ModelOutput:
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        cos, sin = self._tables(start, T)
+        x = self._ln(self.embed(idx).unsqueeze(1))  # B, 1, T, D
+        stats: list[torch.Tensor] = []
+        for layer in range(self.config.n_layer):
+            if self.grad_checkpoint and self.training and cache is None:
+                x = checkpoint(self._layer, x, layer, cos, sin, None, stats, use_reentrant=False)
+            else:
+                x = self._layer(x, layer, cos, sin, cache, stats)
+        if cache is not None:
+            cache.pos += T
+        x = x.view(B, T, -1)
+        if last_only:
+            x = x[:, -1:]
+        logits = x @ self.lm_head
+        aux = self._sparsity(stats)
+        if targets is None:
+            return ModelOutput(logits, None, aux)
+        loss = lm_loss(logits, targets, label_smoothing)
+        return ModelOutput(logits, loss, {"ce": loss.detach(), **aux})
+
+    def _sparsity(self, stats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fraction of non-zero x and y neurons per layer (the paper reports about 5% of y)."""
+        per_layer = torch.stack(stats[-self.config.n_layer:]).detach()
+        out = {f"x_active/{i}": v[0] for i, v in enumerate(per_layer)}
+        out |= {f"y_active/{i}": v[1] for i, v in enumerate(per_layer)}
+        out["x_active"], out["y_active"] = per_layer.mean(0).unbind()
+        return out

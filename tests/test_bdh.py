@@ -1,0 +1,169 @@
+"""BDH: parity with the reference equations, recurrent generation, options, sparsity, config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aura.config import config_from_dict, config_to_dict, load_config
+from aura.errors import ConfigError
+from aura.models import build_model
+from aura.models.bdh import BDH, BDHConfig
+
+SMALL = ["model.name=bdh", "model.n_embd=32", "model.n_head=2", "model.mlp_multiplier=8",
+         "model.n_layer=3", "model.block_size=16", "model.dropout=0.0", "model.vocab_size=256"]
+
+
+def small(*extra: str) -> BDH:
+    torch.manual_seed(0)
+    model = build_model(load_config(overrides=[*SMALL, *extra]).model)
+    assert isinstance(model, BDH)
+    return model
+
+
+def reference_forward(enc: torch.Tensor, enc_v: torch.Tensor, dec: torch.Tensor,
+                      embed: torch.Tensor, lm_head: torch.Tensor, idx: torch.Tensor,
+                      n_layer: int) -> torch.Tensor:
+    """pathwaycom/bdh's BDH.forward transcribed (dropout 0): the equations we must match."""
+    B, T = idx.shape
+    nh, D, N = enc.shape
+
+    def ln(t: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(t, (D,))
+
+    def rope(phases: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        v_rot = torch.stack((-v[..., 1::2], v[..., ::2]), dim=-1).view(*v.size())
+        phases = (phases % 1) * (2 * math.pi)
+        return v * torch.cos(phases) + v_rot * torch.sin(phases)
+
+    theta = 2.0**16
+    freqs = 1.0 / (theta ** ((torch.arange(0, N).float() / 2).floor() * 2 / N)) / (2 * math.pi)
+    x = ln(F.embedding(idx, embed).unsqueeze(1))
+    for _ in range(n_layer):
+        x_sparse = F.relu(x @ enc)
+        r_phases = torch.arange(0, T).float().view(1, 1, -1, 1) * freqs.view(1, 1, 1, N)
+        qr = rope(r_phases, x_sparse)
+        y_kv = ln((qr @ qr.mT).tril(diagonal=-1) @ x)
+        xy = x_sparse * F.relu(y_kv @ enc_v)
+        y = ln(xy.transpose(1, 2).reshape(B, 1, T, N * nh) @ dec)
+        x = ln(x + y)
+    return x.view(B, T, D) @ lm_head
+
+
+def test_forward_and_gradients_match_the_reference_equations() -> None:
+    model = small()
+    idx = torch.randint(0, 256, (2, 12))
+    params = [model.encoder[0], model.encoder_v[0], model.decoder[0], model.embed.weight,
+              model.lm_head]
+    leaves = [p.detach().clone().requires_grad_(True) for p in params]
+    ref = reference_forward(*leaves, idx, n_layer=3)
+    ours = model(idx).logits
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    (ref**2).sum().backward()
+    (ours**2).sum().backward()
+    for ours_p, ref_p in zip([model.encoder, model.encoder_v, model.decoder, model.embed.weight,
+                              model.lm_head], leaves, strict=True):
+        torch.testing.assert_close(ours_p.grad.reshape(ref_p.grad.shape), ref_p.grad,
+                                   atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [(), ("model.shared_weights=false",), ("model.score_norm=true",)])
+def test_recurrent_state_equals_the_parallel_form_token_by_token(extra: tuple[str, ...]) -> None:
+    model = small(*extra).eval()
+    idx = torch.randint(0, 256, (2, 40))  # 40 > block_size 16: RoPE tables past the cache
+    full = model(idx).logits
+    state = model.new_cache(2, 0)
+    pieces = [model(idx[:, :7], cache=state).logits]
+    pieces += [model(idx[:, t:t + 1], cache=state).logits for t in range(7, 40)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-4)
+    assert state.kv.shape == (3, 2, 2, 128, 32)  # layers, batch, heads, N, D: fixed size
+
+
+def test_per_layer_weights_have_one_set_per_layer() -> None:
+    shared, per_layer = small(), small("model.shared_weights=false")
+    assert shared.encoder.shape[0] == 1 and per_layer.encoder.shape[0] == 3
+    big = per_layer.encoder.numel() + per_layer.encoder_v.numel() + per_layer.decoder.numel()
+    assert per_layer.num_params() - shared.num_params() == big * 2 // 3
+
+
+def test_layers_differ_only_with_per_layer_weights() -> None:
+    model = small("model.shared_weights=false")
+    with torch.no_grad():
+        model.encoder[1].mul_(3.0)
+    assert not torch.equal(model._weights(0)[0], model._weights(1)[0])
+
+
+def test_score_norm_divides_the_attention_by_n() -> None:
+    plain, normed = small(), small("model.score_norm=true")
+    normed.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 256, (1, 10))
+    assert not torch.allclose(plain(x).logits, normed(x).logits)
+
+
+def test_score_norm_keeps_bf16_training_finite_for_200_steps() -> None:
+    torch.manual_seed(0)
+    model = small("model.score_norm=true", "model.mlp_multiplier=32")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.randint(0, 256, (4, 33))
+    for _ in range(200):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(data[:, :-1], data[:, 1:]).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < math.log(256)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    idx = torch.randint(0, 256, (2, 12))
+    grads = []
+    for flag in (False, True):
+        model = small("model.shared_weights=false").train()
+        model.grad_checkpoint = flag
+        model(idx, idx).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_sparsity_metrics_per_layer_and_mean() -> None:
+    out = small()(torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12)))
+    for kind in ("x_active", "y_active"):
+        per_layer = [float(out.aux[f"{kind}/{i}"]) for i in range(3)]
+        assert all(0.0 < v < 1.0 for v in per_layer)
+        assert float(out.aux[kind]) == pytest.approx(sum(per_layer) / 3, rel=1e-5)
+    assert float(out.aux["y_active"]) <= float(out.aux["x_active"])  # y gates x
+
+
+def test_causality_the_future_never_changes_the_past() -> None:
+    model = small().eval()
+    idx = torch.randint(0, 256, (1, 12))
+    changed = idx.clone()
+    changed[0, 8] = (changed[0, 8] + 1) % 256
+    torch.testing.assert_close(model(idx).logits[:, :8], model(changed).logits[:, :8])
+    assert not torch.allclose(model(idx).logits[:, 8:], model(changed).logits[:, 8:])
+
+
+def test_a_token_does_not_attend_to_itself() -> None:
+    model = small().eval()
+    a = model(torch.tensor([[5, 9]])).logits[:, 0]
+    b = model(torch.tensor([[5]])).logits[:, 0]
+    torch.testing.assert_close(a, b)
+
+
+def test_bdh_config_switches_with_model_name_and_round_trips() -> None:
+    cfg = load_config(preset="bdh-cpu")
+    assert isinstance(cfg.model, BDHConfig) and cfg.model.mlp_multiplier == 16
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    ref = load_config(preset="bdh-ref").model
+    assert (ref.n_embd, ref.n_head, ref.mlp_multiplier, ref.n_layer) == (256, 4, 128, 6)
+    assert ref.mlp_multiplier * ref.n_embd // ref.n_head == 8192
+
+
+def test_gpt_has_no_bdh_keys() -> None:
+    with pytest.raises(ConfigError, match=r"model\.mlp_multiplier"):
+        load_config(overrides=["model.mlp_multiplier=4"])
