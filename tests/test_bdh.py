@@ -167,3 +167,11 @@ def test_bdh_config_switches_with_model_name_and_round_trips() -> None:
 def test_gpt_has_no_bdh_keys() -> None:
     with pytest.raises(ConfigError, match=r"model\.mlp_multiplier"):
         load_config(overrides=["model.mlp_multiplier=4"])
+
+
+def test_eval_reports_the_models_sparsity() -> None:
+    from aura.eval.perplexity import evaluate_tokens
+
+    res = evaluate_tokens(small(), torch.randint(0, 256, (40,)), 40, block_size=16)
+    assert 0.0 < res.metrics["y_active"] <= res.metrics["x_active"] < 1.0
+    assert {f"x_active/{i}" for i in range(3)} <= set(res.metrics)

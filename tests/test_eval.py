@@ -93,7 +93,7 @@ def test_byte_tokenizer_bits_per_byte_is_loss_over_ln2(model: AuraModel) -> None
     assert res.n_tokens == len(text.encode("utf-8")) - 1
     assert res.n_bytes == res.n_tokens
     assert res.bits_per_byte == pytest.approx(res.loss / math.log(2), rel=1e-12)
-    assert set(res.to_dict()) == {"loss", "ppl", "bits_per_byte", "n_tokens", "n_bytes"}
+    assert set(res.to_dict()) == {"loss", "ppl", "bits_per_byte", "n_tokens", "n_bytes", "metrics"}
 
 
 def test_untrained_model_is_near_uniform() -> None:

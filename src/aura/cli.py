@@ -262,6 +262,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{loaded.path}: loss {result.loss:.4f}  ppl {result.ppl:.2f}  "
               f"bits/byte {result.bits_per_byte:.4f}  ({result.n_tokens:,} tokens)")
+        for name, value in result.metrics.items():
+            if "/" not in name:  # per-layer values are in --json
+                print(f"  {name}: {value:.4f}")
     return EXIT_OK
 
 

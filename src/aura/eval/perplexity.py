@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,13 +34,15 @@ UNBOUNDED_WINDOW = 1024  # window for models without a context limit (recurrent 
 
 @dataclass
 class EvalResult:
-    """``loss`` is mean nats per scored token; ``n_bytes`` the text bytes those tokens cover."""
+    """``loss`` is mean nats per scored token; ``n_bytes`` the text bytes those tokens cover;
+    ``metrics`` the model's own aux metrics (e.g. BDH sparsity), averaged over scored tokens."""
 
     loss: float
     ppl: float
     bits_per_byte: float
     n_tokens: int
     n_bytes: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,6 +169,7 @@ def _evaluate(model: nn.Module, chunks: Iterable[np.ndarray], n: int, bytes_per_
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     device = _device(model)
     total, scored = 0.0, 0
+    aux_sums: dict[str, float] = defaultdict(float)
     was_training = model.training
     model.eval()
     try:
@@ -174,12 +178,15 @@ def _evaluate(model: nn.Module, chunks: Iterable[np.ndarray], n: int, bytes_per_
                                            file=sys.stderr) as bar:
             for x, y in _batches(_windows(chunks, n, bs + 1), batch_size):
                 xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-                logits = model(xt).logits
+                out = model(xt)
+                logits = out.logits
                 nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                       yt.reshape(-1), reduction="sum", ignore_index=-1)
                 total += nll.item()
                 k = int((y >= 0).sum())
                 scored += k
+                for name, value in out.aux.items():
+                    aux_sums[name] += float(value) * k
                 bar.update(k)
     finally:
         model.train(was_training)
@@ -187,4 +194,5 @@ def _evaluate(model: nn.Module, chunks: Iterable[np.ndarray], n: int, bytes_per_
     n_bytes = bytes_per_token * scored
     return EvalResult(loss=loss, ppl=math.exp(loss) if loss < 700 else math.inf,
                       bits_per_byte=total / math.log(2) / n_bytes,
-                      n_tokens=scored, n_bytes=round(n_bytes))
+                      n_tokens=scored, n_bytes=round(n_bytes),
+                      metrics={name: v / scored for name, v in aux_sums.items()})
