@@ -56,17 +56,20 @@ def reference_forward(enc: torch.Tensor, enc_v: torch.Tensor, dec: torch.Tensor,
 def test_forward_and_gradients_match_the_reference_equations() -> None:
     model = small()
     idx = torch.randint(0, 256, (2, 12))
-    params = [model.encoder[0], model.encoder_v[0], model.decoder[0], model.embed.weight,
-              model.lm_head]
+    enc = model.encoder[0].view(32, 2, 128).transpose(0, 1)  # ours: (D, heads * N)
+    params = [enc, model.encoder_v[0], model.decoder[0], model.embed.weight, model.lm_head]
     leaves = [p.detach().clone().requires_grad_(True) for p in params]
     ref = reference_forward(*leaves, idx, n_layer=3)
     ours = model(idx).logits
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     (ref**2).sum().backward()
     (ours**2).sum().backward()
-    for ours_p, ref_p in zip([model.encoder, model.encoder_v, model.decoder, model.embed.weight,
-                              model.lm_head], leaves, strict=True):
-        torch.testing.assert_close(ours_p.grad.reshape(ref_p.grad.shape), ref_p.grad,
+    for ours_p, ref_p in zip([model.encoder[0], model.encoder_v[0], model.decoder[0],
+                              model.embed.weight, model.lm_head], leaves, strict=True):
+        grad = ours_p.grad
+        if ours_p is model.encoder[0]:
+            grad = grad.view(32, 2, 128).transpose(0, 1)
+        torch.testing.assert_close(grad.reshape(ref_p.grad.shape), ref_p.grad,
                                    atol=1e-5, rtol=1e-4)
 
 
@@ -84,9 +87,9 @@ def test_recurrent_state_equals_the_parallel_form_token_by_token(extra: tuple[st
 
 def test_per_layer_weights_have_one_set_per_layer() -> None:
     shared, per_layer = small(), small("model.shared_weights=false")
-    assert shared.encoder.shape[0] == 1 and per_layer.encoder.shape[0] == 3
-    big = per_layer.encoder.numel() + per_layer.encoder_v.numel() + per_layer.decoder.numel()
-    assert per_layer.num_params() - shared.num_params() == big * 2 // 3
+    assert len(shared.encoder) == 1 and len(per_layer.encoder) == 3
+    one_set = sum(p[0].numel() for p in (shared.encoder, shared.encoder_v, shared.decoder))
+    assert per_layer.num_params() - shared.num_params() == 2 * one_set
 
 
 def test_layers_differ_only_with_per_layer_weights() -> None:
