@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from aura.config import config_from_dict, config_to_dict, load_config
 from aura.errors import ConfigError
 from aura.models import build_model
 from aura.models.bdh import BDH, BDHConfig
+from conftest import read_metrics
 
 SMALL = ["model.name=bdh", "model.n_embd=32", "model.n_head=2", "model.mlp_multiplier=8",
          "model.n_layer=3", "model.block_size=16", "model.dropout=0.0", "model.vocab_size=256"]
@@ -178,3 +181,28 @@ def test_eval_reports_the_models_sparsity() -> None:
     res = evaluate_tokens(small(), torch.randint(0, 256, (40,)), 40, block_size=16)
     assert 0.0 < res.metrics["y_active"] <= res.metrics["x_active"] < 1.0
     assert {f"x_active/{i}" for i in range(3)} <= set(res.metrics)
+
+
+def test_bdh_trains_on_the_engine_with_curriculum_accumulation_and_muon(
+        train_data: Path, tmp_path: Path) -> None:
+    from aura.train.optim import build_optimizers
+    from aura.train.trainer import Trainer
+
+    cfg = load_config(overrides=[
+        "model.name=bdh", "model.n_embd=32", "model.n_head=2", "model.mlp_multiplier=8",
+        "model.n_layer=2", "model.block_size=32", "train.batch_size=4", "train.grad_accum=2",
+        "train.optimizer=muon", "train.max_steps=30", "train.warmup_steps=2",
+        "train.eval_interval=15", "train.eval_iters=2", "train.log_interval=1",
+        "train.precision=fp32", "data.curriculum=[[0,8],[10,32]]", "train.lr=3e-3",
+    ])
+    trainer = Trainer(cfg, train_data, tmp_path / "run", progress=False, log=lambda _m: None)
+    muon, _adamw = build_optimizers(trainer.model, cfg.train, torch.device("cpu")).optimizers
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert id(trainer.model.encoder[0]) in muon_ids and id(trainer.model.lm_head) not in muon_ids
+    result = trainer.run()
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    tokens = [b["tokens"] - a["tokens"] for a, b in itertools.pairwise(rows)]
+    assert tokens[0] == 4 * 2 * 8 and tokens[-1] == 4 * 2 * 32  # curriculum x accumulation
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert 0 < rows[-1]["aux/y_active"] <= rows[-1]["aux/x_active"] < 1
+    assert result.val_loss is not None

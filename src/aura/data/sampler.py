@@ -111,8 +111,9 @@ class BatchSampler:
         return out
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        window = torch.from_numpy(self.sample(step).astype(np.int64))
-        return window[:, :-1], window[:, 1:]
+        window = self.sample(step).astype(np.int64)
+        # Contiguous copies: models may .view() targets, as nanoGPT-style code does.
+        return torch.from_numpy(window[:, :-1].copy()), torch.from_numpy(window[:, 1:].copy())
 
 
 class _StepBatches(Dataset):

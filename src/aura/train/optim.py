@@ -68,7 +68,11 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
             {"params": others, "weight_decay": 0.0, "base_lr": cfg.lr},
         ]
         return Optimizers([torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)])
-    hidden = [p for p in matrices if id(p) not in embeddings and p.dim() == 2]
+    # Muon for hidden 2-D matrices only: embeddings and the output head stay on AdamW, as in
+    # modded-nanogpt (a tied head is the embedding, so it is excluded either way).
+    heads = {id(p) for name, p in params.items() if name.split(".")[-1] == "lm_head"
+             or name.startswith("lm_head")}
+    hidden = [p for p in matrices if id(p) not in embeddings | heads and p.dim() == 2]
     hidden_ids = {id(p) for p in hidden}
     rest_matrices = [p for p in matrices if id(p) not in hidden_ids]
     muon = torch.optim.Muon(

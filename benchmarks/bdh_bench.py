@@ -1,0 +1,258 @@
+"""BDH side by side with the reference (pathwaycom/bdh), and against `gpt`. Prints JSON.
+
+    python benchmarks/bdh_bench.py train --reference /path/to/bdh [--steps 6] [--rounds 2]
+    python benchmarks/bdh_bench.py generate --reference /path/to/bdh [--new-tokens 1000]
+    python benchmarks/bdh_bench.py memory [--batch 8] [--block 512]
+    python benchmarks/bdh_bench.py quality [--steps 600]
+
+train: optimizer steps/s of the reference model (its own code, eager fp32, as its train.py runs
+on CPU) and of Aura's `bdh` in fp32 and bf16 autocast, from the same initial weights on the same
+byte batches of Shakespeare, at the reference config (batch 2 x block 64) and at `bdh-cpu`;
+the mean training losses show both learn the same. generate: tokens/s for N new tokens after a
+64-token prompt, the reference's re-run-the-prefix `generate` vs the recurrent state, at the
+bdh-cpu size (the reference config would take hours). memory: peak RSS of one training step with
+and without per-layer gradient checkpointing, each in its own process. quality: `bdh-cpu` vs a
+`gpt` of about the same parameter count after equal tokens: val loss and bits per byte.
+The reference's code is imported from the given checkout, never copied here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aura.config import load_config
+from aura.data.prepare import PrepareOptions, prepare
+from aura.data.sampler import BatchSampler
+from aura.data.shards import PreparedData
+from aura.models import build_model
+from aura.models.bdh import BDH
+
+
+def load_reference(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location("bdh_reference", path / "bdh.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def configs(name: str) -> tuple[dict[str, int], Any]:
+    """(batch/block, Aura config) for 'ref' (the reference's defaults) or 'cpu' (bdh-cpu)."""
+    if name == "ref":
+        cfg = load_config(preset="bdh-ref", overrides=["model.vocab_size=256"])
+        return {"batch": 2, "block": 64}, cfg
+    cfg = load_config(preset="bdh-cpu", overrides=["model.vocab_size=256"])
+    return {"batch": cfg.train.batch_size, "block": cfg.model.block_size}, cfg
+
+
+def copy_into_reference(ours: BDH, ref: torch.nn.Module) -> None:
+    """The same weights in the reference's layouts (its encoder is heads x D x N)."""
+    nh, n = ours.config.n_head, ours.n
+    with torch.no_grad():
+        ref.encoder.copy_(ours.encoder[0].view(-1, nh, n).transpose(0, 1))
+        ref.encoder_v.copy_(ours.encoder_v[0])
+        ref.decoder.copy_(ours.decoder[0])
+        ref.embed.weight.copy_(ours.embed.weight)
+        ref.lm_head.copy_(ours.lm_head)
+
+
+def byte_data(tmp: Path) -> PreparedData:
+    prepare(PrepareOptions(["builtin:shakespeare"], "byte"), tmp / "bytes", progress=False)
+    return PreparedData.open(tmp / "bytes")
+
+
+def time_steps(model: torch.nn.Module, loss_of: Any, batches: list[Any], ctx: Any
+               ) -> tuple[list[float], list[float]]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    times, losses = [], []
+    for x, y in batches:
+        t = time.perf_counter()
+        with ctx():
+            loss = loss_of(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    return times[1:], losses
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    ref_mod = load_reference(args.reference)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d:
+        data = byte_data(Path(d))
+        for size in ("ref", "cpu"):
+            shape, cfg = configs(size)
+            sampler = BatchSampler(data.split("train"), shape["batch"], shape["block"], seed=0)
+            batches = [sampler(i) for i in range(args.steps)]
+            runs: dict[str, dict[str, list[float]]] = {}
+            for _ in range(args.rounds):
+                torch.manual_seed(0)
+                ours = build_model(cfg.model)
+                assert isinstance(ours, BDH)
+                rc = ref_mod.BDHConfig(n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd,
+                                       dropout=cfg.model.dropout, n_head=cfg.model.n_head,
+                                       mlp_internal_dim_multiplier=cfg.model.mlp_multiplier,
+                                       vocab_size=256)
+                ref = ref_mod.BDH(rc)
+                copy_into_reference(ours, ref)
+                initial = {k: v.clone() for k, v in ours.state_dict().items()}
+                systems = {
+                    "reference_fp32": (ref, lambda m, x, y: m(x, y)[1], contextlib.nullcontext),
+                    "aura_fp32": (ours, lambda m, x, y: m(x, y).loss, contextlib.nullcontext),
+                    "aura_bf16": (ours, lambda m, x, y: m(x, y).loss,
+                                  lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+                }
+                for name, (model, loss_of, ctx) in systems.items():
+                    if model is ours:
+                        ours.load_state_dict(initial)
+                    torch.manual_seed(1)
+                    times, losses = time_steps(model, loss_of, batches, ctx)
+                    runs.setdefault(name, {"times": [], "losses": []})
+                    runs[name]["times"] += times
+                    runs[name]["losses"] = losses
+            tokens = shape["batch"] * shape["block"]
+            res = {
+                name: {"s_per_step": round(statistics.median(r["times"]), 3),
+                       "tokens_per_s": round(tokens / statistics.median(r["times"]), 1),
+                       "mean_loss": round(float(np.mean(r["losses"])), 4)}
+                for name, r in runs.items()
+            }
+            base = res["reference_fp32"]["s_per_step"]
+            for name in ("aura_fp32", "aura_bf16"):
+                res[name]["speedup"] = round(base / res[name]["s_per_step"], 2)
+            m = cfg.model
+            out[size] = {**shape, "neurons_per_head": m.mlp_multiplier * m.n_embd // m.n_head,
+                         **res}
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from aura.infer.generate import generate
+    from aura.infer.sampling import SamplingConfig
+
+    ref_mod = load_reference(args.reference)
+    _, cfg = configs("cpu")
+    torch.manual_seed(0)
+    ours = build_model(cfg.model).eval()
+    assert isinstance(ours, BDH)
+    rc = ref_mod.BDHConfig(n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd, n_head=4,
+                           mlp_internal_dim_multiplier=cfg.model.mlp_multiplier, vocab_size=256)
+    ref = ref_mod.BDH(rc).eval()
+    copy_into_reference(ours, ref)
+    prompt = torch.randint(0, 256, (1, 64))
+    t = time.perf_counter()
+    ours_ids = generate(ours, prompt, args.new_tokens, SamplingConfig(temperature=0.0))
+    t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    ref_ids = ref.generate(prompt, args.new_tokens, top_k=1)  # top_k=1: greedy
+    t_ref = time.perf_counter() - t
+    same = int((ours_ids == ref_ids).all())
+    return {"model": "bdh-cpu", "prompt_tokens": 64, "new_tokens": args.new_tokens,
+            "recurrent_tokens_per_s": round(args.new_tokens / t_ours, 1),
+            "reference_tokens_per_s": round(args.new_tokens / t_ref, 2),
+            "speedup": round(t_ref / t_ours, 1), "identical_greedy_ids": bool(same)}
+
+
+def one_memory(args: argparse.Namespace, checkpointing: bool) -> dict[str, float]:
+    _, cfg = configs("cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.grad_checkpoint = checkpointing
+    x = torch.randint(0, 256, (args.batch, args.block))
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    t = time.perf_counter()
+    model(x, x).loss.backward()
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"activation_mb": round(peak - base, 1), "step_s": round(seconds, 2)}
+
+
+def cmd_memory(args: argparse.Namespace) -> dict[str, Any]:
+    res = {}
+    for mode in ("plain", "checkpointed"):
+        cmd = [sys.executable, __file__, "memory-one", "--mode", mode,
+               "--batch", str(args.batch), "--block", str(args.block)]
+        res[mode] = json.loads(subprocess.run(cmd, capture_output=True, text=True,
+                                              check=True).stdout)
+    return {"model": "bdh-cpu", "batch": args.batch, "block": args.block, **res,
+            "activation_saving": round(1 - res["checkpointed"]["activation_mb"]
+                                       / res["plain"]["activation_mb"], 3)}
+
+
+def cmd_quality(args: argparse.Namespace) -> dict[str, Any]:
+    from aura.eval.perplexity import evaluate_prepared
+    from aura.train.trainer import Trainer
+
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        byte_data(tmp)
+        common = [f"train.max_steps={args.steps}", "train.batch_size=8", "model.block_size=128",
+                  "train.eval_interval=100000", f"train.checkpoint_interval={args.steps}",
+                  "train.warmup_steps=100", "train.lr=1e-3", "model.dropout=0.1"]
+        runs = {
+            "bdh-cpu": load_config(preset="bdh-cpu", overrides=common),
+            "gpt": load_config(preset="demo", overrides=[*common, "model.n_layer=4",
+                                                         "model.n_head=4", "model.n_embd=128"]),
+        }
+        for name, cfg in runs.items():
+            trainer = Trainer(cfg, tmp / "bytes", tmp / name, progress=False,
+                              log=lambda _m: None)
+            result = trainer.run()
+            ev = evaluate_prepared(trainer.model, trainer.data, "val", block_size=128,
+                                   max_tokens=args.eval_tokens)
+            out[name] = {"params": trainer.model.num_params(),
+                         "tokens_seen": args.steps * 8 * 128,
+                         "train_tokens_per_s": round(result.tokens_per_s),
+                         "val_loss": round(ev.loss, 4), "val_bits_per_byte": round(
+                             ev.bits_per_byte, 4),
+                         **{k: round(v, 4) for k, v in ev.metrics.items() if "/" not in k}}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--reference", type=Path, required=True)
+    t.add_argument("--steps", type=int, default=6)
+    t.add_argument("--rounds", type=int, default=2)
+    g = sub.add_parser("generate")
+    g.add_argument("--reference", type=Path, required=True)
+    g.add_argument("--new-tokens", type=int, default=1000)
+    for name in ("memory", "memory-one"):
+        m = sub.add_parser(name)
+        m.add_argument("--batch", type=int, default=8)
+        m.add_argument("--block", type=int, default=512)
+        m.add_argument("--mode", choices=["plain", "checkpointed"])
+    q = sub.add_parser("quality")
+    q.add_argument("--steps", type=int, default=600)
+    q.add_argument("--eval-tokens", type=int, default=200_000)
+    args = ap.parse_args()
+    if args.cmd == "memory-one":
+        print(json.dumps(one_memory(args, args.mode == "checkpointed")))
+        return
+    result = {"train": cmd_train, "generate": cmd_generate, "memory": cmd_memory,
+              "quality": cmd_quality}[args.cmd](args)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
