@@ -1,0 +1,285 @@
+"""The episodic store: fixed-capacity key/value memories with decay, eviction and causal reads.
+
+Every memory carries an importance (set by the writer, nudged up by each read that returns it),
+a strength that ``decay_step`` fades, the steps it was created and last read at, and a
+``source_pos``: where it was formed (a token position, a document index, a time). Reads can hide
+memories formed after a limit, per query, which is how a language model keeps retrieval causal.
+
+When the store is full, writing evicts the memories with the lowest retention
+
+    retention = strength * (importance + 1 / (1 + step - last_access_step))
+
+(``step`` is the newest step seen): a faded memory goes first, importance is what lasts, and a
+recent read adds up to 1. Ties go oldest first, so with uniform importance and no reads the store
+is a FIFO. Ids count up from 0 and are never reused, so an id held across evictions never names
+a different memory.
+
+Persistence is ``DIR/memory.safetensors`` (every tensor) and ``DIR/memory.json`` (config,
+counters, the tensor file's sha256), built under a temporary name and renamed into place; loading
+verifies the checksum and never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from aura.atomic import atomic_write_text, fsync_dir
+from aura.data.shards import file_sha256
+from aura.errors import DataError
+from aura.memory.cognitive_map import CognitiveMap
+from aura.memory.index import ExactIndex
+
+FORMAT = 1
+TENSORS_FILE, META_FILE = "memory.safetensors", "memory.json"
+_SLOT_TENSORS = ("ids", "keys", "values", "importance", "strength", "created_step",
+                 "last_access_step", "source_pos")
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """The k best memories per query, best first; ``mask`` is False where there were fewer.
+
+    ``scores`` (cosine) carry gradient to the queries, so weighting ``values`` by a softmax of
+    them trains whatever produced the queries. ``values`` and ``ids`` are constants: the store
+    holds detached tensors. Missing entries have value 0, score -inf and id -1.
+    """
+
+    values: torch.Tensor  # (Q, k, dim_value)
+    scores: torch.Tensor  # (Q, k)
+    ids: torch.Tensor  # (Q, k)
+    mask: torch.Tensor  # (Q, k) bool
+
+
+class EpisodicStore:
+    """``capacity`` memories of (key, value) in preallocated slots, searched by cosine on keys.
+
+    ``read_boost`` is added to the importance of each memory a read returns (once per read),
+    so memories that keep being useful outlive equally important ones that are not.
+    With ``graph_k > 0`` the store keeps a ``CognitiveMap`` over its keys, updated on every write.
+    """
+
+    def __init__(self, dim_key: int, dim_value: int, capacity: int = 4096, decay: float = 0.03,
+                 device: torch.device | str = "cpu", *, read_boost: float = 0.05,
+                 graph_k: int = 0):
+        if dim_value < 1:
+            raise ValueError(f"dim_value must be positive, got {dim_value}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if graph_k < 0:
+            raise ValueError(f"graph_k must be >= 0, got {graph_k}")
+        self.dim_key, self.dim_value, self.capacity = dim_key, dim_value, capacity
+        self.decay, self.read_boost, self.graph_k = decay, read_boost, graph_k
+        self.device = torch.device(device)
+        self.index = ExactIndex(capacity, dim_key, self.device)
+        self.graph = CognitiveMap(self.index, graph_k) if graph_k > 0 else None
+
+        def slots(*shape: int, dtype: torch.dtype = torch.float32, fill: float = 0) -> torch.Tensor:
+            return torch.full((capacity, *shape), fill, dtype=dtype, device=self.device)
+
+        self.ids = slots(dtype=torch.long, fill=-1)  # -1: empty slot
+        self.keys = slots(dim_key)
+        self.values = slots(dim_value)
+        self.importance = slots()
+        self.strength = slots()
+        self.created_step = slots(dtype=torch.long)
+        self.last_access_step = slots(dtype=torch.long)
+        self.source_pos = slots(dtype=torch.long)
+        self.next_id = 0
+        self.step = 0
+
+    def __len__(self) -> int:
+        return int((self.ids >= 0).sum())
+
+    def clear(self) -> None:
+        """Forget every memory; ids keep counting so old ones are never reissued."""
+        self.ids.fill_(-1)
+        self.index.remove(torch.arange(self.capacity, device=self.device))
+        if self.graph is not None:
+            self.graph.clear()
+
+    def retention(self) -> torch.Tensor:
+        """Each slot's eviction score (see the module docstring), -inf for empty slots."""
+        recency = 1.0 / (1.0 + (self.step - self.last_access_step).clamp(min=0))
+        score = self.strength * (self.importance + recency)
+        return score.masked_fill(self.ids < 0, float("-inf"))
+
+    @torch.no_grad()
+    def write(self, keys: torch.Tensor, values: torch.Tensor,
+              importance: torch.Tensor | None = None, step: int = 0,
+              source_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Store N memories and return their ids (N,), evicting the lowest retention if full.
+
+        ``importance`` defaults to 1 and ``source_pos`` to ``step``.
+        """
+        n = keys.shape[0]
+        if keys.shape != (n, self.dim_key) or values.shape != (n, self.dim_value):
+            raise ValueError(f"expected keys (N, {self.dim_key}) and values (N, "
+                             f"{self.dim_value}), got {tuple(keys.shape)}, {tuple(values.shape)}")
+        if n > self.capacity:
+            raise ValueError(f"cannot write {n} memories into a store of capacity {self.capacity}")
+        for name, t in (("importance", importance), ("source_pos", source_pos)):
+            if t is not None and t.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+        self.step = max(self.step, step)
+        slots = self._claim(n)
+        ids = torch.arange(self.next_id, self.next_id + n, device=self.device)
+        self.next_id += n
+        self.ids[slots] = ids
+        self.keys[slots] = keys.to(self.keys)
+        self.values[slots] = values.to(self.values)
+        self.importance[slots] = 1.0 if importance is None else importance.to(self.importance)
+        self.strength[slots] = 1.0
+        self.created_step[slots] = step
+        self.last_access_step[slots] = step
+        self.source_pos[slots] = step if source_pos is None else source_pos.to(self.source_pos)
+        self.index.add(slots, keys)
+        if self.graph is not None:
+            self.graph.update(slots)
+        return ids
+
+    def _claim(self, n: int) -> torch.Tensor:
+        """``n`` slots: empty ones first, then the lowest-retention memories, evicted."""
+        free = (self.ids < 0).nonzero().squeeze(1)
+        if free.numel() >= n:
+            return free[:n]
+        live = (self.ids >= 0).nonzero().squeeze(1)
+        oldest_first = live[torch.argsort(self.ids[live])]
+        order = torch.argsort(self.retention()[oldest_first], stable=True)
+        victims = oldest_first[order[:n - free.numel()]]
+        self.ids[victims] = -1
+        self.index.remove(victims)
+        if self.graph is not None:
+            self.graph.remove(victims)
+        return torch.cat([free, victims])
+
+    def decay_step(self, n: int = 1) -> None:
+        """Fade every memory's strength by ``(1 - decay) ** n``: n steps of forgetting at once."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.strength.mul_((1.0 - self.decay) ** n)
+
+    def read(self, queries: torch.Tensor, k: int, *,
+             max_source_pos: torch.Tensor | int | None = None, step: int | None = None
+             ) -> Retrieval:
+        """The ``k`` memories most cosine-similar to each query (Q, dim_key).
+
+        ``max_source_pos`` (an int, or a (Q,) tensor for one limit per query) hides memories with
+        a larger ``source_pos``. Each memory returned gets ``last_access_step = step`` (default:
+        the newest step seen) and ``read_boost`` more importance.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if queries.ndim != 2 or queries.shape[1] != self.dim_key:
+            raise ValueError(f"expected queries (Q, {self.dim_key}), got {tuple(queries.shape)}")
+        allowed = None
+        if max_source_pos is not None:
+            limit = torch.as_tensor(max_source_pos, device=self.device)
+            if limit.numel() != 1 and limit.shape != (queries.shape[0],):
+                raise ValueError(f"max_source_pos must be an int or shape ({queries.shape[0]},), "
+                                 f"got {tuple(limit.shape)}")
+            allowed = self.source_pos[None, :] <= limit.reshape(-1, 1)
+        scores, slots = self.index.search(queries, k, allowed)
+        mask = slots >= 0
+        safe = slots.clamp(min=0)
+        values = self.values[safe].masked_fill(~mask[..., None], 0.0)
+        ids = self.ids[safe].masked_fill(~mask, -1)
+        now = self.step if step is None else step
+        self.step = max(self.step, now)
+        hit = safe[mask].unique()
+        self.last_access_step[hit] = now
+        self.importance[hit] += self.read_boost
+        return Retrieval(values, scores, ids, mask)
+
+    def neighbours(self, ids: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Ids of each memory's ``k`` nearest memories from the cognitive map, -1 where none
+        (including for ids no longer stored)."""
+        if self.graph is None:
+            raise ValueError("this store keeps no cognitive map (graph_k=0)")
+        ids = ids.to(self.device)
+        sorted_ids, order = torch.sort(self.ids)
+        pos = torch.searchsorted(sorted_ids, ids).clamp(max=self.capacity - 1)
+        found = (sorted_ids[pos] == ids) & (ids >= 0)
+        nbrs = self.graph.neighbours(order[pos], k).masked_fill(~found[:, None], -1)
+        return self.ids[nbrs.clamp(min=0)].masked_fill(nbrs < 0, -1)
+
+    # --- persistence ---------------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        return {"dim_key": self.dim_key, "dim_value": self.dim_value, "capacity": self.capacity,
+                "decay": self.decay, "read_boost": self.read_boost, "graph_k": self.graph_k}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {name: getattr(self, name) for name in _SLOT_TENSORS}
+        if self.graph is not None:
+            out["graph.edges"] = self.graph.edges
+            out["graph.edge_scores"] = self.graph.edge_scores
+        return {name: t.detach().cpu().contiguous() for name, t in out.items()}
+
+    def save(self, path: Path) -> Path:
+        """Write the store into directory ``path`` atomically, replacing a store saved there."""
+        path = Path(path)
+        ours = (path / META_FILE).is_file() or (path.is_dir() and not any(path.iterdir()))
+        if path.exists() and not ours:
+            raise DataError(f"{path} exists and is not a saved memory store; not replacing it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            save_file(self._tensors(), str(tmp / TENSORS_FILE))
+            with open(tmp / TENSORS_FILE, "rb") as f:
+                os.fsync(f.fileno())
+            meta = {"format": FORMAT, "config": self.config(), "next_id": self.next_id,
+                    "step": self.step, "size": len(self),
+                    "sha256": file_sha256(tmp / TENSORS_FILE)}
+            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device | str = "cpu") -> EpisodicStore:
+        """A store saved by ``save``; DataError if a file is missing, truncated or corrupt."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+            config, digest = dict(meta["config"]), meta["sha256"]
+            next_id, step = int(meta["next_id"]), int(meta["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"memory store {path}: missing or corrupt {META_FILE}") from None
+        if meta.get("format") != FORMAT:
+            raise DataError(f"memory store {path}: unknown format {meta.get('format')!r}")
+        tensor_file = path / TENSORS_FILE
+        if not tensor_file.is_file() or file_sha256(tensor_file) != digest:
+            raise DataError(f"memory store {path}: {TENSORS_FILE} is missing, truncated or corrupt")
+        try:
+            tensors = load_file(str(tensor_file), device=str(device))
+            store = cls(**config, device=device)
+            targets = {name: getattr(store, name) for name in _SLOT_TENSORS}
+            if store.graph is not None:
+                targets["graph.edges"] = store.graph.edges
+                targets["graph.edge_scores"] = store.graph.edge_scores
+            for name, target in targets.items():
+                if tensors[name].shape != target.shape:
+                    raise ValueError(name)
+                target.copy_(tensors[name])
+        except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError):
+            raise DataError(f"memory store {path}: {TENSORS_FILE} does not match "
+                            f"{META_FILE}") from None
+        store.next_id, store.step = next_id, step
+        live = (store.ids >= 0).nonzero().squeeze(1)
+        store.index.add(live, store.keys[live])
+        return store
