@@ -277,11 +277,12 @@ def test_a_crash_while_saving_leaves_no_trace(tmp_path: Path,
     def crash(*_a: Any, **_kw: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "atomic_write_text", crash)  # dies while writing meta.json
+    monkeypatch.setattr(ck, "file_sha256", crash)  # dies while building meta.json
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, model, tok, cfg, TrainState(step=2), None)
     with pytest.raises(KeyboardInterrupt):  # the same step again: the old one survives
         save_checkpoint(tmp_path, model, tok, cfg, TrainState(step=1), None)
+    monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
     assert not list(tmp_path.rglob("*.tmp"))
     verify_checkpoint(step_dir(tmp_path, 1))

@@ -22,9 +22,6 @@ verifies the checksum and never unpickles.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from aura.atomic import atomic_write_text, fsync_dir
+from aura.atomic import atomic_dir
 from aura.data.shards import file_sha256
 from aura.errors import DataError
 from aura.memory.cognitive_map import CognitiveMap
@@ -231,23 +228,12 @@ class EpisodicStore:
         ours = (path / META_FILE).is_file() or (path.is_dir() and not any(path.iterdir()))
         if path.exists() and not ours:
             raise DataError(f"{path} exists and is not a saved memory store; not replacing it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             save_file(self._tensors(), str(tmp / TENSORS_FILE))
-            with open(tmp / TENSORS_FILE, "rb") as f:
-                os.fsync(f.fileno())
             meta = {"format": FORMAT, "config": self.config(), "next_id": self.next_id,
                     "step": self.step, "size": len(self),
                     "sha256": file_sha256(tmp / TENSORS_FILE)}
-            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         return path
 
     @classmethod

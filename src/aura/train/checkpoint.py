@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from aura.atomic import atomic_write_text, fsync_dir
+from aura.atomic import atomic_dir, atomic_write_text
 from aura.config import AuraConfig, config_from_dict, config_to_dict
 from aura.data.shards import file_sha256
 from aura.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
@@ -110,9 +108,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer: Tokenizer, confi
                     val_loss: float | None = None) -> Path:
     """Write checkpoint ``state.step`` atomically; with no optimizer state it is weights-only."""
     final = step_dir(run_dir, state.step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:  # replaces the same step saved again (after a rollback)
         save_model(model, str(tmp / MODEL_FILE))
         tokenizer.save(tmp / TOKENIZER_FILE)
         if optimizer_states is not None:
@@ -121,9 +117,6 @@ def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer: Tokenizer, confi
             (tmp / STATE_JSON).write_text(json.dumps(
                 {"optimizers": plain, "train_state": state.__dict__}))
         files = sorted(p.name for p in tmp.iterdir())
-        for name in files:
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
         meta = {
             "format": FORMAT,
             "step": state.step,
@@ -133,14 +126,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer: Tokenizer, confi
             "data_position": {"step": state.step, "tokens_seen": state.tokens_seen},
             "files": {name: file_sha256(tmp / name) for name in files},
         }
-        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
-        if final.exists():  # the same step saved again (e.g. after a rollback)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     return final
 
 
