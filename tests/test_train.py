@@ -224,6 +224,25 @@ def test_repeated_nonfinite_rolls_back_with_half_the_lr(
     assert saved["train_state"]["rollbacks"] == 1
 
 
+def test_divergence_that_survives_every_rollback_ends_the_run(train_data: Path,
+                                                              tmp_path: Path) -> None:
+    from aura.train.trainer import MAX_ROLLBACKS
+
+    trainers: list[Trainer] = []
+
+    def setup(trainer: Trainer) -> None:  # every step after the step-4 checkpoint is NaN
+        trainers.append(trainer)
+        wrap_forward(trainer, lambda *_: None,
+                     lambda call, out: poison(out) if call >= 4 else out)
+
+    with pytest.raises(AuraError, match="keeps diverging"):
+        train(tiny_config(*BASE), train_data, tmp_path / "run", setup=setup)
+    assert trainers[0].state.rollbacks == MAX_ROLLBACKS
+    assert trainers[0].state.fault_lr_scale == 0.5**MAX_ROLLBACKS
+    saved = json.loads((step_dir(tmp_path / "run", 4) / "train_state.json").read_text())
+    assert saved["train_state"]["step"] == 4  # the last good state is still on disk
+
+
 def test_nonfinite_before_any_checkpoint_is_an_error(train_data: Path, tmp_path: Path) -> None:
     calls: list[int] = []
 

@@ -44,6 +44,7 @@ from aura.train.optim import build_optimizers
 from aura.train.schedule import Plateau, lr_factor
 
 CONFIG_FILE = "config.json"
+MAX_ROLLBACKS = 5
 
 
 def _stderr(message: str) -> None:
@@ -144,6 +145,9 @@ class Trainer:
             raise AuraError(f"training diverged: {self.cfg.train.max_nonfinite} non-finite steps "
                             "in a row before any checkpoint; lower train.lr")
         skipped, rollbacks = self.state.nonfinite_skipped, self.state.rollbacks + 1
+        if rollbacks > MAX_ROLLBACKS:  # the LR is already 1/32: something else is wrong
+            raise AuraError(f"training keeps diverging: {MAX_ROLLBACKS} rollbacks with the lr "
+                            "halved each time; check the data and lower train.lr")
         scale = self.state.fault_lr_scale * 0.5
         self._load(found[0])
         self.metrics.rewind(self.state.step)  # the steps after it run again
