@@ -131,7 +131,7 @@ def test_eviction_removes_lowest_retention_first(importance: list[float], n_new:
     store.decay_step(decays)
     for i in reads:
         store.read(store.keys[i:i + 1], 1, step=6)
-    retention = store.retention()  # the write below is at step 6 too: the same clock
+    retention = store.retention(step=6)  # as the write below at step 6 will see it
     order = torch.argsort(store.ids)  # slot of each old id
     expected = old[torch.argsort(retention[order], stable=True)[:n_new]]
 

@@ -104,9 +104,11 @@ class EpisodicStore:
         if self.graph is not None:
             self.graph.clear()
 
-    def retention(self) -> torch.Tensor:
-        """Each slot's eviction score (see the module docstring), -inf for empty slots."""
-        recency = 1.0 / (1.0 + (self.step - self.last_access_step).clamp(min=0))
+    def retention(self, step: int | None = None) -> torch.Tensor:
+        """Each slot's eviction score (see the module docstring) as of ``step`` (default: the
+        newest step seen), -inf for empty slots."""
+        now = self.step if step is None else max(self.step, step)
+        recency = 1.0 / (1.0 + (now - self.last_access_step).clamp(min=0))
         score = self.strength * (self.importance + recency)
         return score.masked_fill(self.ids < 0, float("-inf"))
 
