@@ -43,6 +43,7 @@ def test_cuda_auto_precision_follows_bf16_support(monkeypatch: pytest.MonkeyPatc
     assert p.dtype == expected
 
 
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled:UserWarning")
 def test_fp16_uses_a_grad_scaler_on_cuda_only() -> None:
     assert isinstance(dev.pick_precision("fp16", torch.device("cuda")).new_scaler(),
                       torch.amp.GradScaler)
