@@ -42,6 +42,8 @@ class ModelConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = False  # biases in the Linear and LayerNorm layers
+    ffn: Literal["mlp", "snn"] = "mlp"  # the block's feed-forward; "snn" = SNNFeedForward
+    snn_steps: int = 4  # time steps the "snn" feed-forward integrates each token over
 
 
 @dataclass
@@ -441,6 +443,7 @@ def validate_config(cfg: AuraConfig) -> None:
         "model.n_layer": m.n_layer,
         "model.n_head": m.n_head,
         "model.n_embd": m.n_embd,
+        "model.snn_steps": m.snn_steps,
         "data.prefetch_factor": d.prefetch_factor,
         "train.batch_size": t.batch_size,
         "train.grad_accum": t.grad_accum,

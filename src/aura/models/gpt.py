@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from aura.config import ModelConfig
 from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
 from aura.nn.attention import CausalSelfAttention, KVCache
+from aura.nn.snn_ffn import SNNFeedForward
 
 
 class MLP(nn.Module):
@@ -36,7 +37,12 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias, layer)
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
+        self.mlp: MLP | SNNFeedForward
+        if cfg.ffn == "snn":
+            self.mlp = SNNFeedForward(cfg.n_embd, 4 * cfg.n_embd, cfg.snn_steps,
+                                      dropout=cfg.dropout, bias=cfg.bias)
+        else:
+            self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache)
@@ -97,4 +103,8 @@ class GPT(AuraModel):
             return ModelOutput(self.lm_head(x[:, -1:] if last_only else x))
         logits = self.lm_head(x)
         loss = lm_loss(logits, targets, label_smoothing)
-        return ModelOutput(logits, loss, {"ce": loss.detach()})
+        aux = {"ce": loss.detach()}
+        if self.config.ffn == "snn":  # so the trainer logs how sparse the spiking FFNs are
+            rates = [b.mlp.metrics()["firing_rate"] for b in self.blocks]
+            aux["firing_rate"] = torch.stack(rates).mean()
+        return ModelOutput(logits, loss, aux)

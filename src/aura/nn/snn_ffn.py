@@ -1,0 +1,59 @@
+"""A spiking drop-in for the transformer's MLP: ``fc`` -> spiking neurons -> rate -> ``proj``.
+
+Each token's ``fc(x)`` drives its neurons as a constant current for ``steps`` time steps; the
+spike count averaged over the steps (a rate in [0, 1] for LIF) replaces the GELU activation. All
+tokens are run at once, as (steps, B, T, hidden), so the only Python loop is the short one over
+the steps inside the neuron. Surrogate gradients carry the loss back through the spikes to ``fc``.
+
+The projection is fed by spikes, so on neuromorphic hardware it costs one accumulate per spike per
+output (synaptic operations), while ``fc`` stays a dense matmul: ``metrics()`` reports both, so an
+energy estimate can be made later without rerunning the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aura.nn.spiking import GIF, LIF, firing_rate
+
+
+class SNNFeedForward(nn.Module):
+    """``proj(mean_t spikes_t(fc(x)))`` with dropout; ``neuron`` is "lif" (soft reset) or "gif".
+
+    The projection is named ``proj`` so the GPT's residual-projection init scales it like the
+    MLP's.
+    """
+
+    def __init__(self, n_embd: int, hidden: int | None = None, steps: int = 4,
+                 neuron: str = "lif", dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if neuron not in ("lif", "gif"):
+            raise ValueError(f"neuron must be 'lif' or 'gif', got {neuron!r}")
+        hidden = 4 * n_embd if hidden is None else hidden
+        self.steps = steps
+        self.fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.neuron: LIF | GIF = LIF(reset="soft") if neuron == "lif" else GIF()
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.drop = nn.Dropout(dropout)
+        self._metrics: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        current = self.fc(x)
+        spikes, _ = self.neuron(current.expand(self.steps, *current.shape))
+        with torch.no_grad():
+            self._metrics = {
+                "firing_rate": firing_rate(spikes),
+                "synops": torch.count_nonzero(spikes) * self.proj.out_features,
+                "macs": torch.tensor(current.numel() * self.fc.in_features, device=x.device),
+            }
+        return self.drop(self.proj(spikes.mean(0)))
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """The last forward's detached ``firing_rate`` (spikes per neuron per step), ``synops``
+        (spike-driven accumulates in ``proj``) and ``macs`` (dense multiply-adds in ``fc``)."""
+        if not self._metrics:
+            raise RuntimeError("metrics are recorded by forward; call the module first")
+        return dict(self._metrics)
