@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from aura.nn.spiking import GIF, LIF, GIFState, firing_rate, leaky_scan, spike_fn
@@ -48,6 +48,7 @@ def test_lif_matches_a_loop(reset: str):
 
 
 @given(st.integers(1, 512), st.floats(0.5, 0.99), st.integers(0, 2**16))
+@example(253, 0.9834495432751896, 0)  # once off by 1.2e-5 against a fixed 1e-5 tolerance
 def test_leaky_scan_matches_the_recurrence(T: int, beta: float, seed: int):
     g = torch.Generator().manual_seed(seed)
     x, mem0 = torch.randn(T, 3, 2, generator=g), torch.randn(3, 2, generator=g)
@@ -57,7 +58,10 @@ def test_leaky_scan_matches_the_recurrence(T: int, beta: float, seed: int):
         m = beta * m + x_t
         ref.append(m)
     assert out.shape == x.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), torch.stack(ref), atol=1e-5, rtol=1e-5)
+    expected = torch.stack(ref)
+    # fp32 rounding scales with the membrane's size (up to ~1/sqrt(1 - beta^2) here), not its value
+    scale = float(expected.abs().max().clamp(min=1.0))
+    torch.testing.assert_close(out.double(), expected, atol=1e-5 * scale, rtol=1e-5)
 
 
 def test_scan_path_continues_from_a_given_state():
