@@ -22,36 +22,34 @@ from torch import nn
 SpikeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-class FastSigmoid(torch.autograd.Function):
-    """Heaviside forward; backward ``1 / (1 + slope |x|)^2`` (Zenke & Ganguli's SuperSpike)."""
+def _surrogate(name: str, derivative: Callable[[torch.Tensor, float], torch.Tensor],
+               doc: str) -> type[torch.autograd.Function]:
+    """A Heaviside spike whose backward is ``derivative(x, param)``: one shape, many surrogates."""
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, slope: float) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.slope = slope
-        return (x > 0).to(x.dtype)
+    class Surrogate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, param: float) -> torch.Tensor:
+            ctx.save_for_backward(x)
+            ctx.param = param
+            return (x > 0).to(x.dtype)
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (x,) = ctx.saved_tensors
-        return grad / (1 + ctx.slope * x.abs()).square(), None
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            (x,) = ctx.saved_tensors
+            return grad * derivative(x, ctx.param), None
+
+    Surrogate.__name__ = Surrogate.__qualname__ = name
+    Surrogate.__doc__ = doc
+    return Surrogate
 
 
-class ATan(torch.autograd.Function):
-    """Heaviside forward; backward ``alpha/2 / (1 + (pi/2 alpha x)^2)``, the derivative of
-    ``atan(pi/2 alpha x) / pi``: heavier tails than the fast sigmoid."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, alpha: float) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.alpha = alpha
-        return (x > 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (x,) = ctx.saved_tensors
-        a = ctx.alpha
-        return grad * (a / 2) / (1 + (math.pi / 2 * a * x).square()), None
+FastSigmoid = _surrogate(
+    "FastSigmoid", lambda x, slope: 1 / (1 + slope * x.abs()).square(),
+    "Heaviside forward; backward ``1 / (1 + slope |x|)^2`` (Zenke & Ganguli's SuperSpike).")
+ATan = _surrogate(
+    "ATan", lambda x, a: (a / 2) / (1 + (math.pi / 2 * a * x).square()),
+    "Heaviside forward; backward ``alpha/2 / (1 + (pi/2 alpha x)^2)``, the derivative of "
+    "``atan(pi/2 alpha x) / pi``: heavier tails than the fast sigmoid.")
 
 
 def fast_sigmoid(x: torch.Tensor, slope: float = 25.0) -> torch.Tensor:
