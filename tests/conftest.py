@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 from aura.cli import main
 from aura.config import AuraConfig, load_config
+from aura.data.shards import PreparedData
 
 settings.register_profile(
     "aura",
@@ -179,3 +181,28 @@ def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     opts = PrepareOptions([str(root / "corpus")], "char", val_fraction=0.2)
     prepare(opts, root / "data", progress=False)
     return root / "data"
+
+
+def prepared_bytes(root: Path, n_docs: int, seed: int, shard_tokens: int,
+                   val_fraction: float) -> PreparedData:
+    """Byte tokens of ``n_docs`` generated documents, in shards of ``shard_tokens``."""
+    from aura.data.prepare import PrepareOptions, prepare
+
+    write_dir(root / "corpus", make_docs(n_docs, seed=seed))
+    opts = PrepareOptions([str(root / "corpus")], "byte", shard_tokens=shard_tokens,
+                          val_fraction=val_fraction)
+    return prepare(opts, root / "out", progress=False).data
+
+
+
+def assert_causal(model: torch.nn.Module, x: torch.Tensor, t: int, vocab: int, *,
+                  exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Changing token t+1 leaves every logit at positions <= t unchanged; returns both logits."""
+    changed = x.clone()
+    changed[:, t + 1] = (changed[:, t + 1] + 1) % vocab
+    a, b = model(x).logits, model(changed).logits
+    if exact:
+        assert torch.equal(a[:, : t + 1], b[:, : t + 1])
+    else:
+        torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-6, rtol=1e-5)
+    return a, b

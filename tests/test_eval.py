@@ -10,13 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from aura.config import ModelConfig
-from aura.data.prepare import PrepareOptions, prepare
 from aura.data.shards import PreparedData
 from aura.data.tokenizers import ByteTokenizer
 from aura.errors import AuraError, DataError
 from aura.eval.perplexity import evaluate_prepared, evaluate_text, evaluate_tokens
 from aura.models.base import AuraModel, build_model
-from conftest import make_docs, write_dir
+from conftest import prepared_bytes
 
 V = 256
 BLOCK = 16
@@ -145,10 +144,8 @@ def test_tokenizer_larger_than_the_model_vocab_is_a_data_error() -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     """Byte tokens in 1024-token shards, so the val split spans several shards."""
-    root = tmp_path_factory.mktemp("eval")
-    write_dir(root / "corpus", make_docs(28, seed=8))
-    opts = PrepareOptions([str(root / "corpus")], "byte", shard_tokens=1024, val_fraction=0.3)
-    return prepare(opts, root / "out", progress=False).data
+    return prepared_bytes(tmp_path_factory.mktemp("eval"), 28, seed=8, shard_tokens=1024,
+                          val_fraction=0.3)
 
 
 def test_prepared_split_is_one_stream_across_shards(model: AuraModel, data: PreparedData) -> None:

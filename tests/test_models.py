@@ -14,6 +14,7 @@ from aura.errors import ConfigError
 from aura.models import AuraModel, build_model, model_names
 from aura.models.gpt import GPT
 from aura.nn.attention import KVCache
+from conftest import assert_causal
 
 V, BLOCK = 50, 24
 
@@ -128,12 +129,7 @@ def test_too_long_input_is_rejected() -> None:
 @pytest.mark.parametrize("t", [0, 7, BLOCK - 2])
 def test_causality(t: int) -> None:
     """Changing token t+1 leaves every logit at positions <= t unchanged."""
-    model = gpt().eval()
-    x = tokens(2, BLOCK)
-    changed = x.clone()
-    changed[:, t + 1] = (changed[:, t + 1] + 1) % V
-    a, b = model(x).logits, model(changed).logits
-    assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
+    a, b = assert_causal(gpt().eval(), tokens(2, BLOCK), t, V)
     assert not torch.allclose(a[:, t + 1], b[:, t + 1], atol=1e-4)
 
 

@@ -14,16 +14,14 @@ from aura.data.prepare import PrepareOptions, prepare
 from aura.data.sampler import BatchSampler, batch_loader, curriculum
 from aura.data.shards import PreparedData, SplitData
 from aura.errors import DataError
-from conftest import make_docs, write_dir
+from conftest import make_docs, prepared_bytes, write_dir
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     """Byte tokens of 40 documents in 4096-token shards (several per split)."""
-    root = tmp_path_factory.mktemp("sampler")
-    write_dir(root / "corpus", make_docs(40, seed=21))
-    opts = PrepareOptions([str(root / "corpus")], "byte", shard_tokens=4096, val_fraction=0.2)
-    return prepare(opts, root / "out", progress=False).data
+    return prepared_bytes(tmp_path_factory.mktemp("sampler"), 40, seed=21, shard_tokens=4096,
+                          val_fraction=0.2)
 
 
 @pytest.fixture(scope="module")
