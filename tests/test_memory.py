@@ -280,6 +280,30 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert loaded.write(randn(1, 8), randn(1, 3)).tolist() == [store.next_id]
 
 
+def test_restore_refills_the_same_object_and_refuses_another_config(tmp_path: Path) -> None:
+    store, path = saved(tmp_path)
+    holder = filled(3, capacity=32, graph_k=3, read_boost=0.1, seed=9)
+    same = holder
+    holder.restore(path)
+    assert holder is same and holder.next_id == store.next_id
+    for name, tensor in store._tensors().items():
+        assert torch.equal(holder._tensors()[name], tensor), name
+    with pytest.raises(DataError, match="saved with"):
+        filled(3, capacity=16, graph_k=3).restore(path)
+
+
+def test_to_device_keeps_every_memory_searchable(tmp_path: Path) -> None:
+    store, _ = saved(tmp_path)
+    queries = randn(4, 8, seed=3)
+    before = store.read(queries, 3, step=20)
+    edges = store.graph.edges.clone()
+    moved = store.to(torch.device("cpu", 0))  # a different device object: the index is rebuilt
+    assert moved is store and moved.device == torch.device("cpu", 0)
+    after = moved.read(queries, 3, step=20)
+    assert torch.equal(before.ids, after.ids) and torch.equal(before.scores, after.scores)
+    assert torch.equal(moved.graph.edges, edges)
+
+
 def test_save_replaces_a_store_but_not_other_directories(tmp_path: Path) -> None:
     store, path = saved(tmp_path)
     store.write(randn(2, 8, seed=6), randn(2, 3))

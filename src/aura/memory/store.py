@@ -218,11 +218,7 @@ class EpisodicStore:
                 "decay": self.decay, "read_boost": self.read_boost, "graph_k": self.graph_k}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        out = {name: getattr(self, name) for name in _SLOT_TENSORS}
-        if self.graph is not None:
-            out["graph.edges"] = self.graph.edges
-            out["graph.edge_scores"] = self.graph.edge_scores
-        return {name: t.detach().cpu().contiguous() for name, t in out.items()}
+        return {name: t.detach().cpu().contiguous() for name, t in self._targets().items()}
 
     def save(self, path: Path) -> Path:
         """Write the store into directory ``path`` atomically, replacing a store saved there."""
@@ -241,33 +237,73 @@ class EpisodicStore:
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> EpisodicStore:
         """A store saved by ``save``; DataError if a file is missing, truncated or corrupt."""
-        path = Path(path)
-        try:
-            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-            config, digest = dict(meta["config"]), meta["sha256"]
-            next_id, step = int(meta["next_id"]), int(meta["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise DataError(f"memory store {path}: missing or corrupt {META_FILE}") from None
-        if meta.get("format") != FORMAT:
-            raise DataError(f"memory store {path}: unknown format {meta.get('format')!r}")
+        meta = _read_meta(Path(path))
+        store = cls(**meta["config"], device=device)
+        store._fill(Path(path), meta)
+        return store
+
+    def restore(self, path: Path) -> None:
+        """Replace this store's memories with those saved at ``path`` (same configuration), in
+        place, so modules holding this store keep holding it."""
+        meta = _read_meta(Path(path))
+        if meta["config"] != self.config():
+            raise DataError(f"memory store {path}: saved with {meta['config']}, "
+                            f"expected {self.config()}")
+        self.clear()
+        self._fill(Path(path), meta)
+
+    def _fill(self, path: Path, meta: dict[str, Any]) -> None:
         tensor_file = path / TENSORS_FILE
-        if not tensor_file.is_file() or file_sha256(tensor_file) != digest:
+        if not tensor_file.is_file() or file_sha256(tensor_file) != meta["sha256"]:
             raise DataError(f"memory store {path}: {TENSORS_FILE} is missing, truncated or corrupt")
         try:
-            tensors = load_file(str(tensor_file), device=str(device))
-            store = cls(**config, device=device)
-            targets = {name: getattr(store, name) for name in _SLOT_TENSORS}
-            if store.graph is not None:
-                targets["graph.edges"] = store.graph.edges
-                targets["graph.edge_scores"] = store.graph.edge_scores
-            for name, target in targets.items():
+            tensors = load_file(str(tensor_file), device=str(self.device))
+            for name, target in self._targets().items():
                 if tensors[name].shape != target.shape:
                     raise ValueError(name)
                 target.copy_(tensors[name])
         except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError):
             raise DataError(f"memory store {path}: {TENSORS_FILE} does not match "
                             f"{META_FILE}") from None
-        store.next_id, store.step = next_id, step
-        live = (store.ids >= 0).nonzero().squeeze(1)
-        store.index.add(live, store.keys[live])
-        return store
+        self.next_id, self.step = meta["next_id"], meta["step"]
+        live = (self.ids >= 0).nonzero().squeeze(1)
+        self.index.add(live, self.keys[live])
+
+    def _targets(self) -> dict[str, torch.Tensor]:
+        """Every tensor that persists, by its name in the saved file."""
+        out = {name: getattr(self, name) for name in _SLOT_TENSORS}
+        if self.graph is not None:
+            out["graph.edges"] = self.graph.edges
+            out["graph.edge_scores"] = self.graph.edge_scores
+        return out
+
+    def to(self, device: torch.device | str) -> EpisodicStore:
+        """Move every memory (and the index and map over them) to ``device``; returns self."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        saved = {name: t.to(device) for name, t in self._targets().items()}
+        self.device = device
+        self.index = ExactIndex(self.capacity, self.dim_key, device)
+        self.graph = CognitiveMap(self.index, self.graph_k) if self.graph_k > 0 else None
+        for name in _SLOT_TENSORS:
+            setattr(self, name, saved[name])
+        if self.graph is not None:
+            self.graph.edges.copy_(saved["graph.edges"])
+            self.graph.edge_scores.copy_(saved["graph.edge_scores"])
+        live = (self.ids >= 0).nonzero().squeeze(1)
+        self.index.add(live, self.keys[live])
+        return self
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        meta = {"format": meta.get("format"), "config": dict(meta["config"]),
+                "sha256": meta["sha256"], "next_id": int(meta["next_id"]),
+                "step": int(meta["step"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise DataError(f"memory store {path}: missing or corrupt {META_FILE}") from None
+    if meta["format"] != FORMAT:
+        raise DataError(f"memory store {path}: unknown format {meta['format']!r}")
+    return meta

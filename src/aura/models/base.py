@@ -16,6 +16,7 @@ from torch import nn
 
 from aura.config import ModelConfig
 from aura.errors import ConfigError
+from aura.memory.store import EpisodicStore
 
 
 @dataclass
@@ -47,6 +48,11 @@ class AuraModel(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> Any:
         """A generation cache, or None for models that only decode by re-running the prefix."""
         return None
+
+    def memory_stores(self) -> dict[str, EpisodicStore]:
+        """Episodic stores this model reads and writes, by name; checkpoints save and restore
+        them next to the weights. None by default."""
+        return {}
 
     @property
     def max_context(self) -> int | None:

@@ -6,6 +6,7 @@
         meta.json                step, config, tokenizer hash, val loss, sha256 of every file
         train_state.safetensors  optimizer tensors and RNG states       (resume only)
         train_state.json         optimizer groups, schedule and fault counters (resume only)
+        memory/NAME/             each episodic store the model keeps (``memory_stores()``)
 
 A checkpoint directory is built under a temporary name and renamed into place, and meta.json is
 written last inside it, so a crash leaves either no checkpoint or a complete one. Loading never
@@ -31,12 +32,14 @@ from aura.config import AuraConfig, config_from_dict, config_to_dict
 from aura.data.shards import file_sha256
 from aura.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from aura.errors import DataError
+from aura.memory.store import EpisodicStore
 
 FORMAT = 1
 CKPT_DIR = "checkpoints"
 BEST_FILE = "best.json"
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
+MEMORY_DIR = "memory"
 
 
 @dataclass
@@ -99,6 +102,18 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _memory_stores(model: nn.Module) -> dict[str, EpisodicStore]:
+    stores = getattr(model, "memory_stores", None)
+    return stores() if callable(stores) else {}
+
+
+def _load_weights(model: nn.Module, path: Path, device: torch.device | str = "cpu") -> None:
+    """Weights, then every episodic store the model keeps, restored in place."""
+    load_model(model, str(path / MODEL_FILE), device=str(device))
+    for name, store in _memory_stores(model).items():
+        store.restore(path / MEMORY_DIR / name)
+
+
 def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CKPT_DIR / f"step-{step:08d}"
 
@@ -110,13 +125,15 @@ def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer: Tokenizer, confi
     final = step_dir(run_dir, state.step)
     with atomic_dir(final) as tmp:  # replaces the same step saved again (after a rollback)
         save_model(model, str(tmp / MODEL_FILE))
+        for name, store in _memory_stores(model).items():
+            store.save(tmp / MEMORY_DIR / name)
         tokenizer.save(tmp / TOKENIZER_FILE)
         if optimizer_states is not None:
             tensors, plain = _pack_optimizer(optimizer_states)
             save_file({**tensors, **_rng_tensors()}, str(tmp / STATE_TENSORS))
             (tmp / STATE_JSON).write_text(json.dumps(
                 {"optimizers": plain, "train_state": state.__dict__}))
-        files = sorted(p.name for p in tmp.iterdir())
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         meta = {
             "format": FORMAT,
             "step": state.step,
@@ -174,7 +191,7 @@ def latest_good(run_dir: Path, log: Callable[[str], None], need_train_state: boo
 
 def load_train_state(path: Path, model: nn.Module) -> tuple[TrainState, list[dict[str, Any]]]:
     """Load weights into ``model`` and RNG states; return the train state and optimizer states."""
-    load_model(model, str(path / MODEL_FILE))
+    _load_weights(model, path)
     tensors = load_file(str(path / STATE_TENSORS))
     info = json.loads((path / STATE_JSON).read_text())
     _restore_rng(tensors)
@@ -242,5 +259,5 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> 
     if tokenizer.hash != meta["tokenizer_hash"]:
         raise DataError(f"checkpoint {ckpt}: tokenizer does not match its meta")
     model = build_model(config.model)
-    load_model(model, str(ckpt / MODEL_FILE), device=str(device))
+    _load_weights(model, ckpt, device)
     return Loaded(model.to(device).eval(), tokenizer, config, meta, ckpt)
