@@ -17,6 +17,8 @@ from aura.data.shards import SplitData
 from aura.errors import DataError
 
 BlockSize = int | Callable[[int], int]
+TokenFeatures = dict[str, Callable[[np.ndarray], np.ndarray]]
+Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
 def curriculum(stages: Sequence[Sequence[int]], final: int) -> Callable[[int], int]:
@@ -39,13 +41,18 @@ def curriculum(stages: Sequence[Sequence[int]], final: int) -> Callable[[int], i
 
 
 class BatchSampler:
-    """``sampler(step) -> (x, y)``: int64 tensors of shape (batch_size, block_size(step))."""
+    """``sampler(step) -> (x, y)``: int64 tensors of shape (batch_size, block_size(step)).
+
+    ``sampler.batch(step)`` adds the per-token ``features`` a model asked for (e.g. prosody),
+    each computed once from ``x`` here, where DataLoader workers can build it ahead.
+    """
 
     def __init__(self, split: SplitData, batch_size: int, block_size: BlockSize, seed: int,
-                 rank: int = 0):
+                 rank: int = 0, features: TokenFeatures | None = None):
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
         self.split, self.batch_size, self.seed, self.rank = split, batch_size, seed, rank
+        self.features = features or {}
         self.block_size = block_size if callable(block_size) else (lambda _s, b=block_size: b)
         self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._bits = np.random.Philox(key=np.array([seed, rank], dtype=np.uint64))
@@ -115,21 +122,31 @@ class BatchSampler:
         # Contiguous copies: models may .view() targets, as nanoGPT-style code does.
         return torch.from_numpy(window[:, :-1].copy()), torch.from_numpy(window[:, 1:].copy())
 
+    def batch(self, step: int) -> Batch:
+        x, y = self(step)
+        return x, y, compute_features(self.features, x)
+
+
+def compute_features(features: TokenFeatures, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each feature of token ids (B, T), as a tensor on the ids' device."""
+    host = ids.cpu().numpy()
+    return {name: torch.from_numpy(f(host)).to(ids.device) for name, f in features.items()}
+
 
 class _StepBatches(Dataset):
     def __init__(self, sampler: BatchSampler):
         self.sampler = sampler
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sampler(step)
+    def __getitem__(self, step: int) -> Batch:
+        return self.sampler.batch(step)
 
 
 def batch_loader(sampler: BatchSampler, start_step: int, end_step: int, num_workers: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int = 2
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches for steps start..end-1, built ahead by worker processes when asked."""
+                 pin_memory: bool = False, prefetch_factor: int = 2) -> Iterator[Batch]:
+    """Batches (x, y, features) for steps start..end-1, built ahead by worker processes when
+    asked."""
     if num_workers == 0 and not pin_memory:
-        return (sampler(step) for step in range(start_step, end_step))
+        return (sampler.batch(step) for step in range(start_step, end_step))
     loader = DataLoader(
         _StepBatches(sampler),
         batch_size=None,

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from aura.data.prosody import token_features
+from aura.data.sampler import TokenFeatures, compute_features
 from aura.data.shards import PreparedData
 from aura.data.tokenizers import Tokenizer
 from aura.errors import ConfigError, DataError
@@ -50,8 +52,11 @@ class EvalResult:
 
 def evaluate_tokens(model: nn.Module, tokens: np.ndarray | torch.Tensor, n_bytes: int, *,
                     block_size: int | None = None, batch_size: int = 8,
-                    max_tokens: int | None = None, progress: bool = False) -> EvalResult:
+                    max_tokens: int | None = None, progress: bool = False,
+                    tokenizer: Tokenizer | None = None) -> EvalResult:
     """Exact NLL of a 1-D token stream (or its first ``max_tokens``).
+
+    ``tokenizer`` is needed only by models that read token features (e.g. prosody).
 
     ``n_bytes`` is the UTF-8 size of the text ``tokens`` encode. The first token is never
     scored and ``max_tokens`` may drop a tail, so the bytes are pro-rated to the scored tokens
@@ -67,7 +72,8 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray | torch.Tensor, n_bytes
     if n_bytes <= 0:
         raise DataError(f"n_bytes must be positive, got {n_bytes}")
     return _evaluate(model, [tokens], n, n_bytes / len(tokens), block_size=block_size,
-                     batch_size=batch_size, progress=progress)
+                     batch_size=batch_size, progress=progress,
+                     features=_features(model, tokenizer))
 
 
 def evaluate_text(model: nn.Module, tokenizer: Tokenizer, text: str, **kw: Any) -> EvalResult:
@@ -78,7 +84,7 @@ def evaluate_text(model: nn.Module, tokenizer: Tokenizer, text: str, **kw: Any) 
     tokens = tokenizer.encode(text)
     if len(tokens) < 2:
         raise DataError(f"nothing to evaluate: the text is {len(tokens)} token(s), need at least 2")
-    return evaluate_tokens(model, tokens, len(text.encode("utf-8")), **kw)
+    return evaluate_tokens(model, tokens, len(text.encode("utf-8")), tokenizer=tokenizer, **kw)
 
 
 def evaluate_prepared(model: nn.Module, data: PreparedData, split: str = "val", *,
@@ -96,7 +102,15 @@ def evaluate_prepared(model: nn.Module, data: PreparedData, split: str = "val", 
     if n < 2:
         raise DataError(f"nothing to evaluate: the {split} split has {n} token(s), need 2")
     return _evaluate(model, s.maps, n, s.bytes_per_token, block_size=block_size,
-                     batch_size=batch_size, progress=progress)
+                     batch_size=batch_size, progress=progress,
+                     features=_features(model, data.tokenizer))
+
+
+def _features(model: nn.Module, tokenizer: Tokenizer | None) -> TokenFeatures:
+    names = getattr(model, "token_features", ())
+    if names and tokenizer is None:
+        raise ConfigError(f"the model reads token features {list(names)}: pass its tokenizer")
+    return token_features(names, tokenizer) if names else {}
 
 
 def _check_vocab(model: nn.Module, vocab_size: int) -> None:
@@ -159,7 +173,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _evaluate(model: nn.Module, chunks: Iterable[np.ndarray], n: int, bytes_per_token: float, *,
-              block_size: int | None, batch_size: int, progress: bool) -> EvalResult:
+              block_size: int | None, batch_size: int, progress: bool,
+              features: TokenFeatures) -> EvalResult:
     """Sum the NLL of tokens 2..n of the chunks' stream; ``bytes_per_token`` prices a token."""
     limit = getattr(model, "max_context", None)
     bs = block_size if block_size is not None else limit or UNBOUNDED_WINDOW
@@ -178,7 +193,7 @@ def _evaluate(model: nn.Module, chunks: Iterable[np.ndarray], n: int, bytes_per_
                                            file=sys.stderr) as bar:
             for x, y in _batches(_windows(chunks, n, bs + 1), batch_size):
                 xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-                out = model(xt)
+                out = model(xt, **compute_features(features, xt))
                 logits = out.logits
                 nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                       yt.reshape(-1), reduction="sum", ignore_index=-1)

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aura.data.prosody import token_features
+from aura.data.sampler import TokenFeatures, compute_features
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
 from aura.infer.sampling import SamplingConfig, sample_next
@@ -28,12 +30,18 @@ def _new_cache(model: AuraModel, batch: int, start: int, total: int,
     return model.new_cache(batch, length)
 
 
-def _last_logits(model: AuraModel, idx: torch.Tensor, cache: Any) -> torch.Tensor:
-    return model(idx, cache=cache, last_only=True).logits[:, -1]
+def _last_logits(model: AuraModel, window: torch.Tensor, n_new: int, cache: Any,
+                 features: TokenFeatures) -> torch.Tensor:
+    """Logits after ``window``, feeding the model its last ``n_new`` tokens (the rest are in
+    the cache). Token features are computed over the whole window, since e.g. a word's valence
+    depends on the tokens before it, then cut to the tokens fed."""
+    feats = {name: f[:, -n_new:] for name, f in compute_features(features, window).items()}
+    return model(window[:, -n_new:], cache=cache, last_only=True, **feats).logits[:, -1]
 
 
 def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
-            use_cache: bool, stop_ids: int | None, on_token: TokenCallback | None) -> int:
+            use_cache: bool, stop_ids: int | None, on_token: TokenCallback | None,
+            features: TokenFeatures) -> int:
     """Fill ``out[:, t:]`` one column per step; return how many columns are filled."""
     batch, total = out.shape
     max_ctx = model.max_context
@@ -45,7 +53,7 @@ def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfi
     done = torch.zeros(batch, dtype=torch.bool, device=out.device)
     start = 0 if max_ctx is None else max(0, t - max_ctx)  # first token the model sees
     cache = _new_cache(model, batch, start, total, max_ctx) if use_cache else None
-    logits = _last_logits(model, out[:, start:t], cache)
+    logits = _last_logits(model, out[:, start:t], t - start, cache, features)
     while True:
         nxt = sample_next(logits, out[:, :t], sampling, generator)
         if stop_ids is not None:
@@ -59,7 +67,7 @@ def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfi
         if cache is None:
             if max_ctx is not None:
                 start = max(0, t - max_ctx)
-            logits = _last_logits(model, out[:, start:t], None)
+            logits = _last_logits(model, out[:, start:t], t - start, None, features)
         elif max_ctx is not None and t - start > max_ctx:
             # The cache is full. Learned absolute positions cannot slide: every cached key was
             # computed at its old position, so dropping the oldest token would need all of them
@@ -67,14 +75,15 @@ def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfi
             # max_ctx // 2 cheap steps per prefill (a sliding window would prefill every step).
             start = t - max(1, max_ctx // 2)
             cache = _new_cache(model, batch, start, total, max_ctx)
-            logits = _last_logits(model, out[:, start:t], cache)
+            logits = _last_logits(model, out[:, start:t], t - start, cache, features)
         else:
-            logits = _last_logits(model, out[:, t - 1:t], cache)
+            logits = _last_logits(model, out[:, start:t], 1, cache, features)
 
 
 def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
              sampling: SamplingConfig, *, use_cache: bool = True, stop_ids: int | None = None,
-             on_token: TokenCallback | None = None) -> torch.Tensor:
+             on_token: TokenCallback | None = None, features: TokenFeatures | None = None
+             ) -> torch.Tensor:
     """(B, T0 + n) ids: the prompt followed by n <= max_new_tokens generated tokens.
 
     Context beyond ``model.max_context`` is cropped to its last max_context tokens (uncached:
@@ -83,6 +92,8 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     earlier are padded with it), or when ``on_token``, called with each step's (B,) new ids,
     returns True. A model whose ``new_cache`` returns None is always decoded uncached. The
     model runs in eval mode under inference_mode; its previous mode is restored afterwards.
+    ``features`` builds the per-token inputs the model asks for (``model.token_features``);
+    ``generate_text`` makes them from the tokenizer.
     """
     if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long:
         raise ValueError(f"prompt_ids must be a (B, T) long tensor, got {prompt_ids.dtype} "
@@ -91,6 +102,11 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
         raise AuraError(f"empty prompt: prompt_ids has shape {tuple(prompt_ids.shape)}")
     if max_new_tokens < 0:
         raise AuraError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    features = features or {}
+    missing = set(model.token_features) - set(features)
+    if missing:
+        raise AuraError(f"the model reads token features {sorted(missing)}: pass features= "
+                        "(aura.data.prosody.token_features builds them from the tokenizer)")
     t0 = prompt_ids.size(1)
     # Allocated outside inference_mode so callers get an ordinary tensor they may edit in place.
     out = torch.empty(prompt_ids.size(0), t0 + max_new_tokens, dtype=torch.long,
@@ -102,7 +118,7 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     model.eval()
     try:
         with torch.inference_mode():
-            n = _decode(model, out, t0, sampling, use_cache, stop_ids, on_token)
+            n = _decode(model, out, t0, sampling, use_cache, stop_ids, on_token, features)
     finally:
         model.train(was_training)
     return out[:, :n]
@@ -175,5 +191,6 @@ def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_t
     prompt_ids = torch.as_tensor(ids.astype(np.int64), device=device)[None]
     text = _TextStream(tokenizer, stop, stream)
     generate(model, prompt_ids, max_new_tokens, sampling, use_cache=use_cache,
-             stop_ids=tokenizer.eot_id, on_token=text.push)
+             stop_ids=tokenizer.eot_id, on_token=text.push,
+             features=token_features(model.token_features, tokenizer))
     return text.finish()

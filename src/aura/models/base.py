@@ -40,6 +40,9 @@ class AuraModel(nn.Module):
 
     config: ModelConfig
     grad_checkpoint: bool = False  # recompute each block in backward (set by the trainer)
+    # Per-token features (aura.data.prosody.token_features) the data pipeline computes for this
+    # model and passes to forward by name, e.g. ("prosody",).
+    token_features: tuple[str, ...] = ()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 **state: Any) -> ModelOutput:

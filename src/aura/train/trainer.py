@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from aura.atomic import atomic_write_text
 from aura.config import AuraConfig, config_to_dict
+from aura.data.prosody import token_features
 from aura.data.sampler import BatchSampler, curriculum
 from aura.data.shards import PreparedData
 from aura.errors import AuraError
@@ -103,9 +104,12 @@ class Trainer:
         self.block = t.block_size or cfg.model.block_size
         stages = cfg.data.curriculum
         block_fn = curriculum(stages, self.block) if stages else self.block
-        self.train_batches = BatchSampler(self.data.split("train"), t.batch_size, block_fn, t.seed)
+        features = token_features(self.model.token_features, self.data.tokenizer)
+        self.train_batches = BatchSampler(self.data.split("train"), t.batch_size, block_fn, t.seed,
+                                          features=features)
         val = self.data.splits.get("val")
-        self.val_batches = (BatchSampler(val, t.batch_size, self.block, t.seed + 1)
+        self.val_batches = (BatchSampler(val, t.batch_size, self.block, t.seed + 1,
+                                         features=features)
                             if val is not None and val.n_tokens > self.block else None)
         self.plateau = Plateau(t.plateau_patience, t.early_stop_patience)
         self.state = TrainState()
@@ -158,16 +162,19 @@ class Trainer:
     # --- one step -----------------------------------------------------------------------------
 
     def _micro_batches(self, step: int) -> Any:
-        """(x, y, weight) chunks of the step's batches; after an OOM each batch is split, so the
-        data and the effective batch stay exactly what they were."""
+        """(x, y, features, weight) chunks of the step's batches; after an OOM each batch is
+        split, so the data and the effective batch stay exactly what they were."""
         t = self.cfg.train
+        split = self.state.micro_split
         for micro in range(t.grad_accum):
-            x, y = self.train_batches(step * t.grad_accum + micro)
-            for xc, yc in zip(x.chunk(self.state.micro_split), y.chunk(self.state.micro_split),
-                              strict=True):
+            x, y, feats = self.train_batches.batch(step * t.grad_accum + micro)
+            chunks = {name: f.chunk(split) for name, f in feats.items()}
+            for i, (xc, yc) in enumerate(zip(x.chunk(split), y.chunk(split), strict=True)):
                 weight = xc.size(0) / x.size(0) / t.grad_accum
                 yield (xc.to(self.device, non_blocking=True),
-                       yc.to(self.device, non_blocking=True), weight)
+                       yc.to(self.device, non_blocking=True),
+                       {name: c[i].to(self.device, non_blocking=True)
+                        for name, c in chunks.items()}, weight)
 
     def _step(self, step: int) -> tuple[float, float, dict[str, float]]:
         t = self.cfg.train
@@ -176,9 +183,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
         use_memory = step >= t.memory_warmup_steps
-        for x, y, weight in self._micro_batches(step):
+        for x, y, feats, weight in self._micro_batches(step):
             with self.precision.autocast():
-                out = self.forward(x, y, label_smoothing=t.label_smoothing, use_memory=use_memory)
+                out = self.forward(x, y, label_smoothing=t.label_smoothing, use_memory=use_memory,
+                                   **feats)
             loss = out.loss * weight
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
@@ -226,10 +234,13 @@ class Trainer:
             return None
         self.model.eval()
         losses = []
+        use_memory = self.state.step >= self.cfg.train.memory_warmup_steps
         for i in range(self.cfg.train.eval_iters):
-            x, y = self.val_batches(i)
+            x, y, feats = self.val_batches.batch(i)
+            feats = {name: f.to(self.device) for name, f in feats.items()}
             with self.precision.autocast():
-                out = self.model(x.to(self.device), y.to(self.device))
+                out = self.model(x.to(self.device), y.to(self.device), use_memory=use_memory,
+                                 **feats)
             losses.append(out.loss.float())
         self.model.train()
         return torch.stack(losses).mean().item()
