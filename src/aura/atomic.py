@@ -64,7 +64,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        for f in tmp.iterdir():
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files before their directories
+            if f.is_dir():
+                fsync_dir(f)
+                continue
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if path.exists():
