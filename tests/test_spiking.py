@@ -269,3 +269,45 @@ def test_fp32_under_bf16_autocast_keeps_fp32_scan():
         spikes, mem = LIF(reset="none")(x)
     assert spikes.dtype == mem.dtype == torch.float32
     torch.testing.assert_close(mem, LIF(reset="none")(x)[1])
+
+
+def step_by_step(lif: LIF, x: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused graph: one autograd-tracked ``forward_step`` per step."""
+    out = []
+    for x_t in x:
+        spikes, mem = lif.forward_step(x_t, mem)
+        out.append(spikes)
+    return torch.stack(out), mem
+
+
+@pytest.mark.parametrize("reset", ["soft", "hard"])
+@pytest.mark.parametrize("constant", [False, True], ids=["sequence", "constant"])
+def test_fused_lif_gradients_equal_the_step_by_step_graph(reset: str, constant: bool):
+    torch.manual_seed(9)
+    lif = LIF(beta=0.8, reset=reset, surrogate="atan", learn_beta=True, learn_threshold=True)
+    steps = 12
+    x = (torch.randn(3, 5, dtype=F64) + 0.6) if constant else torch.randn(steps, 3, 5, dtype=F64)
+    mem0 = torch.randn(3, 5, dtype=F64) * 0.5
+    weights = torch.randn(steps, 3, 5, dtype=F64)
+
+    def grads(fused: bool) -> list[torch.Tensor]:
+        lif.zero_grad()
+        xi, mi = x.clone().requires_grad_(), mem0.clone().requires_grad_()
+        inp = xi.expand(steps, *xi.shape) if constant else xi
+        if not fused:
+            spikes, mem = step_by_step(lif, inp, mi)
+            loss = (spikes.sum(0) * weights[0] if constant else spikes * weights).sum()
+        elif constant:
+            counts, mem = lif.forward_constant(xi, steps, mi)
+            loss = (counts * weights[0]).sum()
+        else:
+            spikes, mem = lif(xi, mi)
+            loss = (spikes * weights).sum()
+        (loss + (mem * weights[1]).sum()).backward()
+        return [xi.grad, mi.grad, lif.beta_logit.grad.clone(), lif.threshold.grad.clone(),
+                mem.detach()]
+
+    got, want = grads(True), grads(False)
+    assert want[0].abs().sum() > 0 and want[2] != 0 and want[3] != 0
+    for g, w in zip(got, want, strict=True):  # float64 tensors; the parameters' grads are float32
+        torch.testing.assert_close(g, w, rtol=1e-10 if g.dtype == F64 else 1e-6, atol=1e-12)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aura.nn.spiking import GIF, LIF, firing_rate
+from aura.nn.spiking import GIF, LIF
 
 
 class SNNFeedForward(nn.Module):
@@ -42,18 +42,23 @@ class SNNFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         current = self.fc(x)
-        spikes, _ = self.neuron(current.expand(self.steps, *current.shape))
+        if isinstance(self.neuron, LIF):  # fused: no (steps, ...) copies of input or spikes
+            counts, _ = self.neuron.forward_constant(current, self.steps)
+        else:
+            counts = self.neuron(current.expand(self.steps, *current.shape))[0].sum(0)
         with torch.no_grad():
+            total = counts.sum(dtype=torch.float64)  # exact for any realistic count
             self._metrics = {
-                "firing_rate": firing_rate(spikes),
-                "synops": torch.count_nonzero(spikes) * self.proj.out_features,
+                "firing_rate": (total / (counts.numel() * self.steps)).float(),
+                "synops": (total * self.proj.out_features).to(torch.int64),
                 "macs": torch.tensor(current.numel() * self.fc.in_features, device=x.device),
             }
-        return self.drop(self.proj(spikes.mean(0)))
+        return self.drop(self.proj(counts / self.steps))
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """The last forward's detached ``firing_rate`` (spikes per neuron per step), ``synops``
-        (spike-driven accumulates in ``proj``) and ``macs`` (dense multiply-adds in ``fc``)."""
+        (spike-driven accumulates in ``proj``: spikes x fan-out, a graded GIF spike of level k
+        counting k) and ``macs`` (dense multiply-adds in ``fc``)."""
         if not self._metrics:
             raise RuntimeError("metrics are recorded by forward; call the module first")
         return dict(self._metrics)

@@ -11,9 +11,9 @@ note's "dtype propagation" fix), and float parameters are cast to the input's dt
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -24,7 +24,10 @@ SpikeFn = Callable[[torch.Tensor], torch.Tensor]
 
 def _surrogate(name: str, derivative: Callable[[torch.Tensor, float], torch.Tensor],
                doc: str) -> type[torch.autograd.Function]:
-    """A Heaviside spike whose backward is ``derivative(x, param)``: one shape, many surrogates."""
+    """A Heaviside spike whose backward is ``derivative(x, param)``: one shape, many surrogates.
+
+    The derivative is kept on the class so the fused LIF can apply it without a graph per step.
+    """
 
     class Surrogate(torch.autograd.Function):
         @staticmethod
@@ -38,16 +41,25 @@ def _surrogate(name: str, derivative: Callable[[torch.Tensor, float], torch.Tens
             (x,) = ctx.saved_tensors
             return grad * derivative(x, ctx.param), None
 
+    Surrogate.derivative = staticmethod(derivative)  # type: ignore[attr-defined]
     Surrogate.__name__ = Surrogate.__qualname__ = name
     Surrogate.__doc__ = doc
     return Surrogate
 
 
+def _fast_sigmoid_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
+    return x.abs().mul_(slope).add_(1).square_().reciprocal_()
+
+
+def _atan_grad(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (x * (math.pi / 2 * alpha)).square_().add_(1).reciprocal_().mul_(alpha / 2)
+
+
 FastSigmoid = _surrogate(
-    "FastSigmoid", lambda x, slope: 1 / (1 + slope * x.abs()).square(),
+    "FastSigmoid", _fast_sigmoid_grad,
     "Heaviside forward; backward ``1 / (1 + slope |x|)^2`` (Zenke & Ganguli's SuperSpike).")
 ATan = _surrogate(
-    "ATan", lambda x, a: (a / 2) / (1 + (math.pi / 2 * a * x).square()),
+    "ATan", _atan_grad,
     "Heaviside forward; backward ``alpha/2 / (1 + (pi/2 alpha x)^2)``, the derivative of "
     "``atan(pi/2 alpha x) / pi``: heavier tails than the fast sigmoid.")
 
@@ -60,21 +72,42 @@ def atan(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     return ATan.apply(x, alpha)
 
 
-SURROGATES: dict[str, SpikeFn] = {"fast_sigmoid": fast_sigmoid, "atan": atan}
+@dataclass(frozen=True)
+class NamedSpike:
+    """A registered surrogate with its parameter, callable as ``(x) -> spikes``.
+
+    Unlike an arbitrary callable it exposes ``derivative``, which lets ``LIF`` run all steps in
+    one fused autograd node instead of a graph of small ops per step. A module-level class, so a
+    neuron holding one pickles.
+    """
+
+    function: type[torch.autograd.Function]
+    param: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.apply(x, self.param)
+
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.derivative(x, self.param)  # type: ignore[attr-defined]
+
+
+# name -> (autograd function, parameter name, default value)
+SURROGATES: dict[str, tuple[type[torch.autograd.Function], str, float]] = {
+    "fast_sigmoid": (FastSigmoid, "slope", 25.0), "atan": (ATan, "alpha", 2.0)}
 
 
 def spike_fn(surrogate: str | SpikeFn, **params: float) -> SpikeFn:
-    """``(x) -> spikes`` for a registered surrogate name (with its ``params``) or a callable as is.
-
-    Named ones are ``functools.partial`` objects, not closures, so a neuron pickles.
-    """
+    """``(x) -> spikes`` for a registered surrogate name (with its ``params``), or a callable."""
     if callable(surrogate):
         if params:
             raise ValueError("params apply to named surrogates only")
         return surrogate
     if surrogate not in SURROGATES:
         raise ValueError(f"unknown surrogate {surrogate!r}; known: {sorted(SURROGATES)}")
-    return functools.partial(SURROGATES[surrogate], **params)
+    function, name, default = SURROGATES[surrogate]
+    if set(params) - {name}:
+        raise ValueError(f"surrogate {surrogate!r} takes only {name!r}, got {sorted(params)}")
+    return NamedSpike(function, params.get(name, default))
 
 
 def firing_rate(spikes: torch.Tensor) -> torch.Tensor:
@@ -116,6 +149,95 @@ def leaky_scan(x: torch.Tensor, beta: torch.Tensor, mem: torch.Tensor) -> torch.
     steps = beta ** torch.arange(1, C + 1, device=x.device, dtype=x.dtype)
     out = local + steps[None, :, None] * entering[:, None, :]
     return out.reshape(K * C, *x.shape[1:])[:T]
+
+
+def _lif_run(x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor, thr: torch.Tensor,
+             hard: bool, steps: int | None, keep: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The LIF recurrence on plain tensors: spikes (or, for a constant input held ``steps``
+    steps, the spike count), the final state and, if ``keep``, every pre-reset membrane.
+
+    A handful of whole-tensor ops per step, written into preallocated buffers; no autograd.
+    """
+    T = x.size(0) if steps is None else steps
+    shape = mem.shape
+    h_all = x.new_empty((T, *shape)) if keep else None
+    out = x.new_empty((T, *shape)) if steps is None else x.new_zeros(shape)
+    h = x.new_empty(shape)
+    neg_thr = -thr
+    for t in range(T):
+        if h_all is not None:
+            h = h_all[t]
+        torch.addcmul(x if steps is not None else x[t], mem, beta, out=h)  # beta m + x
+        fired = h > thr
+        if steps is None:
+            spikes = out[t].copy_(fired)
+        else:
+            spikes = fired.to(x.dtype)
+            out.add_(spikes)
+        # the new state never aliases h, which keep may still need
+        mem = torch.where(fired, 0, h) if hard else torch.addcmul(h, spikes, neg_thr)
+    return out, mem, h_all
+
+
+class _FusedLIF(torch.autograd.Function):
+    """Soft- or hard-reset LIF over all steps as one autograd node.
+
+    Forward runs ``_lif_run`` and keeps the pre-reset membranes; backward walks the steps in
+    reverse, exactly the gradient autograd would take through the step-by-step graph (surrogate
+    at each spike, reset detached): ``dL/dh_t = g_t s'(h_t - thr) + dL/dm_t * (1 or 1 - s_t)``,
+    ``dL/dm_{t-1} = beta dL/dh_t``. About a third of the memory traffic of the unfused graph.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor,
+                thr: torch.Tensor, hard: bool, steps: int | None, spike: NamedSpike
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, final, h_all = _lif_run(x, mem, beta, thr, hard, steps, keep=True)
+        ctx.save_for_backward(h_all, mem, beta, thr)
+        ctx.set_materialize_grads(False)  # an unused output (often the state) costs nothing
+        ctx.hard, ctx.steps, ctx.spike = hard, steps, spike
+        return out, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_out: torch.Tensor | None, g_mem: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, ...]:
+        h_all, mem0, beta, thr = ctx.saved_tensors
+        steps, hard = ctx.steps, ctx.hard
+        need_x, need_mem, need_beta, need_thr = ctx.needs_input_grad[:4]
+        carry = torch.zeros_like(mem0) if g_mem is None else g_mem.clone()  # dL/dm_t
+        constant = steps is not None
+        gx = torch.zeros_like(mem0) if constant else torch.empty_like(h_all)
+        g_beta = torch.zeros((), dtype=beta.dtype, device=beta.device) if need_beta else None
+        g_thr = torch.zeros((), dtype=thr.dtype, device=thr.device) if need_thr else None
+        for t in range(h_all.size(0) - 1, -1, -1):
+            h = h_all[t]
+            fired = h > thr if hard or need_thr else None
+            if need_thr and not hard:  # the soft reset subtracts thr where it fired
+                g_thr -= carry[fired].sum()
+            if hard:
+                carry = carry.masked_fill_(fired, 0)
+            if g_out is not None:
+                g_spike = (g_out if constant else g_out[t]) * ctx.spike.derivative(h - thr)
+                if need_thr:
+                    g_thr -= g_spike.sum()
+                gh = carry.add_(g_spike)
+            else:
+                gh = carry
+            if constant:
+                gx.add_(gh)
+            else:
+                gx[t] = gh
+            if need_beta:
+                prev = mem0 if t == 0 else h_all[t - 1]
+                if t > 0:
+                    fired_prev = prev > thr
+                    prev = torch.where(fired_prev, 0, prev) if hard else prev - fired_prev * thr
+                g_beta += (gh * prev).sum()
+            carry = gh.mul_(beta) if constant else gh * beta
+        return (gx if need_x else None, carry if need_mem else None, g_beta, g_thr,
+                None, None, None)
 
 
 def _logit(p: float) -> float:
@@ -182,11 +304,38 @@ class LIF(nn.Module):
             with torch.autocast(x.device.type, enabled=False):  # keep the scan in x's dtype
                 mems = leaky_scan(x, beta, mem0)
             return self.spike(mems - thr), mems[-1]
+        if isinstance(self.spike, NamedSpike):
+            return self._fused(x, mem, None)
         out = []
         for x_t in x:
             spikes, mem = self.forward_step(x_t, mem)
             out.append(spikes)
         return torch.stack(out), mem
+
+    def forward_constant(self, x: torch.Tensor, steps: int, mem: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (B, ...) held for ``steps`` steps -> spike count per neuron (B, ...), final state.
+
+        The same as summing ``forward(x.expand(steps, ...))[0]`` over time, values and gradients,
+        without materialising the repeated input or the per-step spikes.
+        """
+        if self.reset != "none" and isinstance(self.spike, NamedSpike):
+            return self._fused(x, mem, steps)
+        spikes, mem = self(x.expand(steps, *x.shape), mem)
+        return spikes.sum(0), mem
+
+    def _fused(self, x: torch.Tensor, mem: torch.Tensor | None, steps: int | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        beta, thr = self._params(x)
+        mem0 = torch.zeros_like(x if steps is not None else x[0]) if mem is None else (
+            mem.to(x.dtype))
+        hard = self.reset == "hard"
+        with torch.autocast(x.device.type, enabled=False):  # state and spikes in x's dtype
+            if torch.is_grad_enabled() and any(
+                    t.requires_grad for t in (x, mem0, beta, thr)):
+                return _FusedLIF.apply(x, mem0, beta, thr, hard, steps, self.spike)
+            out, final, _ = _lif_run(x, mem0, beta, thr, hard, steps, keep=False)
+            return out, final
 
 
 class GIFState(NamedTuple):
