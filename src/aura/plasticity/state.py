@@ -1,0 +1,77 @@
+"""Saving a learning rule's state: ``DIR/state.safetensors`` (tensors) + ``DIR/state.json``.
+
+The JSON holds a format number, the kind of object, its JSON-able config and the tensor file's
+sha256. The directory is built under a temporary name and renamed into place (a crash leaves the
+old state or the new one), and loading verifies the checksum. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from aura.atomic import atomic_dir
+from aura.data.shards import file_sha256
+from aura.errors import DataError
+
+FORMAT = 1
+TENSORS_FILE, META_FILE = "state.safetensors", "state.json"
+
+
+def save_state(path: str | Path, kind: str, config: dict[str, Any],
+               tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``tensors`` and ``config`` into directory ``path`` atomically.
+
+    Refuses to replace a directory that holds something other than a saved state, so a wrong
+    ``--out`` cannot wipe a user's files.
+    """
+    path = Path(path)
+    ours = (path / META_FILE).is_file() or (path.is_dir() and not any(path.iterdir()))
+    if path.exists() and not ours:
+        raise DataError(f"{path} exists and is not a saved {kind}; not replacing it")
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  str(tmp / TENSORS_FILE))
+        meta = {"format": FORMAT, "kind": kind, "config": config,
+                "sha256": file_sha256(tmp / TENSORS_FILE)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return path
+
+
+def load_state(path: str | Path, kind: str,
+               device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, tensors)`` saved by ``save_state``; DataError if missing, corrupt or not ``kind``."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        config, digest, found = dict(meta["config"]), str(meta["sha256"]), meta["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{path}: missing or corrupt {META_FILE} (not a saved {kind})") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}: unknown state format {meta.get('format')!r}")
+    if found != kind:
+        raise DataError(f"{path} holds a {found}, not a {kind}")
+    tensor_file = path / TENSORS_FILE
+    if not tensor_file.is_file() or file_sha256(tensor_file) != digest:
+        raise DataError(f"{path}: {TENSORS_FILE} is missing, truncated or corrupt")
+    try:
+        tensors = load_file(str(tensor_file), device=str(device))
+    except SafetensorError:
+        raise DataError(f"{path}: {TENSORS_FILE} is not a safetensors file") from None
+    return config, tensors
+
+
+def copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+              what: str) -> None:
+    """Copy each named tensor into its preallocated target; DataError on a missing or wrong one."""
+    for name, target in targets.items():
+        source = tensors.get(name)
+        if source is None or source.shape != target.shape:
+            got = None if source is None else tuple(source.shape)
+            raise DataError(f"{what}: tensor {name!r} is {got}, expected {tuple(target.shape)}")
+        target.copy_(source)

@@ -1,0 +1,301 @@
+"""Spike-timing dependent plasticity: seed 001's token-level rule, batched, and pair-based STDP.
+
+``TokenSTDP(vocab_size, ...)`` keeps one weight per token in ``[w_min, w_max]``.
+``update(token_ids, spikes)`` walks the tokens in row-major order and, for each, adds ``lr_plus``
+to its weight if its salience channels spiked (their sum is > 0) and subtracts ``lr_minus``
+otherwise, clamping after every step; ``modulate(salience, token_ids)`` multiplies salience by
+``max(0, 1 + alpha * w[token])``. That is exactly seed 001's per-token loop, computed for a whole
+batch at once:
+
+- each step is the map ``x -> clamp(x + d, lo, hi)``, and these maps compose in closed form:
+  applying ``(s1, l1, h1)`` then ``(s2, l2, h2)`` is ``(s1 + s2, clamp(l1 + s2, l2, h2),
+  clamp(h1 + s2, l2, h2))``. So a token's repeated occurrences within a batch reduce, in their
+  order, to one such map by a pairwise tree (log2 of the largest repeat count rounds), after a
+  stable sort that groups each token's occurrences;
+- weights live as integers of ``QUANTUM = 2**-24`` (``lr_plus``, ``lr_minus``, ``w_min``,
+  ``w_max`` are snapped to that grid, a relative change below 1e-5 for rates >= 0.01). Integer
+  addition is associative, so the batched result is bit-identical to the sequential loop run
+  with the same (snapped) values, in any order and on any device; float64 ``weights`` are exact.
+
+``PairSTDP(a_plus, a_minus, tau_plus, tau_minus).delta(pre, post)`` is textbook pair-based STDP
+for a spiking layer: spikes ``(T, B, n_pre)`` and ``(T, B, n_post)`` give ``dW (n_post, n_pre)``,
+``+a_plus * exp(-dt / tau_plus)`` for every pre spike ``dt >= 0`` steps before a post spike and
+``-a_minus * exp(-dt / tau_minus)`` for every post spike ``dt > 0`` steps before a pre spike,
+averaged over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from aura.errors import DataError
+from aura.plasticity.state import copy_into, load_state, save_state
+
+QUANTUM_BITS = 24
+QUANTUM = 2.0**-QUANTUM_BITS
+_MAX_ABS_WEIGHT = 2.0**20  # weights and rates: 44-bit integers, exact in float64
+
+
+def _snap(value: float, name: str) -> int:
+    if not math.isfinite(value) or abs(value) > _MAX_ABS_WEIGHT:
+        raise ValueError(f"{name} must be finite and at most {_MAX_ABS_WEIGHT:g} in size, "
+                         f"got {value}")
+    return round(value / QUANTUM)
+
+
+def stable_argsort(keys: torch.Tensor, bound: int) -> torch.Tensor:
+    """Indices that sort ``keys`` (ints in ``[0, bound)``), equal keys kept in input order.
+
+    On the CPU numpy's stable sort of 16-bit keys is a radix sort, ~10x faster than a
+    comparison sort of int64; larger keys take two 16-bit passes (least significant first).
+    """
+    if keys.device.type != "cpu":
+        return torch.sort(keys, stable=True).indices
+    k = keys.numpy()
+    if bound <= 1 << 16:
+        return torch.from_numpy(np.argsort(k.astype(np.uint16), kind="stable"))
+    if bound > 1 << 32:
+        return torch.sort(keys, stable=True).indices
+    order = np.argsort((k & 0xFFFF).astype(np.uint16), kind="stable")
+    order = order[np.argsort((k[order] >> 16).astype(np.uint16), kind="stable")]
+    return torch.from_numpy(order)
+
+
+def _compose_rows(s: torch.Tensor, l: torch.Tensor | None, h: torch.Tensor | None,
+                  cnt: torch.Tensor, lo: int, hi: int,
+                  width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round: lay each segment's maps out in rows of ``width`` and compose every row.
+
+    A segment whose rows start at ``row`` puts its i-th map at ``(row + i // width, i % width)``
+    of a (rows, width) grid, stored column-major: one scatter. Composing the rows is then
+    ``width`` contiguous column-wise vector steps (``width`` is a power of two). The last row
+    of a segment is padded with ``(0, lo, hi)``, the identity on every map of this rule
+    (composed bounds always lie inside ``[lo, hi]``). ``l``, ``h`` None means all maps are
+    ``(s_i, lo, hi)``: the first round, which needs no bound grids at all.
+    """
+    m, shift = s.numel(), width.bit_length() - 1
+    rows = (cnt + width - 1) >> shift
+    n_rows = int(rows.sum())
+    offset = (torch.cumsum(rows, 0) - rows) * width - (torch.cumsum(cnt, 0) - cnt)
+    pos = torch.repeat_interleave(offset, cnt, output_size=m)
+    pos += torch.arange(m, device=s.device)
+    pos = (pos & (width - 1)).mul_(n_rows).add_(pos >> shift)  # (rows, width) -> column-major
+
+    def grid(values: torch.Tensor, pad: int) -> torch.Tensor:
+        g = values.new_full((width * n_rows,), pad).index_put_((pos,), values)
+        return g.view(width, n_rows)
+
+    grid_s = grid(s, 0)
+    acc_s = grid_s[0].clone()
+    if l is None or h is None:
+        acc_l, acc_h = torch.full_like(acc_s, lo), torch.full_like(acc_s, hi)
+        for sj in grid_s[1:]:
+            acc_s += sj
+            acc_l.add_(sj).clamp_(lo, hi)
+            acc_h.add_(sj).clamp_(lo, hi)
+        return acc_s, acc_l, acc_h, rows
+    grid_l, grid_h = grid(l, lo), grid(h, hi)
+    acc_l, acc_h = grid_l[0].clone(), grid_h[0].clone()
+    for sj, lj, hj in zip(grid_s[1:], grid_l[1:], grid_h[1:], strict=True):
+        acc_s += sj
+        acc_l = torch.minimum(torch.maximum(acc_l.add_(sj), lj), hj)
+        acc_h = torch.minimum(torch.maximum(acc_h.add_(sj), lj), hj)
+    return acc_s, acc_l, acc_h, rows
+
+
+def compose_segments(counts: torch.Tensor, d: torch.Tensor, lo: int, hi: int,
+                     width: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per segment of ``d`` (lengths ``counts``), the composition of ``x -> clamp(x + d_i, lo, hi)``
+    in order, as ``(s, l, h)`` meaning ``x -> clamp(x + s, l, h)``; integer inputs, exact.
+
+    ``log_width`` of the longest segment rounds of ``_compose_rows``; segments down to one map
+    leave the working set. The maps are only ever applied to x in ``[min(lo, 0), max(hi, 0)]``
+    (0 is the initial weight), where a shift beyond that span is the same as the span: clamping
+    ``s`` to it after every round keeps the integers small whatever the batch size.
+    """
+    n_seg, span = counts.numel(), max(hi, 0) - min(lo, 0)
+    out = [torch.empty(n_seg, dtype=d.dtype, device=d.device) for _ in range(3)]
+    s, l, h, cnt = _compose_rows(d, None, None, counts, lo, hi, width)
+    s.clamp_(-span, span)
+    ids = torch.arange(n_seg, device=d.device)
+    while True:
+        done = cnt == 1
+        first = (torch.cumsum(cnt, 0) - cnt)[done]
+        for o, v in zip(out, (s, l, h), strict=True):
+            o[ids[done]] = v[first]
+        live = ~done
+        if not bool(live.any()):
+            return out[0], out[1], out[2]
+        keep = torch.repeat_interleave(live, cnt, output_size=s.numel())
+        ids, cnt = ids[live], cnt[live]
+        s, l, h, cnt = _compose_rows(s[keep], l[keep], h[keep], cnt, lo, hi, width)
+        s.clamp_(-span, span)
+
+
+class TokenSTDP:
+    """Per-token STDP weights that scale salience; see the module docstring for the rule.
+
+    ``update`` and ``modulate`` accept token ids of any shape (read in row-major order);
+    ``spikes`` has the same shape (spiked if > 0) or one more trailing dimension of salience
+    channels (spiked if their sum is > 0). ``dtype`` is the dtype of ``modulate``'s factor.
+    """
+
+    def __init__(self, vocab_size: int, *, lr_plus: float = 0.01, lr_minus: float = 0.005,
+                 w_min: float = -1.0, w_max: float = 1.0, alpha: float = 0.2,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        self.vocab_size, self.alpha, self.dtype = vocab_size, float(alpha), dtype
+        self.device = torch.device(device)
+        self.q_plus, self.q_minus = _snap(lr_plus, "lr_plus"), _snap(lr_minus, "lr_minus")
+        self.q_min, self.q_max = _snap(w_min, "w_min"), _snap(w_max, "w_max")
+        if self.q_plus < 0 or self.q_minus < 0:
+            raise ValueError(f"lr_plus and lr_minus must be >= 0, got {lr_plus}, {lr_minus}")
+        if self.q_min > self.q_max:
+            raise ValueError(f"w_min must be <= w_max, got {w_min} > {w_max}")
+        self.q = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
+
+    lr_plus = property(lambda self: self.q_plus * QUANTUM, doc="potentiation step (snapped)")
+    lr_minus = property(lambda self: self.q_minus * QUANTUM, doc="depression step (snapped)")
+    w_min = property(lambda self: self.q_min * QUANTUM, doc="lower bound (snapped)")
+    w_max = property(lambda self: self.q_max * QUANTUM, doc="upper bound (snapped)")
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The weights as floats: exact in float64 (float32 where the device has no float64)."""
+        exact = torch.float32 if self.device.type == "mps" else torch.float64
+        return self.q.to(exact) * QUANTUM
+
+    def _check_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        tok = token_ids.reshape(-1).to(device=self.device, dtype=torch.int64)
+        if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got "
+                             f"[{int(tok.min())}, {int(tok.max())}]")
+        return tok
+
+    def update(self, token_ids: torch.Tensor, spikes: torch.Tensor) -> None:
+        """Potentiate the tokens whose channels spiked, depress the others, one token at a time."""
+        tok = self._check_tokens(token_ids)
+        if spikes.shape == token_ids.shape:
+            spiked = spikes > 0
+        elif spikes.shape[:-1] == token_ids.shape:
+            spiked = spikes.sum(-1) > 0
+        else:
+            raise ValueError(f"spikes {tuple(spikes.shape)} must have token_ids' shape "
+                             f"{tuple(token_ids.shape)}, optionally plus a channel dimension")
+        if tok.numel() == 0:
+            return
+        counts = torch.bincount(tok, minlength=self.vocab_size)
+        uniq = counts.nonzero().squeeze(1)
+        order = stable_argsort(tok, self.vocab_size)
+        d = spiked.reshape(-1).to(self.device)[order].to(torch.int64)
+        d.mul_(self.q_plus + self.q_minus).sub_(self.q_minus)
+        s, lo, hi = compose_segments(counts[uniq], d, self.q_min, self.q_max)
+        self.q[uniq] = torch.minimum(torch.maximum(self.q[uniq] + s, lo), hi)
+
+    def modulate(self, salience: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """``salience * max(0, 1 + alpha * w[token])``, elementwise over ``token_ids``' shape."""
+        tok = self._check_tokens(token_ids)
+        exact = torch.float32 if self.device.type == "mps" else torch.float64
+        w = (self.q[tok].to(exact) * QUANTUM).to(self.dtype).reshape(token_ids.shape)
+        factor = (w * self.alpha + 1.0).clamp_min_(0.0)
+        return salience * factor.to(salience.device)
+
+    def config(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "lr_plus": self.lr_plus,
+                "lr_minus": self.lr_minus, "w_min": self.w_min, "w_max": self.w_max,
+                "alpha": self.alpha, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"weights_q": self.q}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Weights must lie in the range the rule can produce, [min(w_min, 0), max(w_max, 0)]."""
+        copy_into({"weights_q": self.q}, tensors, "TokenSTDP state")
+        if self.q.numel() and (int(self.q.min()) < min(self.q_min, 0)
+                               or int(self.q.max()) > max(self.q_max, 0)):
+            self.q.zero_()
+            raise DataError("TokenSTDP state: weights outside [min(w_min, 0), max(w_max, 0)]")
+
+    def save(self, path: Any) -> Any:
+        return save_state(path, "TokenSTDP", self.config(), self.state_dict())
+
+    @classmethod
+    def load(cls, path: Any, device: torch.device | str = "cpu") -> TokenSTDP:
+        config, tensors = load_state(path, "TokenSTDP", device)
+        return cls.from_state(config, tensors, device)
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   device: torch.device | str = "cpu") -> TokenSTDP:
+        config = dict(config)
+        config["dtype"] = getattr(torch, config.get("dtype", "float32"))
+        stdp = cls(**config, device=device)
+        stdp.load_state_dict(tensors)
+        return stdp
+
+
+class PairSTDP:
+    """Pair-based STDP with exponential pre/post traces, all-to-all pairing, batched.
+
+    The pre trace includes the current step (simultaneous spikes potentiate); the post trace is
+    strictly earlier, so no pair counts twice. Time is cut into chunks whose traces come from a
+    (chunk x chunk) decay matrix in one matmul, carried across chunks: linear in ``T``.
+    """
+
+    def __init__(self, a_plus: float = 0.01, a_minus: float = 0.0105, tau_plus: float = 20.0,
+                 tau_minus: float = 20.0, chunk: int = 128):
+        if tau_plus <= 0 or tau_minus <= 0:
+            raise ValueError(f"time constants must be positive, got {tau_plus}, {tau_minus}")
+        self.a_plus, self.a_minus = a_plus, a_minus
+        self.tau_plus, self.tau_minus, self.chunk = tau_plus, tau_minus, chunk
+
+    def _kernel(self, n: int, tau: float, strict: bool, like: torch.Tensor) -> torch.Tensor:
+        t = torch.arange(n, device=like.device, dtype=like.dtype)
+        lag = t[:, None] - t[None, :]
+        mask = lag > 0 if strict else lag >= 0
+        return torch.where(mask, torch.exp(-lag / tau), torch.zeros((), dtype=like.dtype,
+                                                                     device=like.device))
+
+    def delta(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        """``dW (n_post, n_pre)`` for spikes ``pre (T, B, n_pre)``, ``post (T, B, n_post)``."""
+        if pre.dim() != 3 or post.dim() != 3 or pre.shape[:2] != post.shape[:2]:
+            raise ValueError(f"pre {tuple(pre.shape)} and post {tuple(post.shape)} must be "
+                             "(T, B, n) with the same T and B")
+        dtype = torch.promote_types(pre.dtype, torch.float32)
+        pre, post = pre.to(dtype), post.to(dtype)
+        n_steps, batch, n_pre = pre.shape
+        n_post = post.shape[2]
+        x_carry = pre.new_zeros(batch * n_pre)
+        y_carry = pre.new_zeros(batch * n_post)
+        dw = pre.new_zeros(n_post, n_pre)
+        for c0 in range(0, n_steps, self.chunk):
+            p, q = pre[c0:c0 + self.chunk], post[c0:c0 + self.chunk]
+            n = p.shape[0]
+            k_plus = self._kernel(n, self.tau_plus, False, p)
+            k_minus = self._kernel(n, self.tau_minus, True, p)
+            steps = torch.arange(n, device=p.device, dtype=dtype)
+            x = k_plus @ p.reshape(n, -1) + torch.outer(torch.exp(-steps / self.tau_plus),
+                                                         x_carry)
+            y = k_minus @ q.reshape(n, -1) + torch.outer(torch.exp(-steps / self.tau_minus),
+                                                          y_carry)
+            q_rows, p_rows = q.reshape(n * batch, n_post), p.reshape(n * batch, n_pre)
+            dw += self.a_plus * (q_rows.T @ x.reshape(n * batch, n_pre))
+            dw -= self.a_minus * (y.reshape(n * batch, n_post).T @ p_rows)
+            x_carry = x[-1] * math.exp(-1 / self.tau_plus)
+            y_carry = (y[-1] + q[-1].reshape(-1)) * math.exp(-1 / self.tau_minus)
+        return dw / batch
+
+    def apply_(self, weight: torch.Tensor, pre: torch.Tensor, post: torch.Tensor,
+               lr: float = 1.0, w_min: float | None = None,
+               w_max: float | None = None) -> torch.Tensor:
+        """Add ``lr * delta(pre, post)`` to ``weight (n_post, n_pre)`` in place, then clamp."""
+        with torch.no_grad():
+            weight.add_(self.delta(pre, post).to(weight.dtype), alpha=lr)
+            if w_min is not None or w_max is not None:
+                weight.clamp_(w_min, w_max)
+        return weight
