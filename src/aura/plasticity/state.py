@@ -43,9 +43,10 @@ def save_state(path: str | Path, kind: str, config: dict[str, Any],
     return path
 
 
-def load_state(path: str | Path, kind: str,
-               device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(config, tensors)`` saved by ``save_state``; DataError if missing, corrupt or not ``kind``."""
+def load_state(path: str | Path, kind: str, device: torch.device | str = "cpu"
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, tensors)`` written by ``save_state``; DataError if missing, corrupt or not
+    a ``kind``."""
     path = Path(path)
     try:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))

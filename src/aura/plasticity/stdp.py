@@ -65,7 +65,7 @@ def stable_argsort(keys: torch.Tensor, bound: int) -> torch.Tensor:
     return torch.from_numpy(order)
 
 
-def _compose_rows(s: torch.Tensor, l: torch.Tensor | None, h: torch.Tensor | None,
+def _compose_rows(s: torch.Tensor, low: torch.Tensor | None, high: torch.Tensor | None,
                   cnt: torch.Tensor, lo: int, hi: int,
                   width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One round: lay each segment's maps out in rows of ``width`` and compose every row.
@@ -74,7 +74,7 @@ def _compose_rows(s: torch.Tensor, l: torch.Tensor | None, h: torch.Tensor | Non
     of a (rows, width) grid, stored column-major: one scatter. Composing the rows is then
     ``width`` contiguous column-wise vector steps (``width`` is a power of two). The last row
     of a segment is padded with ``(0, lo, hi)``, the identity on every map of this rule
-    (composed bounds always lie inside ``[lo, hi]``). ``l``, ``h`` None means all maps are
+    (composed bounds always lie inside ``[lo, hi]``). ``low``, ``high`` None means all maps are
     ``(s_i, lo, hi)``: the first round, which needs no bound grids at all.
     """
     m, shift = s.numel(), width.bit_length() - 1
@@ -91,14 +91,14 @@ def _compose_rows(s: torch.Tensor, l: torch.Tensor | None, h: torch.Tensor | Non
 
     grid_s = grid(s, 0)
     acc_s = grid_s[0].clone()
-    if l is None or h is None:
+    if low is None or high is None:
         acc_l, acc_h = torch.full_like(acc_s, lo), torch.full_like(acc_s, hi)
         for sj in grid_s[1:]:
             acc_s += sj
             acc_l.add_(sj).clamp_(lo, hi)
             acc_h.add_(sj).clamp_(lo, hi)
         return acc_s, acc_l, acc_h, rows
-    grid_l, grid_h = grid(l, lo), grid(h, hi)
+    grid_l, grid_h = grid(low, lo), grid(high, hi)
     acc_l, acc_h = grid_l[0].clone(), grid_h[0].clone()
     for sj, lj, hj in zip(grid_s[1:], grid_l[1:], grid_h[1:], strict=True):
         acc_s += sj
@@ -110,7 +110,7 @@ def _compose_rows(s: torch.Tensor, l: torch.Tensor | None, h: torch.Tensor | Non
 def compose_segments(counts: torch.Tensor, d: torch.Tensor, lo: int, hi: int,
                      width: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per segment of ``d`` (lengths ``counts``), the composition of ``x -> clamp(x + d_i, lo, hi)``
-    in order, as ``(s, l, h)`` meaning ``x -> clamp(x + s, l, h)``; integer inputs, exact.
+    in order, as ``(s, low, high)`` meaning ``x -> clamp(x + s, low, high)``; integer inputs, exact.
 
     ``log_width`` of the longest segment rounds of ``_compose_rows``; segments down to one map
     leave the working set. The maps are only ever applied to x in ``[min(lo, 0), max(hi, 0)]``
@@ -119,20 +119,20 @@ def compose_segments(counts: torch.Tensor, d: torch.Tensor, lo: int, hi: int,
     """
     n_seg, span = counts.numel(), max(hi, 0) - min(lo, 0)
     out = [torch.empty(n_seg, dtype=d.dtype, device=d.device) for _ in range(3)]
-    s, l, h, cnt = _compose_rows(d, None, None, counts, lo, hi, width)
+    s, low, high, cnt = _compose_rows(d, None, None, counts, lo, hi, width)
     s.clamp_(-span, span)
     ids = torch.arange(n_seg, device=d.device)
     while True:
         done = cnt == 1
         first = (torch.cumsum(cnt, 0) - cnt)[done]
-        for o, v in zip(out, (s, l, h), strict=True):
+        for o, v in zip(out, (s, low, high), strict=True):
             o[ids[done]] = v[first]
         live = ~done
         if not bool(live.any()):
             return out[0], out[1], out[2]
         keep = torch.repeat_interleave(live, cnt, output_size=s.numel())
         ids, cnt = ids[live], cnt[live]
-        s, l, h, cnt = _compose_rows(s[keep], l[keep], h[keep], cnt, lo, hi, width)
+        s, low, high, cnt = _compose_rows(s[keep], low[keep], high[keep], cnt, lo, hi, width)
         s.clamp_(-span, span)
 
 
