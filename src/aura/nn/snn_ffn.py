@@ -6,11 +6,13 @@ tokens are run at once, as (steps, B, T, hidden), so the only Python loop is the
 the steps inside the neuron. Surrogate gradients carry the loss back through the spikes to ``fc``.
 
 The projection is fed by spikes, so on neuromorphic hardware it costs one accumulate per spike per
-output (synaptic operations), while ``fc`` stays a dense matmul: ``metrics()`` reports both, so an
-energy estimate can be made later without rerunning the model.
+output (synaptic operations), while ``fc`` stays a dense matmul: ``metrics()`` reports both, and
+``energy_ops()`` hands them to ``aura.eval.energy``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,3 +64,14 @@ class SNNFeedForward(nn.Module):
         if not self._metrics:
             raise RuntimeError("metrics are recorded by forward; call the module first")
         return dict(self._metrics)
+
+    def energy_ops(self) -> list[dict[str, Any]]:
+        """The last forward's operations for ``aura.eval.energy``: ``fc`` is a dense matmul (MACs),
+        ``proj`` is driven by the spikes (``synops`` accumulates, since ``proj(mean_t s_t) =
+        mean_t proj(s_t)``); the neurons' membrane updates are element-wise and not counted."""
+        m = self.metrics()
+        macs = int(m["macs"])
+        tokens = macs // (self.fc.in_features * self.fc.out_features)
+        return [{"name": "fc", "kind": "linear", "ops": macs, "spike_input": False},
+                {"name": "proj", "kind": "linear", "ops": int(m["synops"]), "spike_input": True,
+                 "dense_macs": tokens * self.proj.in_features * self.proj.out_features}]

@@ -283,6 +283,11 @@ class LIF(nn.Module):
         beta = None if self.beta_logit is None else torch.sigmoid(self.beta_logit)
         return cast(beta, self._beta), cast(self.threshold, self._threshold)
 
+    def energy_ops(self) -> list[dict[str, Any]]:
+        """Nothing for ``aura.eval.energy``: membrane updates are element-wise, not synaptic
+        (without this, the reset-free scan's small Toeplitz matmuls would count as MACs)."""
+        return []
+
     def forward_step(self, x: torch.Tensor, mem: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step: (B, ...) input and state (None: zeros) -> spikes, new state."""
@@ -370,6 +375,10 @@ class GIF(nn.Module):
         self.beta, self.threshold, self.max_level = beta, threshold, max_level
         self.adapt_decay, self.adapt_scale = adapt_decay, adapt_scale
         self.spike = spike_fn(surrogate)
+
+    def energy_ops(self) -> list[dict[str, Any]]:
+        """Nothing for ``aura.eval.energy``: neuron updates are element-wise, not synaptic."""
+        return []
 
     def threshold_of(self, state: GIFState) -> torch.Tensor:
         """The threshold the next step will use."""
