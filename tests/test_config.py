@@ -53,7 +53,7 @@ def _error(**kwargs: Any) -> str:
 def test_presets_are_listed_in_order() -> None:
     assert list(PRESETS) == [
         "demo", "cpu-small", "m1-8gb", "gpu-4gb", "l4-24gb", "a100-40gb", "a100-80gb",
-        "bdh-ref", "bdh-cpu",
+        "bdh-ref", "bdh-cpu", "snn-rag-cpu", "snn-rag",
     ]
     assert all(p.description for p in PRESETS.values())
 

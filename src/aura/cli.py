@@ -336,6 +336,47 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_plot)
 
 
+# --- aura memory -----------------------------------------------------------------------------
+
+
+def _cmd_memory_build(args: argparse.Namespace) -> int:
+    from aura.data.shards import PreparedData
+    from aura.models.snn_rag import build_memory
+    from aura.train.checkpoint import load_for_inference, replace_memory
+    from aura.train.device import pick_device
+
+    loaded = load_for_inference(args.run, pick_device(args.device))
+    data = PreparedData.open(args.data, expect_tokenizer_hash=loaded.tokenizer.hash)
+    n = build_memory(loaded.model, data.split(args.split), args.max_chunks, args.batch_size)
+    replace_memory(loaded.path, loaded.model)
+    report = {"checkpoint": str(loaded.path), "split": args.split, "entries": n,
+              "banks": sorted(loaded.model.memory_stores())}
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{loaded.path}: {n:,} entries from the {args.split} split of {args.data} "
+              f"in each of {len(report['banks'])} bank(s)")
+    return EXIT_OK
+
+
+def _add_memory(sub: argparse._SubParsersAction) -> None:
+    mem = sub.add_parser("memory", help="build a model's memory bank from prepared data")
+    msub = mem.add_subparsers(dest="memory_cmd", required=True, parser_class=_Parser)
+    b = msub.add_parser(
+        "build", help="refill the bank of a run's best checkpoint from a prepared corpus",
+        description="Encode non-overlapping windows of a prepared split with the model itself "
+        "(in corpus order, spread evenly when the bank cannot hold them all) and save the bank "
+        "into the checkpoint, replacing the one training left there.")
+    b.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    b.add_argument("--data", required=True, metavar="DIR", help="prepared data (same tokenizer)")
+    b.add_argument("--split", default="train", choices=["train", "val"])
+    b.add_argument("--max-chunks", type=int, help="entries per bank (default: its capacity)")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_memory_build)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -348,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_config(sub)
     _add_run_commands(sub)
+    _add_memory(sub)
     return parser
 
 

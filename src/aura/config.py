@@ -45,6 +45,10 @@ class ModelConfig:
     ffn: Literal["mlp", "snn"] = "mlp"  # the block's feed-forward; "snn" = SNNFeedForward
     snn_steps: int = 4  # time steps the "snn" feed-forward integrates each token over
 
+    def problems(self) -> list[str]:
+        """What a model-specific config finds wrong with its own values (one line each)."""
+        return []
+
 
 @dataclass
 class DataConfig:
@@ -151,6 +155,15 @@ def _bdh(n_embd: int, mlp_multiplier: int, block_size: int) -> dict[str, Any]:
     }
 
 
+def _snn_rag(n_layer: int, n_head: int, n_embd: int, block_size: int, memory_layers: list[int],
+             dropout: float = 0.0) -> dict[str, Any]:
+    return {
+        "model.name": "snn_rag",  # first: it selects the model section's config class
+        **_model(n_layer, n_head, n_embd, block_size, dropout),
+        "model.memory_layers": memory_layers,
+    }
+
+
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
         "GPT on Shakespeare characters, a couple of minutes on a laptop CPU",
@@ -242,6 +255,31 @@ PRESETS: dict[str, Preset] = {
             "train.lr": 1e-3,
             "train.warmup_steps": 100,
             "data.dir": "data/shakespeare-byte",
+        },
+    ),
+    "snn-rag-cpu": Preset(
+        "Spiking FFNs + a chunk-memory read in block 2, small enough for minutes on a CPU: "
+        "chars, 4 x 128, block 128, a 2048-entry bank of 16-token chunks",
+        {
+            **_snn_rag(4, 4, 128, 128, memory_layers=[2]),
+            "model.memory_capacity": 2048,
+            "train.batch_size": 8,
+            "train.max_steps": 1000,
+            "train.lr": 1e-3,
+            "train.warmup_steps": 100,
+            "data.dir": "data/shakespeare-char",
+        },
+    ),
+    "snn-rag": Preset(
+        "SNN-RAG at seed 002's scale: 12 x 768, 16 heads, block 512, memory reads in blocks 6 "
+        "and 10 (16k entries of 64-token chunks each); the l4-24gb training recipe",
+        {
+            **_GPU_LARGE,
+            **_snn_rag(12, 16, 768, 512, memory_layers=[6, 10], dropout=0.1),
+            "model.memory_capacity": 16384,
+            "model.memory_chunk": 64,
+            "train.batch_size": 8,
+            "train.grad_accum": 16,
         },
     ),
 }
@@ -487,6 +525,8 @@ def validate_config(cfg: AuraConfig) -> None:
         m.n_embd % m.n_head == 0,
         f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})",
     )
+    for problem in m.problems():
+        _check(False, problem)
     if t.block_size is not None:
         _check(
             0 < t.block_size <= m.block_size,

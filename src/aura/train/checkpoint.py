@@ -261,3 +261,23 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> 
     model = build_model(config.model)
     _load_weights(model, ckpt, device)
     return Loaded(model.to(device).eval(), tokenizer, config, meta, ckpt)
+
+
+def replace_memory(path: Path, model: nn.Module) -> None:
+    """Rewrite checkpoint ``path`` with ``model``'s episodic stores as they are now (e.g. a bank
+    rebuilt by ``aura memory build``), every other file unchanged, the sha256s in meta.json
+    updated. Built under a temporary name and renamed into place, like ``save_checkpoint``."""
+    meta = verify_checkpoint(path)
+    with atomic_dir(path) as tmp:
+        for item in path.iterdir():
+            if item.name in (MEMORY_DIR, META_FILE):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        for name, store in _memory_stores(model).items():
+            store.save(tmp / MEMORY_DIR / name)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        meta["files"] = {name: file_sha256(tmp / name) for name in files}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))

@@ -1,0 +1,267 @@
+"""`snn_rag`: a spiking transformer that retrieves from a memory bank of its own training text.
+
+Seed 002's SNNRAGTransformer on Aura's engine: gpt's pre-LN decoder (learned positions, tied head,
+the same init) whose feed-forwards are ``SNNFeedForward`` (spike rates instead of GELU) and whose
+``memory_layers`` also hold a ``MemoryCrossAttention`` between self-attention and the FFN:
+
+    x = x + attn(ln1(x));  x = x + memory(ln_m(x));  x = x + ffn(ln2(x))
+
+Each memory layer owns an ``EpisodicStore`` of chunk encodings (the mean of its own normalised
+input over ``memory_chunk`` tokens, detached): the model encodes its corpus itself.
+
+Causality. A forward never reads an entry built from the text it is processing:
+
+- Training: each forward queues its chunk encodings and writes them at the start of the *next*
+  forward (``flush_memory``), so the bank a batch reads holds only earlier batches. A gradient-
+  checkpointing recompute re-queues the same entries (it replaces, never adds) and reads the same
+  bank, since nothing is written between a forward and its backward.
+- Evaluation and generation never write: the bank is read-only there, so a cached decode reads
+  exactly what the uncached re-run reads, and no prefix of the current context is ever in it.
+  (Within ``block_size`` self-attention already sees the whole context exactly; writing its chunks
+  back would add no information, only a way to read positions out of order.)
+- ``build_memory`` fills the bank from a prepared split window by window in corpus order, each
+  window reading only the windows before it; entries carry their corpus offset in ``source_pos``
+  (training-time entries carry the store step they were written at).
+
+What this does not exclude: with random training windows, a batch may retrieve the encoding of an
+overlapping window written by an earlier batch, i.e. text that lies after the current position in
+the corpus. Validation loss is immune (validation documents are never written to the bank), so a
+train/val gap larger than gpt's is the symptom to watch. Excluding it exactly needs each window's
+corpus offset at training time (a data-pipeline change): with it, ``max_source_pos`` per query
+would hide every entry past the query's own corpus position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from aura.config import ModelConfig, register_model_config
+from aura.data.shards import SplitData
+from aura.errors import AuraError, ConfigError, DataError
+from aura.memory.store import EpisodicStore
+from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
+from aura.models.gpt import GPT, MLP
+from aura.nn.attention import CausalSelfAttention, KVCache
+from aura.nn.memory_attention import MemoryCrossAttention
+from aura.nn.snn_ffn import SNNFeedForward
+
+
+@dataclass
+class SNNRAGConfig(ModelConfig):
+    name: str = "snn_rag"
+    ffn: Literal["mlp", "snn"] = "snn"  # "mlp": the retrieval without the spikes (an ablation)
+    snn_steps: int = 4
+    neuron: Literal["lif", "gif"] = "lif"  # the spiking FFN's neuron
+    memory_layers: list[int] = field(default_factory=lambda: [-2])  # blocks with a memory read
+    memory_capacity: int = 4096  # entries per memory layer's bank
+    memory_top_k: int = 4  # entries each token attends over
+    memory_chunk: int = 16  # tokens per entry (a window shorter than this writes none)
+    memory_decay: float = 0.03  # strength lost per write step (seed 002's rate)
+
+    def problems(self) -> list[str]:
+        n, out = self.n_layer, []
+        bad = [i for i in self.memory_layers if not -n <= i < n]
+        if bad:
+            out.append(f"model.memory_layers {bad} out of range for model.n_layer={n}")
+        for key in ("memory_capacity", "memory_top_k", "memory_chunk"):
+            if getattr(self, key) < 1:
+                out.append(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.memory_decay < 1:
+            out.append(f"model.memory_decay must be in [0, 1), got {self.memory_decay}")
+        return out
+
+    def memory_layer_indices(self) -> list[int]:
+        """``memory_layers`` as sorted distinct indices in [0, n_layer) (negatives count from
+        the top, as in Python)."""
+        return sorted({i % self.n_layer for i in self.memory_layers})
+
+
+register_model_config("snn_rag", SNNRAGConfig)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: SNNRAGConfig, layer: int, store: EpisodicStore | None):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias, layer)
+        self.ln_m = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if store is not None else None
+        self.memory = (MemoryCrossAttention(cfg.n_embd, cfg.n_head, store, cfg.memory_top_k,
+                                            cfg.memory_chunk, cfg.dropout, cfg.bias)
+                       if store is not None else None)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp: MLP | SNNFeedForward
+        if cfg.ffn == "snn":
+            self.mlp = SNNFeedForward(cfg.n_embd, 4 * cfg.n_embd, cfg.snn_steps, cfg.neuron,
+                                      cfg.dropout, cfg.bias)
+        else:
+            self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, use_memory: bool, remember: bool,
+                source_pos: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache)
+        if self.memory is not None and self.ln_m is not None:
+            h = self.ln_m(x)
+            if remember:
+                self.memory.remember(h, source_pos)
+            if use_memory:
+                x = x + self.memory(h)
+        return x + self.mlp(self.ln2(x))
+
+
+@register_model("snn_rag")
+class SNNRAG(AuraModel):
+    def __init__(self, config: SNNRAGConfig):
+        super().__init__()
+        assert config.vocab_size is not None
+        problems = config.problems()
+        if problems:
+            raise ConfigError(problems[0])
+        self.config = config
+        self.memory_layers = config.memory_layer_indices()
+        stores = {i: EpisodicStore(config.n_embd, config.n_embd, config.memory_capacity,
+                                   config.memory_decay) for i in self.memory_layers}
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i, stores.get(i)) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.apply(GPT._init)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, residual_std)
+        for memory in self._memories():
+            memory.reset_memory_parameters()
+
+    def _memories(self) -> list[MemoryCrossAttention]:
+        return [b.memory for b in self.blocks if b.memory is not None]
+
+    def memory_stores(self) -> dict[str, EpisodicStore]:
+        """The banks by layer; queued writes are applied first, so a checkpoint holds what the
+        next forward would read."""
+        self.flush_memory()
+        return {f"layer{i}": self.blocks[i].memory.store for i in self.memory_layers}
+
+    def flush_memory(self) -> None:
+        """Write every memory layer's queued chunk encodings (from the previous training
+        forward, or from ``build_memory``) into its bank."""
+        for memory in self._memories():
+            memory.flush()
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.wte.weight
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, min(max_len, c.block_size),
+                       c.n_embd // c.n_head, p.device, p.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, label_smoothing: float = 0.0,
+                last_only: bool = False, use_memory: bool = True, remember: bool | None = None,
+                memory_pos: torch.Tensor | None = None, **state: Any) -> ModelOutput:
+        """``use_memory=False`` skips every read; ``remember`` (default: training without a
+        cache) queues this input's chunks for the bank; ``memory_pos`` (B,) are the windows'
+        corpus offsets, stored as each chunk's ``source_pos`` (its last token's offset)."""
+        self.flush_memory()
+        if remember is None:
+            remember = self.training and cache is None
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        source_pos = None
+        if memory_pos is not None:
+            L = self.config.memory_chunk
+            ends = torch.arange(1, T // L + 1, device=idx.device) * L - 1
+            source_pos = memory_pos.to(idx.device).view(B, 1) + ends
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.blocks:
+            if self.grad_checkpoint and self.training and cache is None:
+                x = checkpoint(block, x, None, use_memory, remember, source_pos,
+                               use_reentrant=False)
+            else:
+                x = block(x, cache, use_memory, remember, source_pos)
+        if cache is not None:
+            cache.pos += T
+        x = self.ln_f(x)
+        aux = self._aux(use_memory)
+        if targets is None:
+            return ModelOutput(self.lm_head(x[:, -1:] if last_only else x), None, aux)
+        logits = self.lm_head(x)
+        loss = lm_loss(logits, targets, label_smoothing)
+        return ModelOutput(logits, loss, {"ce": loss.detach(), **aux})
+
+    def _aux(self, read: bool) -> dict[str, torch.Tensor]:
+        """Spike rate of the FFNs; per-bank fill, and when the banks were read, the mean gate,
+        the mean best retrieval score and the fraction of top-k slots filled."""
+        aux: dict[str, torch.Tensor] = {}
+        if self.config.ffn == "snn":
+            rates = [b.mlp.metrics()["firing_rate"] for b in self.blocks]
+            aux["firing_rate"] = torch.stack(rates).mean()
+        memories = self._memories()
+        if not memories:
+            return aux
+        aux["mem_fill"] = torch.stack([(m.store.ids >= 0).float().mean() for m in memories]).mean()
+        if read:
+            stats = [m.metrics() for m in memories]
+            for key in ("gate", "top_score", "hit_rate"):
+                aux[f"mem_{key}"] = torch.stack([s[key] for s in stats]).mean()
+        return aux
+
+
+@torch.no_grad()
+def build_memory(model: AuraModel, split: SplitData, max_chunks: int | None = None,
+                 batch_size: int = 8) -> int:
+    """Refill ``model``'s banks from a prepared split, encoded by the model itself.
+
+    Non-overlapping ``block_size`` windows, evenly spread over the split when more than
+    ``max_chunks`` (default and at most: the bank's capacity) entries would fit, run in corpus
+    order with memory reads on, each batch's chunks written before the next batch runs: the
+    bank a window reads holds only windows before it. Returns the entries written per bank.
+    """
+    if not isinstance(model, SNNRAG):
+        raise AuraError(f"model {model.config.name!r} has no chunk memory to build")
+    if (max_chunks is not None and max_chunks < 1) or batch_size < 1:
+        raise AuraError(f"max_chunks and batch_size must be >= 1, got {max_chunks}, {batch_size}")
+    cfg = model.config
+    T, L = cfg.block_size, cfg.memory_chunk
+    if T < L:
+        raise AuraError(f"model.block_size {T} is shorter than one memory chunk ({L} tokens)")
+    per_window = T // L
+    budget = min(max_chunks or cfg.memory_capacity, cfg.memory_capacity)
+    starts = np.cumsum([0] + [sh.n_tokens for sh in split.shards])
+    windows = [(s, off, int(starts[s]) + off) for s, sh in enumerate(split.shards)
+               for off in range(0, sh.n_tokens - T + 1, T)]
+    if not windows:
+        raise DataError(f"{split.name} split: no shard holds block_size = {T} tokens")
+    wanted = max(1, budget // per_window)
+    if len(windows) > wanted:
+        picks = np.unique(np.linspace(0, len(windows) - 1, wanted).round().astype(int))
+        windows = [windows[i] for i in picks]
+    was_training = model.training
+    model.eval()
+    for store in model.memory_stores().values():
+        store.clear()
+    device = model.wte.weight.device
+    maps = split.maps
+    try:
+        for i in range(0, len(windows), batch_size):
+            batch = windows[i:i + batch_size]
+            x = torch.from_numpy(np.stack([maps[s][off:off + T] for s, off, _ in batch])
+                                 .astype(np.int64)).to(device)
+            where = torch.tensor([g for _, _, g in batch], device=device)
+            model(x, remember=True, memory_pos=where)
+            model.flush_memory()
+    finally:
+        model.train(was_training)
+    return min(len(windows) * per_window, cfg.memory_capacity)

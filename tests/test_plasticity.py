@@ -1,0 +1,344 @@
+"""aura.plasticity: token STDP bit-identical to seed 001's loop, textbook pair STDP, whitening
+to identity covariance, batched Oja/GHA finding known components and growing to their number."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aura.errors import DataError
+from aura.plasticity import OjaLayer, OnlineWhitener, PairSTDP, TokenSTDP
+from aura.plasticity.stdp import QUANTUM
+
+
+def seed_loop(stdp: TokenSTDP, batches: list[tuple[list[int], list[bool], list[float]]]
+              ) -> tuple[dict[int, float], list[np.ndarray]]:
+    """Seed 001's rule, verbatim in spirit: a dict of floats, one token at a time."""
+    weights: dict[int, float] = {}
+    modulated = []
+    for tokens, spiked, sal in batches:
+        for i, tok in enumerate(tokens):
+            prev = weights.get(tok, 0.0)
+            delta = stdp.lr_plus if spiked[i] else -stdp.lr_minus
+            weights[tok] = float(np.clip(prev + delta, stdp.w_min, stdp.w_max))
+        mod = np.ones(len(tokens), dtype=np.float64)
+        for i, tok in enumerate(tokens):
+            mod[i] = max(0.0, 1.0 + stdp.alpha * weights.get(tok, 0.0))
+        modulated.append(np.asarray(sal, dtype=np.float64) * mod)
+    return weights, modulated
+
+
+def run_batched(stdp: TokenSTDP, batches: list[tuple[list[int], list[bool], list[float]]]
+                ) -> list[np.ndarray]:
+    out = []
+    for tokens, spiked, sal in batches:
+        tok = torch.tensor(tokens, dtype=torch.long)
+        stdp.update(tok, torch.tensor(spiked, dtype=torch.bool))
+        out.append(stdp.modulate(torch.tensor(sal, dtype=torch.float64), tok).numpy())
+    return out
+
+
+def assert_same_as_loop(stdp: TokenSTDP, batches: list) -> None:
+    ref_w, ref_mod = seed_loop(stdp, batches)
+    got_mod = run_batched(stdp, batches)
+    expected = torch.zeros(stdp.vocab_size, dtype=torch.float64)
+    for tok, w in ref_w.items():
+        expected[tok] = w
+    assert torch.equal(stdp.weights, expected), (stdp.weights, expected)
+    for a, b in zip(got_mod, ref_mod, strict=True):
+        assert np.array_equal(a, b)
+
+
+rates = st.sampled_from([0.01, 0.05, 0.1, 0.125, 0.3, 0.7])
+
+
+@given(data=st.data(), vocab=st.integers(1, 6), lr_plus=rates, lr_minus=rates,
+       w_min=st.sampled_from([-1.0, -0.3, 0.0, 0.2]), width=st.sampled_from([0.1, 0.5, 1.5]),
+       alpha=st.sampled_from([0.2, 1.0, 4.0]))
+def test_token_stdp_is_bit_identical_to_the_sequential_loop(data, vocab, lr_plus, lr_minus,
+                                                             w_min, width, alpha) -> None:
+    """Many repeats of few tokens, bounds hit often, several batches: same bits as the loop."""
+    stdp = TokenSTDP(vocab, lr_plus=lr_plus, lr_minus=lr_minus, w_min=w_min,
+                     w_max=w_min + width, alpha=alpha, dtype=torch.float64)
+    batches = []
+    for _ in range(data.draw(st.integers(1, 3))):
+        n = data.draw(st.integers(0, 120))
+        tokens = data.draw(st.lists(st.integers(0, vocab - 1), min_size=n, max_size=n))
+        spiked = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+        sal = data.draw(st.lists(st.floats(0, 10), min_size=n, max_size=n))
+        batches.append((tokens, spiked, sal))
+    assert_same_as_loop(stdp, batches)
+
+
+@pytest.mark.parametrize("vocab", [3, 70_000])
+def test_token_stdp_long_runs_and_large_vocabularies(vocab: int) -> None:
+    """Runs of thousands of one token (several composition rounds) and ids past 2**16."""
+    rng = np.random.default_rng(vocab)
+    ids = rng.choice([0, 1, 2, vocab - 1], size=6000, p=[0.6, 0.25, 0.1, 0.05])
+    spiked = rng.random(6000) < rng.random(6000)
+    stdp = TokenSTDP(vocab, lr_plus=0.013, lr_minus=0.011, w_min=-0.2, w_max=0.4,
+                     dtype=torch.float64)
+    batch = (ids.tolist(), spiked.tolist(), rng.random(6000).tolist())
+    assert_same_as_loop(stdp, [batch])
+    walk, clamped = {}, 0  # the bounds did matter: the unclamped walk leaves them
+    for tok, spike in zip(batch[0], batch[1], strict=True):
+        walk[tok] = walk.get(tok, 0.0) + (stdp.lr_plus if spike else -stdp.lr_minus)
+        clamped += not stdp.w_min <= walk[tok] <= stdp.w_max
+    assert clamped > 100
+
+
+def test_token_stdp_reads_2d_batches_row_major_and_sums_channels() -> None:
+    tokens = torch.tensor([[4, 4, 1], [4, 2, 1]])
+    channels = torch.tensor([[[1, 0, 0], [0, 0, 0], [0, 2, -3]],
+                             [[0, 0, 1], [0, 0, 0], [1, 1, 0]]], dtype=torch.float32)
+    a = TokenSTDP(5, lr_plus=0.5, lr_minus=0.25, w_min=-0.5, w_max=1.0)
+    a.update(tokens, channels)
+    b = TokenSTDP(5, lr_plus=0.5, lr_minus=0.25, w_min=-0.5, w_max=1.0)
+    flat_spikes = torch.tensor([True, False, False, True, False, True])  # sum > 0 per token
+    b.update(tokens.reshape(-1), flat_spikes)
+    assert torch.equal(a.weights, b.weights)
+    # token 4: +0.5, -0.25, +0.5; token 1: -0.25 (1 + 2 - 3 = 0 did not spike), +0.5
+    assert a.weights.tolist() == [0.0, 0.25, -0.25, 0.0, 0.75]
+    sal = torch.ones(2, 3)
+    assert a.modulate(sal, tokens).shape == (2, 3)
+
+
+def test_token_stdp_modulation_is_clamped_at_zero_and_rates_are_snapped() -> None:
+    stdp = TokenSTDP(3, lr_plus=0.01, lr_minus=0.3, w_min=-1.0, w_max=1.0, alpha=5.0)
+    assert abs(stdp.lr_plus - 0.01) <= QUANTUM / 2 and stdp.lr_plus / QUANTUM == round(
+        stdp.lr_plus / QUANTUM)
+    stdp.update(torch.tensor([1, 1, 1, 1]), torch.zeros(4))
+    assert stdp.weights[1].item() == -1.0
+    out = stdp.modulate(torch.tensor([2.0, 2.0]), torch.tensor([1, 0]))
+    assert out.tolist() == [0.0, 2.0]
+
+
+def test_token_stdp_rejects_bad_input() -> None:
+    stdp = TokenSTDP(10)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        stdp.update(torch.tensor([3, 10]), torch.ones(2))
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        stdp.modulate(torch.ones(1), torch.tensor([-1]))
+    with pytest.raises(ValueError, match="spikes"):
+        stdp.update(torch.tensor([1, 2]), torch.ones(3))
+    with pytest.raises(ValueError, match="w_min"):
+        TokenSTDP(10, w_min=1.0, w_max=0.0)
+    stdp.update(torch.tensor([], dtype=torch.long), torch.tensor([]))
+    assert stdp.weights.abs().sum().item() == 0.0
+
+
+def test_token_stdp_saves_and_loads(tmp_path: Path) -> None:
+    stdp = TokenSTDP(50, lr_plus=0.02, alpha=0.5)
+    stdp.update(torch.randint(0, 50, (400,), generator=torch.Generator().manual_seed(0)),
+                torch.rand(400, generator=torch.Generator().manual_seed(1)) > 0.4)
+    stdp.save(tmp_path / "stdp")
+    back = TokenSTDP.load(tmp_path / "stdp")
+    assert torch.equal(back.weights, stdp.weights)
+    assert back.config() == stdp.config()
+    (tmp_path / "stdp" / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="corrupt"):
+        TokenSTDP.load(tmp_path / "stdp")
+    with pytest.raises(DataError, match="not a saved"):
+        stdp.save(tmp_path)  # a directory with other things in it is never replaced
+
+
+# --- pair STDP ---------------------------------------------------------------------------------
+
+
+def spike_pair(t_pre: int, t_post: int, steps: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    pre, post = torch.zeros(steps, 1, 1), torch.zeros(steps, 1, 1)
+    pre[t_pre], post[t_post] = 1.0, 1.0
+    return pre, post
+
+
+def test_pair_stdp_textbook_window() -> None:
+    """Pre before post potentiates, post before pre depresses, both decaying as exp(-dt/tau)."""
+    rule = PairSTDP(a_plus=0.01, a_minus=0.012, tau_plus=10.0, tau_minus=20.0, chunk=16)
+    for dt in (0, 1, 5, 17, 30):
+        ltp = rule.delta(*spike_pair(10, 10 + dt)).item()
+        assert ltp == pytest.approx(0.01 * math.exp(-dt / 10.0), rel=1e-5)
+    for dt in (1, 5, 17, 30):
+        ltd = rule.delta(*spike_pair(10 + dt, 10)).item()
+        assert ltd == pytest.approx(-0.012 * math.exp(-dt / 20.0), rel=1e-5)
+
+
+def test_pair_stdp_matches_all_pairs_and_is_chunk_independent() -> None:
+    g = torch.Generator().manual_seed(0)
+    pre = (torch.rand(50, 3, 4, generator=g) < 0.2).float()
+    post = (torch.rand(50, 3, 2, generator=g) < 0.2).float()
+    rule = PairSTDP(a_plus=0.02, a_minus=0.01, tau_plus=7.0, tau_minus=11.0, chunk=8)
+    expected = torch.zeros(2, 4, dtype=torch.float64)
+    for tp, b, i in pre.nonzero().tolist():
+        for tq, b2, j in post.nonzero().tolist():
+            if b != b2:
+                continue
+            if tq >= tp:
+                expected[j, i] += 0.02 * math.exp(-(tq - tp) / 7.0)
+            else:
+                expected[j, i] -= 0.01 * math.exp(-(tp - tq) / 11.0)
+    expected /= 3
+    got = rule.delta(pre, post)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+    whole = PairSTDP(a_plus=0.02, a_minus=0.01, tau_plus=7.0, tau_minus=11.0, chunk=1000)
+    torch.testing.assert_close(whole.delta(pre, post), got, rtol=1e-5, atol=1e-7)
+    w = torch.zeros(2, 4)
+    rule.apply_(w, pre, post, lr=100.0, w_min=-0.05, w_max=0.05)
+    assert bool((w.abs() <= torch.tensor(0.05)).all()) and w.abs().max().item() > 0.04
+    with pytest.raises(ValueError, match="same T and B"):
+        rule.delta(pre, post[:10])
+
+
+# --- whitening ---------------------------------------------------------------------------------
+
+
+def correlated(n: int, dim: int, seed: int, shift: float = 3.0) -> torch.Tensor:
+    g, fixed = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(99)
+    rotation = torch.linalg.qr(torch.randn(dim, dim, generator=fixed)).Q
+    mixing = rotation * torch.linspace(0.3, 5.0, dim)  # condition number ~280 in variance
+    return torch.randn(n, dim, generator=g) @ mixing.T + shift
+
+
+@pytest.mark.parametrize("mode", ["zca", "pca"])
+def test_whitened_data_has_identity_covariance(mode: str) -> None:
+    dim = 16
+    wh = OnlineWhitener(dim, momentum=0.9, mode=mode)
+    for i in range(40):
+        wh.update(correlated(1024, dim, seed=i))
+    z = wh.transform(correlated(20_000, dim, seed=1000))
+    cov = torch.cov(z.T.double())
+    assert (cov - torch.eye(dim, dtype=torch.float64)).abs().max().item() < 0.08
+    assert z.mean(0).abs().max().item() < 0.05
+    if mode == "zca":
+        torch.testing.assert_close(wh.matrix, wh.matrix.T, atol=1e-4, rtol=1e-4)
+    pca = OnlineWhitener(dim, mode="pca", n_components=4, eps=1.0)
+    pca.update(correlated(4096, dim, seed=5))
+    var = pca.transform(correlated(4096, dim, seed=6)).var(0)
+    assert var.shape == (4,) and bool((var[:-1] >= var[1:] - 0.02).all())
+
+
+def test_whitener_mixes_batches_as_one_mixture_and_never_reallocates() -> None:
+    wh = OnlineWhitener(3, momentum=0.75, dtype=torch.float64)
+    a = torch.randn(100, 3, dtype=torch.float64)
+    b = torch.randn(50, 3, dtype=torch.float64) * 2 + 5
+    wh.update(a)
+    buffers = [t.data_ptr() for t in (wh.mean, wh.cov, wh._centered)]
+    wh.update(b)
+    wh.transform(b)
+    wh.update(a[:60])
+    wh.update(b)  # smaller batches than the first reuse its buffer
+    assert [t.data_ptr() for t in (wh.mean, wh.cov, wh._centered)] == buffers
+    fresh = OnlineWhitener(3, momentum=0.75, dtype=torch.float64)
+    fresh.update(a)
+    fresh.update(b)
+    ca, cb = torch.cov(a.T, correction=0), torch.cov(b.T, correction=0)
+    ma, mb = a.mean(0), b.mean(0)
+    mean = 0.75 * ma + 0.25 * mb
+    cov = 0.75 * ca + 0.25 * cb + 0.75 * 0.25 * torch.outer(ma - mb, ma - mb)
+    torch.testing.assert_close(fresh.mean, mean)
+    torch.testing.assert_close(fresh.cov, cov)
+
+
+def test_whitener_saves_loads_and_rejects_bad_batches(tmp_path: Path) -> None:
+    wh = OnlineWhitener(8, mode="pca", n_components=3)
+    with pytest.raises(RuntimeError, match="before any update"):
+        wh.transform(torch.zeros(1, 8))
+    wh.update(correlated(500, 8, seed=1))
+    x = correlated(10, 8, seed=2)
+    wh.save(tmp_path / "wh")
+    back = OnlineWhitener.load(tmp_path / "wh")
+    torch.testing.assert_close(back.transform(x), wh.transform(x))
+    with pytest.raises(ValueError, match=r"\(N, 8\)"):
+        wh.update(torch.zeros(4, 7))
+    with pytest.raises(ValueError, match="n_components"):
+        OnlineWhitener(8, mode="zca", n_components=3)
+    with pytest.raises(DataError, match="holds a OnlineWhitener"):
+        OjaLayer.load(tmp_path / "wh")
+
+
+# --- Oja ---------------------------------------------------------------------------------------
+
+
+def known_components(n_strong: int = 5, dim: int = 32, noise: float = 0.05, seed: int = 0):
+    """A sampler of data with ``n_strong`` known orthonormal directions of decreasing variance."""
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(7))).Q
+    stds = torch.linspace(3.0, 1.3, n_strong)
+    g = torch.Generator().manual_seed(seed)
+
+    def sample(n: int) -> torch.Tensor:
+        z = torch.randn(n, n_strong, generator=g) * stds
+        return z @ basis[:, :n_strong].T + noise * torch.randn(n, dim, generator=g)
+
+    return basis[:, :n_strong].T.contiguous(), sample
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Angles between the row spaces of ``a`` and ``b``, in radians."""
+    qa = torch.linalg.qr(a.double().T).Q
+    qb = torch.linalg.qr(b.double().T).Q
+    return torch.arccos(torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0))
+
+
+def test_oja_finds_known_components_and_grows_to_their_number(caplog) -> None:
+    truth, sample = known_components()
+    oja = OjaLayer(32, max_components=12, init_components=1, lr=0.02, grow_threshold=0.05,
+                   patience=15)
+    with caplog.at_level(logging.INFO, logger="aura.plasticity.oja"):
+        for _ in range(500):
+            out = oja.step(sample(256))
+    assert oja.k == 5 and out["components"] == 5
+    assert [e["components"] for e in oja.events] == [2, 3, 4, 5]
+    assert all(e["residual"] > 0.05 for e in oja.events)
+    assert sum("grew to" in r.message for r in caplog.records) == 4
+    assert out["residual_ema"] < 0.05
+    assert principal_angles(oja.components, truth).max().item() < 0.05
+    cosines = (oja.components @ truth.T).abs().diagonal()  # GHA: each in order, up to sign
+    assert cosines.min().item() > 0.99
+
+
+def test_oja_subspace_rule_finds_the_subspace() -> None:
+    truth, sample = known_components(n_strong=4, dim=20, noise=0.02, seed=3)
+    oja = OjaLayer(20, max_components=4, init_components=4, lr=0.02, rule="subspace")
+    for _ in range(300):
+        oja.step(sample(256))
+    assert principal_angles(oja.components, truth).max().item() < 0.05
+    gram = oja.components @ oja.components.T
+    torch.testing.assert_close(gram, torch.eye(4), atol=0.02, rtol=0)
+
+
+def test_oja_batch_step_is_the_mean_of_per_sample_updates_and_residual_is_exact() -> None:
+    oja = OjaLayer(6, max_components=3, init_components=3, lr=0.1, dtype=torch.float64)
+    w0 = oja.components.clone()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    out = oja.step(x)
+    updates = []
+    for xi in x:
+        y = w0 @ xi
+        updates.append(torch.outer(y, xi) - torch.tril(torch.outer(y, y)) @ w0)
+    torch.testing.assert_close(oja.components, w0 + 0.1 * torch.stack(updates).mean(0))
+    recon = (x @ w0.T) @ w0
+    expected = ((x - recon) ** 2).sum() / (x**2).sum()
+    assert out["residual"] == pytest.approx(expected.item(), rel=1e-9)
+    assert out["y"].shape == (9, 3)
+
+
+def test_oja_saves_and_resumes_identically(tmp_path: Path) -> None:
+    _, sample = known_components(seed=4)
+    batches = [sample(64) for _ in range(60)]
+    a = OjaLayer(32, max_components=8, lr=0.02, grow_threshold=0.05, patience=5)
+    for x in batches[:30]:
+        a.step(x)
+    a.save(tmp_path / "oja")
+    b = OjaLayer.load(tmp_path / "oja")
+    for x in batches[30:]:
+        ra, rb = a.step(x), b.step(x)
+        assert ra["residual"] == rb["residual"] and ra["grew"] == rb["grew"]
+    assert torch.equal(a.components, b.components) and a.events == b.events
+    with pytest.raises(ValueError, match=r"\(N, 32\)"):
+        a.step(torch.zeros(0, 32))
