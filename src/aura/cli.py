@@ -377,6 +377,58 @@ def _add_memory(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_cmd_memory_build)
 
 
+# --- aura learn ------------------------------------------------------------------------------
+
+
+def _cmd_learn(args: argparse.Namespace) -> int:
+    from aura.learn.service import LearnOptions, learn, summary_dict
+
+    opts = LearnOptions(
+        watch=Path(args.watch), state=Path(args.state) if args.state else None,
+        model=Path(args.model) if args.model else None, once=args.once, interval=args.interval,
+        settle=args.settle, glob=args.glob, save_every=args.save_every,
+        save_seconds=args.save_seconds, max_file_mb=args.max_file_mb,
+        warmup_sweeps=args.warmup_sweeps, warmup_samples=args.warmup_samples,
+        train_steps=args.train_steps, lr=args.lr, device=args.device, seed=args.seed,
+        progress=not args.json, step_delay=args.step_delay,
+    )
+    summary = learn(opts)
+    if args.json:
+        _print_json(summary_dict(summary))
+    else:
+        print(summary.describe())
+    return EXIT_OK
+
+
+def _add_learn(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "learn", help="learn continuously from the text files of a directory",
+        description="Learn each new or changed text file under DIR exactly once (token "
+        "statistics, STDP, Oja; a model's episodic memories and optional gradient steps), "
+        "surviving crashes. Polls every --interval seconds until SIGINT/SIGTERM, or --once.",
+    )
+    p.add_argument("--watch", required=True, metavar="DIR")
+    p.add_argument("--once", action="store_true", help="one pass over DIR, then exit")
+    p.add_argument("--state", metavar="STATE_DIR", help="default: DIR/.aura-learn")
+    p.add_argument("--model", metavar="RUN_DIR", help="a run or checkpoint (never written to)")
+    p.add_argument("--glob", default="*.txt", help="file pattern (recursive; hidden files never)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between passes")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="seconds a file must be unmodified before a watching pass reads it")
+    p.add_argument("--save-every", type=int, default=100, help="files learned between saves")
+    p.add_argument("--save-seconds", type=float, default=60.0, help="or seconds between saves")
+    p.add_argument("--max-file-mb", type=float, default=256.0, help="larger files are skipped")
+    p.add_argument("--warmup-sweeps", type=int, default=0, help="seed 001: 3")
+    p.add_argument("--warmup-samples", type=int, default=2000, help="samples per sweep")
+    p.add_argument("--train-steps", type=int, default=0, help="gradient steps per file (--model)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of those steps")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_learn)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -389,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_config(sub)
     _add_run_commands(sub)
+    _add_learn(sub)
     _add_memory(sub)
     return parser
 

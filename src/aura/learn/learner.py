@@ -1,0 +1,434 @@
+"""What the service applies to each text: local plasticity, episodic memories, optional gradients.
+
+``Learner`` is the small interface the service knows (apply a text, evaluate held-out texts,
+save and load its state, say what it is). ``PlasticLearner`` is the real one. A text is cut into
+windows (the model's block size, else 256 tokens) and processed a chunk of 16 windows at a time;
+everything a chunk learns is in place before the next chunk is measured:
+
+* **Tokens** come from the model's tokenizer with ``--model``, else the byte tokenizer.
+* **Surprise** of each token, in bits: ``-log2 p(token | preceding tokens of its window)`` under
+  the model, or without one ``-log2 p(token)`` under the add-one token frequencies learned so
+  far (frequency-based novelty). The frequencies are state too; their held-out surprise is the
+  validation metric without a model.
+* **Salience spikes**, three channels standing in for seed 001's amplitude, pitch and boundary:
+  *novelty* (surprise above its running mean, an EMA over windows kept in the state),
+  *boundary* (the token ends a sentence or paragraph) and *affect* (VADER arousal >= 0.5), the
+  last two from ``aura.data.prosody``. A token whose channels spiked is potentiated by
+  ``TokenSTDP``, the others depressed (seed 001 10: lr+ 0.01, lr- 0.005, w in [-1, 1]).
+* **Salience** = surprise / running mean, scaled by the STDP weight (``modulate``, alpha 0.2):
+  tokens that keep spiking become more salient.
+* **Oja** (GHA with neurogenesis) over one feature vector per window, whitened online: the mean
+  final hidden state under a model, else hashed token-bigram frequencies (64 buckets). Its
+  residual is how much of a text's content the learned components do not explain.
+* **Episodic memories** (a model exposing ``memory_stores()``): each window's most salient
+  positions, key and value the final hidden state there, importance the salience,
+  ``source_pos`` the service-wide token position.
+* **Gradient steps** (``train_steps > 0``): AdamW (clip 1.0) on random windows of the text,
+  seeded by its content hash, so a text learned again after a crash gets the same steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from aura.data.prosody import FEATURES, PARAGRAPH, SENTENCE_END, Prosody
+from aura.data.sampler import compute_features
+from aura.data.tokenizers import ByteTokenizer, Tokenizer, split_pieces
+from aura.errors import ConfigError, DataError
+from aura.plasticity import OjaLayer, OnlineWhitener, TokenSTDP
+
+PIECE_CHARS = 1 << 20  # text tokenised at once: bounds the tokenizer's memory
+LEARNER_FILE, MODEL_FILE, OPTIM_FILE = (
+    "learner.safetensors", "model.safetensors", "optimizer.safetensors")
+STDP_DIR, WHITENER_DIR, OJA_DIR, MEMORY_DIR = "stdp", "whitener", "oja", "memory"
+EMA_BETA = 0.05  # weight of one window's mean surprise in the running mean (the spike threshold)
+HASH_DIM = 64  # hashed token-bigram features per window: Oja's input without a model
+AROUSAL = FEATURES.index("arousal")
+
+
+class Learner(Protocol):
+    """What the service needs from whatever learns from the texts."""
+
+    tokenizer: Tokenizer
+
+    def apply(self, text: str, key: str, *, warmup: bool = False) -> dict[str, float]:
+        """Learn from ``text``; ``key`` (its content hash) seeds anything random. Warmup passes
+        train the local rules only. Returns per-text statistics, ``tokens`` among them.
+        A text that cannot be learned raises ``DataError`` before anything changes."""
+        ...
+
+    def evaluate(self, texts: Sequence[str]) -> dict[str, float]:
+        """Held-out metrics; changes no state."""
+        ...
+
+    def plastic_weights(self) -> dict[str, torch.Tensor]:
+        """The weights warmup is meant to settle; their change per sweep is reported."""
+        ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+    def identity(self) -> dict[str, Any]:
+        """What a saved state must match to be continued (tokenizer, sizes, model)."""
+        ...
+
+
+@dataclass
+class LearnerConfig:
+    window: int = 256  # tokens per window without a model (a model uses its block size)
+    chunk_windows: int = 16  # windows per forward pass / per local-learning update
+    memories_per_window: int = 4
+    train_steps: int = 0  # gradient steps per file
+    train_batch: int = 4
+    lr: float = 1e-4
+    seed: int = 1337
+
+
+def _key_seed(key: str, seed: int) -> int:
+    """A 63-bit seed from a content hash (or any string) and the run's seed."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class _Hidden:
+    """The model's final hidden states of the last forward, captured by a hook (None when the
+    model has no ``ln_f`` or ``lm_head`` module to hook)."""
+
+    def __init__(self, model: nn.Module):
+        self.value: torch.Tensor | None = None
+        ln_f, head = getattr(model, "ln_f", None), getattr(model, "lm_head", None)
+        if isinstance(ln_f, nn.Module):
+            ln_f.register_forward_hook(self._output)
+        elif isinstance(head, nn.Module):
+            head.register_forward_pre_hook(self._input)
+        self.available = isinstance(ln_f, nn.Module) or isinstance(head, nn.Module)
+
+    def _output(self, _m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        self.value = out.detach()
+
+    def _input(self, _m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.value = args[0].detach()
+
+
+class PlasticLearner:
+    """Token statistics, STDP on salience spikes, Oja on window features (+ a model's memories
+    and gradient steps); see the module docstring."""
+
+    def __init__(self, tokenizer: Tokenizer | None = None, model: nn.Module | None = None,
+                 model_id: dict[str, Any] | None = None, cfg: LearnerConfig | None = None,
+                 device: torch.device | str = "cpu"):
+        self.cfg = cfg or LearnerConfig()
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.model, self.model_id = model, model_id
+        self.device = torch.device(device)
+        self.vocab = self.tokenizer.vocab_size
+        self.window = self.cfg.window
+        if model is not None:
+            model_vocab = getattr(getattr(model, "config", None), "vocab_size", self.vocab)
+            self.vocab = max(self.vocab, model_vocab)
+            self.window = int(getattr(model, "max_context", None) or self.cfg.window)
+        self.counts = torch.zeros(self.vocab, dtype=torch.float64)
+        self.surprise_ema = torch.full((1,), math.log2(self.vocab), dtype=torch.float64)
+        self.position = torch.zeros(1, dtype=torch.int64)  # tokens learned, service-wide
+        self.stores = self._stores()
+        self.features = self._features()
+        self.hidden = _Hidden(model) if model is not None else None
+        hidden_dim = self._hidden_dim()
+        self.feature_kind = "hidden_mean" if hidden_dim else "bigrams"
+        dim = hidden_dim or HASH_DIM
+        self.prosody = Prosody.from_tokenizer(self.tokenizer)
+        self.stdp = TokenSTDP(self.vocab, lr_plus=0.01, lr_minus=0.005, alpha=0.2)
+        self.whitener = OnlineWhitener(dim, eps=1.0)  # eps ~1 keeps the variances' order
+        self.oja = OjaLayer(dim, min(16, dim), grow_threshold=0.5, seed=self.cfg.seed)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.model_changed = False  # weights differ from the run's: saved with the state
+        self.optim_tensors: dict[str, torch.Tensor] = {}  # kept across a session not training
+        if model is not None and self.cfg.train_steps > 0:
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr)
+
+    @torch.no_grad()
+    def _hidden_dim(self) -> int | None:
+        """Width of the model's final hidden states (one tiny forward), None without them."""
+        if self.model is None or self.hidden is None or not self.hidden.available:
+            return None
+        x = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        self.model(x, **compute_features(self.features, x))
+        return None if self.hidden.value is None else int(self.hidden.value.shape[-1])
+
+    def _stores(self) -> dict[str, Any]:
+        stores = getattr(self.model, "memory_stores", None)
+        return dict(stores()) if callable(stores) else {}
+
+    def _features(self) -> dict[str, Any]:
+        names = getattr(self.model, "token_features", ()) if self.model is not None else ()
+        if not names:
+            return {}
+        from aura.data.prosody import token_features
+
+        return token_features(tuple(names), self.tokenizer)
+
+    def identity(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer.hash, "vocab": self.vocab, "window": self.window,
+                "features": [self.feature_kind, self.whitener.dim], "model": self.model_id,
+                "memory": sorted(self.stores)}
+
+    # --- learning ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> torch.Tensor:
+        parts = [self.tokenizer.encode(p) for p in split_pieces(text, PIECE_CHARS)]
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return torch.from_numpy(ids.astype(np.int64))
+
+    def apply(self, text: str, key: str, *, warmup: bool = False) -> dict[str, float]:
+        ids = self.encode(text)
+        n = ids.numel()
+        if n and int(ids.max()) >= self.vocab:
+            raise DataError(f"token id {int(ids.max())} is outside the model's vocabulary")
+        chunk = self.window * self.cfg.chunk_windows
+        bits_sum, spiked, memories, residual, windows, grew = 0.0, 0, 0, 0.0, 0, 0
+        for start in range(0, n, chunk):
+            part = ids[start:start + chunk]
+            bits, hidden = self._surprise(part)
+            spikes = self._spikes(part, bits)
+            self.stdp.update(part, spikes)
+            salience = self.stdp.modulate((bits / self.surprise_ema).float(), part)
+            feats = self._window_features(part, hidden)
+            self.whitener.update(feats)
+            out = self.oja.step(self.whitener.transform(feats))
+            if hidden is not None and self.stores and not warmup:
+                memories += self._memorize(part, salience, hidden)
+            self.counts += torch.bincount(part, minlength=self.vocab).double()
+            self._update_ema(bits)
+            self.position += part.numel()
+            bits_sum += float(bits.sum())
+            spiked += int((spikes.sum(1) > 0).sum())
+            residual += out["residual"] * feats.shape[0]
+            windows += feats.shape[0]
+            grew += int(out["grew"])
+        stats = {"tokens": float(n), "surprise_bits": bits_sum / max(n, 1),
+                 "spike_rate": spiked / max(n, 1), "oja_residual": residual / max(windows, 1),
+                 "oja_components": float(self.oja.k), "oja_grew": float(grew)}
+        if self.stores and not warmup:
+            stats["memories"] = float(memories)
+        if self.optimizer is not None and not warmup and n >= 2:
+            stats["train_loss"] = self._train(ids, key)
+        return stats
+
+    def _update_ema(self, bits: torch.Tensor) -> None:
+        """The running mean surprise after one EMA step per window, in closed form."""
+        means = torch.stack([w.mean() for w in bits.split(self.window)])
+        decay = (1 - EMA_BETA) ** torch.arange(len(means) - 1, -1, -1, dtype=torch.float64)
+        self.surprise_ema.mul_((1 - EMA_BETA) ** len(means)).add_(EMA_BETA * (decay * means).sum())
+
+    def _spikes(self, ids: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """(T, 3) salience channels: novelty, boundary, affect (see the module docstring)."""
+        prosody = torch.from_numpy(self.prosody(ids.numpy()[None])[0])
+        boundary = (prosody[:, SENTENCE_END] > 0) | (prosody[:, PARAGRAPH] > 0)
+        return torch.stack([bits > self.surprise_ema, boundary, prosody[:, AROUSAL] >= 0.5],
+                           dim=1).float()
+
+    def _window_features(self, ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        """One vector per window: the mean hidden state, or hashed bigram frequencies."""
+        if hidden is not None and self.feature_kind == "hidden_mean":
+            return torch.stack([h.mean(0) for h in hidden.split(self.window)])
+        n_win = (ids.numel() + self.window - 1) // self.window
+        pair = (ids[:-1] * 1000003 + ids[1:] * 8191) % HASH_DIM
+        win = torch.arange(1, ids.numel()) // self.window
+        feats = torch.zeros(n_win * HASH_DIM).index_add_(
+            0, win * HASH_DIM + pair, torch.ones(pair.numel()))
+        feats = feats.view(n_win, HASH_DIM)
+        return feats / feats.sum(1, keepdim=True).clamp(min=1.0)
+
+    def _unigram_bits(self, ids: torch.Tensor) -> torch.Tensor:
+        total = self.counts.sum() + self.vocab
+        return -torch.log2((self.counts[ids] + 1.0) / total)
+
+    @torch.no_grad()
+    def _surprise(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bits per token (float64) and, with a model, its final hidden states (T, D) or None.
+
+        Under a model the first token of each window has no context: it keeps its unigram bits.
+        """
+        bits = self._unigram_bits(ids)
+        if self.model is None:
+            return bits, None
+        full = ids.numel() // self.window * self.window
+        groups = [g for g in (ids[:full].view(-1, self.window), ids[full:][None]) if g.numel()]
+        hidden, off = [], 0
+        for g in groups:
+            x = g.to(self.device)
+            logits = self.model(x, **compute_features(self.features, x)).logits
+            if x.shape[1] > 1:
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                nll = -logp.gather(2, x[:, 1:, None]).squeeze(2).double().cpu() / math.log(2)
+                bits.view(-1)[off:off + g.numel()].view_as(g)[:, 1:] = nll
+            if self.hidden is not None and self.hidden.value is not None:
+                hidden.append(self.hidden.value.float().cpu().reshape(g.numel(), -1))
+            off += g.numel()
+        return bits, (torch.cat(hidden) if len(hidden) == len(groups) else None)
+
+    def _memorize(self, ids: torch.Tensor, salience: torch.Tensor, hidden: torch.Tensor) -> int:
+        """Write each window's most salient positions into every store whose sizes fit."""
+        fits = [s for s in self.stores.values()
+                if s.dim_key == hidden.shape[1] and s.dim_value == hidden.shape[1]]
+        if not fits:
+            return 0
+        written, base = 0, int(self.position)
+        for off in range(0, ids.numel(), self.window):
+            w = salience[off:off + self.window]
+            top = torch.topk(w, min(self.cfg.memories_per_window, w.numel())).indices + off
+            for store in fits:
+                store.write(hidden[top], hidden[top], salience[top], step=base + off,
+                            source_pos=base + top)
+            written += top.numel()
+        return written
+
+    def _train(self, ids: torch.Tensor, key: str) -> float:
+        """``train_steps`` AdamW steps on random windows of this text, seeded by ``key``."""
+        assert self.model is not None and self.optimizer is not None
+        gen = torch.Generator().manual_seed(_key_seed(key, self.cfg.seed))
+        torch.manual_seed(_key_seed(key, self.cfg.seed + 1))  # dropout
+        size = min(self.window, ids.numel() - 1)
+        self.model.train()
+        losses = []
+        for _ in range(self.cfg.train_steps):
+            starts = torch.randint(0, ids.numel() - size, (self.cfg.train_batch,), generator=gen)
+            x = torch.stack([ids[s:s + size] for s in starts.tolist()]).to(self.device)
+            y = torch.stack([ids[s + 1:s + 1 + size] for s in starts.tolist()]).to(self.device)
+            out = self.model(x, y, **compute_features(self.features, x))
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            losses.append(out.loss.item())
+        self.model_changed = True
+        self.model.eval()
+        return sum(losses) / len(losses)
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, texts: Sequence[str]) -> dict[str, float]:
+        """Held-out unigram bits/token, model bits/token (with a model) and the fraction of the
+        whitened window features Oja's components leave unexplained."""
+        bits = model_bits = 0.0
+        n = model_n = 0
+        feats = []
+        for text in texts:
+            ids = self.encode(text)
+            if not ids.numel():
+                continue
+            bits += float(self._unigram_bits(ids).sum())
+            n += ids.numel()
+            under_model, hidden = self._surprise(ids)
+            if self.model is not None:
+                in_context = torch.arange(ids.numel()) % self.window != 0
+                model_bits += float(under_model[in_context].sum())
+                model_n += int(in_context.sum())
+            feats.append(self._window_features(ids, hidden))
+        out = {"unigram_bits": bits / max(n, 1)}
+        if self.model is not None:
+            out["model_bits"] = model_bits / max(model_n, 1)
+        if feats and self.whitener.steps:
+            z = self.whitener.transform(torch.cat(feats))
+            w = self.oja.components
+            energy = float(z.square().sum())
+            lost = float((z - (z @ w.T) @ w).square().sum())
+            out["oja_residual"] = lost / energy if energy > 0 else 0.0
+        return out
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The learner's own tensors; the rules save theirs in their own directories."""
+        return {"counts": self.counts, "surprise_ema": self.surprise_ema,
+                "position": self.position}
+
+    def plastic_weights(self) -> dict[str, torch.Tensor]:
+        return {"stdp": self.stdp.weights, "oja": self.oja.components,
+                "token_frequencies": self.counts / self.counts.sum().clamp(min=1.0)}
+
+    def save(self, directory: Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.state_tensors().items()},
+                  str(directory / LEARNER_FILE))
+        (directory / "learner.json").write_text(json.dumps(
+            {"config": asdict(self.cfg), "identity": self.identity()}, indent=1))
+        self.stdp.save(directory / STDP_DIR)
+        self.whitener.save(directory / WHITENER_DIR)
+        self.oja.save(directory / OJA_DIR)
+        if self.model is not None and self.model_changed:
+            save_model(self.model, str(directory / MODEL_FILE))
+        optim = (_optimizer_tensors(self.optimizer) if self.optimizer is not None
+                 else self.optim_tensors)
+        if optim:
+            save_file(optim, str(directory / OPTIM_FILE))
+        for name, store in self.stores.items():
+            store.save(directory / MEMORY_DIR / name)
+
+    def load(self, directory: Path) -> None:
+        try:
+            tensors = load_file(str(directory / LEARNER_FILE))
+            for name, target in self.state_tensors().items():
+                if tensors[name].shape != target.shape:
+                    raise ValueError(name)
+                target.copy_(tensors[name])
+            if self.model is not None and (directory / MODEL_FILE).is_file():
+                load_model(self.model, str(directory / MODEL_FILE), device=str(self.device))
+                self.model_changed = True
+            if (directory / OPTIM_FILE).is_file():
+                self.optim_tensors = load_file(str(directory / OPTIM_FILE))
+                if self.optimizer is not None:
+                    _load_optimizer(self.optimizer, self.optim_tensors)
+        except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as exc:
+            raise DataError(f"state {directory}: cannot load the learner ({exc})") from None
+        self.stdp = TokenSTDP.load(directory / STDP_DIR)
+        self.whitener = OnlineWhitener.load(directory / WHITENER_DIR)
+        self.oja = OjaLayer.load(directory / OJA_DIR)
+        if self.stdp.vocab_size != self.vocab or self.oja.dim != self.whitener.dim:
+            raise DataError(f"state {directory}: plasticity sizes do not match the learner")
+        for name, store in self.stores.items():
+            store.restore(directory / MEMORY_DIR / name)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    sd = opt.state_dict()
+    return {f"{pid}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+            for pid, state in sd["state"].items() for k, v in state.items()}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def build_learner(model: Path | None, device: str, cfg: LearnerConfig) -> PlasticLearner:
+    """The learner for ``--model RUN_DIR`` (its tokenizer, weights and memories) or for none."""
+    if model is None:
+        if cfg.train_steps:
+            raise ConfigError("--train-steps needs --model RUN_DIR")
+        return PlasticLearner(cfg=cfg)
+    from aura.train.checkpoint import MODEL_FILE as CKPT_MODEL
+    from aura.train.checkpoint import load_for_inference
+    from aura.train.device import pick_device
+
+    dev = pick_device(device)
+    loaded = load_for_inference(model, dev)
+    model_id = {"name": loaded.config.model.name, "step": loaded.meta.get("step"),
+                "weights_sha256": loaded.meta["files"][CKPT_MODEL]}
+    return PlasticLearner(loaded.tokenizer, loaded.model, model_id, cfg, dev)

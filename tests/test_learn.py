@@ -1,0 +1,380 @@
+"""`aura learn`: each new or changed text learned exactly once, also across kill -9; bad files
+skipped with a reason; warmup sweeps; a model's memories and gradient steps kept in the state
+directory, never in the user's run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from aura.data.tokenizers import ByteTokenizer
+from aura.learn import LearnOptions, LearnService, classify
+from aura.learn.learner import LEARNER_FILE, MODEL_FILE
+from aura.learn.state import CURRENT, LEDGER
+from aura.memory.store import EpisodicStore
+from aura.models import register_model
+from aura.models.gpt import GPT
+from aura.train.checkpoint import TrainState, save_checkpoint
+from conftest import CliResult, assert_usage_error, make_docs, tiny_config, write_dir
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """The service's work is many small ops: one thread is faster on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def service(watch: Path, **kw: object) -> LearnService:
+    opts = LearnOptions(watch, once=True, progress=False, **kw)  # type: ignore[arg-type]
+    return LearnService(opts, log=lambda _m: None)
+
+
+def current_gen(state: Path) -> Path:
+    return state / json.loads((state / CURRENT).read_text())["generation"]
+
+
+def learned_tensors(state: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(current_gen(state) / LEARNER_FILE))
+
+
+def all_tensors(state: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the committed generation: the learner's, STDP, whitener, Oja, model."""
+    gen = current_gen(state)
+    return {f"{f.relative_to(gen).as_posix()}:{name}": t
+            for f in sorted(gen.rglob("*.safetensors")) for name, t in load_file(str(f)).items()}
+
+
+def ledger_rows(state: Path, status: str = "applied") -> list[tuple[str, str]]:
+    with sqlite3.connect(state / LEDGER) as db:
+        return db.execute("SELECT sha256, path FROM texts WHERE status=? ORDER BY seq",
+                          (status,)).fetchall()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def watch(tmp_path: Path) -> Path:
+    root = tmp_path / "inbox"
+    write_dir(root, make_docs(6, seed=5, words=(40, 80)))
+    return root
+
+
+# --- one pass, changes, bad files --------------------------------------------------------------
+
+
+def test_once_learns_each_text_then_nothing(run_cli: Callable[..., CliResult],
+                                            watch: Path) -> None:
+    first = run_cli("learn", "--watch", watch, "--once", "--json")
+    assert first.code == 0, first.err
+    s = first.json()
+    size = sum(p.stat().st_size for p in watch.rglob("*.txt"))
+    assert (s["learned"], s["tokens"], s["skipped"]) == (6, size, {})
+    assert s["total"]["texts"] == 6
+    state = watch / ".aura-learn"
+    assert learned_tensors(state)["position"].item() == size  # bytes = tokens, learned once
+    again = run_cli("learn", "--watch", watch, "--once", "--json").json()
+    assert (again["learned"], again["unchanged"]) == (0, 6)
+    assert learned_tensors(state)["position"].item() == size
+    text = run_cli("learn", "--watch", watch, "--once")
+    assert text.code == 0 and "learned 0 files" in text.out and "6 texts learned in all" in text.out
+
+
+def test_changed_file_is_relearned_renamed_or_copied_is_not(watch: Path) -> None:
+    service(watch).run()
+    (watch / "doc00.txt").write_text("A new version of the first document.\n")
+    (watch / "doc01.txt").rename(watch / "moved.txt")
+    shutil.copy(watch / "doc03.txt", watch / "part" / "copy.txt")
+    s = service(watch).run()
+    assert (s.learned, s.duplicates) == (1, 2)
+    rows = ledger_rows(watch / ".aura-learn")
+    assert len(rows) == 7 and len({sha for sha, _ in rows}) == 7
+    assert rows[-1][1] == "doc00.txt"
+
+
+def test_bad_files_are_logged_and_skipped_with_their_reason(
+        watch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (watch / "image.txt").write_bytes(b"GIF89a\0\0\1")
+    (watch / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (watch / "blank.txt").write_text(" \n\t\n")
+    (watch / "locked.txt").write_text("you cannot read me\n")
+    (watch / ".hidden.txt").write_text("hidden files are never watched\n")
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    lines: list[str] = []
+    svc = LearnService(LearnOptions(watch, once=True, progress=False), log=lines.append)
+    s = svc.run()
+    assert s.learned == 6
+    assert s.skipped == {"binary": 1, "invalid_utf8": 1, "empty": 1, "unreadable": 1}
+    for name, reason in (("image", "binary"), ("latin1", "invalid utf8"), ("blank", "empty"),
+                         ("locked", "unreadable")):
+        assert sum(f"{name}.txt" in line and reason in line for line in lines) == 1, lines
+    log = (watch / ".aura-learn" / "learn.log").read_text()
+    assert "skipped locked.txt: unreadable" in log
+    again = service(watch).run()  # an unreadable file is not retried until it changes
+    assert again.skipped == {} and again.learned == 0
+
+
+def test_any_bytes_are_learned_or_skipped_never_a_crash(tmp_path: Path) -> None:
+    """Whatever a file holds, the service records it as learned or skipped for the reason
+    ``classify`` gives, and keeps going."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    path = watch / "f.txt"
+    svc = service(watch)
+
+    @settings(max_examples=60)
+    @given(st.one_of(st.binary(max_size=300),
+                     st.text(max_size=200).map(lambda t: t.encode("utf-8")),
+                     st.text(max_size=50).map(lambda t: t.encode("utf-8") + b"\0")))
+    def check(data: bytes) -> None:
+        path.write_bytes(data)
+        what = svc.process(path)
+        reason = classify(data)
+        row = svc.ledger.text(hashlib.sha256(data).hexdigest())
+        assert row is not None and what != "vanished"
+        if reason == "ok":
+            assert row.status == "applied" and row.reason is None
+            assert what in ("learned", "unchanged", "duplicate")
+        else:
+            assert reason in ("binary", "invalid_utf8", "empty")
+            assert row.status == "skipped" and row.reason == reason
+            assert what in (f"skipped:{reason}", "unchanged", "duplicate")
+
+    try:
+        check()
+    finally:
+        svc.run()
+    state = watch / ".aura-learn"
+    with sqlite3.connect(state / LEDGER) as db:
+        learned = db.execute("SELECT SUM(bytes), SUM(tokens) FROM texts "
+                             "WHERE status='applied'").fetchone()
+    assert learned[0] == learned[1] == learned_tensors(state)["position"].item()
+
+
+# --- exactly once under kill -9 ----------------------------------------------------------------
+
+
+# Imports Aura once, then forks one service per line on stdin and reports its pid: a real
+# process to kill -9 without paying the interpreter's start-up for every run.
+_FORKER = """
+import os, sys
+import torch
+from aura.cli import main
+torch.set_num_threads(1)
+for _ in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os._exit(main(sys.argv[1:]))
+    print(pid, flush=True)
+    print(os.waitpid(pid, 0)[1], flush=True)
+"""
+
+
+def test_kill9_at_random_moments_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    """Kill the service with SIGKILL at random moments (inside a file's step, inside a save)
+    and restart it: the final state equals an uninterrupted run's, bit for bit."""
+    watch = tmp_path / "inbox"
+    write_dir(watch, make_docs(40, seed=9, words=(20, 40)))
+    reference = tmp_path / "reference"
+    assert service(watch, state=reference).run().learned == 40
+
+    state = tmp_path / "state"
+    argv = ["learn", "--watch", str(watch), "--state", str(state), "--once", "--json",
+            "--save-every", "3", "--step-delay", "0.01"]
+    forker = subprocess.Popen([sys.executable, "-c", _FORKER, *argv], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert forker.stdin is not None and forker.stdout is not None
+    rng = random.Random(7)
+    progress = []
+    try:
+        for _ in range(4):
+            forker.stdin.write("run\n")
+            forker.stdin.flush()
+            pid = int(forker.stdout.readline())
+            deadline = time.monotonic() + 20
+            while not (state / CURRENT).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.4))
+            os.kill(pid, signal.SIGKILL)
+            status = int(forker.stdout.readline())
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            progress.append(len(ledger_rows(state)))
+    finally:
+        forker.stdin.close()
+        forker.wait(timeout=20)
+    assert 0 < max(progress) < 40, progress  # killed mid-run, after some work was saved
+    before = len(ledger_rows(state))
+    s = service(watch, state=state).run()
+    rows = ledger_rows(state)
+    assert before + s.learned - s.relearned == len(rows) == 40
+    assert len({sha for sha, _ in rows}) == 40
+    assert [p for _, p in rows] == [p for _, p in ledger_rows(reference)]
+    got, want = all_tensors(state), all_tensors(reference)
+    assert {"learner.safetensors:counts", "stdp/state.safetensors:weights_q",
+            "oja/state.safetensors:weight", "whitener/state.safetensors:cov"} <= want.keys()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+# --- the loop, signals, warmup -----------------------------------------------------------------
+
+
+def test_watch_mode_picks_up_new_files_and_stops_cleanly_on_sigterm(watch: Path) -> None:
+    svc = LearnService(LearnOptions(watch, interval=0.05, settle=0.0, progress=False),
+                       log=lambda _m: None)
+    state = watch / ".aura-learn"
+
+    def feed() -> None:
+        deadline = time.monotonic() + 10
+        while len(ledger_rows(state)) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (watch / "late.txt").write_text("A file that arrives while the service watches.\n")
+        while len(ledger_rows(state)) < 7 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    s = svc.run()
+    feeder.join()
+    assert s.stopped == "SIGTERM" and s.learned == 7 and s.passes >= 2
+    assert json.loads((current_gen(state) / "state.json").read_text())["learned"]["texts"] == 7
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(
+        signal.getsignal(signal.SIGTERM))
+
+
+def test_warmup_sweeps_are_validated_saved_and_not_repeated(
+        run_cli: Callable[..., CliResult], watch: Path) -> None:
+    res = run_cli("learn", "--watch", watch, "--once", "--warmup-sweeps", "3",
+                  "--warmup-samples", "40")
+    assert res.code == 0, res.err
+    sweeps = [line for line in res.err.splitlines() if line.startswith("warmup sweep")]
+    assert [line.split(":")[0] for line in sweeps] == [f"warmup sweep {k}/3" for k in range(4)]
+    state = watch / ".aura-learn"
+    meta = json.loads((current_gen(state) / "state.json").read_text())
+    assert [w["sweep"] for w in meta["warmup"]] == [1, 2, 3]
+    assert all(w["unigram_bits"] > 0 and w["drift"] > 0 for w in meta["warmup"])
+    assert meta["warmup"][-1]["drift"] < meta["warmup"][0]["drift"]  # the weights settle
+    again = run_cli("learn", "--watch", watch, "--once", "--warmup-sweeps", "3", "--json")
+    assert again.json()["warmup"] == meta["warmup"] and "warmup sweep" not in again.err
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_input_is_one_line_exit_2(run_cli: Callable[..., CliResult], watch: Path,
+                                      tmp_path: Path) -> None:
+    assert_usage_error(run_cli("learn", "--watch", tmp_path / "nope", "--once"), "does not exist")
+    assert_usage_error(run_cli("learn", "--watch", watch / "doc00.txt", "--once"),
+                       "not a directory")
+    assert_usage_error(run_cli("learn", "--watch", watch, "--once", "--train-steps", "2"),
+                       "--model")
+    assert_usage_error(run_cli("learn", "--watch", watch, "--once", "--save-every", "0"),
+                       "--save-every")
+    (tmp_path / "file").write_text("x")
+    assert_usage_error(run_cli("learn", "--watch", watch, "--state", tmp_path / "file"),
+                       "is a file")
+    state = tmp_path / "state"
+    assert run_cli("learn", "--watch", watch, "--state", state, "--once").code == 0
+    (state / CURRENT).write_text("{not json")
+    assert_usage_error(run_cli("learn", "--watch", watch, "--state", state, "--once"), "corrupt")
+    shutil.rmtree(state)
+    assert run_cli("learn", "--watch", watch, "--state", state, "--once").code == 0
+    with open(current_gen(state) / LEARNER_FILE, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff\xff")
+    assert_usage_error(run_cli("learn", "--watch", watch, "--state", state, "--once"),
+                       LEARNER_FILE, "corrupt")
+    shutil.rmtree(state)
+    state.mkdir()
+    (state / LEDGER).write_bytes(b"this is not a database" * 100)
+    assert_usage_error(run_cli("learn", "--watch", watch, "--state", state, "--once"),
+                       "SQLite")
+
+
+def test_a_second_service_on_the_same_state_is_refused(
+        run_cli: Callable[..., CliResult], watch: Path) -> None:
+    first = service(watch)
+    try:
+        assert_usage_error(run_cli("learn", "--watch", watch, "--once"), "another `aura learn`")
+    finally:
+        first.run()
+
+
+# --- with a model ------------------------------------------------------------------------------
+
+
+@register_model("gpt_learn_test")
+class MemoryGPT(GPT):
+    """gpt with one episodic store over its hidden states, as the memory models keep."""
+
+    def __init__(self, config: object):
+        super().__init__(config)  # type: ignore[arg-type]
+        self.store = EpisodicStore(self.config.n_embd, self.config.n_embd, capacity=64)
+
+    def memory_stores(self) -> dict[str, EpisodicStore]:
+        return {"episodic": self.store}
+
+
+@pytest.fixture(scope="module")
+def memory_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of a tiny byte-level gpt with an episodic store."""
+    run = tmp_path_factory.mktemp("learn-model") / "run"
+    cfg = tiny_config("model.name=gpt_learn_test", "model.vocab_size=256")
+    torch.manual_seed(0)
+    save_checkpoint(run, MemoryGPT(cfg.model), ByteTokenizer(), cfg, TrainState(step=5), None)
+    return run
+
+
+def test_model_memories_and_gradient_steps_live_in_the_state_dir(
+        run_cli: Callable[..., CliResult], watch: Path, memory_run: Path, tmp_path: Path) -> None:
+    before = tree_digest(memory_run)
+    state = tmp_path / "state"
+    res = run_cli("learn", "--watch", watch, "--state", state, "--model", memory_run, "--once",
+                  "--train-steps", "2", "--json")
+    assert res.code == 0, res.err
+    assert res.json()["learned"] == 6
+    assert tree_digest(memory_run) == before  # the user's run is never written
+    gen = current_gen(state)
+    store = EpisodicStore.load(gen / "memory" / "episodic")
+    assert len(store) == 64  # more surprising positions than its capacity were written
+    weights = load_file(str(gen / MODEL_FILE))
+    original = load_file(str(next(memory_run.rglob("model.safetensors"))))
+    assert weights.keys() == original.keys()
+    assert any(not torch.equal(weights[k], original[k]) for k in weights)
+    again = run_cli("learn", "--watch", watch, "--state", state, "--model", memory_run, "--once",
+                    "--json")
+    assert again.json()["learned"] == 0
+    assert_usage_error(run_cli("learn", "--watch", watch, "--state", state, "--once"),
+                       "use another --state")
