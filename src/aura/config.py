@@ -155,6 +155,10 @@ def _bdh(n_embd: int, mlp_multiplier: int, block_size: int) -> dict[str, Any]:
     }
 
 
+def _hippocampal(n_place_cells: int) -> dict[str, Any]:
+    return {"model.name": "hippocampal", "model.n_place_cells": n_place_cells}
+
+
 def _snn_rag(n_layer: int, n_head: int, n_embd: int, block_size: int, memory_layers: list[int],
              dropout: float = 0.0) -> dict[str, Any]:
     return {
@@ -230,6 +234,36 @@ PRESETS: dict[str, Preset] = {
         "A100 80 GB: the l4-24gb model, micro-batch 32 x accumulation 4",
         batch_size=32,
         grad_accum=4,
+    ),
+    "hippocampal-157m": Preset(
+        "The Hippocampal Transformer of seeds 000/002: 12 x 768 (heads of 64), block 512, "
+        "2000 place cells; the l4-24gb training recipe with memory off for 5000 steps",
+        {
+            **_hippocampal(2000),
+            **_GPU_LARGE,
+            "train.batch_size": 8,
+            "train.grad_accum": 16,
+        },
+    ),
+    "hippocampal-cpu": Preset(
+        "The Hippocampal Transformer in minutes on a CPU: Shakespeare characters, 4 x 128, "
+        "block 128, 1000 place cells, a 1024-memory hippocampus",
+        {
+            **_hippocampal(1000),
+            **_model(4, 4, 128, 128),
+            "model.memory_capacity": 1024,
+            "model.memory_dim": 32,
+            "model.memory_writes": 32,
+            "train.batch_size": 12,
+            "train.max_steps": 2000,
+            "train.lr": 1e-3,
+            "train.warmup_steps": 100,
+            "train.eval_interval": 250,
+            "train.eval_iters": 20,
+            "train.checkpoint_interval": 500,
+            "train.memory_warmup_steps": 200,
+            "data.dir": "data/shakespeare-char",
+        },
     ),
     "bdh-ref": Preset(
         "BDH as pathwaycom/bdh trains it: bytes, D=256, 4 heads, N=8192, shared layers, "

@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -34,6 +35,7 @@ from aura.atomic import atomic_dir
 from aura.data.shards import file_sha256
 from aura.errors import DataError
 from aura.memory.cognitive_map import CognitiveMap
+from aura.memory.faiss_index import IVF_MIN_CAPACITY, FaissIndex, faiss_available
 from aura.memory.index import ExactIndex
 
 FORMAT = 1
@@ -63,21 +65,26 @@ class EpisodicStore:
     ``read_boost`` is added to the importance of each memory a read returns (once per read),
     so memories that keep being useful outlive equally important ones that are not.
     With ``graph_k > 0`` the store keeps a ``CognitiveMap`` over its keys, updated on every write.
+    ``index`` picks the search: "exact" (torch, ``ExactIndex``), "faiss" (``FaissIndex``: exact
+    below ``IVF_MIN_CAPACITY``, IVF above), or "auto": FAISS for CPU stores of at least
+    ``IVF_MIN_CAPACITY`` when faiss is installed, where an exact scan gets slow.
     """
 
     def __init__(self, dim_key: int, dim_value: int, capacity: int = 4096, decay: float = 0.03,
                  device: torch.device | str = "cpu", *, read_boost: float = 0.05,
-                 graph_k: int = 0):
+                 graph_k: int = 0, index: Literal["exact", "faiss", "auto"] = "exact"):
         if dim_value < 1:
             raise ValueError(f"dim_value must be positive, got {dim_value}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if graph_k < 0:
             raise ValueError(f"graph_k must be >= 0, got {graph_k}")
+        if index not in ("exact", "faiss", "auto"):
+            raise ValueError(f"index must be 'exact', 'faiss' or 'auto', got {index!r}")
         self.dim_key, self.dim_value, self.capacity = dim_key, dim_value, capacity
         self.decay, self.read_boost, self.graph_k = decay, read_boost, graph_k
-        self.device = torch.device(device)
-        self.index = ExactIndex(capacity, dim_key, self.device)
+        self.device, self.index_kind = torch.device(device), index
+        self.index = self._new_index(self.device)
         self.graph = CognitiveMap(self.index, graph_k) if graph_k > 0 else None
 
         def slots(*shape: int, dtype: torch.dtype = torch.float32, fill: float = 0) -> torch.Tensor:
@@ -93,6 +100,16 @@ class EpisodicStore:
         self.source_pos = slots(dtype=torch.long)
         self.next_id = 0
         self.step = 0
+
+    def _new_index(self, device: torch.device) -> ExactIndex:
+        """An empty index of the kind ``index`` names (see the class docstring)."""
+        kind = self.index_kind
+        if kind == "auto":
+            big = self.capacity >= IVF_MIN_CAPACITY and device.type == "cpu"
+            kind = "faiss" if big and faiss_available() else "exact"
+        if kind == "faiss":
+            return FaissIndex(self.capacity, self.dim_key, device)
+        return ExactIndex(self.capacity, self.dim_key, device)
 
     def __len__(self) -> int:
         return int((self.ids >= 0).sum())
@@ -199,6 +216,19 @@ class EpisodicStore:
         self.importance[hit] += self.read_boost
         return Retrieval(values, scores, ids, mask)
 
+    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unit keys (..., dim_key), values (..., dim_value) and a found mask (...) of memory
+        ``ids`` of any shape; zeros where an id is -1 or no longer stored."""
+        ids = ids.to(self.device)
+        sorted_ids, order = torch.sort(self.ids)
+        pos = torch.searchsorted(sorted_ids, ids.reshape(-1)).clamp(max=self.capacity - 1)
+        found = ((sorted_ids[pos] == ids.reshape(-1)) & (ids.reshape(-1) >= 0))
+        slots = order[pos]
+        keys = F.normalize(self.keys[slots], dim=-1).masked_fill(~found[:, None], 0.0)
+        values = self.values[slots].masked_fill(~found[:, None], 0.0)
+        return (keys.reshape(*ids.shape, -1), values.reshape(*ids.shape, -1),
+                found.reshape(ids.shape))
+
     def neighbours(self, ids: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Ids of each memory's ``k`` nearest memories from the cognitive map, -1 where none
         (including for ids no longer stored)."""
@@ -215,7 +245,8 @@ class EpisodicStore:
 
     def config(self) -> dict[str, Any]:
         return {"dim_key": self.dim_key, "dim_value": self.dim_value, "capacity": self.capacity,
-                "decay": self.decay, "read_boost": self.read_boost, "graph_k": self.graph_k}
+                "decay": self.decay, "read_boost": self.read_boost, "graph_k": self.graph_k,
+                "index": self.index_kind}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {name: t.detach().cpu().contiguous() for name, t in self._targets().items()}
@@ -284,7 +315,7 @@ class EpisodicStore:
             return self
         saved = {name: t.to(device) for name, t in self._targets().items()}
         self.device = device
-        self.index = ExactIndex(self.capacity, self.dim_key, device)
+        self.index = self._new_index(device)
         self.graph = CognitiveMap(self.index, self.graph_k) if self.graph_k > 0 else None
         for name in _SLOT_TENSORS:
             setattr(self, name, saved[name])
@@ -299,7 +330,7 @@ class EpisodicStore:
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        meta = {"format": meta.get("format"), "config": dict(meta["config"]),
+        meta = {"format": meta.get("format"), "config": {"index": "exact", **meta["config"]},
                 "sha256": meta["sha256"], "next_id": int(meta["next_id"]),
                 "step": int(meta["step"])}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

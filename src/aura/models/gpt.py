@@ -44,8 +44,9 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                gains: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, gains)
         return x + self.mlp(self.ln2(x))
 
 

@@ -56,9 +56,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                gains: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``gains`` (query, key), each (B, n_head, T, 1), scale queries (a per-token attention
+        temperature) and keys (a per-token salience) before the fused kernel, so modulated
+        attention keeps the fused path; cached keys are stored scaled."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if gains is not None:
+            q, k = q * gains[0].to(q.dtype), k * gains[1].to(k.dtype)
         p = self.dropout if self.training else 0.0
         if cache is None or cache.pos == 0:
             if cache is not None:

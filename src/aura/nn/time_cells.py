@@ -15,15 +15,20 @@ import torch
 from torch import nn
 
 
-def elapsed_since(boundary: torch.Tensor) -> torch.Tensor:
+def elapsed_since(boundary: torch.Tensor, start: int = 0,
+                  previous: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens since the latest boundary at or before each position: (..., T) bool -> long.
 
-    0 on a boundary token, counting up after it. The sequence start counts as a boundary, so before
-    the first one this is the position itself. A running max of boundary positions (``cummax``)
-    needs no loop over time, and position t reads only boundaries at <= t: causal by construction.
+    0 on a boundary token, counting up after it. The tokens sit at positions ``start ..
+    start + T - 1``; ``previous`` (...,) is the position of the latest boundary before them
+    (a generation cache carries it from step to step), else the sequence start counts as one.
+    A running max of boundary positions (``cummax``) needs no loop over time, and position t
+    reads only boundaries at <= t: causal by construction.
     """
-    pos = torch.arange(boundary.size(-1), device=boundary.device)
+    pos = torch.arange(start, start + boundary.size(-1), device=boundary.device)
     last = torch.where(boundary, pos, 0).cummax(-1).values
+    if previous is not None:
+        last = torch.maximum(last, previous.unsqueeze(-1))
     return pos - last
 
 

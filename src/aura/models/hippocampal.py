@@ -1,0 +1,231 @@
+"""`hippocampal`: the Aura Hippocampal Transformer (seeds 000 and 002) on Aura's engine.
+
+gpt's pre-LN decoder with every hippocampal mechanism as a switch, so each can be ablated:
+
+    tokens -> embedding (+ theta-gamma positions, or learned ones when off)
+           -> place cells (sparse ~3% code, 0.1 residual) -> grid cells -> time cells
+           -> blocks, attention modulated by prosody, the hippocampal memory recalled into the
+              residual after block ``memory_layer``
+           -> LayerNorm -> tied head;  loss = CE - entropy_reg * predictive entropy
+
+A switched-off mechanism is never built: its parameters and its cost are gone. Prosody and the
+event boundaries the time cells count from come with the batch from the data pipeline
+(aura.data.prosody), so the model declares ``token_features = ("prosody",)`` when it needs them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from aura.config import ModelConfig, register_model_config
+from aura.data.prosody import N_FEATURES, PARAGRAPH, SENTENCE_END
+from aura.memory import EpisodicStore
+from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
+from aura.models.gpt import GPT, Block
+from aura.nn.attention import KVCache
+from aura.nn.grid_cells import GridCellEncoder
+from aura.nn.hippocampus import HippocampalMemory
+from aura.nn.oscillations import ThetaGammaEncoding
+from aura.nn.place_cells import PlaceCellEncoder
+from aura.nn.prosody_modulation import ProsodyModulation
+from aura.nn.time_cells import TimeCellEncoder, elapsed_since
+
+COMPONENTS = ("theta_gamma", "place_cells", "grid_cells", "time_cells", "prosody", "memory")
+
+
+@dataclass
+class HippocampalConfig(ModelConfig):
+    name: str = "hippocampal"
+    # switches, one per mechanism (ablations turn them off one at a time)
+    theta_gamma: bool = True
+    place_cells: bool = True
+    grid_cells: bool = True
+    time_cells: bool = True
+    prosody: bool = True
+    memory: bool = True
+    # the mechanisms' sizes
+    n_place_cells: int = 2000
+    place_active_fraction: float = 0.03
+    place_learnable: bool = False  # learn how many place cells fire (seed 002's question)
+    grid_modules: int = 4
+    grid_cells_per_module: int = 16
+    n_time_cells: int = 32
+    theta_period: float = 64.0
+    gammas_per_theta: int = 8
+    memory_layer: int = -1  # recall after this block; -1: the middle one
+    memory_capacity: int = 4096
+    memory_dim: int = 64
+    memory_top_k: int = 8
+    memory_decay: float = 0.03
+    memory_graph_k: int = 4  # cognitive-map neighbours joining each recall; 0: no map
+    memory_writes: int = 64  # memories formed per training step
+    entropy_reg: float = 0.0  # weight of the predictive-entropy bonus (seed 002's anti-collapse)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not -1 <= self.memory_layer < self.n_layer:
+            out.append(f"model.memory_layer must be -1 or in [0, {self.n_layer}), "
+                       f"got {self.memory_layer}")
+        if not 0 < self.place_active_fraction <= 1:
+            out.append(f"model.place_active_fraction must be in (0, 1], got "
+                       f"{self.place_active_fraction}")
+        if self.memory_writes > self.memory_capacity:
+            out.append(f"model.memory_writes ({self.memory_writes}) exceeds "
+                       f"model.memory_capacity ({self.memory_capacity})")
+        sizes = {"n_place_cells": self.n_place_cells, "grid_modules": self.grid_modules,
+                 "grid_cells_per_module": self.grid_cells_per_module, "memory_dim":
+                 self.memory_dim, "memory_top_k": self.memory_top_k, "memory_capacity":
+                 self.memory_capacity, "memory_writes": self.memory_writes}
+        out += [f"model.{k} must be > 0, got {v}" for k, v in sizes.items() if v <= 0]
+        if self.n_time_cells < 2:
+            out.append(f"model.n_time_cells must be >= 2, got {self.n_time_cells}")
+        if not 0 <= self.memory_decay < 1:
+            out.append(f"model.memory_decay must be in [0, 1), got {self.memory_decay}")
+        if not 0 <= self.memory_graph_k < self.memory_capacity:
+            out.append(f"model.memory_graph_k must be in [0, memory_capacity), got "
+                       f"{self.memory_graph_k}")
+        if self.entropy_reg < 0:
+            out.append(f"model.entropy_reg must be >= 0, got {self.entropy_reg}")
+        if self.theta_gamma and (self.n_embd < 6 or self.n_embd % 2):
+            out.append("model.theta_gamma needs an even model.n_embd >= 6")
+        return out
+
+
+register_model_config("hippocampal", HippocampalConfig)
+
+
+class HippocampalCache(KVCache):
+    """Keys and values, plus each row's latest event boundary (for the time cells)."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        super().__init__(n_layer, batch_size, n_head, max_len, head_dim, device, dtype)
+        self.last_boundary = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def reset(self) -> None:
+        super().reset()
+        self.last_boundary.zero_()
+
+
+@register_model("hippocampal")
+class HippocampalTransformer(AuraModel):
+    def __init__(self, config: HippocampalConfig):
+        super().__init__()
+        assert config.vocab_size is not None
+        c = self.config = config
+        self.token_features = ("prosody",) if c.prosody or c.time_cells else ()
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        # gpt's init for the transformer; each hippocampal module below initialises itself
+        self.apply(GPT._init)
+        for name, p in self.blocks.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * c.n_layer))
+        self.theta_gamma = (ThetaGammaEncoding(c.n_embd, c.theta_period, c.gammas_per_theta)
+                            if c.theta_gamma else None)
+        self.wpe = None if c.theta_gamma else nn.Embedding(c.block_size, c.n_embd)
+        if self.wpe is not None:
+            nn.init.normal_(self.wpe.weight, 0.0, 0.02)
+        self.place = (PlaceCellEncoder(c.n_embd, c.n_place_cells, c.place_active_fraction,
+                                       c.place_learnable) if c.place_cells else None)
+        self.grid = (GridCellEncoder(c.n_embd, c.grid_modules, c.grid_cells_per_module)
+                     if c.grid_cells else None)
+        self.time = TimeCellEncoder(c.n_embd, c.n_time_cells) if c.time_cells else None
+        self.prosody = (nn.ModuleList(ProsodyModulation(N_FEATURES, c.n_head)
+                                      for _ in range(c.n_layer)) if c.prosody else None)
+        self.memory_at = c.n_layer // 2 if c.memory_layer < 0 else c.memory_layer
+        self.memory = (HippocampalMemory(c.n_embd, c.memory_dim, c.memory_capacity,
+                                         c.memory_top_k, c.memory_decay, c.memory_graph_k,
+                                         c.memory_writes) if c.memory else None)
+
+    def memory_stores(self) -> dict[str, EpisodicStore]:
+        return {"hippocampus": self.memory.store} if self.memory is not None else {}
+
+    def new_cache(self, batch_size: int, max_len: int) -> HippocampalCache:
+        p, c = self.wte.weight, self.config
+        return HippocampalCache(c.n_layer, batch_size, c.n_head, min(max_len, c.block_size),
+                                c.n_embd // c.n_head, p.device, p.dtype)
+
+    def _encode(self, idx: torch.Tensor, cache: HippocampalCache | None,
+                prosody: torch.Tensor | None) -> torch.Tensor:
+        """Token + position embedding, then the place, grid and time-cell codes."""
+        start = cache.pos if cache is not None else 0
+        pos = torch.arange(start, start + idx.size(1), device=idx.device)
+        x = self.wte(idx)
+        if self.theta_gamma is not None:
+            x = x + self.theta_gamma(pos, dtype=x.dtype)
+        else:
+            assert self.wpe is not None
+            x = x + self.wpe(pos)
+        x = self.drop(x)
+        if self.place is not None:
+            x = self.place(x)
+        if self.grid is not None:
+            x = self.grid(x)
+        if self.time is not None:
+            assert prosody is not None
+            boundary = (prosody[..., SENTENCE_END] > 0.5) | (prosody[..., PARAGRAPH] > 0.5)
+            previous = cache.last_boundary if cache is not None else None
+            elapsed = elapsed_since(boundary, start, previous)
+            if cache is not None:
+                cache.last_boundary = pos[-1] - elapsed[:, -1]
+            x = self.time(x, elapsed)
+        return x
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: HippocampalCache | None = None, label_smoothing: float = 0.0,
+                last_only: bool = False, prosody: torch.Tensor | None = None,
+                use_memory: bool = True, **state: Any) -> ModelOutput:
+        """``prosody`` (B, T, N_FEATURES) comes from the data pipeline; with a cache it is the
+        new tokens' rows, and the cache remembers the last boundary the time cells count from.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        if self.token_features and (prosody is None or prosody.shape != (B, T, N_FEATURES)):
+            raise ValueError(f"the hippocampal model needs prosody of shape {(B, T, N_FEATURES)}"
+                             f" from the data pipeline, got "
+                             f"{None if prosody is None else tuple(prosody.shape)}")
+        x = self._encode(idx, cache, prosody)
+        for i, block in enumerate(self.blocks):
+            gains = self.prosody[i](prosody) if self.prosody is not None else None
+            if self.grad_checkpoint and self.training and cache is None:
+                x = checkpoint(block, x, None, gains, use_reentrant=False)
+            else:
+                x = block(x, cache, gains)
+            if i == self.memory_at and self.memory is not None:
+                x = self.memory(x, use_memory)
+        if cache is not None:
+            cache.pos += T
+        x = self.ln_f(x)
+        if targets is None:
+            return ModelOutput(self.lm_head(x[:, -1:] if last_only else x), aux=self.metrics())
+        logits = self.lm_head(x)
+        ce = lm_loss(logits, targets, label_smoothing)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)[targets >= 0].mean()
+        loss = ce - self.config.entropy_reg * entropy if self.config.entropy_reg else ce
+        return ModelOutput(logits, loss, {"ce": ce.detach(), "entropy": entropy.detach(),
+                                          **self.metrics()})
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Place-cell sparsity and memory recall statistics of the last forward."""
+        out: dict[str, torch.Tensor] = {}
+        if self.place is not None:
+            out.update(self.place.metrics())
+        if self.memory is not None:
+            out.update(self.memory.metrics())
+        return out
