@@ -2,7 +2,9 @@
 continuous learning, its vector indexes, and the cognitive map (a kNN graph) over its keys."""
 
 from aura.memory.cognitive_map import CognitiveMap
+from aura.memory.faiss_index import FaissIndex
 from aura.memory.index import ExactIndex, VectorIndex
 from aura.memory.store import EpisodicStore, Retrieval
 
-__all__ = ["CognitiveMap", "EpisodicStore", "ExactIndex", "Retrieval", "VectorIndex"]
+__all__ = ["CognitiveMap", "EpisodicStore", "ExactIndex", "FaissIndex", "Retrieval",
+           "VectorIndex"]
