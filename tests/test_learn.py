@@ -29,7 +29,7 @@ from aura.learn import LearnOptions, LearnService, classify
 from aura.learn.learner import LEARNER_FILE, MODEL_FILE
 from aura.learn.state import CURRENT, LEDGER
 from aura.memory.store import EpisodicStore
-from aura.models import register_model
+from aura.models import build_model, register_model
 from aura.models.gpt import GPT
 from aura.train.checkpoint import TrainState, save_checkpoint
 from conftest import CliResult, assert_usage_error, make_docs, tiny_config, write_dir
@@ -378,3 +378,38 @@ def test_model_memories_and_gradient_steps_live_in_the_state_dir(
     assert again.json()["learned"] == 0
     assert_usage_error(run_cli("learn", "--watch", watch, "--state", state, "--once"),
                        "use another --state")
+
+
+def own_writer_run(root: Path, name: str, *overrides: str) -> Path:
+    cfg = tiny_config(f"model.name={name}", "model.vocab_size=256", "model.memory_capacity=64",
+                      *overrides)
+    torch.manual_seed(0)
+    run = root / name
+    save_checkpoint(run, build_model(cfg.model), ByteTokenizer(), cfg, TrainState(step=1), None)
+    return run
+
+
+def test_a_model_that_writes_its_own_memories_gets_them_at_token_positions(
+        watch: Path, tmp_path: Path) -> None:
+    """snn_rag queues its own chunk encodings when asked to remember: the service asks during
+    the surprise pass and passes each window's service-wide token offset."""
+    run = own_writer_run(tmp_path, "snn_rag", "model.memory_chunk=8")
+    state = tmp_path / "state"
+    s = service(watch, state=state, model=run, train_steps=1).run()
+    assert s.learned == 6
+    store = EpisodicStore.load(current_gen(state) / "memory" / "layer0")
+    sizes = [p.stat().st_size for p in sorted(watch.rglob("*.txt"))]
+    assert store.next_id == sum(n // 8 for n in sizes)  # every 8-token chunk once, no more
+    live = store.source_pos[store.ids >= 0]
+    assert len(store) == 64 and len(set(live.tolist())) == 64
+    assert int(live.min()) >= 7 and int(live.max()) < s.tokens  # chunk ends, in tokens
+
+
+def test_a_store_the_learner_cannot_write_is_named_once(watch: Path, tmp_path: Path) -> None:
+    run = own_writer_run(tmp_path, "hippocampal")
+    lines: list[str] = []
+    LearnService(LearnOptions(watch, model=run, once=True, progress=False),
+                 log=lines.append).run()
+    assert [line for line in lines if "hippocampus" in line] == [
+        "note: memory store 'hippocampus' (64-d keys) is written by the model's own training "
+        "forwards: it learns with --train-steps only"]

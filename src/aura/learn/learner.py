@@ -20,9 +20,13 @@ everything a chunk learns is in place before the next chunk is measured:
 * **Oja** (GHA with neurogenesis) over one feature vector per window, whitened online: the mean
   final hidden state under a model, else hashed token-bigram frequencies (64 buckets). Its
   residual is how much of a text's content the learned components do not explain.
-* **Episodic memories** (a model exposing ``memory_stores()``): each window's most salient
-  positions, key and value the final hidden state there, importance the salience,
-  ``source_pos`` the service-wide token position.
+* **Episodic memories** (a model exposing ``memory_stores()``): a model whose forward takes
+  ``remember`` (snn_rag) writes its own entries during the surprise pass, told each window's
+  service-wide token offset (``memory_pos``); into any other store whose keys and values are
+  as wide as the final hidden state the learner writes each window's most salient positions
+  (importance the salience, ``source_pos`` the service-wide token position). A store keyed by
+  the model's own projection (hippocampal) is only written by the model's training forwards,
+  i.e. with ``--train-steps``; the service says so once at start.
 * **Gradient steps** (``train_steps > 0``): AdamW (clip 1.0) on random windows of the text,
   seeded by its content hash, so a text learned again after a crash gets the same steps.
 """
@@ -30,6 +34,7 @@ everything a chunk learns is in place before the next chunk is measured:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -43,10 +48,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from aura.data.prosody import FEATURES, PARAGRAPH, SENTENCE_END, Prosody
+from aura.data.prosody import FEATURES, PARAGRAPH, SENTENCE_END, Prosody, token_features
 from aura.data.sampler import compute_features
 from aura.data.tokenizers import ByteTokenizer, Tokenizer, split_pieces
 from aura.errors import ConfigError, DataError
+from aura.memory.store import EpisodicStore
 from aura.plasticity import OjaLayer, OnlineWhitener, TokenSTDP
 
 PIECE_CHARS = 1 << 20  # text tokenised at once: bounds the tokenizer's memory
@@ -62,6 +68,7 @@ class Learner(Protocol):
     """What the service needs from whatever learns from the texts."""
 
     tokenizer: Tokenizer
+    notes: list[str]  # what the service should tell the user once at start
 
     def apply(self, text: str, key: str, *, warmup: bool = False) -> dict[str, float]:
         """Learn from ``text``; ``key`` (its content hash) seeds anything random. Warmup passes
@@ -70,7 +77,8 @@ class Learner(Protocol):
         ...
 
     def evaluate(self, texts: Sequence[str]) -> dict[str, float]:
-        """Held-out metrics; changes no state."""
+        """Held-out metrics; learns nothing (a model's memory reads may still refresh the
+        memories they return, as any forward does)."""
         ...
 
     def plastic_weights(self) -> dict[str, torch.Tensor]:
@@ -144,12 +152,17 @@ class PlasticLearner:
         self.surprise_ema = torch.full((1,), math.log2(self.vocab), dtype=torch.float64)
         self.position = torch.zeros(1, dtype=torch.int64)  # tokens learned, service-wide
         self.stores = self._stores()
+        # A model whose forward takes ``remember`` writes its own memories (snn_rag); for the
+        # others the learner writes final hidden states into stores of that width.
+        self.own_writer = model is not None and "remember" in inspect.signature(
+            model.forward).parameters
         self.features = self._features()
         self.hidden = _Hidden(model) if model is not None else None
         hidden_dim = self._hidden_dim()
         self.feature_kind = "hidden_mean" if hidden_dim else "bigrams"
         dim = hidden_dim or HASH_DIM
         self.prosody = Prosody.from_tokenizer(self.tokenizer)
+        self.notes = self._notes(hidden_dim)
         self.stdp = TokenSTDP(self.vocab, lr_plus=0.01, lr_minus=0.005, alpha=0.2)
         self.whitener = OnlineWhitener(dim, eps=1.0)  # eps ~1 keeps the variances' order
         self.oja = OjaLayer(dim, min(16, dim), grow_threshold=0.5, seed=self.cfg.seed)
@@ -158,6 +171,17 @@ class PlasticLearner:
         self.optim_tensors: dict[str, torch.Tensor] = {}  # kept across a session not training
         if model is not None and self.cfg.train_steps > 0:
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr)
+
+    def _notes(self, hidden_dim: int | None) -> list[str]:
+        notes = []
+        if self.model is not None and hidden_dim is None:
+            notes.append("the model exposes no final hidden states (ln_f / lm_head): Oja "
+                         "learns over hashed bigrams and no memories are written for it")
+        for name, store in self.stores.items():
+            if not self.own_writer and (store.dim_key, store.dim_value) != (hidden_dim,) * 2:
+                notes.append(f"memory store {name!r} ({store.dim_key}-d keys) is written by the "
+                             "model's own training forwards: it learns with --train-steps only")
+        return notes
 
     @torch.no_grad()
     def _hidden_dim(self) -> int | None:
@@ -168,17 +192,13 @@ class PlasticLearner:
         self.model(x, **compute_features(self.features, x))
         return None if self.hidden.value is None else int(self.hidden.value.shape[-1])
 
-    def _stores(self) -> dict[str, Any]:
+    def _stores(self) -> dict[str, EpisodicStore]:
         stores = getattr(self.model, "memory_stores", None)
         return dict(stores()) if callable(stores) else {}
 
     def _features(self) -> dict[str, Any]:
         names = getattr(self.model, "token_features", ()) if self.model is not None else ()
-        if not names:
-            return {}
-        from aura.data.prosody import token_features
-
-        return token_features(tuple(names), self.tokenizer)
+        return token_features(tuple(names), self.tokenizer) if names else {}
 
     def identity(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer.hash, "vocab": self.vocab, "window": self.window,
@@ -198,18 +218,19 @@ class PlasticLearner:
         if n and int(ids.max()) >= self.vocab:
             raise DataError(f"token id {int(ids.max())} is outside the model's vocabulary")
         chunk = self.window * self.cfg.chunk_windows
-        bits_sum, spiked, memories, residual, windows, grew = 0.0, 0, 0, 0.0, 0, 0
+        bits_sum, spiked, residual, windows, grew = 0.0, 0, 0.0, 0, 0
+        written = self._memories_written()
         for start in range(0, n, chunk):
             part = ids[start:start + chunk]
-            bits, hidden = self._surprise(part)
+            bits, hidden = self._surprise(part, remember=not warmup)
             spikes = self._spikes(part, bits)
             self.stdp.update(part, spikes)
             salience = self.stdp.modulate((bits / self.surprise_ema).float(), part)
             feats = self._window_features(part, hidden)
             self.whitener.update(feats)
             out = self.oja.step(self.whitener.transform(feats))
-            if hidden is not None and self.stores and not warmup:
-                memories += self._memorize(part, salience, hidden)
+            if hidden is not None and self.stores and not warmup and not self.own_writer:
+                self._memorize(part, salience, hidden)
             self.counts += torch.bincount(part, minlength=self.vocab).double()
             self._update_ema(bits)
             self.position += part.numel()
@@ -222,7 +243,7 @@ class PlasticLearner:
                  "spike_rate": spiked / max(n, 1), "oja_residual": residual / max(windows, 1),
                  "oja_components": float(self.oja.k), "oja_grew": float(grew)}
         if self.stores and not warmup:
-            stats["memories"] = float(memories)
+            stats["memories"] = float(self._memories_written() - written)
         if self.optimizer is not None and not warmup and n >= 2:
             stats["train_loss"] = self._train(ids, key)
         return stats
@@ -257,10 +278,12 @@ class PlasticLearner:
         return -torch.log2((self.counts[ids] + 1.0) / total)
 
     @torch.no_grad()
-    def _surprise(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _surprise(self, ids: torch.Tensor, remember: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Bits per token (float64) and, with a model, its final hidden states (T, D) or None.
 
         Under a model the first token of each window has no context: it keeps its unigram bits.
+        ``remember`` lets a model that writes its own memories queue this input's.
         """
         bits = self._unigram_bits(ids)
         if self.model is None:
@@ -270,7 +293,11 @@ class PlasticLearner:
         hidden, off = [], 0
         for g in groups:
             x = g.to(self.device)
-            logits = self.model(x, **compute_features(self.features, x)).logits
+            kw = compute_features(self.features, x)
+            if self.own_writer:
+                starts = int(self.position) + off + torch.arange(g.shape[0]) * g.shape[1]
+                kw |= {"remember": remember, "memory_pos": starts.to(self.device)}
+            logits = self.model(x, **kw).logits
             if x.shape[1] > 1:
                 logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
                 nll = -logp.gather(2, x[:, 1:, None]).squeeze(2).double().cpu() / math.log(2)
@@ -280,21 +307,22 @@ class PlasticLearner:
             off += g.numel()
         return bits, (torch.cat(hidden) if len(hidden) == len(groups) else None)
 
-    def _memorize(self, ids: torch.Tensor, salience: torch.Tensor, hidden: torch.Tensor) -> int:
-        """Write each window's most salient positions into every store whose sizes fit."""
+    def _memories_written(self) -> int:
+        """Memories ever written into the model's stores (ids are never reused); asking for
+        the stores also applies a model's queued writes."""
+        return sum(s.next_id for s in self._stores().values())
+
+    def _memorize(self, ids: torch.Tensor, salience: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Write each window's most salient positions into every store of the hidden width."""
         fits = [s for s in self.stores.values()
                 if s.dim_key == hidden.shape[1] and s.dim_value == hidden.shape[1]]
-        if not fits:
-            return 0
-        written, base = 0, int(self.position)
+        base = int(self.position)
         for off in range(0, ids.numel(), self.window):
             w = salience[off:off + self.window]
             top = torch.topk(w, min(self.cfg.memories_per_window, w.numel())).indices + off
             for store in fits:
                 store.write(hidden[top], hidden[top], salience[top], step=base + off,
                             source_pos=base + top)
-            written += top.numel()
-        return written
 
     def _train(self, ids: torch.Tensor, key: str) -> float:
         """``train_steps`` AdamW steps on random windows of this text, seeded by ``key``."""
@@ -308,7 +336,10 @@ class PlasticLearner:
             starts = torch.randint(0, ids.numel() - size, (self.cfg.train_batch,), generator=gen)
             x = torch.stack([ids[s:s + size] for s in starts.tolist()]).to(self.device)
             y = torch.stack([ids[s + 1:s + 1 + size] for s in starts.tolist()]).to(self.device)
-            out = self.model(x, y, **compute_features(self.features, x))
+            kw = compute_features(self.features, x)
+            if self.own_writer:  # the surprise pass already wrote this text's memories
+                kw["remember"] = False
+            out = self.model(x, y, **kw)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -375,7 +406,7 @@ class PlasticLearner:
                  else self.optim_tensors)
         if optim:
             save_file(optim, str(directory / OPTIM_FILE))
-        for name, store in self.stores.items():
+        for name, store in self._stores().items():  # with a model's queued writes applied
             store.save(directory / MEMORY_DIR / name)
 
     def load(self, directory: Path) -> None:

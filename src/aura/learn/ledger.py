@@ -130,21 +130,15 @@ class Ledger:
         self.db.execute("INSERT OR REPLACE INTO paths VALUES (?, ?, ?, ?, ?)",
                         (path, signature, sha256, reason, time.time_ns()))
 
-    def counts(self) -> dict[str, int]:
-        """Texts applied, and skipped per reason, over the ledger's whole history."""
-        out = {"applied": 0}
-        for status, reason, n in self.db.execute(
-                "SELECT status, reason, COUNT(*) FROM texts GROUP BY status, reason"):
-            out[reason if status == "skipped" else status] = n
-        for reason, n in self.db.execute(
-                "SELECT reason, COUNT(*) FROM paths WHERE reason IS NOT NULL GROUP BY reason"):
+    def skipped(self) -> dict[str, int]:
+        """Texts and paths skipped over the ledger's whole history, by reason."""
+        out: dict[str, int] = {}
+        for (reason, n) in self.db.execute(
+                "SELECT reason, COUNT(*) FROM texts WHERE status='skipped' GROUP BY reason "
+                "UNION ALL SELECT reason, COUNT(*) FROM paths WHERE reason IS NOT NULL "
+                "GROUP BY reason"):
             out[reason] = out.get(reason, 0) + n
         return out
-
-    def applied(self) -> list[tuple[str, str, int]]:
-        """(sha256, path, tokens) of every applied text, in the order it was learned."""
-        return self.db.execute("SELECT sha256, path, tokens FROM texts WHERE status='applied' "
-                               "ORDER BY seq").fetchall()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -140,6 +140,8 @@ class LearnService:
             self.ledger = Ledger(self.state.root / LEDGER)
             cfg = LearnerConfig(train_steps=opts.train_steps, lr=opts.lr, seed=opts.seed)
             self.learner = learner or build_learner(opts.model, opts.device, cfg)
+            for note in self.learner.notes:
+                self.log(f"note: {note}")
             self.relearned = self._restore()
         except BaseException:
             self._close()
@@ -381,7 +383,8 @@ class LearnService:
             skipped=dict(self.skipped), unchanged=self.session["unchanged"],
             duplicates=self.session["duplicates"], relearned=self.relearned,
             saves=self.session["saves"], warmup=list(self.meta["warmup"]),
-            total={**self.meta["learned"], "saves": self.meta["saves"]})
+            total={**self.meta["learned"], "saves": self.meta["saves"],
+                   "skipped": self.ledger.skipped()})
 
 
 def _text_size(path: Path) -> int:
