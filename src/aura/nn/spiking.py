@@ -48,11 +48,13 @@ def _surrogate(name: str, derivative: Callable[[torch.Tensor, float], torch.Tens
 
 
 def _fast_sigmoid_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
-    return x.abs().mul_(slope).add_(1).square_().reciprocal_()
+    return torch.add(x.new_ones(()), x.abs(), alpha=slope).pow_(-2)  # three passes over x
 
 
 def _atan_grad(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    return (x * (math.pi / 2 * alpha)).square_().add_(1).reciprocal_().mul_(alpha / 2)
+    # alpha/2 / (1 + k^2 x^2) = 1 / (2/alpha + (2/alpha) k^2 x^2): two passes over x
+    k = math.pi / 2 * alpha
+    return torch.addcmul(x.new_full((), 2 / alpha), x, x, value=2 * k * k / alpha).reciprocal_()
 
 
 FastSigmoid = _surrogate(
@@ -151,50 +153,66 @@ def leaky_scan(x: torch.Tensor, beta: torch.Tensor, mem: torch.Tensor) -> torch.
     return out.reshape(K * C, *x.shape[1:])[:T]
 
 
+_BLOCK = 1 << 16  # neurons per block: a block's per-step temporaries stay in cache over the steps
+
+
 def _lif_run(x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor, thr: torch.Tensor,
              hard: bool, steps: int | None, keep: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The LIF recurrence on plain tensors: spikes (or, for a constant input held ``steps``
     steps, the spike count), the final state and, if ``keep``, every pre-reset membrane.
 
-    A handful of whole-tensor ops per step, written into preallocated buffers; no autograd.
+    Three or four passes per step into preallocated buffers, no autograd. Neurons go through
+    all the steps one block at a time, so memory sees the input, the outputs and the kept
+    membranes once, and the state and spikes of a block stay in cache.
     """
     T = x.size(0) if steps is None else steps
-    shape = mem.shape
-    h_all = x.new_empty((T, *shape)) if keep else None
-    out = x.new_empty((T, *shape)) if steps is None else x.new_zeros(shape)
-    h = x.new_empty(shape)
+    shape, n = mem.shape, mem.numel()
+    xf, mf = x.reshape(-1, n), mem.reshape(n)
+    h_all = x.new_empty((T, n)) if keep else None
+    out = x.new_empty((T, n)) if steps is None else x.new_zeros(n)
+    final = x.new_empty(n)
+    h_buf, spike_buf = x.new_empty(min(n, _BLOCK)), x.new_empty(min(n, _BLOCK))
     neg_thr = -thr
-    for t in range(T):
-        if h_all is not None:
-            h = h_all[t]
-        torch.addcmul(x if steps is not None else x[t], mem, beta, out=h)  # beta m + x
-        fired = h > thr
-        if steps is None:
-            spikes = out[t].copy_(fired)
-        else:
-            spikes = fired.to(x.dtype)
-            out.add_(spikes)
-        # the new state never aliases h, which keep may still need
-        mem = torch.where(fired, 0, h) if hard else torch.addcmul(h, spikes, neg_thr)
-    return out, mem, h_all
+    for s in range(0, n, _BLOCK):
+        e = min(n, s + _BLOCK)
+        m, state, h, spikes = mf[s:e], final[s:e], h_buf[:e - s], spike_buf[:e - s]
+        for t in range(T):
+            if h_all is not None:
+                h = h_all[t, s:e]
+            torch.addcmul(xf[0 if steps is not None else t, s:e], m, beta, out=h)  # beta m + x
+            if steps is None:
+                fired = torch.gt(h, thr, out=out[t, s:e])
+            else:
+                fired = torch.gt(h, thr, out=spikes)
+                out[s:e].add_(fired)
+            if hard:  # h (1 - s), exactly 0 where it fired
+                m = torch.addcmul(h, h, fired, value=-1, out=state)
+            else:
+                m = torch.addcmul(h, fired, neg_thr, out=state)
+    return (out.view(T, *shape) if steps is None else out.view(shape), final.view(shape),
+            None if h_all is None else h_all.view(T, *shape))
 
 
 class _FusedLIF(torch.autograd.Function):
     """Soft- or hard-reset LIF over all steps as one autograd node.
 
-    Forward runs ``_lif_run`` and keeps the pre-reset membranes; backward walks the steps in
-    reverse, exactly the gradient autograd would take through the step-by-step graph (surrogate
-    at each spike, reset detached): ``dL/dh_t = g_t s'(h_t - thr) + dL/dm_t * (1 or 1 - s_t)``,
-    ``dL/dm_{t-1} = beta dL/dh_t``. About a third of the memory traffic of the unfused graph.
+    Backward is exactly the gradient autograd would take through the step-by-step graph
+    (surrogate at each spike, reset detached): ``dL/dh_t = g_t s'(h_t - thr) + dL/dm_t * (1, or
+    1 - s_t if hard)`` and ``dL/dm_{t-1} = beta dL/dh_t``, walked in reverse over the kept
+    pre-reset membranes ``h_t``. For a constant input with a soft reset and fixed parameters
+    (the SNN FFN) the walk has a closed form, ``dL/dx = g sum_u c_u s'_u + c_{T-1} dL/dm_{T-1}``
+    with ``c_u = 1 + beta c_{u-1}``, ``c_0 = 1``, which runs forward in time: the membranes are
+    recomputed block by block instead of kept, so the layer stores only its input.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor,
                 thr: torch.Tensor, hard: bool, steps: int | None, spike: NamedSpike
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, final, h_all = _lif_run(x, mem, beta, thr, hard, steps, keep=True)
-        ctx.save_for_backward(h_all, mem, beta, thr)
+        ctx.closed_form = steps is not None and not hard and not any(ctx.needs_input_grad[1:4])
+        out, final, h_all = _lif_run(x, mem, beta, thr, hard, steps, keep=not ctx.closed_form)
+        ctx.save_for_backward(x if ctx.closed_form else h_all, mem, beta, thr)
         ctx.set_materialize_grads(False)  # an unused output (often the state) costs nothing
         ctx.hard, ctx.steps, ctx.spike = hard, steps, spike
         return out, final
@@ -203,41 +221,84 @@ class _FusedLIF(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g_out: torch.Tensor | None, g_mem: torch.Tensor | None
                  ) -> tuple[torch.Tensor | None, ...]:
-        h_all, mem0, beta, thr = ctx.saved_tensors
-        steps, hard = ctx.steps, ctx.hard
+        saved, mem0, beta, thr = ctx.saved_tensors
+        if ctx.closed_form:
+            gx = _constant_soft_grad(saved, mem0, beta, thr, ctx.steps, ctx.spike, g_out, g_mem)
+            return gx, None, None, None, None, None, None
         need_x, need_mem, need_beta, need_thr = ctx.needs_input_grad[:4]
-        carry = torch.zeros_like(mem0) if g_mem is None else g_mem.clone()  # dL/dm_t
-        constant = steps is not None
-        gx = torch.zeros_like(mem0) if constant else torch.empty_like(h_all)
-        g_beta = torch.zeros((), dtype=beta.dtype, device=beta.device) if need_beta else None
-        g_thr = torch.zeros((), dtype=thr.dtype, device=thr.device) if need_thr else None
-        for t in range(h_all.size(0) - 1, -1, -1):
-            h = h_all[t]
-            fired = h > thr if hard or need_thr else None
-            if need_thr and not hard:  # the soft reset subtracts thr where it fired
-                g_thr -= carry[fired].sum()
-            if hard:
-                carry = carry.masked_fill_(fired, 0)
-            if g_out is not None:
-                g_spike = (g_out if constant else g_out[t]) * ctx.spike.derivative(h - thr)
-                if need_thr:
-                    g_thr -= g_spike.sum()
-                gh = carry.add_(g_spike)
-            else:
-                gh = carry
-            if constant:
-                gx.add_(gh)
-            else:
-                gx[t] = gh
-            if need_beta:
-                prev = mem0 if t == 0 else h_all[t - 1]
-                if t > 0:
-                    fired_prev = prev > thr
-                    prev = torch.where(fired_prev, 0, prev) if hard else prev - fired_prev * thr
-                g_beta += (gh * prev).sum()
-            carry = gh.mul_(beta) if constant else gh * beta
-        return (gx if need_x else None, carry if need_mem else None, g_beta, g_thr,
+        grads = _reverse_grad(saved, mem0, beta, thr, ctx.hard, ctx.steps is not None,
+                              ctx.spike, g_out, g_mem, need_beta, need_thr)
+        gx, g_mem0, g_beta, g_thr = grads
+        return (gx if need_x else None, g_mem0 if need_mem else None, g_beta, g_thr,
                 None, None, None)
+
+
+def _constant_soft_grad(x: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
+                        thr: torch.Tensor, steps: int, spike: NamedSpike,
+                        g_out: torch.Tensor | None, g_mem: torch.Tensor | None) -> torch.Tensor:
+    """dL/dx by the closed form in ``_FusedLIF``, re-running the recurrence block by block."""
+    n = x.numel()
+    coef = [torch.ones_like(beta)]
+    for _ in range(steps - 1):
+        coef.append(1 + beta * coef[-1])
+    gx = x.new_zeros(n)
+    if g_out is not None:
+        xf, mf, go = x.reshape(n), mem0.reshape(n), g_out.reshape(n)
+        h_buf, spike_buf, state_buf = (x.new_empty(min(n, _BLOCK)) for _ in range(3))
+        for s in range(0, n, _BLOCK):
+            e = min(n, s + _BLOCK)
+            m, h, spikes, state = mf[s:e], h_buf[:e - s], spike_buf[:e - s], state_buf[:e - s]
+            acc = None
+            for u in range(steps):
+                torch.addcmul(xf[s:e], m, beta, out=h)
+                sg = spike.derivative(h - thr)
+                acc = sg if acc is None else acc.addcmul_(sg, coef[u])
+                if u < steps - 1:
+                    m = torch.addcmul(h, torch.gt(h, thr, out=spikes), -thr, out=state)
+            torch.mul(acc, go[s:e], out=gx[s:e])
+    if g_mem is not None:
+        gx.addcmul_(g_mem.reshape(n), coef[-1])
+    return gx.view(x.shape)
+
+
+def _reverse_grad(h_all: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
+                  thr: torch.Tensor, hard: bool, constant: bool, spike: NamedSpike,
+                  g_out: torch.Tensor | None, g_mem: torch.Tensor | None, need_beta: bool,
+                  need_thr: bool) -> tuple[torch.Tensor, torch.Tensor | None, ...]:
+    """The general backward: the recurrence of ``_FusedLIF`` walked from the last step."""
+    carry = None if g_mem is None else g_mem.clone()  # dL/dm_t, owned
+    gx = torch.zeros_like(mem0 if constant else h_all)
+    g_beta = torch.zeros_like(beta) if need_beta else None
+    g_thr = torch.zeros_like(thr) if need_thr else None
+    for t in range(h_all.size(0) - 1, -1, -1):
+        h = h_all[t]
+        fired = h > thr if hard or need_thr else None
+        if carry is not None and need_thr and not hard:  # the soft reset subtracts thr
+            g_thr -= carry[fired].sum()
+        if carry is not None and hard:
+            carry.masked_fill_(fired, 0)
+        gh = carry
+        if g_out is not None:
+            dest = None if constant else gx[t]
+            gh = torch.mul(spike.derivative(h - thr), g_out if constant else g_out[t], out=dest)
+            if need_thr:
+                g_thr -= gh.sum()
+            if carry is not None:
+                gh.add_(carry)
+        if gh is None:  # no gradient reaches this step or any before it
+            break
+        if constant:
+            gx.add_(gh)
+        elif g_out is None:
+            gx[t] = gh
+        if need_beta:
+            prev = mem0 if t == 0 else h_all[t - 1]
+            if t > 0:
+                s_prev = prev > thr
+                prev = torch.where(s_prev, 0, prev) if hard else prev - s_prev * thr
+            g_beta += (gh * prev).sum()
+        carry = gh * beta
+    return gx, carry, g_beta, g_thr
 
 
 def _logit(p: float) -> float:
