@@ -136,6 +136,21 @@ def test_flush_drops_non_finite_encodings() -> None:
     assert layer.flush() == 0  # nothing queued twice
 
 
+def test_energy_counts_every_product_of_the_read() -> None:
+    """aura.eval.energy sees the exact search, the projections and the attention over top-k."""
+    from aura.eval.energy import count_energy
+
+    model = populated()
+    B, k, cap = 2, 3, 64
+    report = count_energy(model, tokens(B))
+    ops = {(r.name, r.kind): r.ops for r in report.layers if ".memory" in r.name}
+    n = B * BLOCK
+    assert ops[("blocks.1.memory.retrieve", "linear")] == n * C * C
+    assert ops[("blocks.1.memory.kv", "linear")] == n * k * C * 2 * C
+    assert ops[("blocks.1.memory", "matmul")] == n * cap * C + 2 * n * k * C  # search; attention
+    assert all(not r.spike_input for r in report.layers if ".memory" in r.name)
+
+
 # --- causality ------------------------------------------------------------------------------
 
 

@@ -12,6 +12,11 @@ Gradients: the stored entries are constants. ``Retrieval.scores`` are differenti
 queries, so the retrieval projection learns through the score term of the attention logits; the
 q/kv/out projections and the gate learn as in any attention layer.
 
+Energy: every product here, the store's exact search included (a (B*T, capacity) matmul run
+while this module is the innermost one), is an ordinary torch op, so ``aura.eval.energy`` counts
+it without an ``energy_ops`` report (a FAISS search runs outside torch and is not counted; its
+candidates' re-scoring is).
+
 Causality is the caller's contract, kept by when entries are written (see ``remember``/``flush``
 and the model that owns the layer): a forward never reads entries it wrote itself.
 """
@@ -134,22 +139,12 @@ class MemoryCrossAttention(nn.Module):
                 "gate": gate.float().mean(),
                 "top_score": top.sum() / found.sum().clamp(min=1),
                 "hit_rate": got.mask.float().mean(),
-                "macs": torch.tensor(self.macs_per_token() * B * T, device=h.device),
             }
         return gate * self.drop(self.proj(out))
 
-    def macs_per_token(self) -> int:
-        """Dense multiply-adds one token's read costs: the projections, the exact search over
-        every slot of the bank (as ``ExactIndex`` computes it), the attention over top_k."""
-        C, k = self.q.in_features, self.top_k
-        search = self.store.capacity * C
-        projections = C * C * 3 + k * C * 2 * C + C  # retrieve, q, proj; kv of k entries; gate
-        attention = 2 * k * C  # logits and the weighted sum, over all heads
-        return search + projections + attention
-
     def metrics(self) -> dict[str, torch.Tensor]:
         """The last read's detached mean ``gate``, mean best cosine ``top_score`` (over tokens
-        that found an entry), ``hit_rate`` (filled top-k slots) and ``macs``."""
+        that found an entry) and ``hit_rate`` (the fraction of top-k slots filled)."""
         if not self._metrics:
             raise RuntimeError("metrics are recorded by forward; call the module first")
         return dict(self._metrics)
