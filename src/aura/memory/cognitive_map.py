@@ -7,7 +7,7 @@ own list, which is exactly its new k nearest. Removing keys re-searches only the
 edge. The graph is therefore always the exact kNN graph of the keys present (ties aside).
 
 The reverse step needs every node's similarity to the new keys, i.e. whole similarity rows, so
-the map runs on ``ExactIndex``; over a FAISS bank it would merge forward candidates instead.
+the map runs on ``ExactIndex``'s buffer (which ``FaissIndex`` extends), O(n) per new key.
 """
 
 from __future__ import annotations

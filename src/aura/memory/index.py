@@ -1,8 +1,9 @@
 """Cosine-similarity vector indexes over integer ids in ``[0, capacity)``.
 
 ``VectorIndex`` is the surface the episodic store searches through. ``ExactIndex`` is brute force
-(one matmul and a top-k), exact and fast up to tens of thousands of keys; a FAISS backend will
-implement the same protocol for large banks, where an approximate search is worth its recall.
+(one matmul and a top-k), exact and fast up to tens of thousands of keys; ``FaissIndex``
+(faiss_index.py) implements the same protocol for large banks, where an approximate search is
+worth its recall.
 """
 
 from __future__ import annotations
