@@ -126,6 +126,16 @@ def test_gradients_reach_the_query_projection_not_the_bank() -> None:
     assert not store.values.requires_grad and torch.equal(store.values, before)
 
 
+def test_a_faiss_bank_reads_what_the_exact_one_reads() -> None:
+    pytest.importorskip("faiss")
+    exact, faiss = populated(), populated("model.memory_index=faiss")
+    assert type(bank(faiss).index).__name__ == "FaissIndex"
+    x = tokens(2, seed=12)
+    torch.testing.assert_close(faiss(x).logits, exact(x).logits)
+    memory_layer(faiss)(torch.randn(2, 6, C)).pow(2).sum().backward()
+    assert memory_layer(faiss).retrieve.weight.grad.abs().sum() > 0  # FAISS scores are rescored
+
+
 def test_flush_drops_non_finite_encodings() -> None:
     layer = memory_layer(small())
     h = torch.randn(2, 2 * CHUNK, C)

@@ -64,6 +64,8 @@ class SNNRAGConfig(ModelConfig):
     memory_top_k: int = 4  # entries each token attends over
     memory_chunk: int = 16  # tokens per entry (a window shorter than this writes none)
     memory_decay: float = 0.03  # strength lost per write step (seed 002's rate)
+    # The bank's search: torch's exact scan, FAISS (faiss-cpu), or FAISS for big CPU banks only.
+    memory_index: Literal["exact", "faiss", "auto"] = "exact"
 
     def problems(self) -> list[str]:
         n, out = self.n_layer, []
@@ -126,7 +128,8 @@ class SNNRAG(AuraModel):
         self.config = config
         self.memory_layers = config.memory_layer_indices()
         stores = {i: EpisodicStore(config.n_embd, config.n_embd, config.memory_capacity,
-                                   config.memory_decay) for i in self.memory_layers}
+                                   config.memory_decay, index=config.memory_index)
+                  for i in self.memory_layers}
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
