@@ -4,6 +4,7 @@ directory, never in the user's run."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,8 +12,6 @@ import random
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from aura.cli import main
 from aura.data.tokenizers import ByteTokenizer
 from aura.learn import LearnOptions, LearnService, classify
 from aura.learn.learner import LEARNER_FILE, MODEL_FILE
@@ -183,26 +183,35 @@ def test_any_bytes_are_learned_or_skipped_never_a_crash(tmp_path: Path) -> None:
 # --- exactly once under kill -9 ----------------------------------------------------------------
 
 
-# Imports Aura once, then forks one service per line on stdin and reports its pid: a real
-# process to kill -9 without paying the interpreter's start-up for every run.
-_FORKER = """
-import os, sys
-import torch
-from aura.cli import main
-torch.set_num_threads(1)
-for _ in sys.stdin:
+def fork_service(argv: list[str]) -> int:
+    """``aura ARGV`` in a forked child process (Aura is already imported: no start-up cost)."""
     pid = os.fork()
-    if pid == 0:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-        os._exit(main(sys.argv[1:]))
-    print(pid, flush=True)
-    print(os.waitpid(pid, 0)[1], flush=True)
-"""
+    if pid == 0:  # the child: one thread, as DataLoader workers do after a fork
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            code = main(argv)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def kill_unless_done(pid: int) -> int:
+    """SIGKILL the child unless it has exited; its wait status. Only its parent reaps it, so
+    the pid cannot name another process yet."""
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if not done:
+        os.kill(pid, signal.SIGKILL)
+        status = os.waitpid(pid, 0)[1]
+    return status
 
 
 def test_kill9_at_random_moments_loses_and_doubles_nothing(tmp_path: Path) -> None:
-    """Kill the service with SIGKILL at random moments (inside a file's step, inside a save)
-    and restart it: the final state equals an uninterrupted run's, bit for bit."""
+    """Kill the service with SIGKILL at random moments (starting, inside a file's step, inside
+    a save) and restart it: the final state equals an uninterrupted run's, bit for bit."""
     watch = tmp_path / "inbox"
     write_dir(watch, make_docs(40, seed=9, words=(20, 40)))
     reference = tmp_path / "reference"
@@ -210,29 +219,30 @@ def test_kill9_at_random_moments_loses_and_doubles_nothing(tmp_path: Path) -> No
 
     state = tmp_path / "state"
     argv = ["learn", "--watch", str(watch), "--state", str(state), "--once", "--json",
-            "--save-every", "3", "--step-delay", "0.01"]
-    forker = subprocess.Popen([sys.executable, "-c", _FORKER, *argv], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert forker.stdin is not None and forker.stdout is not None
+            "--save-every", "4", "--step-delay", "0.01"]
     rng = random.Random(7)
     progress = []
-    try:
-        for _ in range(4):
-            forker.stdin.write("run\n")
-            forker.stdin.flush()
-            pid = int(forker.stdout.readline())
+
+    def generation() -> str | None:
+        with contextlib.suppress(OSError):
+            return (state / CURRENT).read_text()
+        return None
+
+    for run in range(5):
+        seen = generation()
+        pid = fork_service(argv)
+        if run % 2 == 0:  # after this run's next save, else anywhere from its start
             deadline = time.monotonic() + 20
-            while not (state / CURRENT).exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.4))
-            os.kill(pid, signal.SIGKILL)
-            status = int(forker.stdout.readline())
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-            progress.append(len(ledger_rows(state)))
-    finally:
-        forker.stdin.close()
-        forker.wait(timeout=20)
-    assert 0 < max(progress) < 40, progress  # killed mid-run, after some work was saved
+            while generation() == seen and time.monotonic() < deadline:
+                time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.2))
+        status = kill_unless_done(pid)
+        if not os.WIFSIGNALED(status):  # it finished first
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            break
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        progress.append(len(ledger_rows(state)))
+    assert len(progress) >= 3 and 0 < max(progress) < 40, progress  # killed mid-run
     before = len(ledger_rows(state))
     s = service(watch, state=state).run()
     rows = ledger_rows(state)
