@@ -336,6 +336,51 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_plot)
 
 
+# --- aura analyze ----------------------------------------------------------------------------
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from aura.plasticity.affect import (
+        TONES,
+        AffectModel,
+        default_model,
+        default_model_dir,
+        lexicon_labels,
+    )
+
+    text = args.text
+    if text == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise AuraError(f"standard input is not UTF-8 text: {exc}") from None
+    if not text.strip():
+        raise AuraError("TEXT is empty: give the text to analyze (or - to read stdin)")
+    model = AffectModel.load(args.model) if args.model else default_model()
+    result = model.predict([text])[0]
+    if args.json:
+        valence, arousal, tone = lexicon_labels([text])[0].tolist()
+        lexicon = {"valence": valence, "arousal": arousal, "tone": TONES[int(tone)]}
+        _print_json({**result.to_dict(), "lexicon": lexicon,
+                     "model": str(args.model or default_model_dir())})
+    else:
+        print(f"valence {result.valence:+.3f}  arousal {result.arousal:.3f}  tone {result.tone}")
+    return EXIT_OK
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser(
+        "analyze", help="valence, arousal and tone of a text",
+        description="Hashed n-gram features -> online whitener -> Oja layer -> ridge readout, "
+        "trained on VADER lexicon labels. Without --model, a default model is trained once on "
+        "builtin:shakespeare (a few seconds) and cached under $XDG_CACHE_HOME/aura.",
+    )
+    a.add_argument("text", metavar="TEXT", help="the text to analyze; - reads standard input")
+    a.add_argument("--model", metavar="DIR", help="a saved affect model (AffectModel.save)")
+    a.add_argument("--json", action="store_true", help="also the lexicon's own labels")
+    a.set_defaults(func=_cmd_analyze)
+
+
 # --- aura memory -----------------------------------------------------------------------------
 
 
@@ -441,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_config(sub)
     _add_run_commands(sub)
+    _add_analyze(sub)
     _add_learn(sub)
     _add_memory(sub)
     return parser

@@ -126,12 +126,20 @@ class OnlineWhitener:
                 "dtype": str(self.dtype).removeprefix("torch.")}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "cov": self.cov, "steps": torch.tensor(self.steps)}
+        """Statistics, plus the whitening matrix when one was computed (loading then needs no
+        eigendecomposition)."""
+        out = {"mean": self.mean, "cov": self.cov, "steps": torch.tensor(self.steps)}
+        if self._refreshed_at is not None:
+            out |= {"matrix": self.matrix, "refreshed_at": torch.tensor(self._refreshed_at)}
+        return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         copy_into({"mean": self.mean, "cov": self.cov}, tensors, "OnlineWhitener state")
         self.steps = int(tensors.get("steps", torch.tensor(0)))
         self._refreshed_at = None
+        if "matrix" in tensors and "refreshed_at" in tensors:
+            copy_into({"matrix": self.matrix}, tensors, "OnlineWhitener state")
+            self._refreshed_at = int(tensors["refreshed_at"])
 
     def save(self, path: Any) -> Any:
         return save_state(path, "OnlineWhitener", self.config(), self.state_dict())
