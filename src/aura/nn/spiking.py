@@ -264,41 +264,53 @@ def _constant_soft_grad(x: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
 def _reverse_grad(h_all: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
                   thr: torch.Tensor, hard: bool, constant: bool, spike: NamedSpike,
                   g_out: torch.Tensor | None, g_mem: torch.Tensor | None, need_beta: bool,
-                  need_thr: bool) -> tuple[torch.Tensor, torch.Tensor | None, ...]:
-    """The general backward: the recurrence of ``_FusedLIF`` walked from the last step."""
-    carry = None if g_mem is None else g_mem.clone()  # dL/dm_t, owned
-    gx = torch.zeros_like(mem0 if constant else h_all)
+                  need_thr: bool) -> tuple[torch.Tensor, torch.Tensor, ...]:
+    """The general backward: the recurrence of ``_FusedLIF`` walked from the last step, one
+    block of neurons at a time (so the carried gradient stays in cache)."""
+    T, n = h_all.size(0), mem0.numel()
+    hf, mf = h_all.reshape(T, n), mem0.reshape(n)
+    go = None if g_out is None else g_out.reshape(-1, n)  # (1 or T, n)
+    gm = None if g_mem is None else g_mem.reshape(n)
+    gx = h_all.new_zeros(n) if constant or go is None else h_all.new_empty((T, n))
+    g_mem0 = mem0.new_zeros(n)
     g_beta = torch.zeros_like(beta) if need_beta else None
     g_thr = torch.zeros_like(thr) if need_thr else None
-    for t in range(h_all.size(0) - 1, -1, -1):
-        h = h_all[t]
-        fired = h > thr if hard or need_thr else None
-        if carry is not None and need_thr and not hard:  # the soft reset subtracts thr
-            g_thr -= carry[fired].sum()
-        if carry is not None and hard:
-            carry.masked_fill_(fired, 0)
-        gh = carry
-        if g_out is not None:
-            dest = None if constant else gx[t]
-            gh = torch.mul(spike.derivative(h - thr), g_out if constant else g_out[t], out=dest)
-            if need_thr:
-                g_thr -= gh.sum()
-            if carry is not None:
-                gh.add_(carry)
-        if gh is None:  # no gradient reaches this step or any before it
-            break
-        if constant:
-            gx.add_(gh)
-        elif g_out is None:
-            gx[t] = gh
-        if need_beta:
-            prev = mem0 if t == 0 else h_all[t - 1]
-            if t > 0:
-                s_prev = prev > thr
-                prev = torch.where(s_prev, 0, prev) if hard else prev - s_prev * thr
-            g_beta += (gh * prev).sum()
-        carry = gh * beta
-    return gx, carry, g_beta, g_thr
+    for s in range(0, n, _BLOCK):
+        e = min(n, s + _BLOCK)
+        carry = None if gm is None else gm[s:e].clone()  # dL/dm_t, owned
+        for t in range(T - 1, -1, -1):
+            h = hf[t, s:e]
+            fired = h > thr if hard or need_thr else None
+            if carry is not None and need_thr and not hard:  # the soft reset subtracts thr
+                g_thr -= carry[fired].sum()
+            if carry is not None and hard:
+                carry.masked_fill_(fired, 0)
+            gh = carry
+            if go is not None:
+                dest = None if constant else gx[t, s:e]
+                g_t = go[0 if constant else t, s:e]
+                gh = torch.mul(spike.derivative(h - thr), g_t, out=dest)
+                if need_thr:
+                    g_thr -= gh.sum()
+                if carry is not None:
+                    gh.add_(carry)
+            if gh is None:  # no gradient reaches this step or any before it
+                break
+            if constant:
+                gx[s:e].add_(gh)
+            elif go is None:
+                gx[t, s:e] = gh
+            if need_beta:
+                prev = mf[s:e] if t == 0 else hf[t - 1, s:e]
+                if t > 0:
+                    s_prev = prev > thr
+                    prev = torch.where(s_prev, 0, prev) if hard else prev - s_prev * thr
+                g_beta += (gh * prev).sum()
+            carry = gh * beta
+        if carry is not None:
+            g_mem0[s:e] = carry
+    return (gx.view(mem0.shape if constant else h_all.shape), g_mem0.view(mem0.shape),
+            g_beta, g_thr)
 
 
 def _logit(p: float) -> float:
