@@ -242,7 +242,7 @@ class AffectModel:
             whitener = OnlineWhitener.from_state(config["whitener"], part("whitener."))
             oja = OjaLayer.from_state(config["oja"], part("oja."))
             readout = tensors["readout"].double()
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, DataError) as exc:
             raise DataError(f"affect model {path}: inconsistent state ({exc})") from None
         if readout.shape != (oja.k + 1, 5) or len({features.dim, whitener.dim, oja.dim}) != 1:
             raise DataError(f"affect model {path}: readout or sizes do not match")
@@ -272,12 +272,14 @@ def shakespeare_sentences(held_out: bool = False, every: int = 7) -> list[str]:
 
 
 DEFAULT_TRAIN_SENTENCES = 20_000
+DEFAULT_FIT: dict[str, Any] = {}  # AffectModel.fit's keyword arguments for the default model
 
 
 def default_model_dir() -> Path:
     """Where the default model is cached: ``$XDG_CACHE_HOME/aura`` (``~/.cache/aura``)."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    digest = hashlib.sha256(json.dumps([FORMAT_TAG, DEFAULT_TRAIN_SENTENCES]).encode())
+    key = [FORMAT_TAG, DEFAULT_TRAIN_SENTENCES, DEFAULT_FIT]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     return Path(root) / "aura" / f"affect-{digest.hexdigest()[:12]}"
 
 
@@ -297,6 +299,6 @@ def default_model() -> AffectModel:
     stride = max(1, math.ceil(len(train) / DEFAULT_TRAIN_SENTENCES))
     print(f"aura: training the default affect model on builtin:shakespeare (once; cached in "
           f"{path})", file=sys.stderr)
-    model = AffectModel.fit(train[::stride])
+    model = AffectModel.fit(train[::stride], **DEFAULT_FIT)
     model.save(path)
     return model
