@@ -2,18 +2,19 @@
 
 Which FAISS index. Measured on 1M random unit keys (d=256), noisy queries at cosine 0.8 to their
 source (``benchmarks/retrieval_bench.py``): an inverted file (IVF-Flat, 4096 cells, 256 probed)
-puts the source in the top 5 ~99% of the time at ~1-3 ms a query, against ~15-200 ms for an
-exact scan. On 200k keys HNSW (M=32) took 75 s to build and 1.1 ms a query for 97% recall where
-IVF took 6 s to train and 0.4 ms for 99%; and HNSW cannot delete, which a store that evicts on
-every write needs, while IVF deletes in O(1) through a hash-table id map. Random keys are IVF's
-worst case; clustered keys (real embeddings) do better at the same settings.
+puts the source in the top 5 98% of the time at 8-11 ms a query on two busy cores, against
+47-266 ms for an exact scan, which reads the whole 1 GB bank per query. On 200k keys HNSW (M=32)
+took 75 s to build and 1.1 ms a query for 97% recall where IVF took 6 s to train and 0.4 ms for
+99%; and HNSW cannot delete, which a store that evicts on every write needs, while IVF deletes in
+O(1) through a hash-table id map. Random keys are IVF's worst case; clustered keys (real
+embeddings) do better at the same settings.
 
 Lifecycle. ``kind="flat"`` is exact (``IndexIDMap2(IndexFlatIP)``, a scan of the live keys only).
 ``kind="ivf"`` starts flat too, because IVF cells are learned: once ``train_size`` keys are live
 it runs k-means over them and moves to IVF, and it trains again after every ``retrain_every``
 adds (default: the capacity, one turnover of the bank) so keys that drift, as a model's do while
-it learns, keep well-placed cells. Training is a pause of about half a minute per 100k training
-keys at 4096 cells on two cores, inside the ``add`` that triggers it.
+it learns, keep well-placed cells. Training is a pause inside the ``add`` that triggers it:
+30-80 s for 131k training keys and 4096 cells (a 1M bank) on two cores.
 
 Scores. Keys also live in the parent ``ExactIndex`` buffer (the keys take twice the memory).
 FAISS only proposes candidates; their scores are recomputed in torch, so they are exact cosines
