@@ -180,6 +180,21 @@ def test_any_bytes_are_learned_or_skipped_never_a_crash(tmp_path: Path) -> None:
     assert learned[0] == learned[1] == learned_tensors(state)["position"].item()
 
 
+def test_a_failed_whitening_skips_that_oja_step_not_the_file(
+        watch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aura.plasticity import OnlineWhitener
+
+    def fail(*_a: object, **_kw: object) -> torch.Tensor:
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(OnlineWhitener, "transform", fail)
+    svc = service(watch)
+    stats = svc.learner.apply("A text whose Oja step cannot run.", "key")
+    assert stats["oja_skipped"] == 1 and stats["tokens"] == 33
+    assert "oja_residual" not in svc.learner.evaluate(["held out"])
+    assert svc.run().learned == 6
+
+
 # --- exactly once under kill -9 ----------------------------------------------------------------
 
 

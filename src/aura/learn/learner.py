@@ -33,6 +33,7 @@ everything a chunk learns is in place before the next chunk is measured:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -164,8 +165,11 @@ class PlasticLearner:
         self.prosody = Prosody.from_tokenizer(self.tokenizer)
         self.notes = self._notes(hidden_dim)
         self.stdp = TokenSTDP(self.vocab, lr_plus=0.01, lr_minus=0.005, alpha=0.2)
-        self.whitener = OnlineWhitener(dim, eps=1.0)  # eps ~1 keeps the variances' order
-        self.oja = OjaLayer(dim, min(16, dim), grow_threshold=0.5, seed=self.cfg.seed)
+        # float64: LAPACK's float32 eigh fails to converge on some near-zero covariances of
+        # sparse features; eps ~1 keeps the order of the variances for Oja
+        self.whitener = OnlineWhitener(dim, eps=1.0, dtype=torch.float64)
+        self.oja = OjaLayer(dim, min(16, dim), grow_threshold=0.5, seed=self.cfg.seed,
+                            dtype=torch.float64)
         self.optimizer: torch.optim.Optimizer | None = None
         self.model_changed = False  # weights differ from the run's: saved with the state
         self.optim_tensors: dict[str, torch.Tensor] = {}  # kept across a session not training
@@ -218,7 +222,7 @@ class PlasticLearner:
         if n and int(ids.max()) >= self.vocab:
             raise DataError(f"token id {int(ids.max())} is outside the model's vocabulary")
         chunk = self.window * self.cfg.chunk_windows
-        bits_sum, spiked, residual, windows, grew = 0.0, 0, 0.0, 0, 0
+        bits_sum, spiked, residual, windows, grew, oja_skipped = 0.0, 0, 0.0, 0, 0, 0
         written = self._memories_written()
         for start in range(0, n, chunk):
             part = ids[start:start + chunk]
@@ -227,8 +231,7 @@ class PlasticLearner:
             self.stdp.update(part, spikes)
             salience = self.stdp.modulate((bits / self.surprise_ema).float(), part)
             feats = self._window_features(part, hidden)
-            self.whitener.update(feats)
-            out = self.oja.step(self.whitener.transform(feats))
+            out = self._oja_step(feats)
             if hidden is not None and self.stores and not warmup and not self.own_writer:
                 self._memorize(part, salience, hidden)
             self.counts += torch.bincount(part, minlength=self.vocab).double()
@@ -236,12 +239,16 @@ class PlasticLearner:
             self.position += part.numel()
             bits_sum += float(bits.sum())
             spiked += int((spikes.sum(1) > 0).sum())
-            residual += out["residual"] * feats.shape[0]
-            windows += feats.shape[0]
-            grew += int(out["grew"])
+            if out is not None:
+                residual += out["residual"] * feats.shape[0]
+                windows += feats.shape[0]
+                grew += int(out["grew"])
+            else:
+                oja_skipped += 1
         stats = {"tokens": float(n), "surprise_bits": bits_sum / max(n, 1),
                  "spike_rate": spiked / max(n, 1), "oja_residual": residual / max(windows, 1),
-                 "oja_components": float(self.oja.k), "oja_grew": float(grew)}
+                 "oja_components": float(self.oja.k), "oja_grew": float(grew),
+                 "oja_skipped": float(oja_skipped)}
         if self.stores and not warmup:
             stats["memories"] = float(self._memories_written() - written)
         if self.optimizer is not None and not warmup and n >= 2:
@@ -260,6 +267,15 @@ class PlasticLearner:
         boundary = (prosody[:, SENTENCE_END] > 0) | (prosody[:, PARAGRAPH] > 0)
         return torch.stack([bits > self.surprise_ema, boundary, prosody[:, AROUSAL] >= 0.5],
                            dim=1).float()
+
+    def _oja_step(self, feats: torch.Tensor) -> dict[str, Any] | None:
+        """Whiten and learn one chunk's window features; None (the chunk's Oja step skipped,
+        the whitener's statistics kept) if the covariance's eigendecomposition fails."""
+        self.whitener.update(feats)
+        try:
+            return self.oja.step(self.whitener.transform(feats))
+        except torch.linalg.LinAlgError:
+            return None
 
     def _window_features(self, ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         """One vector per window: the mean hidden state, or hashed bigram frequencies."""
@@ -374,11 +390,12 @@ class PlasticLearner:
         if self.model is not None:
             out["model_bits"] = model_bits / max(model_n, 1)
         if feats and self.whitener.steps:
-            z = self.whitener.transform(torch.cat(feats))
-            w = self.oja.components
-            energy = float(z.square().sum())
-            lost = float((z - (z @ w.T) @ w).square().sum())
-            out["oja_residual"] = lost / energy if energy > 0 else 0.0
+            with contextlib.suppress(torch.linalg.LinAlgError):  # see _oja_step
+                z = self.whitener.transform(torch.cat(feats))
+                w = self.oja.components
+                energy = float(z.square().sum())
+                lost = float((z - (z @ w.T) @ w).square().sum())
+                out["oja_residual"] = lost / energy if energy > 0 else 0.0
         return out
 
     # --- state ---------------------------------------------------------------------------------

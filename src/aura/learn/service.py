@@ -89,9 +89,10 @@ class LearnSummary:
     tokens: int
     megabytes: float
     seconds: float
+    busy_seconds: float  # reading, learning and saving: what the throughput is measured over
     mb_per_minute: float
     skipped: dict[str, int]  # this session, by reason
-    unchanged: int
+    unchanged: int  # in the last pass
     duplicates: int
     relearned: int  # texts rolled back at start (learned after the last save of a crashed run)
     saves: int
@@ -101,7 +102,8 @@ class LearnSummary:
     def describe(self) -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
         return (f"learned {self.learned} files ({self.megabytes:.2f} MB, {self.tokens:,} tokens) "
-                f"in {self.seconds:.1f} s ({self.mb_per_minute:.2f} MB/min); skipped: {skipped}; "
+                f"in {self.busy_seconds:.1f} s of work ({self.mb_per_minute:.2f} MB/min); "
+                f"skipped: {skipped}; "
                 f"{self.unchanged} unchanged, {self.duplicates} duplicate content; "
                 f"{self.total.get('texts', 0)} texts learned in all; state in {self.state_dir}")
 
@@ -151,6 +153,7 @@ class LearnService:
         self.session: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
         self._dirty, self._since_save, self._saved_at = False, 0, time.monotonic()
+        self.busy = 0.0  # seconds spent reading, learning and saving (not waiting)
 
     def log(self, message: str, quiet: bool = False) -> None:
         """One line to learn.log, and to stderr unless ``quiet``."""
@@ -191,6 +194,7 @@ class LearnService:
         return len(relearn)
 
     def save(self) -> None:
+        start = time.monotonic()
         meta = {**self.meta, "saves": self.meta["saves"] + 1, "ledger_seq": self.ledger.last_seq(),
                 "identity": self.learner.identity(), "saved_at": time.time()}
         gen = self.state.commit(meta, self.learner.save, before_commit=self._delay)
@@ -198,6 +202,7 @@ class LearnService:
         self._dirty, self._since_save, self._saved_at = False, 0, time.monotonic()
         self.session["saves"] += 1
         self.log(f"saved {gen.name} (ledger seq {meta['ledger_seq']})", quiet=True)
+        self.busy += time.monotonic() - start
 
     def _delay(self) -> None:
         if self.opts.step_delay:
@@ -299,13 +304,16 @@ class LearnService:
     def one_pass(self) -> Counter[str]:
         files = self.files()
         outcome: Counter[str] = Counter()
-        bar = tqdm(files, desc=f"learn pass {self.session['passes'] + 1}", unit="file",
-                   disable=not self.opts.progress or not files, file=sys.stderr, leave=False)
+        first = self.session["passes"] == 0  # later passes report in one line, when busy
+        bar = tqdm(files, desc="learn", unit="file", file=sys.stderr, leave=False,
+                   disable=not self.opts.progress or not files or not first)
         with bar:
             for path in bar:
                 if self._stop:
                     break
+                t = time.monotonic()
                 what = self.process(path)
+                self.busy += time.monotonic() - t
                 outcome[what] += 1
                 if what.startswith("skipped:"):
                     self.skipped[what.removeprefix("skipped:")] += 1
@@ -314,7 +322,7 @@ class LearnService:
                 bar.set_postfix(learned=outcome["learned"],
                                 mb=f"{self.session['bytes'] / 2**20:.1f}", refresh=False)
         self.session["passes"] += 1
-        self.session["unchanged"] += outcome["unchanged"]
+        self.session["unchanged"] = outcome["unchanged"]
         self.session["duplicates"] += outcome["duplicate"]
         self.session["learned"] += outcome["learned"]
         skipped = sum(v for k, v in outcome.items() if k.startswith("skipped:"))
@@ -379,7 +387,8 @@ class LearnService:
             state_dir=str(self.state.root), stopped=self._stop or "once",
             passes=self.session["passes"], learned=self.session["learned"],
             tokens=self.session["tokens"], megabytes=round(mb, 4), seconds=round(seconds, 3),
-            mb_per_minute=round(mb / seconds * 60, 3) if seconds > 0 else 0.0,
+            busy_seconds=round(self.busy, 3),
+            mb_per_minute=round(mb / self.busy * 60, 3) if self.busy > 0 else 0.0,
             skipped=dict(self.skipped), unchanged=self.session["unchanged"],
             duplicates=self.session["duplicates"], relearned=self.relearned,
             saves=self.session["saves"], warmup=list(self.meta["warmup"]),
