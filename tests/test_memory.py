@@ -182,6 +182,17 @@ def test_read_refreshes_access_and_boosts_importance_once() -> None:
     assert (store.importance[others] == 1.0).all() and (store.last_access_step[others] == 0).all()
 
 
+def test_an_untouched_read_changes_nothing() -> None:
+    store = filled(10, read_boost=0.25)
+    before = {name: t.clone() for name, t in store._targets().items()}
+    quiet = store.read(store.keys[[3, 5]], 2, step=7, touch=False)
+    assert store.step == 0
+    for name, t in store._targets().items():
+        assert torch.equal(t, before[name]), name
+    assert torch.equal(quiet.ids, store.read(store.keys[[3, 5]], 2, step=7).ids)
+    assert not torch.equal(store.importance, before["importance"])  # a touching read does
+
+
 def test_gradients_reach_queries_through_scores_only() -> None:
     store = filled(30)
     queries = randn(4, 8, seed=3).requires_grad_()

@@ -303,3 +303,21 @@ def test_memory_build_needs_a_model_with_a_bank(train_data: Path, tmp_path: Path
     Trainer(tiny_config("train.max_steps=1"), train_data, run, progress=False).run()
     res = run_cli("memory", "build", run, "--data", train_data)
     assert_usage_error(res, "no chunk memory")
+
+
+def test_resumed_run_is_bit_identical_bank_included(train_data: Path, tmp_path: Path) -> None:
+    """The checkpoint holds the bank with the last batch's queued chunks applied, and
+    evaluation reads leave the bank untouched (the first half ends with an extra evaluation),
+    so resuming reads exactly the bank the uninterrupted run reads."""
+    common = (*TRAIN, "train.schedule=constant", "train.eval_interval=3",
+              "train.checkpoint_interval=3")
+    Trainer(tiny_config(*common, "train.max_steps=8"), train_data, tmp_path / "a",
+            progress=False).run()
+    Trainer(tiny_config(*common, "train.max_steps=4"), train_data, tmp_path / "b",
+            progress=False).run()
+    Trainer(tiny_config(*common, "train.max_steps=8"), train_data, tmp_path / "b",
+            resume=True, progress=False).run()
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 9)) and a == b
+    va, vb = losses(tmp_path / "a", "val_loss"), losses(tmp_path / "b", "val_loss")
+    assert sorted(va) == [3, 6, 8] and va == {s: vb[s] for s in va}  # b also evaluated step 4

@@ -185,13 +185,14 @@ class EpisodicStore:
         self.strength.mul_((1.0 - self.decay) ** n)
 
     def read(self, queries: torch.Tensor, k: int, *,
-             max_source_pos: torch.Tensor | int | None = None, step: int | None = None
-             ) -> Retrieval:
+             max_source_pos: torch.Tensor | int | None = None, step: int | None = None,
+             touch: bool = True) -> Retrieval:
         """The ``k`` memories most cosine-similar to each query (Q, dim_key).
 
         ``max_source_pos`` (an int, or a (Q,) tensor for one limit per query) hides memories with
         a larger ``source_pos``. Each memory returned gets ``last_access_step = step`` (default:
-        the newest step seen) and ``read_boost`` more importance.
+        the newest step seen) and ``read_boost`` more importance, unless ``touch`` is False: a
+        pure lookup (evaluation), which leaves what eviction will do unchanged.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -209,6 +210,8 @@ class EpisodicStore:
         safe = slots.clamp(min=0)
         values = self.values[safe].masked_fill(~mask[..., None], 0.0)
         ids = self.ids[safe].masked_fill(~mask, -1)
+        if not touch:
+            return Retrieval(values, scores, ids, mask)
         now = self.step if step is None else step
         self.step = max(self.step, now)
         hit = safe[mask].unique()

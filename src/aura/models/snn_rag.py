@@ -15,8 +15,10 @@ Causality. A forward never reads an entry built from the text it is processing:
   forward (``flush_memory``), so the bank a batch reads holds only earlier batches. A gradient-
   checkpointing recompute re-queues the same entries (it replaces, never adds) and reads the same
   bank, since nothing is written between a forward and its backward.
-- Evaluation and generation never write: the bank is read-only there, so a cached decode reads
-  exactly what the uncached re-run reads, and no prefix of the current context is ever in it.
+- Evaluation and generation never write, and their reads do not count as use (no recency or
+  read boost): the bank is exactly as they found it, so a cached decode reads what the uncached
+  re-run reads, evaluating never changes what training evicts, and no prefix of the current
+  context is ever in the bank.
   (Within ``block_size`` self-attention already sees the whole context exactly; writing its chunks
   back would add no information, only a way to read positions out of order.)
 - ``build_memory`` fills the bank from a prepared split window by window in corpus order, each

@@ -121,7 +121,9 @@ class MemoryCrossAttention(nn.Module):
         """The gated memory read-out (B, T, C) to add to the residual stream."""
         B, T, C = h.shape
         nh, hd, k = self.n_head, self.head_dim, self.top_k
-        got = self.store.read(self.retrieve(h).reshape(B * T, C), k)
+        # Only training reads count as use (recency, read boost): evaluation and generation
+        # leave the bank exactly as they found it, so they cannot change what training evicts.
+        got = self.store.read(self.retrieve(h).reshape(B * T, C), k, touch=self.training)
         hit = got.mask.view(B, T, 1, k)
         scores = got.scores.masked_fill(~got.mask, 0.0).view(B, T, 1, k).to(h.dtype)
         keys, values = self.kv(got.values.to(h.dtype)).view(B, T, k, 2, nh, hd).unbind(3)
