@@ -113,12 +113,12 @@ def test_default_model_is_trained_once_then_loaded(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def corpus(held_out: bool = False, every: int = 7) -> list[str]:
-        calls.append(held_out)
+    def corpus() -> list[str]:
+        calls.append(1)
         return generated_sentences(300, seed=3)
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(affect, "shakespeare_sentences", corpus)
+    monkeypatch.setattr(affect, "default_training_sentences", corpus)
     monkeypatch.setattr(affect, "DEFAULT_FIT", {"dim": 64, "max_components": 4})
     first = affect.default_model()
     assert affect.default_model_dir().parent == tmp_path / "aura" and len(calls) == 1
@@ -175,7 +175,6 @@ def test_analyze_accepts_any_text(run_cli, model_dir: Path, text: str) -> None:
 @pytest.mark.slow
 def test_default_size_model_on_held_out_shakespeare() -> None:
     """The figure docs/architecture.md quotes: held-out works, default training size."""
-    train = affect.shakespeare_sentences()
-    model = AffectModel.fit(train[:: max(1, len(train) // affect.DEFAULT_TRAIN_SENTENCES)])
+    model = AffectModel.fit(affect.default_training_sentences())
     report = model.evaluate(affect.shakespeare_sentences(held_out=True))
     assert report["valence_r"] > 0.35 and report["arousal_r"] > 0.45, report

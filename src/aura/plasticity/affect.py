@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import sys
@@ -275,6 +274,12 @@ DEFAULT_TRAIN_SENTENCES = 20_000
 DEFAULT_FIT: dict[str, Any] = {}  # AffectModel.fit's keyword arguments for the default model
 
 
+def default_training_sentences() -> list[str]:
+    """About ``DEFAULT_TRAIN_SENTENCES`` sentences spread evenly over the training works."""
+    train = shakespeare_sentences()
+    return train[:: max(1, len(train) // DEFAULT_TRAIN_SENTENCES)]
+
+
 def default_model_dir() -> Path:
     """Where the default model is cached: ``$XDG_CACHE_HOME/aura`` (``~/.cache/aura``)."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -286,8 +291,8 @@ def default_model_dir() -> Path:
 def default_model() -> AffectModel:
     """The model ``aura analyze`` uses without ``--model``: trained once, then loaded.
 
-    Trains on an even spread of ``DEFAULT_TRAIN_SENTENCES`` training sentences of
-    ``builtin:shakespeare`` (a few seconds) and caches it; a corrupt cache is retrained.
+    Trains on ``default_training_sentences()`` of ``builtin:shakespeare`` (a few seconds) and
+    caches it; a corrupt cache is retrained.
     """
     path = default_model_dir()
     if path.is_dir():
@@ -295,10 +300,9 @@ def default_model() -> AffectModel:
             return AffectModel.load(path)
         except DataError:
             pass
-    train = shakespeare_sentences()
-    stride = max(1, math.ceil(len(train) / DEFAULT_TRAIN_SENTENCES))
+    train = default_training_sentences()
     print(f"aura: training the default affect model on builtin:shakespeare (once; cached in "
           f"{path})", file=sys.stderr)
-    model = AffectModel.fit(train[::stride], **DEFAULT_FIT)
+    model = AffectModel.fit(train, **DEFAULT_FIT)
     model.save(path)
     return model
