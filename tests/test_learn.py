@@ -112,6 +112,10 @@ def test_changed_file_is_relearned_renamed_or_copied_is_not(watch: Path) -> None
     rows = ledger_rows(watch / ".aura-learn")
     assert len(rows) == 7 and len({sha for sha, _ in rows}) == 7
     assert rows[-1][1] == "doc00.txt"
+    with sqlite3.connect(watch / ".aura-learn" / LEDGER) as db:
+        stats = json.loads(db.execute("SELECT stats FROM texts ORDER BY seq DESC").fetchone()[0])
+    assert stats["tokens"] == len("A new version of the first document.\n")
+    assert 0 < stats["spike_rate"] <= 1 and stats["surprise_bits"] > 0
 
 
 def test_bad_files_are_logged_and_skipped_with_their_reason(

@@ -1,10 +1,11 @@
 """The ledger: which texts the service has seen, in SQLite (WAL, one transaction per file).
 
 Two tables. ``texts`` is keyed by the sha256 of a file's bytes and says what became of that
-content: ``applied`` (learned) or ``skipped`` (with the reason). Every row carries ``seq``, a
-counter the saved learner state refers to: a state saved at ``seq = S`` contains exactly the
-applied rows with ``seq <= S``. ``paths`` maps each watched path to the content it last had and
-the ``stat`` signature it had then, so an unchanged file is recognised without reading it.
+content: ``applied`` (learned, with the learner's statistics of it as JSON) or ``skipped``
+(with the reason). Every row carries ``seq``, a counter the saved learner state refers to: a
+state saved at ``seq = S`` contains exactly the applied rows with ``seq <= S``. ``paths`` maps
+each watched path to the content it last had and the ``stat`` signature it had then, so an
+unchanged file is recognised without reading it.
 
 The ledger is durable before the state that refers to it (``synchronous=FULL``), and rows newer
 than the saved state are rolled back at start (``rollback_to``), which is what makes a crash at
@@ -14,6 +15,7 @@ any moment lose no file and count none twice.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ CREATE TABLE IF NOT EXISTS texts (
     path TEXT NOT NULL,
     bytes INTEGER NOT NULL,
     tokens INTEGER NOT NULL,
+    stats TEXT,
     at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS paths (
@@ -110,12 +113,15 @@ class Ledger:
         return PathRow(*row) if row else None
 
     def record_text(self, sha256: str, status: str, reason: str | None, path: str,
-                    signature: str, n_bytes: int, tokens: int) -> int:
-        """The outcome of one file's content and where it was seen, in one transaction."""
+                    signature: str, n_bytes: int, stats: dict[str, float] | None = None) -> int:
+        """The outcome of one file's content (with what learning it measured) and where it
+        was seen, in one transaction."""
+        tokens = int(stats["tokens"]) if stats else 0
         with self._transaction():
             seq = self.last_seq() + 1
-            self.db.execute("INSERT INTO texts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (sha256, seq, status, reason, path, n_bytes, tokens, time.time()))
+            self.db.execute("INSERT INTO texts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (sha256, seq, status, reason, path, n_bytes, tokens,
+                             json.dumps(stats) if stats else None, time.time()))
             self._upsert_path(path, signature, sha256, None)
         return seq
 

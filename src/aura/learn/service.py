@@ -257,12 +257,14 @@ class LearnService:
             except DataError as exc:  # raised before the learner changes (e.g. unknown chars)
                 reason, detail = "untokenizable", f": {exc}"
         if reason != "ok":
-            self.ledger.record_text(sha, "skipped", reason, rel, sig, len(data), 0)
+            self.ledger.record_text(sha, "skipped", reason, rel, sig, len(data))
             self.log(f"skipped {rel}: {reason.replace('_', ' ')}{detail}")
             return f"skipped:{reason}"
         self._delay()
         tokens = int(stats["tokens"])
-        self.ledger.record_text(sha, "applied", None, rel, sig, len(data), tokens)
+        self.ledger.record_text(sha, "applied", None, rel, sig, len(data), stats)
+        if stats.get("oja_grew"):
+            self.log(f"oja: {int(stats['oja_components'])} components after {rel}", quiet=True)
         learned = self.meta["learned"]
         learned["texts"] += 1
         learned["tokens"] += tokens
