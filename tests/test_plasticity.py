@@ -128,6 +128,8 @@ def test_token_stdp_rejects_bad_input() -> None:
         stdp.modulate(torch.ones(1), torch.tensor([-1]))
     with pytest.raises(ValueError, match="spikes"):
         stdp.update(torch.tensor([1, 2]), torch.ones(3))
+    with pytest.raises(ValueError, match="integers"):
+        stdp.update(torch.tensor([1.5]), torch.ones(1))
     with pytest.raises(ValueError, match="w_min"):
         TokenSTDP(10, w_min=1.0, w_max=0.0)
     stdp.update(torch.tensor([], dtype=torch.long), torch.tensor([]))

@@ -164,13 +164,18 @@ class TokenSTDP:
     w_min = property(lambda self: self.q_min * QUANTUM, doc="lower bound (snapped)")
     w_max = property(lambda self: self.q_max * QUANTUM, doc="upper bound (snapped)")
 
+    def _as_float(self, q: torch.Tensor) -> torch.Tensor:
+        """Exact in float64; float32 where the device has no float64 (MPS)."""
+        return q.to(torch.float32 if self.device.type == "mps" else torch.float64) * QUANTUM
+
     @property
     def weights(self) -> torch.Tensor:
-        """The weights as floats: exact in float64 (float32 where the device has no float64)."""
-        exact = torch.float32 if self.device.type == "mps" else torch.float64
-        return self.q.to(exact) * QUANTUM
+        """The weights as floats (see ``_as_float``)."""
+        return self._as_float(self.q)
 
     def _check_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if token_ids.is_floating_point() or token_ids.is_complex():
+            raise ValueError(f"token ids must be integers, got {token_ids.dtype}")
         tok = token_ids.reshape(-1).to(device=self.device, dtype=torch.int64)
         if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got "
@@ -200,8 +205,7 @@ class TokenSTDP:
     def modulate(self, salience: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """``salience * max(0, 1 + alpha * w[token])``, elementwise over ``token_ids``' shape."""
         tok = self._check_tokens(token_ids)
-        exact = torch.float32 if self.device.type == "mps" else torch.float64
-        w = (self.q[tok].to(exact) * QUANTUM).to(self.dtype).reshape(token_ids.shape)
+        w = self._as_float(self.q[tok]).to(self.dtype).reshape(token_ids.shape)
         factor = (w * self.alpha + 1.0).clamp_min_(0.0)
         return salience * factor.to(salience.device)
 
