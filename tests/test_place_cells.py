@@ -134,3 +134,29 @@ def test_rejects_bad_arguments() -> None:
         PlaceCellEncoder(C, active_fraction=0.0)
     with pytest.raises(ValueError, match="n_place_cells"):
         PlaceCellEncoder(C, n_place_cells=0)
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_sparse_forward_equals_the_dense_code_through_w_out(learnable: bool) -> None:
+    """The embedding-bag forward and its cheap backward match w_out over the dense code."""
+    torch.manual_seed(0)
+    enc = PlaceCellEncoder(16, n_place_cells=200, learnable_sparsity=learnable)
+    h = torch.randn(3, 5, 16, requires_grad=True)
+    fast = enc(h)
+    fast.square().sum().backward()
+    fast_grads = [h.grad.clone(), *(p.grad.clone() for p in enc.parameters())]
+    h.grad = None
+    enc.zero_grad()
+    cells = enc.w_in(h)
+    values, idx = cells.topk(enc.k_max, dim=-1)
+    values = torch.relu(values)
+    if learnable:
+        k_soft = enc.active_count()
+        rank = torch.arange(enc.k_max, dtype=k_soft.dtype)
+        soft = torch.sigmoid(k_soft - rank)
+        values = values * ((rank < k_soft).to(soft.dtype) + soft - soft.detach())
+    slow = h + 0.1 * enc.w_out(torch.zeros_like(cells).scatter(-1, idx, values))
+    slow.square().sum().backward()
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(fast_grads, [h.grad, *(p.grad for p in enc.parameters())], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -53,25 +53,43 @@ class PlaceCellEncoder(nn.Module):
             return torch.tensor(float(self.k))
         return self.k_max * torch.sigmoid(self.sparsity_logit)
 
-    def encode(self, h: torch.Tensor) -> torch.Tensor:
-        """The sparse code ``(..., n_place_cells)`` of ``h``; records ``last_active_fraction``."""
-        cells = self.w_in(h)
-        values, idx = cells.topk(self.k_max, dim=-1)  # sorted: position = rank
-        values = F.relu(values)
+    def sparse(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values and cell indices ``(..., k_max)`` of the firing cells, strongest first.
+
+        Every cell's drive is needed to rank them, but only the winners carry gradient: their
+        drives are recomputed from their own rows of ``w_in``, so the backward costs k_max, not
+        ``n_place_cells``, dot products per token. Records ``last_active_fraction``.
+        """
+        with torch.no_grad():
+            idx = self.w_in(h).topk(self.k_max, dim=-1).indices  # sorted: position = rank
+        rows = F.embedding(idx, self.w_in.weight)  # (..., k_max, n_embd)
+        values = F.relu((rows * h.unsqueeze(-2)).sum(-1))
         if self.sparsity_logit is not None:
             k_soft = self.active_count()
-            rank = torch.arange(self.k_max, device=cells.device, dtype=k_soft.dtype)
+            rank = torch.arange(self.k_max, device=h.device, dtype=k_soft.dtype)
             soft = torch.sigmoid((k_soft - rank) / _RANK_TEMPERATURE)
             gate = (rank < k_soft).to(soft.dtype) + soft - soft.detach()
             values = values * gate.to(values.dtype)
         n_tokens = values.numel() // self.k_max
         self.last_active_fraction = ((values != 0).sum() / (n_tokens * self.n_place_cells)
                                      ).detach()
-        return torch.zeros_like(cells).scatter(-1, idx, values)
+        return values, idx
+
+    def encode(self, h: torch.Tensor) -> torch.Tensor:
+        """The sparse code as a dense ``(..., n_place_cells)`` tensor (for analysis)."""
+        values, idx = self.sparse(h)
+        code = torch.zeros(*h.shape[:-1], self.n_place_cells, device=h.device,
+                           dtype=values.dtype)
+        return code.scatter(-1, idx, values)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.w_out(self.encode(h))
-        return h + (self.residual_scale * out).to(h.dtype)
+        """``w_out`` applied to the sparse code as a weighted sum of k_max of its columns (an
+        embedding bag), not a dense matmul over every cell."""
+        values, idx = self.sparse(h)
+        weight = self.w_out.weight.t()
+        out = F.embedding_bag(idx.reshape(-1, self.k_max), weight, mode="sum",
+                              per_sample_weights=values.reshape(-1, self.k_max).to(weight.dtype))
+        return h + (self.residual_scale * out.reshape(h.shape)).to(h.dtype)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """The last forward's measured active fraction and, if learned, the target fraction."""
