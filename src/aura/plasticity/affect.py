@@ -5,7 +5,8 @@ Seed 001 read emotion, tone and valence from a Hebbian layer over whitened embed
 - **features** (``HashedNgrams``): word unigrams and bigrams, character 3- and 4-grams of each
   word, and emphasis cues (a token per "!", per "?", per all-caps word) hashed (crc32, signed)
   into ``dim`` buckets, square-rooted and L2-normalised. Needs no download and no model; any
-  object with ``dim``, ``__call__(texts) -> (N, dim)`` and ``config()`` can replace it;
+  object with ``dim``, ``__call__(texts) -> (N, dim)`` and ``config()`` can replace it in
+  memory (``load`` rebuilds hashed features only);
 - **whitener**: ZCA with ``eps=1`` (relative to the mean variance): scales are equalised but the
   order of variances kept, so the Oja layer after it still has principal directions to find
   (full whitening would make every direction equally principal);
@@ -182,6 +183,8 @@ class AffectModel:
         for i in range(0, len(x), batch):
             whitener.update(x[i:i + batch])
         xw = whitener.transform(x)
+        # Hashed n-grams have a flat spectrum: the residual stays above any useful threshold, so
+        # the layer grows each step (patience 1) to max_components and the rest refines them.
         oja = OjaLayer(dim, min(max_components, dim), init_components=1, lr=0.05,
                        grow_threshold=0.2, patience=1, seed=seed)
         g = torch.Generator().manual_seed(seed)
