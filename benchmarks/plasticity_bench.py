@@ -238,7 +238,7 @@ def main() -> None:
         "token_stdp": bench_stdp(20_000 if q else 1 << 20, 2 if q else 5),
         "oja": bench_oja(4_000 if q else 100_000, 300 if q else 1000, 512 if q else 4096),
         "memory": bench_memory(500 if q else 10_000),
-        "allocation": bench_allocation(50 if q else 500),
+        "allocation": bench_allocation(50 if q else 200),
     }
     print(json.dumps(report, indent=2))
 
