@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -153,7 +154,38 @@ def leaky_scan(x: torch.Tensor, beta: torch.Tensor, mem: torch.Tensor) -> torch.
     return out.reshape(K * C, *x.shape[1:])[:T]
 
 
-_BLOCK = 1 << 16  # neurons per block: a block's per-step temporaries stay in cache over the steps
+_BLOCK = 1 << 15  # neurons per block on CPU: in cache over the steps, and one thread per op
+
+
+def _each_block(like: torch.Tensor, n: int, work: Callable[[int, int], None]) -> None:
+    """``work(start, end)`` over blocks of ``n`` neurons, without autograd.
+
+    On CPU the blocks are shared among ``torch.get_num_threads()`` Python threads (the ops
+    release the GIL). Blocks of 2^15 elements are below PyTorch's grain size, so each op runs
+    on its own thread: an OpenMP barrier per small op costs more than the op as soon as the
+    cores are shared (measured 2-3x slower under load). Other devices take one block.
+    """
+    if like.device.type != "cpu":
+        with torch.no_grad():
+            work(0, n)
+        return
+    starts = range(0, n, _BLOCK)
+    workers = min(torch.get_num_threads(), len(starts))
+    inference = torch.is_inference_mode_enabled()
+
+    def run(first: int) -> None:
+        with torch.inference_mode(inference), torch.no_grad():  # modes are per thread
+            for s in starts[first::workers]:
+                work(s, min(n, s + _BLOCK))
+
+    if workers <= 1:
+        run(0)
+        return
+    with ThreadPoolExecutor(workers - 1) as pool:
+        others = [pool.submit(run, i) for i in range(1, workers)]
+        run(0)
+        for f in others:
+            f.result()
 
 
 def _lif_run(x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor, thr: torch.Tensor,
@@ -172,11 +204,11 @@ def _lif_run(x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor, thr: torch.
     h_all = x.new_empty((T, n)) if keep else None
     out = x.new_empty((T, n)) if steps is None else x.new_zeros(n)
     final = x.new_empty(n)
-    h_buf, spike_buf = x.new_empty(min(n, _BLOCK)), x.new_empty(min(n, _BLOCK))
     neg_thr = -thr
-    for s in range(0, n, _BLOCK):
-        e = min(n, s + _BLOCK)
-        m, state, h, spikes = mf[s:e], final[s:e], h_buf[:e - s], spike_buf[:e - s]
+
+    def work(s: int, e: int) -> None:
+        m, state = mf[s:e], final[s:e]
+        h, spikes = x.new_empty(e - s), x.new_empty(e - s)
         for t in range(T):
             if h_all is not None:
                 h = h_all[t, s:e]
@@ -190,6 +222,8 @@ def _lif_run(x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor, thr: torch.
                 m = torch.addcmul(h, h, fired, value=-1, out=state)
             else:
                 m = torch.addcmul(h, fired, neg_thr, out=state)
+
+    _each_block(x, n, work)
     return (out.view(T, *shape) if steps is None else out.view(shape), final.view(shape),
             None if h_all is None else h_all.view(T, *shape))
 
@@ -242,12 +276,13 @@ def _constant_soft_grad(x: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
     for _ in range(steps - 1):
         coef.append(1 + beta * coef[-1])
     gx = x.new_zeros(n)
-    if g_out is not None:
-        xf, mf, go = x.reshape(n), mem0.reshape(n), g_out.reshape(n)
-        h_buf, spike_buf, state_buf = (x.new_empty(min(n, _BLOCK)) for _ in range(3))
-        for s in range(0, n, _BLOCK):
-            e = min(n, s + _BLOCK)
-            m, h, spikes, state = mf[s:e], h_buf[:e - s], spike_buf[:e - s], state_buf[:e - s]
+    xf, mf = x.reshape(n), mem0.reshape(n)
+    go = None if g_out is None else g_out.reshape(n)
+    gm = None if g_mem is None else g_mem.reshape(n)
+
+    def work(s: int, e: int) -> None:
+        if go is not None:
+            m, h, spikes, state = mf[s:e], *(x.new_empty(e - s) for _ in range(3))
             acc = None
             for u in range(steps):
                 torch.addcmul(xf[s:e], m, beta, out=h)
@@ -256,8 +291,10 @@ def _constant_soft_grad(x: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
                 if u < steps - 1:
                     m = torch.addcmul(h, torch.gt(h, thr, out=spikes), -thr, out=state)
             torch.mul(acc, go[s:e], out=gx[s:e])
-    if g_mem is not None:
-        gx.addcmul_(g_mem.reshape(n), coef[-1])
+        if gm is not None:
+            gx[s:e].addcmul_(gm[s:e], coef[-1])
+
+    _each_block(x, n, work)
     return gx.view(x.shape)
 
 
@@ -266,17 +303,18 @@ def _reverse_grad(h_all: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
                   g_out: torch.Tensor | None, g_mem: torch.Tensor | None, need_beta: bool,
                   need_thr: bool) -> tuple[torch.Tensor, torch.Tensor, ...]:
     """The general backward: the recurrence of ``_FusedLIF`` walked from the last step, one
-    block of neurons at a time (so the carried gradient stays in cache)."""
+    block of neurons at a time (so the carried gradient stays in cache). The parameters'
+    gradients are summed per block, then over blocks in order, whatever thread ran them."""
     T, n = h_all.size(0), mem0.numel()
     hf, mf = h_all.reshape(T, n), mem0.reshape(n)
     go = None if g_out is None else g_out.reshape(-1, n)  # (1 or T, n)
     gm = None if g_mem is None else g_mem.reshape(n)
     gx = h_all.new_zeros(n) if constant or go is None else h_all.new_empty((T, n))
     g_mem0 = mem0.new_zeros(n)
-    g_beta = torch.zeros_like(beta) if need_beta else None
-    g_thr = torch.zeros_like(thr) if need_thr else None
-    for s in range(0, n, _BLOCK):
-        e = min(n, s + _BLOCK)
+    partial: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def work(s: int, e: int) -> None:
+        g_beta, g_thr = torch.zeros_like(beta), torch.zeros_like(thr)
         carry = None if gm is None else gm[s:e].clone()  # dL/dm_t, owned
         for t in range(T - 1, -1, -1):
             h = hf[t, s:e]
@@ -309,8 +347,12 @@ def _reverse_grad(h_all: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
             carry = gh * beta
         if carry is not None:
             g_mem0[s:e] = carry
+        partial[s] = (g_beta, g_thr)
+
+    _each_block(h_all, n, work)
+    sums = [torch.stack([partial[s][i] for s in sorted(partial)]).sum() for i in (0, 1)]
     return (gx.view(mem0.shape if constant else h_all.shape), g_mem0.view(mem0.shape),
-            g_beta, g_thr)
+            sums[0] if need_beta else None, sums[1] if need_thr else None)
 
 
 def _logit(p: float) -> float:
