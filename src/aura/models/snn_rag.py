@@ -154,7 +154,8 @@ class SNNRAG(AuraModel):
         """The banks by layer; queued writes are applied first, so a checkpoint holds what the
         next forward would read."""
         self.flush_memory()
-        return {f"layer{i}": self.blocks[i].memory.store for i in self.memory_layers}
+        return {f"layer{i}": b.memory.store for i, b in enumerate(self.blocks)
+                if b.memory is not None}
 
     def flush_memory(self) -> None:
         """Write every memory layer's queued chunk encodings (from the previous training
