@@ -53,7 +53,7 @@ def _error(**kwargs: Any) -> str:
 def test_presets_are_listed_in_order() -> None:
     assert list(PRESETS) == [
         "demo", "cpu-small", "m1-8gb", "gpu-4gb", "l4-24gb", "a100-40gb", "a100-80gb",
-        "bdh-ref", "bdh-cpu", "snn-rag-cpu", "snn-rag",
+        "hippocampal-157m", "hippocampal-cpu", "bdh-ref", "bdh-cpu", "snn-rag-cpu", "snn-rag",
     ]
     assert all(p.description for p in PRESETS.values())
 
@@ -186,7 +186,7 @@ def configs(draw: st.DrawFn) -> AuraConfig:
         load_config(preset=draw(st.sampled_from(list(PRESETS)))),
         {
             "model.n_head": n_head,
-            "model.n_embd": n_head * draw(st.integers(1, 64)),
+            "model.n_embd": n_head * 2 * draw(st.integers(3, 32)),  # theta-gamma: even, >= 6
             "model.block_size": block,
             "model.vocab_size": draw(st.none() | st.integers(1, 100_000)),
             "model.dropout": draw(st.floats(0, 0.99)),

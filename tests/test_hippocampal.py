@@ -23,7 +23,7 @@ from aura.nn.hippocampus import HippocampalMemory
 from aura.nn.prosody_modulation import ProsodyModulation
 from aura.train.checkpoint import load_for_inference
 from aura.train.trainer import Trainer
-from conftest import TINY_TRAIN, assert_causal, read_metrics, tiny_config
+from conftest import TINY_TRAIN, assert_causal, losses, read_metrics, tiny_config
 
 TEXT = ("First Citizen: We are accounted poor citizens, the patricians good! What authority "
         "surfeits on would relieve us?\n\nSecond Citizen: Would you proceed especially against "
@@ -253,3 +253,19 @@ def test_trains_and_round_trips_its_memory_through_a_checkpoint(
     generated = run_cli("generate", tmp_path / "run", "--prompt", "Document", "--max-new-tokens",
                         "12", "--seed", "1")
     assert generated.code == 0 and len(generated.out) > 0
+
+
+def test_resumed_run_continues_with_the_same_memories(train_data: Path, tmp_path: Path) -> None:
+    """Stop at step 4, resume to 8: losses equal the uninterrupted run's, because the checkpoint
+    holds every memory (including the last step's queued ones) and the store's clock."""
+    common = (*SMALL[:1], *SMALL[len(TINY_TRAIN) + 1:], "train.schedule=constant",
+              "train.eval_interval=4", "train.checkpoint_interval=4")
+    Trainer(tiny_config(*common, "train.max_steps=8"), train_data, tmp_path / "a",
+            progress=False).run()
+    Trainer(tiny_config(*common, "train.max_steps=4"), train_data, tmp_path / "b",
+            progress=False).run()
+    Trainer(tiny_config(*common, "train.max_steps=8"), train_data, tmp_path / "b", resume=True,
+            progress=False, log=lambda _m: None).run()
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == list(range(1, 9)) and a == b
+    assert losses(tmp_path / "a", "aux/memory_match") == losses(tmp_path / "b", "aux/memory_match")

@@ -150,7 +150,10 @@ class HippocampalTransformer(AuraModel):
                                          c.memory_writes) if c.memory else None)
 
     def memory_stores(self) -> dict[str, EpisodicStore]:
-        return {"hippocampus": self.memory.store} if self.memory is not None else {}
+        if self.memory is None:
+            return {}
+        self.memory.flush()  # a save holds every memory formed so far
+        return {"hippocampus": self.memory.store}
 
     def new_cache(self, batch_size: int, max_len: int) -> HippocampalCache:
         p, c = self.wte.weight, self.config

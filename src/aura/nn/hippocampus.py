@@ -41,7 +41,6 @@ class HippocampalMemory(nn.Module):
             nn.init.normal_(lin.weight, 0.0, 0.02)
         nn.init.constant_(self.gate.bias, _GATE_BIAS)
         self.store = EpisodicStore(dim_key, n_embd, capacity, decay, graph_k=graph_k)
-        self.steps = 0  # training forwards that wrote: the store's clock
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._metrics: dict[str, torch.Tensor] = {}
 
@@ -49,7 +48,7 @@ class HippocampalMemory(nn.Module):
         if not use_memory:
             return h
         if self.training:
-            self._commit()
+            self.flush()
         self.store.to(h.device)
         B, T, C = h.shape
         queries = self.query(h).reshape(B * T, -1)
@@ -69,7 +68,7 @@ class HippocampalMemory(nn.Module):
     def _recall(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax-weighted values of each query's memories (Q, C), and its best cosine (Q,)."""
         with torch.autocast(queries.device.type, enabled=False):  # cosines in fp32
-            r = self.store.read(queries.float(), self.top_k, step=self.steps)
+            r = self.store.read(queries.float(), self.top_k)
         scores, values, mask = r.scores, r.values, r.mask
         if self.graph_k:
             scores, values, mask = self._spread(queries, r.ids, scores, values, mask)
@@ -94,7 +93,7 @@ class HippocampalMemory(nn.Module):
 
     @torch.no_grad()
     def _remember(self, h: torch.Tensor, best: torch.Tensor) -> None:
-        """Queue this batch's most novel states; ``_commit`` stores them next step."""
+        """Queue this batch's most novel states; ``flush`` stores them next step."""
         flat = h.reshape(-1, h.size(-1)).float()
         novelty = 1.0 - best.clamp(min=0.0)
         n = min(self.writes_per_step, flat.size(0))
@@ -102,15 +101,17 @@ class HippocampalMemory(nn.Module):
         self._pending = (self.key(flat[rows].to(self.key.weight.dtype)).float(), flat[rows],
                          importance.float())
 
-    def _commit(self) -> None:
+    def flush(self) -> None:
+        """Write the queued memories now (the next training forward would): before a save, so a
+        checkpoint holds every memory formed so far and a resumed run continues exactly."""
         if self._pending is None:
             return
         keys, values, importance = self._pending
         self._pending = None
-        self.steps += 1
         self.store.decay_step()
         with torch.autocast(keys.device.type, enabled=False):  # the index and map stay fp32
-            self.store.write(keys, values, importance, step=self.steps)
+            # the store's clock counts writing steps, and is saved with it
+            self.store.write(keys, values, importance, step=self.store.step + 1)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """The last read's mean gate, mean best cosine and the number of memories held."""
