@@ -263,7 +263,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         chunks = ([loaded.tokenizer.encode(text)] if args.text is not None
                   else data.split(args.split).maps)
-        energy = energy_of_stream(loaded.model, chunks, batch_size=args.batch_size)
+        energy = energy_of_stream(loaded.model, chunks, batch_size=args.batch_size,
+                                  tokenizer=loaded.tokenizer)
         report["energy"] = energy.to_dict()
     if args.json:
         _print_json(report)
@@ -487,8 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(sub)
     _add_run_commands(sub)
     _add_analyze(sub)
-    _add_learn(sub)
     _add_memory(sub)
+    _add_learn(sub)
     return parser
 
 
