@@ -207,14 +207,15 @@ def _lif_run(x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor, thr: torch.
     neg_thr = -thr
 
     def work(s: int, e: int) -> None:
-        m, state = mf[s:e], final[s:e]
-        h, spikes = x.new_empty(e - s), x.new_empty(e - s)
+        m, state, spikes = mf[s:e], final[s:e], x.new_empty(e - s)
+        # per-step views made in one call each: Python work per op holds the GIL
+        hs = [x.new_empty(e - s)] * T if h_all is None else h_all[:, s:e].unbind()
+        xs = [xf[0, s:e]] * T if steps is not None else xf[:, s:e].unbind()
+        outs = out[:, s:e].unbind() if steps is None else None
         for t in range(T):
-            if h_all is not None:
-                h = h_all[t, s:e]
-            torch.addcmul(xf[0 if steps is not None else t, s:e], m, beta, out=h)  # beta m + x
-            if steps is None:
-                fired = torch.gt(h, thr, out=out[t, s:e])
+            h = torch.addcmul(xs[t], m, beta, out=hs[t])  # beta m + x
+            if outs is not None:
+                fired = torch.gt(h, thr, out=outs[t])
             else:
                 fired = torch.gt(h, thr, out=spikes)
                 out[s:e].add_(fired)
@@ -316,18 +317,21 @@ def _reverse_grad(h_all: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
     def work(s: int, e: int) -> None:
         g_beta, g_thr = torch.zeros_like(beta), torch.zeros_like(thr)
         carry = None if gm is None else gm[s:e].clone()  # dL/dm_t, owned
+        hs = hf[:, s:e].unbind()  # per-step views in one call: Python work holds the GIL
+        gos = None if go is None else [go[0, s:e]] * T if constant else go[:, s:e].unbind()
+        gxs = None if constant or go is None else gx[:, s:e].unbind()
+        spare = None  # the buffer the next carry is written into
         for t in range(T - 1, -1, -1):
-            h = hf[t, s:e]
+            h = hs[t]
             fired = h > thr if hard or need_thr else None
             if carry is not None and need_thr and not hard:  # the soft reset subtracts thr
                 g_thr -= carry[fired].sum()
             if carry is not None and hard:
                 carry.masked_fill_(fired, 0)
             gh = carry
-            if go is not None:
-                dest = None if constant else gx[t, s:e]
-                g_t = go[0 if constant else t, s:e]
-                gh = torch.mul(spike.derivative(h - thr), g_t, out=dest)
+            if gos is not None:
+                gh = torch.mul(spike.derivative(h - thr), gos[t],
+                               out=None if gxs is None else gxs[t])
                 if need_thr:
                     g_thr -= gh.sum()
                 if carry is not None:
@@ -339,12 +343,14 @@ def _reverse_grad(h_all: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
             elif go is None:
                 gx[t, s:e] = gh
             if need_beta:
-                prev = mf[s:e] if t == 0 else hf[t - 1, s:e]
+                prev = mf[s:e] if t == 0 else hs[t - 1]
                 if t > 0:
                     s_prev = prev > thr
                     prev = torch.where(s_prev, 0, prev) if hard else prev - s_prev * thr
                 g_beta += (gh * prev).sum()
-            carry = gh * beta
+            if gh is not carry:
+                spare = carry
+            carry = torch.mul(gh, beta, out=spare)
         if carry is not None:
             g_mem0[s:e] = carry
         partial[s] = (g_beta, g_thr)
