@@ -1,6 +1,6 @@
 """The hippocampal model against `gpt`: quality with ablations, and time overhead. Prints JSON.
 
-    python benchmarks/hippocampal_bench.py quality [--steps 1200] [--only all,gpt,...]
+    python benchmarks/hippocampal_bench.py [--threads 1] quality [--steps 400] [--only all,gpt,...]
     python benchmarks/hippocampal_bench.py overhead [--size cpu|157m] [--steps 8] [--rounds 3]
 
 quality: char-level builtin Shakespeare, `hippocampal-cpu` with everything on, with each
@@ -9,7 +9,7 @@ all on the same batches for the same tokens; val loss and bits per byte on held-
 a control where the prosody fed to the model is shuffled across tokens (seed 002: random prosody
 adds nothing; real prosody should). overhead: seconds per training step (forward, backward,
 AdamW) and per forward at inference, `hippocampal` vs `gpt` with the same layers and width,
-alternating in rounds in one process. Memory is on and full in both timings.
+one step of each model in turn, in one process. Memory is on and full in both timings.
 """
 
 from __future__ import annotations
@@ -144,22 +144,20 @@ def cmd_overhead(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(3 if args.size == "157m" else 40):
             model(x, x, **kwargs(name)).loss.backward()
             opts[name].zero_grad(set_to_none=True)
-    for _ in range(args.rounds):
+    for _ in range(args.rounds * args.steps):  # one step of each model in turn: drift cancels
         for name in names:
             model, opt = models[name], opts[name]
             model.train()
-            for _ in range(args.steps):
-                t = time.perf_counter()
-                model(x, x, **kwargs(name)).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                train_t[name].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            model(x, x, **kwargs(name)).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            train_t[name].append(time.perf_counter() - t)
             model.eval()
             with torch.inference_mode():
-                for _ in range(args.steps):
-                    t = time.perf_counter()
-                    model(x, **kwargs(name))
-                    infer_t[name].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                model(x, **kwargs(name))
+                infer_t[name].append(time.perf_counter() - t)
     med = {n: (statistics.median(train_t[n]), statistics.median(infer_t[n])) for n in names}
     base_train, base_infer = med["gpt"]
     return {"size": args.size, "batch": batch, "block": block,
@@ -173,7 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("quality")
-    q.add_argument("--steps", type=int, default=1200)
+    q.add_argument("--steps", type=int, default=400)
     q.add_argument("--eval-tokens", type=int, default=200_000)
     q.add_argument("--only", default="")
     q.add_argument("--vocab", type=int, default=None)
@@ -182,7 +180,10 @@ def main() -> None:
     o.add_argument("--steps", type=int, default=8)
     o.add_argument("--rounds", type=int, default=3)
     o.add_argument("--ablations", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = {"quality": cmd_quality, "overhead": cmd_overhead}[args.cmd](args)
     print(json.dumps(result, indent=1))
 

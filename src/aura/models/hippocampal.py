@@ -218,9 +218,11 @@ class HippocampalTransformer(AuraModel):
             return ModelOutput(self.lm_head(x[:, -1:] if last_only else x), aux=self.metrics())
         logits = self.lm_head(x)
         ce = lm_loss(logits, targets, label_smoothing)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)[targets >= 0].mean()
-        loss = ce - self.config.entropy_reg * entropy if self.config.entropy_reg else ce
+        reg = self.config.entropy_reg
+        with torch.set_grad_enabled(torch.is_grad_enabled() and reg > 0):  # else a metric only
+            logp = F.log_softmax(logits.float(), dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1)[targets >= 0].mean()
+        loss = ce - reg * entropy if reg else ce
         return ModelOutput(logits, loss, {"ce": ce.detach(), "entropy": entropy.detach(),
                                           **self.metrics()})
 
