@@ -42,6 +42,7 @@ def reference_lif(x: torch.Tensor, beta: float, thr: float, reset: str
 def test_lif_matches_a_loop(reset: str, block: int | None, monkeypatch: pytest.MonkeyPatch):
     if block is not None:
         monkeypatch.setattr(spiking, "_BLOCK", block)
+        monkeypatch.setattr(spiking, "_ONE_BLOCK", block)
     torch.manual_seed(0)
     x = torch.randn(40, 6, dtype=F64) * 0.8 + 0.3
     spikes, mem = LIF(beta=0.8, threshold=1.0, reset=reset)(x)
@@ -296,6 +297,7 @@ def test_fused_lif_gradients_equal_the_step_by_step_graph(reset: str, constant: 
     partial last block."""
     if block is not None:
         monkeypatch.setattr(spiking, "_BLOCK", block)
+        monkeypatch.setattr(spiking, "_ONE_BLOCK", block)
     torch.manual_seed(9)
     lif = LIF(beta=0.8, reset=reset, surrogate="atan", learn_beta=learn, learn_threshold=learn)
     steps = 12

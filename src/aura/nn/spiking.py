@@ -155,17 +155,20 @@ def leaky_scan(x: torch.Tensor, beta: torch.Tensor, mem: torch.Tensor) -> torch.
 
 
 _BLOCK = 1 << 15  # neurons per block on CPU: in cache over the steps, and one thread per op
+_ONE_BLOCK = 1 << 17  # up to this many neurons, one block whose ops use PyTorch's own threads
 
 
 def _each_block(like: torch.Tensor, n: int, work: Callable[[int, int], None]) -> None:
     """``work(start, end)`` over blocks of ``n`` neurons, without autograd.
 
-    On CPU the blocks are shared among ``torch.get_num_threads()`` Python threads (the ops
-    release the GIL). Blocks of 2^15 elements are below PyTorch's grain size, so each op runs
-    on its own thread: an OpenMP barrier per small op costs more than the op as soon as the
-    cores are shared (measured 2-3x slower under load). Other devices take one block.
+    Many neurons on CPU: blocks of 2^15 shared among ``torch.get_num_threads()`` Python threads
+    (the ops release the GIL). A block is below PyTorch's grain size, so each op runs on the
+    thread that issued it: an OpenMP barrier per small op costs more than the op as soon as the
+    cores are shared (the SNN FFN ran 2-3x slower under load). Up to ``_ONE_BLOCK`` neurons, or
+    off CPU, one block whose ops PyTorch parallelises itself: there, on an idle machine, the
+    Python work per op of two threads contending for the GIL costs more (2x at 64Ki neurons).
     """
-    if like.device.type != "cpu":
+    if like.device.type != "cpu" or n <= _ONE_BLOCK:
         with torch.no_grad():
             work(0, n)
         return
