@@ -239,7 +239,11 @@ def ffn_quality(args: argparse.Namespace) -> dict[str, Any]:
                 **({"val_firing_rate": round(statistics.mean(rates), 4)} if rates else {}),
                 "energy_per_token_nj": round(energy["energy_per_token_nj"], 1),
                 "macs_per_token": energy["macs"] // energy["tokens"],
-                "acs_per_token": energy["acs"] // energy["tokens"]}
+                "acs_per_token": energy["acs"] // energy["tokens"],
+                "energy_layers_per_token": {
+                    f"{r['name']} {r['kind']}": [r["ops"] // energy["tokens"],
+                                                 "AC" if r["spike_input"] else "MAC"]
+                    for r in energy["layers"] if r["ops"] or r["spike_input"]}}
         out["config"] = {"preset": "demo", "n_layer": m.n_layer, "n_embd": m.n_embd,
                          "block_size": m.block_size, "batch_size": cfg.train.batch_size}
     return out
