@@ -77,7 +77,9 @@ def test_memory_is_filled_and_read() -> None:
     model = small()
     fill_memory(model)
     assert model.memory is not None and len(model.memory.store) == 3 * 16
+    importance = model.memory.store.importance.clone()
     out = model(ids(), ids(), prosody=prosody_of(ids()))
+    assert torch.equal(model.memory.store.importance, importance)  # eval reads touch nothing
     assert out.aux["memory_size"] == 48 and 0 < out.aux["memory_gate"] < 1
     assert 0 < out.aux["memory_match"] <= 1
 

@@ -68,7 +68,9 @@ class HippocampalMemory(nn.Module):
     def _recall(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax-weighted values of each query's memories (Q, C), and its best cosine (Q,)."""
         with torch.autocast(queries.device.type, enabled=False):  # cosines in fp32
-            r = self.store.read(queries.float(), self.top_k)
+            # evaluation leaves recency and importance alone: it must not steer what training
+            # forgets, and a read that bookkeeps nothing is cheaper
+            r = self.store.read(queries.float(), self.top_k, touch=self.training)
         scores, values, mask = r.scores, r.values, r.mask
         if self.graph_k:
             scores, values, mask = self._spread(queries, r.ids, scores, values, mask)

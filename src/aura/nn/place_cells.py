@@ -61,9 +61,13 @@ class PlaceCellEncoder(nn.Module):
         ``n_place_cells``, dot products per token. Records ``last_active_fraction``.
         """
         with torch.no_grad():
-            idx = self.w_in(h).topk(self.k_max, dim=-1).indices  # sorted: position = rank
-        rows = F.embedding(idx, self.w_in.weight)  # (..., k_max, n_embd)
-        values = F.relu((rows * h.unsqueeze(-2)).sum(-1))
+            drive = self.w_in(h)
+            top, idx = drive.topk(self.k_max, dim=-1)  # sorted: position = rank
+        if torch.is_grad_enabled() and (h.requires_grad or self.w_in.weight.requires_grad):
+            rows = F.embedding(idx, self.w_in.weight)  # (..., k_max, n_embd)
+            values = F.relu((rows * h.unsqueeze(-2)).sum(-1))
+        else:  # nothing to differentiate: the winners' drives are already at hand
+            values = F.relu(top)
         if self.sparsity_logit is not None:
             k_soft = self.active_count()
             rank = torch.arange(self.k_max, device=h.device, dtype=k_soft.dtype)
