@@ -33,13 +33,15 @@ from typing import Any
 import torch
 
 from aura.errors import DataError
-from aura.plasticity.state import copy_into, load_state, save_state
+from aura.plasticity.state import SavedRule, copy_into
 
 log = logging.getLogger(__name__)
 
 
-class OjaLayer:
+class OjaLayer(SavedRule):
     """Batched GHA / subspace Oja with residual-driven growth; see the module docstring."""
+
+    kind = "OjaLayer"
 
     def __init__(self, dim: int, max_components: int = 16, *, init_components: int = 1,
                  lr: float = 0.01, rule: str = "gha", residual_momentum: float = 0.9,
@@ -168,21 +170,8 @@ class OjaLayer:
         self.residual_ema = extra.get("residual_ema")
         self.events = list(extra.get("events", []))
 
-    def save(self, path: Any) -> Any:
-        config = {**self.config(), "extra": self.extra_state()}
-        return save_state(path, "OjaLayer", config, self.state_dict())
+    def saved_config(self) -> dict[str, Any]:
+        return {**self.config(), "extra": self.extra_state()}
 
-    @classmethod
-    def load(cls, path: Any, device: torch.device | str = "cpu") -> OjaLayer:
-        config, tensors = load_state(path, "OjaLayer", device)
-        return cls.from_state(config, tensors, device)
-
-    @classmethod
-    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                   device: torch.device | str = "cpu") -> OjaLayer:
-        config = dict(config)
-        extra = config.pop("extra", None)
-        config["dtype"] = getattr(torch, config.get("dtype", "float32"))
-        layer = cls(**config, device=device)
-        layer.load_state_dict(tensors, extra)
-        return layer
+    def restore(self, tensors: dict[str, torch.Tensor], extra: Any) -> None:
+        self.load_state_dict(tensors, extra)

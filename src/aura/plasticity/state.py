@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 from safetensors import SafetensorError
@@ -76,3 +76,39 @@ def copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
             got = None if source is None else tuple(source.shape)
             raise DataError(f"{what}: tensor {name!r} is {got}, expected {tuple(target.shape)}")
         target.copy_(source)
+
+
+class SavedRule:
+    """``save`` / ``load`` / ``from_state`` for a rule built as ``cls(**config, device=...)``.
+
+    A rule provides ``kind``, ``config()`` (with a ``dtype`` name), ``state_dict()`` and
+    ``load_state_dict(tensors)``; one with non-tensor state adds it to ``saved_config`` under
+    ``"extra"`` and takes it back in ``restore``.
+    """
+
+    kind: ClassVar[str]
+
+    def saved_config(self) -> dict[str, Any]:
+        return self.config()  # type: ignore[attr-defined, no-any-return]
+
+    def restore(self, tensors: dict[str, torch.Tensor], extra: Any) -> None:
+        self.load_state_dict(tensors)  # type: ignore[attr-defined]
+
+    def save(self, path: str | Path) -> Path:
+        return save_state(path, self.kind, self.saved_config(),
+                          self.state_dict())  # type: ignore[attr-defined]
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Self:
+        config, tensors = load_state(path, cls.kind, device)
+        return cls.from_state(config, tensors, device)
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   device: torch.device | str = "cpu") -> Self:
+        config = dict(config)
+        extra = config.pop("extra", None)
+        config["dtype"] = getattr(torch, config.get("dtype", "float32"))
+        rule = cls(**config, device=device)  # type: ignore[call-arg]
+        rule.restore(tensors, extra)
+        return rule

@@ -34,7 +34,7 @@ import torch
 
 from aura.errors import DataError
 from aura.plasticity.pool import Workspace
-from aura.plasticity.state import copy_into, load_state, save_state
+from aura.plasticity.state import SavedRule, copy_into
 
 QUANTUM_BITS = 24
 QUANTUM = 2.0**-QUANTUM_BITS
@@ -152,13 +152,15 @@ def compose_segments(counts: torch.Tensor, d: torch.Tensor, lo: int, hi: int, wi
         s.clamp_(-span, span)
 
 
-class TokenSTDP:
+class TokenSTDP(SavedRule):
     """Per-token STDP weights that scale salience; see the module docstring for the rule.
 
     ``update`` and ``modulate`` accept token ids of any shape (read in row-major order);
     ``spikes`` has the same shape (spiked if > 0) or one more trailing dimension of salience
     channels (spiked if their sum is > 0). ``dtype`` is the dtype of ``modulate``'s factor.
     """
+
+    kind = "TokenSTDP"
 
     def __init__(self, vocab_size: int, *, lr_plus: float = 0.01, lr_minus: float = 0.005,
                  w_min: float = -1.0, w_max: float = 1.0, alpha: float = 0.2,
@@ -250,22 +252,6 @@ class TokenSTDP:
             self.q.zero_()
             raise DataError("TokenSTDP state: weights outside [min(w_min, 0), max(w_max, 0)]")
 
-    def save(self, path: Any) -> Any:
-        return save_state(path, "TokenSTDP", self.config(), self.state_dict())
-
-    @classmethod
-    def load(cls, path: Any, device: torch.device | str = "cpu") -> TokenSTDP:
-        config, tensors = load_state(path, "TokenSTDP", device)
-        return cls.from_state(config, tensors, device)
-
-    @classmethod
-    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                   device: torch.device | str = "cpu") -> TokenSTDP:
-        config = dict(config)
-        config["dtype"] = getattr(torch, config.get("dtype", "float32"))
-        stdp = cls(**config, device=device)
-        stdp.load_state_dict(tensors)
-        return stdp
 
 
 class PairSTDP:

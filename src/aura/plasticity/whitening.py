@@ -24,11 +24,13 @@ from typing import Any
 
 import torch
 
-from aura.plasticity.state import copy_into, load_state, save_state
+from aura.plasticity.state import SavedRule, copy_into
 
 
-class OnlineWhitener:
+class OnlineWhitener(SavedRule):
     """Running mean/covariance and a PCA or ZCA whitening transform; see the module docstring."""
+
+    kind = "OnlineWhitener"
 
     def __init__(self, dim: int, *, momentum: float = 0.99, eps: float = 1e-5,
                  mode: str = "zca", n_components: int | None = None, refresh_every: int = 1,
@@ -141,19 +143,3 @@ class OnlineWhitener:
             copy_into({"matrix": self.matrix}, tensors, "OnlineWhitener state")
             self._refreshed_at = int(tensors["refreshed_at"])
 
-    def save(self, path: Any) -> Any:
-        return save_state(path, "OnlineWhitener", self.config(), self.state_dict())
-
-    @classmethod
-    def load(cls, path: Any, device: torch.device | str = "cpu") -> OnlineWhitener:
-        config, tensors = load_state(path, "OnlineWhitener", device)
-        return cls.from_state(config, tensors, device)
-
-    @classmethod
-    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                   device: torch.device | str = "cpu") -> OnlineWhitener:
-        config = dict(config)
-        config["dtype"] = getattr(torch, config.get("dtype", "float32"))
-        whitener = cls(**config, device=device)
-        whitener.load_state_dict(tensors)
-        return whitener
