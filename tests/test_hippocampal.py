@@ -215,6 +215,10 @@ def test_entropy_regularisation_lowers_the_loss_by_the_entropy() -> None:
     a, b = plain(x, x, prosody=prosody_of(x)), reg(x, x, prosody=prosody_of(x))
     torch.testing.assert_close(a.aux["ce"], b.aux["ce"])
     torch.testing.assert_close(b.loss, b.aux["ce"] - 0.1 * b.aux["entropy"])
+    p = torch.softmax(b.logits.float(), -1)
+    torch.testing.assert_close(b.aux["entropy"], -(p * p.log()).sum(-1).mean())
+    p = torch.softmax(a.logits[:, ::16].float(), -1)  # without the loss term: a sampled metric
+    torch.testing.assert_close(a.aux["entropy"], -(p * p.log()).sum(-1).mean())
 
 
 @pytest.mark.parametrize("override, match", [

@@ -38,6 +38,7 @@ from aura.nn.prosody_modulation import ProsodyModulation
 from aura.nn.time_cells import TimeCellEncoder, elapsed_since
 
 COMPONENTS = ("theta_gamma", "place_cells", "grid_cells", "time_cells", "prosody", "memory")
+_ENTROPY_STRIDE = 16  # the entropy *metric* samples every 16th position (unbiased, 1/16 the cost)
 
 
 @dataclass
@@ -112,6 +113,13 @@ class HippocampalCache(KVCache):
     def reset(self) -> None:
         super().reset()
         self.last_boundary.zero_()
+
+
+def predictive_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the predicted next-token distributions at scored positions."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    scored = targets >= 0
+    return -(logp.exp() * logp).sum(-1).mul(scored).sum() / scored.sum().clamp(min=1)
 
 
 @register_model("hippocampal")
@@ -219,10 +227,13 @@ class HippocampalTransformer(AuraModel):
         logits = self.lm_head(x)
         ce = lm_loss(logits, targets, label_smoothing)
         reg = self.config.entropy_reg
-        with torch.set_grad_enabled(torch.is_grad_enabled() and reg > 0):  # else a metric only
-            logp = F.log_softmax(logits.float(), dim=-1)
-            entropy = -(logp.exp() * logp).sum(-1)[targets >= 0].mean()
-        loss = ce - reg * entropy if reg else ce
+        if reg:
+            entropy = predictive_entropy(logits, targets)
+            loss = ce - reg * entropy
+        else:  # a metric only: every position's would cost ~8% of a 157M step at vocab 32k
+            with torch.no_grad():
+                s = _ENTROPY_STRIDE
+                entropy, loss = predictive_entropy(logits[:, ::s], targets[:, ::s]), ce
         return ModelOutput(logits, loss, {"ce": ce.detach(), "entropy": entropy.detach(),
                                           **self.metrics()})
 
