@@ -57,7 +57,7 @@ def test_the_code_keeps_the_strongest_cells() -> None:
     cells = torch.relu(enc.w_in(h))
     kth = cells.topk(enc.k, dim=-1).values[..., -1:]
     torch.testing.assert_close(code, torch.where(cells >= kth, cells, 0))
-    torch.testing.assert_close(enc(h), h + 0.1 * enc.w_out(code))
+    torch.testing.assert_close(enc(h), h + 0.1 * code @ enc.w_out)
 
 
 @pytest.mark.parametrize("learnable", [False, True])
@@ -65,7 +65,7 @@ def test_gradients_reach_every_parameter(learnable: bool) -> None:
     enc = encoder(learnable_sparsity=learnable)
     enc(hidden(2, 8)).pow(2).sum().backward()
     names = {n for n, p in enc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert names == ({"w_in.weight", "w_out.weight"} | ({"sparsity_logit"} if learnable else set()))
+    assert names == ({"w_in.weight", "w_out"} | ({"sparsity_logit"} if learnable else set()))
 
 
 def test_learned_sparsity_starts_at_the_target() -> None:
@@ -155,7 +155,7 @@ def test_sparse_forward_equals_the_dense_code_through_w_out(learnable: bool) -> 
         rank = torch.arange(enc.k_max, dtype=k_soft.dtype)
         soft = torch.sigmoid(k_soft - rank)
         values = values * ((rank < k_soft).to(soft.dtype) + soft - soft.detach())
-    slow = h + 0.1 * enc.w_out(torch.zeros_like(cells).scatter(-1, idx, values))
+    slow = h + 0.1 * torch.zeros_like(cells).scatter(-1, idx, values) @ enc.w_out
     slow.square().sum().backward()
     torch.testing.assert_close(fast, slow)
     with torch.no_grad():  # the inference path reads the winners' drives directly
