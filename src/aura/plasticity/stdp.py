@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from aura.errors import DataError
-from aura.plasticity.pool import Workspace
 from aura.plasticity.state import SavedRule, copy_into
+from aura.workspace import Workspace
 
 QUANTUM_BITS = 24
 QUANTUM = 2.0**-QUANTUM_BITS
@@ -176,7 +176,7 @@ class TokenSTDP(SavedRule):
         if self.q_min > self.q_max:
             raise ValueError(f"w_min must be <= w_max, got {w_min} > {w_max}")
         self.q = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
-        self.workspace = Workspace(self.device)  # batch-sized temporaries, reused (pool.py)
+        self.workspace = Workspace(self.device)  # batch-sized temporaries, reused (aura.workspace)
 
     lr_plus = property(lambda self: self.q_plus * QUANTUM, doc="potentiation step (snapped)")
     lr_minus = property(lambda self: self.q_minus * QUANTUM, doc="depression step (snapped)")

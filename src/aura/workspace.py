@@ -1,12 +1,12 @@
 """Reusable scratch buffers: seed 001's ArrayPool, only where the allocator was measured to cost.
 
-Token STDP over a batch of a million tokens needs a dozen temporaries of several MB each. glibc
-serves blocks that large with fresh ``mmap`` pages and returns them on free, so every call paid
-the page faults again: 42 ms of CPU per 2^20 tokens (one thread) against 27 ms when the memory
-stayed mapped (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` raised); 25 ms with a
-``Workspace``, which keeps such buffers per owner. The whitener and Oja steps already
-preallocate their state and scratch; a pool has nothing left to win there (docs/architecture.md,
-"Plasticity room").
+glibc serves blocks of several MB with fresh ``mmap`` pages and returns them on free, so a hot
+path that allocates such temporaries on every call pays the page faults every call. Two places
+measured it: token STDP over a batch of a million tokens (42 ms of CPU per 2^20 tokens, 25 ms
+with a ``Workspace``), and the fused LIF backward, whose per-step membranes are as large as its
+input (aura.nn.spiking). The whitener and Oja steps already preallocate their state and
+scratch; a pool has nothing left to win there. On CUDA, PyTorch's caching allocator already is
+a pool.
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ class Workspace:
         self.buffers: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """``numel`` elements of the buffer ``name``, contents undefined."""
         buf = self.buffers.get(name)
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, device=self.device)
+            # a normal tensor even under inference_mode, or a later call outside it could not
+            # write into the buffer
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=dtype, device=self.device)
             self.buffers[name] = buf
         return buf[:numel]
 
@@ -37,7 +41,8 @@ class Workspace:
         """``0 .. n-1`` as int64, computed once per size reached."""
         buf = self.buffers.get("arange")
         if buf is None or buf.numel() < n:
-            buf = torch.arange(n, device=self.device)
+            with torch.inference_mode(False):
+                buf = torch.arange(n, device=self.device)
             self.buffers["arange"] = buf
         return buf[:n]
 
