@@ -12,22 +12,30 @@ note's "dtype propagation" fix), and float parameters are cast to the input's dt
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from aura.workspace import Workspace
+
 SpikeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _surrogate(name: str, derivative: Callable[[torch.Tensor, float], torch.Tensor],
-               doc: str) -> type[torch.autograd.Function]:
-    """A Heaviside spike whose backward is ``derivative(x, param)``: one shape, many surrogates.
+InverseSlope = Callable[[torch.Tensor, float, torch.Tensor | None], torch.Tensor]
 
-    The derivative is kept on the class so the fused LIF can apply it without a graph per step.
+
+def _surrogate(name: str, inverse_slope: InverseSlope, doc: str) -> type[torch.autograd.Function]:
+    """A Heaviside spike whose backward divides by ``inverse_slope(x, param, out)``: one
+    shape, many surrogates.
+
+    A surrogate is registered by the reciprocal of its slope because both of ours are a
+    reciprocal: the fused LIF backward then folds the slope into one ``addcdiv`` per step.
+    It is kept on the class so the fused LIF can apply it without a graph per step; ``out``
+    (which may be ``x`` itself) lets it write into a buffer instead of allocating.
     """
 
     class Surrogate(torch.autograd.Function):
@@ -40,29 +48,31 @@ def _surrogate(name: str, derivative: Callable[[torch.Tensor, float], torch.Tens
         @staticmethod
         def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
             (x,) = ctx.saved_tensors
-            return grad * derivative(x, ctx.param), None
+            return grad / inverse_slope(x, ctx.param, None), None
 
-    Surrogate.derivative = staticmethod(derivative)  # type: ignore[attr-defined]
+    Surrogate.inverse_slope = staticmethod(inverse_slope)  # type: ignore[attr-defined]
     Surrogate.__name__ = Surrogate.__qualname__ = name
     Surrogate.__doc__ = doc
     return Surrogate
 
 
-def _fast_sigmoid_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
-    return torch.add(x.new_ones(()), x.abs(), alpha=slope).pow_(-2)  # three passes over x
+def _fast_sigmoid_inverse(x: torch.Tensor, slope: float, out: torch.Tensor | None
+                          ) -> torch.Tensor:
+    a = torch.abs(x, out=out)  # (1 + slope |x|)^2: three passes over x
+    return torch.add(x.new_ones(()), a, alpha=slope, out=a).square_()
 
 
-def _atan_grad(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    # alpha/2 / (1 + k^2 x^2) = 1 / (2/alpha + (2/alpha) k^2 x^2): two passes over x
+def _atan_inverse(x: torch.Tensor, alpha: float, out: torch.Tensor | None) -> torch.Tensor:
+    # alpha/2 / (1 + k^2 x^2) = 1 / (2/alpha + (2/alpha) k^2 x^2): one pass over x
     k = math.pi / 2 * alpha
-    return torch.addcmul(x.new_full((), 2 / alpha), x, x, value=2 * k * k / alpha).reciprocal_()
+    return torch.addcmul(x.new_full((), 2 / alpha), x, x, value=2 * k * k / alpha, out=out)
 
 
 FastSigmoid = _surrogate(
-    "FastSigmoid", _fast_sigmoid_grad,
+    "FastSigmoid", _fast_sigmoid_inverse,
     "Heaviside forward; backward ``1 / (1 + slope |x|)^2`` (Zenke & Ganguli's SuperSpike).")
 ATan = _surrogate(
-    "ATan", _atan_grad,
+    "ATan", _atan_inverse,
     "Heaviside forward; backward ``alpha/2 / (1 + (pi/2 alpha x)^2)``, the derivative of "
     "``atan(pi/2 alpha x) / pi``: heavier tails than the fast sigmoid.")
 
@@ -79,7 +89,7 @@ def atan(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
 class NamedSpike:
     """A registered surrogate with its parameter, callable as ``(x) -> spikes``.
 
-    Unlike an arbitrary callable it exposes ``derivative``, which lets ``LIF`` run all steps in
+    Unlike an arbitrary callable it exposes ``inverse_slope``, which lets ``LIF`` run all steps in
     one fused autograd node instead of a graph of small ops per step. A module-level class, so a
     neuron holding one pickles.
     """
@@ -90,8 +100,9 @@ class NamedSpike:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.function.apply(x, self.param)
 
-    def derivative(self, x: torch.Tensor) -> torch.Tensor:
-        return self.function.derivative(x, self.param)  # type: ignore[attr-defined]
+    def inverse_slope(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """1 / the surrogate's slope at ``x``, written into ``out`` (which may be ``x``)."""
+        return self.function.inverse_slope(x, self.param, out)  # type: ignore[attr-defined]
 
 
 # name -> (autograd function, parameter name, default value)
@@ -154,94 +165,77 @@ def leaky_scan(x: torch.Tensor, beta: torch.Tensor, mem: torch.Tensor) -> torch.
     return out.reshape(K * C, *x.shape[1:])[:T]
 
 
-_BLOCK = 1 << 15  # neurons per block on CPU: in cache over the steps, and one thread per op
-_ONE_BLOCK = 1 << 17  # up to this many neurons, one block whose ops use PyTorch's own threads
+_LOCAL = threading.local()
 
 
-def _each_block(like: torch.Tensor, n: int, work: Callable[[int, int], None]) -> None:
-    """``work(start, end)`` over blocks of ``n`` neurons, without autograd.
+def _workspace(like: torch.Tensor) -> Workspace:
+    """This thread's scratch for the LIF kernels on CPU, kept from call to call: the per-step
+    membranes of a backward are as large as its input, and a fresh buffer that size is paged in
+    anew on every call (aura.workspace). Elsewhere a fresh one: CUDA's allocator already pools."""
+    if like.device.type != "cpu":
+        return Workspace(like.device)
+    if getattr(_LOCAL, "workspace", None) is None:
+        _LOCAL.workspace = Workspace("cpu")
+    return _LOCAL.workspace
 
-    Many neurons on CPU: blocks of 2^15 shared among ``torch.get_num_threads()`` Python threads
-    (the ops release the GIL). A block is below PyTorch's grain size, so each op runs on the
-    thread that issued it: an OpenMP barrier per small op costs more than the op as soon as the
-    cores are shared (the SNN FFN ran 2-3x slower under load). Up to ``_ONE_BLOCK`` neurons, or
-    off CPU, one block whose ops PyTorch parallelises itself: there, on an idle machine, the
-    Python work per op of two threads contending for the GIL costs more (2x at 64Ki neurons).
+
+def _buffer(ws: Workspace, name: str, shape: tuple[int, ...], like: torch.Tensor,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    return ws.get(name, math.prod(shape), like.dtype if dtype is None else dtype).view(shape)
+
+
+Steps = list[torch.Tensor] | tuple[torch.Tensor, ...]
+
+
+def _lif_steps(xs: Steps, m: torch.Tensor, beta: torch.Tensor, thr: torch.Tensor, hard: bool,
+               hs: Steps, state: torch.Tensor, spikes: Steps, known: bool = False) -> None:
+    """The recurrence over every step, three passes per step into given buffers.
+
+    Step t writes its pre-reset membrane into ``hs[t]`` and its spikes into ``spikes[t]``; the
+    state after the last step ends in ``state``. A buffer may repeat (one scratch for every
+    step) where the caller needs only the last. With ``known``, ``spikes`` already holds the
+    forward's spikes and is only read (two passes a step): the backward's recompute, which
+    repeats the forward's arithmetic exactly, so its membranes are the forward's bit for bit.
     """
-    if like.device.type != "cpu" or n <= _ONE_BLOCK:
-        with torch.no_grad():
-            work(0, n)
-        return
-    starts = range(0, n, _BLOCK)
-    workers = min(torch.get_num_threads(), len(starts))
-    inference = torch.is_inference_mode_enabled()
-
-    def run(first: int) -> None:
-        with torch.inference_mode(inference), torch.no_grad():  # modes are per thread
-            for s in starts[first::workers]:
-                work(s, min(n, s + _BLOCK))
-
-    if workers <= 1:
-        run(0)
-        return
-    with ThreadPoolExecutor(workers - 1) as pool:
-        others = [pool.submit(run, i) for i in range(1, workers)]
-        run(0)
-        for f in others:
-            f.result()
-
-
-def _lif_run(x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor, thr: torch.Tensor,
-             hard: bool, steps: int | None, keep: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The LIF recurrence on plain tensors: spikes (or, for a constant input held ``steps``
-    steps, the spike count), the final state and, if ``keep``, every pre-reset membrane.
-
-    Three or four passes per step into preallocated buffers, no autograd. Neurons go through
-    all the steps one block at a time, so memory sees the input, the outputs and the kept
-    membranes once, and the state and spikes of a block stay in cache.
-    """
-    T = x.size(0) if steps is None else steps
-    shape, n = mem.shape, mem.numel()
-    xf, mf = x.reshape(-1, n), mem.reshape(n)
-    h_all = x.new_empty((T, n)) if keep else None
-    out = x.new_empty((T, n)) if steps is None else x.new_zeros(n)
-    final = x.new_empty(n)
     neg_thr = -thr
+    for t in range(len(hs)):
+        h = torch.addcmul(xs[t], m, beta, out=hs[t])  # beta m + x
+        fired = spikes[t] if known else torch.gt(h, thr, out=spikes[t])
+        if hard:  # h (1 - s), exactly 0 where it fired
+            m = torch.addcmul(h, h, fired, value=-1, out=state)
+        else:
+            m = torch.addcmul(h, fired, neg_thr, out=state)
 
-    def work(s: int, e: int) -> None:
-        m, state, spikes = mf[s:e], final[s:e], x.new_empty(e - s)
-        # per-step views made in one call each: Python work per op holds the GIL
-        hs = [x.new_empty(e - s)] * T if h_all is None else h_all[:, s:e].unbind()
-        xs = [xf[0, s:e]] * T if steps is not None else xf[:, s:e].unbind()
-        outs = out[:, s:e].unbind() if steps is None else None
-        for t in range(T):
-            h = torch.addcmul(xs[t], m, beta, out=hs[t])  # beta m + x
-            if outs is not None:
-                fired = torch.gt(h, thr, out=outs[t])
-            else:
-                fired = torch.gt(h, thr, out=spikes)
-                out[s:e].add_(fired)
-            if hard:  # h (1 - s), exactly 0 where it fired
-                m = torch.addcmul(h, h, fired, value=-1, out=state)
-            else:
-                m = torch.addcmul(h, fired, neg_thr, out=state)
 
-    _each_block(x, n, work)
-    return (out.view(T, *shape) if steps is None else out.view(shape), final.view(shape),
-            None if h_all is None else h_all.view(T, *shape))
+@torch.no_grad()
+def _lif_run(x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor, thr: torch.Tensor,
+             hard: bool, steps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LIF recurrence on plain tensors: spikes (or, for a constant input held ``steps``
+    steps, the spike count) and the final state."""
+    T = x.size(0) if steps is None else steps
+    ws, final = _workspace(x), torch.empty_like(mem)
+    hs = [_buffer(ws, "h", mem.shape, x)] * T
+    if steps is None:
+        out = torch.empty_like(x)
+        _lif_steps(x.unbind(), mem, beta, thr, hard, hs, final, out.unbind())
+        return out, final
+    spikes = _buffer(ws, "spikes", (T, *mem.shape), x)
+    _lif_steps([x] * T, mem, beta, thr, hard, hs, final, spikes.unbind())
+    return spikes.sum(0), final
 
 
 class _FusedLIF(torch.autograd.Function):
-    """Soft- or hard-reset LIF over all steps as one autograd node.
+    """Soft- or hard-reset LIF over all steps as one autograd node that saves its input and
+    spikes, no membranes.
 
     Backward is exactly the gradient autograd would take through the step-by-step graph
     (surrogate at each spike, reset detached): ``dL/dh_t = g_t s'(h_t - thr) + dL/dm_t * (1, or
-    1 - s_t if hard)`` and ``dL/dm_{t-1} = beta dL/dh_t``, walked in reverse over the kept
-    pre-reset membranes ``h_t``. For a constant input with a soft reset and fixed parameters
-    (the SNN FFN) the walk has a closed form, ``dL/dx = g sum_u c_u s'_u + c_{T-1} dL/dm_{T-1}``
-    with ``c_u = 1 + beta c_{u-1}``, ``c_0 = 1``, which runs forward in time: the membranes are
-    recomputed block by block instead of kept, so the layer stores only its input.
+    1 - s_t if hard)`` and ``dL/dm_{t-1} = beta dL/dh_t``, walked in reverse over the pre-reset
+    membranes ``h_t``, which it recomputes from the input and the spikes into a reused buffer
+    (two passes a step, cheaper than a tensor the size of the input written by the forward,
+    paged in, and read back). For a constant input with a soft reset and fixed parameters (the
+    SNN FFN) the walk has a closed form, ``dL/dx = g sum_u c_u s'_u + c_{T-1} dL/dm_{T-1}`` with
+    ``c_u = 1 + beta c_{u-1}``, ``c_0 = 1``, which runs forward in time.
     """
 
     @staticmethod
@@ -249,8 +243,9 @@ class _FusedLIF(torch.autograd.Function):
                 thr: torch.Tensor, hard: bool, steps: int | None, spike: NamedSpike
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.closed_form = steps is not None and not hard and not any(ctx.needs_input_grad[1:4])
-        out, final, h_all = _lif_run(x, mem, beta, thr, hard, steps, keep=not ctx.closed_form)
-        ctx.save_for_backward(x if ctx.closed_form else h_all, mem, beta, thr)
+        out, final = _lif_run(x, mem, beta, thr, hard, steps)
+        # a count (constant input) does not say which steps fired: those are recomputed
+        ctx.save_for_backward(x, mem, beta, thr, out if steps is None else None)
         ctx.set_materialize_grads(False)  # an unused output (often the state) costs nothing
         ctx.hard, ctx.steps, ctx.spike = hard, steps, spike
         return out, final
@@ -259,109 +254,99 @@ class _FusedLIF(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g_out: torch.Tensor | None, g_mem: torch.Tensor | None
                  ) -> tuple[torch.Tensor | None, ...]:
-        saved, mem0, beta, thr = ctx.saved_tensors
+        x, mem0, beta, thr, spikes = ctx.saved_tensors
         if ctx.closed_form:
-            gx = _constant_soft_grad(saved, mem0, beta, thr, ctx.steps, ctx.spike, g_out, g_mem)
+            gx = _constant_soft_grad(x, mem0, beta, thr, ctx.steps, ctx.spike, g_out, g_mem)
             return gx, None, None, None, None, None, None
         need_x, need_mem, need_beta, need_thr = ctx.needs_input_grad[:4]
-        grads = _reverse_grad(saved, mem0, beta, thr, ctx.hard, ctx.steps is not None,
-                              ctx.spike, g_out, g_mem, need_beta, need_thr)
+        grads = _reverse_grad(x, spikes, mem0, beta, thr, ctx.hard, ctx.steps, ctx.spike,
+                              g_out, g_mem, need_beta, need_thr)
         gx, g_mem0, g_beta, g_thr = grads
         return (gx if need_x else None, g_mem0 if need_mem else None, g_beta, g_thr,
                 None, None, None)
 
 
+@torch.no_grad()
 def _constant_soft_grad(x: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
                         thr: torch.Tensor, steps: int, spike: NamedSpike,
                         g_out: torch.Tensor | None, g_mem: torch.Tensor | None) -> torch.Tensor:
-    """dL/dx by the closed form in ``_FusedLIF``, re-running the recurrence block by block."""
-    n = x.numel()
+    """dL/dx by the closed form in ``_FusedLIF``, re-running the recurrence."""
     coef = [torch.ones_like(beta)]
     for _ in range(steps - 1):
         coef.append(1 + beta * coef[-1])
-    gx = x.new_zeros(n)
-    xf, mf = x.reshape(n), mem0.reshape(n)
-    go = None if g_out is None else g_out.reshape(n)
-    gm = None if g_mem is None else g_mem.reshape(n)
-
-    def work(s: int, e: int) -> None:
-        if go is not None:
-            m, h, spikes, state = mf[s:e], *(x.new_empty(e - s) for _ in range(3))
-            acc = None
-            for u in range(steps):
-                torch.addcmul(xf[s:e], m, beta, out=h)
-                sg = spike.derivative(h - thr)
-                acc = sg if acc is None else acc.addcmul_(sg, coef[u])
-                if u < steps - 1:
-                    m = torch.addcmul(h, torch.gt(h, thr, out=spikes), -thr, out=state)
-            torch.mul(acc, go[s:e], out=gx[s:e])
-        if gm is not None:
-            gx[s:e].addcmul_(gm[s:e], coef[-1])
-
-    _each_block(x, n, work)
-    return gx.view(x.shape)
+    gx = torch.zeros_like(x)
+    if g_out is not None:
+        ws, m = _workspace(x), mem0
+        h, inv, spikes, state, acc = (_buffer(ws, name, x.shape, x) for name in
+                                      ("h", "inv", "spikes", "state", "acc"))
+        acc.zero_()
+        for u in range(steps):
+            torch.addcmul(x, m, beta, out=h)
+            acc.addcdiv_(coef[u], spike.inverse_slope(torch.sub(h, thr, out=inv), out=inv))
+            if u < steps - 1:
+                m = torch.addcmul(h, torch.gt(h, thr, out=spikes), -thr, out=state)
+        torch.mul(acc, g_out, out=gx)
+    if g_mem is not None:
+        gx.addcmul_(g_mem, coef[-1])
+    return gx
 
 
-def _reverse_grad(h_all: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
-                  thr: torch.Tensor, hard: bool, constant: bool, spike: NamedSpike,
-                  g_out: torch.Tensor | None, g_mem: torch.Tensor | None, need_beta: bool,
-                  need_thr: bool) -> tuple[torch.Tensor, torch.Tensor, ...]:
-    """The general backward: the recurrence of ``_FusedLIF`` walked from the last step, one
-    block of neurons at a time (so the carried gradient stays in cache). The parameters'
-    gradients are summed per block, then over blocks in order, whatever thread ran them."""
-    T, n = h_all.size(0), mem0.numel()
-    hf, mf = h_all.reshape(T, n), mem0.reshape(n)
-    go = None if g_out is None else g_out.reshape(-1, n)  # (1 or T, n)
-    gm = None if g_mem is None else g_mem.reshape(n)
-    gx = h_all.new_zeros(n) if constant or go is None else h_all.new_empty((T, n))
-    g_mem0 = mem0.new_zeros(n)
-    partial: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def work(s: int, e: int) -> None:
-        g_beta, g_thr = torch.zeros_like(beta), torch.zeros_like(thr)
-        carry = None if gm is None else gm[s:e].clone()  # dL/dm_t, owned
-        hs = hf[:, s:e].unbind()  # per-step views in one call: Python work holds the GIL
-        gos = None if go is None else [go[0, s:e]] * T if constant else go[:, s:e].unbind()
-        gxs = None if constant or go is None else gx[:, s:e].unbind()
-        spare = None  # the buffer the next carry is written into
-        for t in range(T - 1, -1, -1):
-            h = hs[t]
-            fired = h > thr if hard or need_thr else None
-            if carry is not None and need_thr and not hard:  # the soft reset subtracts thr
-                g_thr -= carry[fired].sum()
-            if carry is not None and hard:
-                carry.masked_fill_(fired, 0)
-            gh = carry
-            if gos is not None:
-                gh = torch.mul(spike.derivative(h - thr), gos[t],
-                               out=None if gxs is None else gxs[t])
+@torch.no_grad()
+def _reverse_grad(x: torch.Tensor, spikes: torch.Tensor | None, mem0: torch.Tensor,
+                  beta: torch.Tensor, thr: torch.Tensor, hard: bool, steps: int | None,
+                  spike: NamedSpike, g_out: torch.Tensor | None, g_mem: torch.Tensor | None,
+                  need_beta: bool, need_thr: bool) -> tuple[torch.Tensor, ...]:
+    """The general backward: the membranes recomputed forward, then the recurrence of
+    ``_FusedLIF`` walked from the last step. ``spikes`` are the forward's (None for a constant
+    input: then recomputed too)."""
+    constant = steps is not None
+    T = x.size(0) if steps is None else steps
+    ws, shape = _workspace(x), mem0.shape
+    # per-step views made in one call each
+    xs = [x] * T if constant else x.unbind()
+    hs = _buffer(ws, "h", (T, *shape), x).unbind()
+    fired = (_buffer(ws, "spikes", (T, *shape), x) if spikes is None else spikes).unbind()
+    _lif_steps(xs, mem0, beta, thr, hard, hs, _buffer(ws, "state", shape, x), fired,
+               known=spikes is not None)
+    gx = torch.zeros_like(mem0 if constant else x) if g_out is None else (
+        torch.zeros_like(mem0) if constant else torch.empty_like(x))
+    g_beta, g_thr = torch.zeros_like(beta), torch.zeros_like(thr)
+    inv = _buffer(ws, "inv", shape, x)
+    carry = None if g_mem is None else _buffer(ws, "carry", shape, x).copy_(g_mem)  # dL/dm_t
+    gos = None if g_out is None else [g_out] * T if constant else g_out.unbind()
+    gxs = None if constant or g_out is None else gx.unbind()
+    gh_buf = _buffer(ws, "gh", shape, x) if gxs is None else None
+    for t in range(T - 1, -1, -1):
+        h = hs[t]
+        if carry is not None and need_thr and not hard:  # the soft reset subtracts thr
+            g_thr -= torch.sum(carry * fired[t])
+        if carry is not None and hard:  # dL/dm_t (1 - s_t): no gradient through a reset
+            carry = torch.addcmul(carry, carry, fired[t], value=-1, out=carry)
+        gh = carry
+        if gos is not None:  # dL/dh_t = g_t s'(h_t - thr) + carry, in one pass if we can
+            slope_inv = spike.inverse_slope(torch.sub(h, thr, out=inv), out=inv)
+            target = gh_buf if gxs is None else gxs[t]
+            if carry is None or need_thr:
+                gh = torch.div(gos[t], slope_inv, out=target)
                 if need_thr:
                     g_thr -= gh.sum()
                 if carry is not None:
                     gh.add_(carry)
-            if gh is None:  # no gradient reaches this step or any before it
-                break
-            if constant:
-                gx[s:e].add_(gh)
-            elif go is None:
-                gx[t, s:e] = gh
-            if need_beta:
-                prev = mf[s:e] if t == 0 else hs[t - 1]
-                if t > 0:
-                    s_prev = prev > thr
-                    prev = torch.where(s_prev, 0, prev) if hard else prev - s_prev * thr
-                g_beta += (gh * prev).sum()
-            if gh is not carry:
-                spare = carry
-            carry = torch.mul(gh, beta, out=spare)
-        if carry is not None:
-            g_mem0[s:e] = carry
-        partial[s] = (g_beta, g_thr)
-
-    _each_block(h_all, n, work)
-    sums = [torch.stack([partial[s][i] for s in sorted(partial)]).sum() for i in (0, 1)]
-    return (gx.view(mem0.shape if constant else h_all.shape), g_mem0.view(mem0.shape),
-            sums[0] if need_beta else None, sums[1] if need_thr else None)
+            else:
+                gh = torch.addcdiv(carry, gos[t], slope_inv, out=target)
+        if gh is None:  # no gradient reaches this step or any before it
+            break
+        if constant:
+            gx.add_(gh)
+        elif gos is None:
+            gx[t] = gh
+        if need_beta:  # the state m_{t-1} that beta multiplied
+            prev = mem0 if t == 0 else torch.addcmul(
+                hs[t - 1], hs[t - 1] if hard else thr, fired[t - 1], value=-1)
+            g_beta += torch.sum(gh * prev)
+        carry = torch.mul(gh, beta, out=_buffer(ws, "carry", shape, x))
+    g_mem0 = torch.zeros_like(mem0) if carry is None else carry.clone()
+    return gx, g_mem0, g_beta if need_beta else None, g_thr if need_thr else None
 
 
 def _logit(p: float) -> float:
@@ -463,8 +448,7 @@ class LIF(nn.Module):
             if torch.is_grad_enabled() and any(
                     t.requires_grad for t in (x, mem0, beta, thr)):
                 return _FusedLIF.apply(x, mem0, beta, thr, hard, steps, self.spike)
-            out, final, _ = _lif_run(x, mem0, beta, thr, hard, steps, keep=False)
-            return out, final
+            return _lif_run(x, mem0, beta, thr, hard, steps)
 
 
 class GIFState(NamedTuple):
