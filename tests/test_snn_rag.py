@@ -187,6 +187,25 @@ def test_training_forward_never_reads_its_own_chunks(t: int) -> None:
     assert not torch.allclose(queued_a[:, chunk], queued_b[:, chunk])
 
 
+@pytest.mark.parametrize("t", [0, 5, BLOCK - 1])
+def test_corpus_positions_hide_entries_from_later_text(t: int) -> None:
+    """With ``corpus_pos`` token t reads only entries whose source_pos <= corpus_pos + t: its
+    logits equal those of a bank holding just those entries, and differ from reading them all."""
+    model = small().eval()
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(48, C, generator=g)
+    source = torch.arange(48) * 4 + 60  # 60 .. 248: before, inside and after the window
+    bank(model).write(keys, keys, source_pos=source)
+    x, where = tokens(1, seed=12), torch.tensor([100])
+    got = model(x, corpus_pos=where).logits[:, t]
+    visible = source <= 100 + t
+    only = small().eval()
+    only.load_state_dict(model.state_dict())
+    bank(only).write(keys[visible], keys[visible], source_pos=source[visible])
+    torch.testing.assert_close(got, only(x).logits[:, t])
+    assert not torch.allclose(got, model(x).logits[:, t], atol=1e-6)  # the filter mattered
+
+
 def test_a_batch_reads_its_chunks_only_from_the_next_forward_on() -> None:
     fresh = small().train()  # empty bank
     x = tokens(2, seed=9)
@@ -271,6 +290,8 @@ def test_trains_on_the_engine_and_the_checkpoint_restores_the_bank(train_data: P
     assert row["aux/mem_fill"] == 1.0 and 0 < row["aux/mem_gate"] < 1
     trained = trainer.model
     assert isinstance(trained, SNNRAG)
+    pos = bank(trained).source_pos[bank(trained).ids >= 0]  # the trainer passed corpus_pos
+    assert pos.min() >= CHUNK - 1 and pos.max() > 1000  # train-split offsets, not steps
     loaded = load_for_inference(tmp_path / "run")
     assert isinstance(loaded.model, SNNRAG)
     ours, theirs = bank(trained), bank(loaded.model)

@@ -393,7 +393,8 @@ def _cmd_memory_build(args: argparse.Namespace) -> int:
 
     loaded = load_for_inference(args.run, pick_device(args.device))
     data = PreparedData.open(args.data, expect_tokenizer_hash=loaded.tokenizer.hash)
-    n = build_memory(loaded.model, data.split(args.split), args.max_chunks, args.batch_size)
+    n = build_memory(loaded.model, data.split(args.split), args.max_chunks, args.batch_size,
+                     tokenizer=loaded.tokenizer)
     replace_memory(loaded.path, loaded.model)
     report = {"checkpoint": str(loaded.path), "split": args.split, "entries": n,
               "banks": sorted(loaded.model.memory_stores())}

@@ -44,15 +44,19 @@ class BatchSampler:
     """``sampler(step) -> (x, y)``: int64 tensors of shape (batch_size, block_size(step)).
 
     ``sampler.batch(step)`` adds the per-token ``features`` a model asked for (e.g. prosody),
-    each computed once from ``x`` here, where DataLoader workers can build it ahead.
+    each computed once from ``x`` here, where DataLoader workers can build it ahead, and with
+    ``corpus_pos`` each window's offset in the split, (batch_size,) int64 as ``"corpus_pos"``:
+    token t of row b sits at ``corpus_pos[b] + t`` of the split's shards laid end to end (what a
+    model with a memory of the corpus needs to read only text before each token).
     """
 
     def __init__(self, split: SplitData, batch_size: int, block_size: BlockSize, seed: int,
-                 rank: int = 0, features: TokenFeatures | None = None):
+                 rank: int = 0, features: TokenFeatures | None = None, corpus_pos: bool = False):
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
         self.split, self.batch_size, self.seed, self.rank = split, batch_size, seed, rank
-        self.features = features or {}
+        self.features, self.corpus_pos = features or {}, corpus_pos
+        self._shard_starts = np.cumsum([0] + [s.n_tokens for s in split.shards])[:-1]
         self.block_size = block_size if callable(block_size) else (lambda _s, b=block_size: b)
         self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._bits = np.random.Philox(key=np.array([seed, rank], dtype=np.uint64))
@@ -101,6 +105,10 @@ class BatchSampler:
 
     def sample(self, step: int) -> np.ndarray:
         """The (batch_size, block_size + 1) window matrix of ``step``, as stored dtype."""
+        return self._windows(step)[0]
+
+    def _windows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """``sample(step)`` and each row's offset in the split (shards end to end)."""
         block = self.block_size(step)
         cum, windows = self._table(block)
         u = self._uniforms(step, 2 * self.batch_size)
@@ -108,23 +116,31 @@ class BatchSampler:
         maps = self.split.maps
         if len(maps) == 1:
             offsets = (u[: self.batch_size] * windows[0]).astype(np.int64)
-            return maps[0][offsets[:, None] + span]
+            return maps[0][offsets[:, None] + span], offsets
         shard = np.searchsorted(cum, u[self.batch_size :], side="right")
         offsets = (u[: self.batch_size] * windows[shard]).astype(np.int64)
         out = np.empty((self.batch_size, block + 1), dtype=self.split.dtype)
         for k in np.unique(shard):
             rows = shard == k
             out[rows] = maps[k][offsets[rows, None] + span]
-        return out
+        return out, self._shard_starts[shard] + offsets
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        window = self.sample(step).astype(np.int64)
+        return self._split(self.sample(step))
+
+    @staticmethod
+    def _split(window: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        window = window.astype(np.int64)
         # Contiguous copies: models may .view() targets, as nanoGPT-style code does.
         return torch.from_numpy(window[:, :-1].copy()), torch.from_numpy(window[:, 1:].copy())
 
     def batch(self, step: int) -> Batch:
-        x, y = self(step)
-        return x, y, compute_features(self.features, x)
+        window, offsets = self._windows(step)
+        x, y = self._split(window)
+        feats = compute_features(self.features, x)
+        if self.corpus_pos:
+            feats["corpus_pos"] = torch.from_numpy(offsets.astype(np.int64))
+        return x, y, feats
 
 
 def compute_features(features: TokenFeatures, ids: torch.Tensor) -> dict[str, torch.Tensor]:

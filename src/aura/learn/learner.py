@@ -22,7 +22,7 @@ everything a chunk learns is in place before the next chunk is measured:
   residual is how much of a text's content the learned components do not explain.
 * **Episodic memories** (a model exposing ``memory_stores()``): a model whose forward takes
   ``remember`` (snn_rag) writes its own entries during the surprise pass, told each window's
-  service-wide token offset (``memory_pos``); into any other store whose keys and values are
+  service-wide token offset (``corpus_pos``); into any other store whose keys and values are
   as wide as the final hidden state the learner writes each window's most salient positions
   (importance the salience, ``source_pos`` the service-wide token position). A store keyed by
   the model's own projection (hippocampal) is only written by the model's training forwards,
@@ -312,7 +312,7 @@ class PlasticLearner:
             kw = compute_features(self.features, x)
             if self.own_writer:
                 starts = int(self.position) + off + torch.arange(g.shape[0]) * g.shape[1]
-                kw |= {"remember": remember, "memory_pos": starts.to(self.device)}
+                kw |= {"remember": remember, "corpus_pos": starts.to(self.device)}
             logits = self.model(x, **kw).logits
             if x.shape[1] > 1:
                 logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

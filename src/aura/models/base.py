@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aura.config import ModelConfig
+from aura.data.shards import PreparedData
 from aura.errors import ConfigError
 from aura.memory.store import EpisodicStore
 
@@ -43,6 +44,9 @@ class AuraModel(nn.Module):
     # Per-token features (aura.data.prosody.token_features) the data pipeline computes for this
     # model and passes to forward by name, e.g. ("prosody",).
     token_features: tuple[str, ...] = ()
+    # True: training batches also pass ``corpus_pos`` (B,), each window's offset in the train
+    # split (aura.data.sampler), so a memory of the corpus can hide text after each token.
+    wants_corpus_pos: bool = False
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 **state: Any) -> ModelOutput:
@@ -51,6 +55,10 @@ class AuraModel(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> Any:
         """A generation cache, or None for models that only decode by re-running the prefix."""
         return None
+
+    def on_train_start(self, data: PreparedData) -> None:
+        """Called by the trainer once before the first step of a fresh (not resumed) run, with
+        the prepared corpus: e.g. to fill a memory bank from text. Nothing by default."""
 
     def memory_stores(self) -> dict[str, EpisodicStore]:
         """Episodic stores this model reads and writes, by name; checkpoints save and restore

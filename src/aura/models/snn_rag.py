@@ -6,8 +6,12 @@ the same init) whose feed-forwards are ``SNNFeedForward`` (spike rates instead o
 
     x = x + attn(ln1(x));  x = x + memory(ln_m(x));  x = x + ffn(ln2(x))
 
-Each memory layer owns an ``EpisodicStore`` of chunk encodings (the mean of its own normalised
-input over ``memory_chunk`` tokens, detached): the model encodes its corpus itself.
+Each memory layer owns an ``EpisodicStore`` of chunk encodings: with ``memory_encoder="self"``
+(the default) the mean of its own normalised input over ``memory_chunk`` tokens, detached (the
+model encodes its corpus itself); with ``"minilm"`` the all-MiniLM-L6-v2 sentence embedding of
+the chunk's text (aura.memory.text_encoder, offline), which needs the text: such a bank is built
+from the corpus (``build_memory``, run by ``on_train_start`` before a fresh run's first step and
+by ``aura memory build``), never written by a forward.
 
 Causality. A forward never reads an entry built from the text it is processing:
 
@@ -21,16 +25,15 @@ Causality. A forward never reads an entry built from the text it is processing:
   context is ever in the bank.
   (Within ``block_size`` self-attention already sees the whole context exactly; writing its chunks
   back would add no information, only a way to read positions out of order.)
-- ``build_memory`` fills the bank from a prepared split window by window in corpus order, each
-  window reading only the windows before it; entries carry their corpus offset in ``source_pos``
-  (training-time entries carry the store step they were written at).
-
-What this does not exclude: with random training windows, a batch may retrieve the encoding of an
-overlapping window written by an earlier batch, i.e. text that lies after the current position in
-the corpus. Validation loss is immune (validation documents are never written to the bank), so a
-train/val gap larger than gpt's is the symptom to watch. Excluding it exactly needs each window's
-corpus offset at training time (a data-pipeline change): with it, ``max_source_pos`` per query
-would hide every entry past the query's own corpus position.
+- Corpus positions: the trainer passes ``corpus_pos``, each training window's offset in the train
+  split (``wants_corpus_pos``). Entries carry the offset of their chunk's last token in
+  ``source_pos``, and token t of a window reads only entries with ``source_pos <= corpus_pos +
+  t``: text at or before it. So a random training window never retrieves an earlier batch's
+  encoding of text that lies after it, nor a corpus-built (MiniLM) entry of its own future.
+- ``build_memory`` fills the bank from a prepared split window by window in corpus order, with
+  the same positions: each window reads only the windows before it.
+- Validation and generation pass no positions and read the whole bank, which holds training
+  text only (validation documents are never written to it).
 """
 
 from __future__ import annotations
@@ -45,9 +48,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aura.config import ModelConfig, register_model_config
-from aura.data.shards import SplitData
+from aura.data.shards import PreparedData, SplitData
+from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError, ConfigError, DataError
 from aura.memory.store import EpisodicStore
+from aura.memory.text_encoder import MINILM_DIM, MiniLMEncoder
 from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
 from aura.models.gpt import GPT, MLP
 from aura.nn.attention import CausalSelfAttention, KVCache
@@ -68,6 +73,8 @@ class SNNRAGConfig(ModelConfig):
     memory_decay: float = 0.03  # strength lost per write step (seed 002's rate)
     # The bank's search: torch's exact scan, FAISS (faiss-cpu), or FAISS for big CPU banks only.
     memory_index: Literal["exact", "faiss", "auto"] = "exact"
+    # What an entry holds: the layer's own chunk encoding, or MiniLM's embedding of its text.
+    memory_encoder: Literal["self", "minilm"] = "self"
 
     def problems(self) -> list[str]:
         n, out = self.n_layer, []
@@ -108,19 +115,22 @@ class Block(nn.Module):
             self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, use_memory: bool, remember: bool,
-                source_pos: torch.Tensor | None) -> torch.Tensor:
+                source_pos: torch.Tensor | None, read_limit: torch.Tensor | None
+                ) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache)
         if self.memory is not None and self.ln_m is not None:
             h = self.ln_m(x)
             if remember:
                 self.memory.remember(h, source_pos)
             if use_memory:
-                x = x + self.memory(h)
+                x = x + self.memory(h, read_limit)
         return x + self.mlp(self.ln2(x))
 
 
 @register_model("snn_rag")
 class SNNRAG(AuraModel):
+    wants_corpus_pos = True
+
     def __init__(self, config: SNNRAGConfig):
         super().__init__()
         assert config.vocab_size is not None
@@ -129,8 +139,9 @@ class SNNRAG(AuraModel):
             raise ConfigError(problems[0])
         self.config = config
         self.memory_layers = config.memory_layer_indices()
-        stores = {i: EpisodicStore(config.n_embd, config.n_embd, config.memory_capacity,
-                                   config.memory_decay, index=config.memory_index)
+        dim = MINILM_DIM if config.memory_encoder == "minilm" else config.n_embd
+        stores = {i: EpisodicStore(dim, dim, config.memory_capacity, config.memory_decay,
+                                   index=config.memory_index)
                   for i in self.memory_layers}
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
@@ -157,6 +168,12 @@ class SNNRAG(AuraModel):
         return {f"layer{i}": b.memory.store for i, b in enumerate(self.blocks)
                 if b.memory is not None}
 
+    def on_train_start(self, data: PreparedData) -> None:
+        """A MiniLM bank is built from the train split before the first step (a forward has
+        only token ids, not the text MiniLM reads)."""
+        if self.config.memory_encoder == "minilm":
+            build_memory(self, data.split("train"), tokenizer=data.tokenizer)
+
     def flush_memory(self) -> None:
         """Write every memory layer's queued chunk encodings (from the previous training
         forward, or from ``build_memory``) into its bank."""
@@ -172,31 +189,35 @@ class SNNRAG(AuraModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, label_smoothing: float = 0.0,
                 last_only: bool = False, use_memory: bool = True, remember: bool | None = None,
-                memory_pos: torch.Tensor | None = None, **state: Any) -> ModelOutput:
+                corpus_pos: torch.Tensor | None = None, **state: Any) -> ModelOutput:
         """``use_memory=False`` skips every read; ``remember`` (default: training without a
-        cache) queues this input's chunks for the bank; ``memory_pos`` (B,) are the windows'
-        corpus offsets, stored as each chunk's ``source_pos`` (its last token's offset)."""
+        cache, self-encoded banks only) queues this input's chunks for the bank; ``corpus_pos``
+        (B,) are the windows' corpus offsets: each token reads only entries from text at or
+        before it, and written chunks carry their last token's offset as ``source_pos``."""
         self.flush_memory()
         if remember is None:
             remember = self.training and cache is None
+        if remember and self.config.memory_encoder != "self":
+            remember = False  # a MiniLM bank needs text: build_memory writes it
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
                              f"{self.config.block_size}")
-        source_pos = None
-        if memory_pos is not None:
-            L = self.config.memory_chunk
-            ends = torch.arange(1, T // L + 1, device=idx.device) * L - 1
-            source_pos = memory_pos.to(idx.device).view(B, 1) + ends
         pos = torch.arange(start, start + T, device=idx.device)
+        source_pos = read_limit = None
+        if corpus_pos is not None:
+            offsets = corpus_pos.to(idx.device).view(B, 1)
+            read_limit = offsets + pos
+            L = self.config.memory_chunk
+            source_pos = offsets + torch.arange(1, T // L + 1, device=idx.device) * L - 1
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             if self.grad_checkpoint and self.training and cache is None:
-                x = checkpoint(block, x, None, use_memory, remember, source_pos,
+                x = checkpoint(block, x, None, use_memory, remember, source_pos, read_limit,
                                use_reentrant=False)
             else:
-                x = block(x, cache, use_memory, remember, source_pos)
+                x = block(x, cache, use_memory, remember, source_pos, read_limit)
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)
@@ -227,19 +248,24 @@ class SNNRAG(AuraModel):
 
 @torch.no_grad()
 def build_memory(model: AuraModel, split: SplitData, max_chunks: int | None = None,
-                 batch_size: int = 8) -> int:
-    """Refill ``model``'s banks from a prepared split, encoded by the model itself.
+                 batch_size: int = 8, tokenizer: Tokenizer | None = None) -> int:
+    """Refill ``model``'s banks from a prepared split, encoded by the model itself (or, for a
+    MiniLM bank, by MiniLM from the chunks' text, which ``tokenizer`` decodes).
 
     Non-overlapping ``block_size`` windows, evenly spread over the split when more than
     ``max_chunks`` (default and at most: the bank's capacity) entries would fit, run in corpus
     order with memory reads on, each batch's chunks written before the next batch runs: the
-    bank a window reads holds only windows before it. Returns the entries written per bank.
+    bank a window reads holds only windows before it. Every entry's ``source_pos`` is its
+    chunk's last token's offset in the split. Returns the entries written per bank.
     """
     if not isinstance(model, SNNRAG):
         raise AuraError(f"model {model.config.name!r} has no chunk memory to build")
     if (max_chunks is not None and max_chunks < 1) or batch_size < 1:
         raise AuraError(f"max_chunks and batch_size must be >= 1, got {max_chunks}, {batch_size}")
     cfg = model.config
+    if cfg.memory_encoder == "minilm" and tokenizer is None:
+        raise AuraError("a MiniLM memory bank is built from text: pass the corpus's tokenizer")
+    encoder = MiniLMEncoder() if cfg.memory_encoder == "minilm" else None
     T, L = cfg.block_size, cfg.memory_chunk
     if T < L:
         raise AuraError(f"model.block_size {T} is shorter than one memory chunk ({L} tokens)")
@@ -263,10 +289,17 @@ def build_memory(model: AuraModel, split: SplitData, max_chunks: int | None = No
     try:
         for i in range(0, len(windows), batch_size):
             batch = windows[i:i + batch_size]
-            x = torch.from_numpy(np.stack([maps[s][off:off + T] for s, off, _ in batch])
-                                 .astype(np.int64)).to(device)
+            ids = np.stack([maps[s][off:off + T] for s, off, _ in batch]).astype(np.int64)
             where = torch.tensor([g for _, _, g in batch], device=device)
-            model(x, remember=True, memory_pos=where)
+            if encoder is None:
+                model(torch.from_numpy(ids).to(device), remember=True, corpus_pos=where)
+            else:
+                assert tokenizer is not None
+                chunks = ids[:, :per_window * L].reshape(-1, L)
+                entries = encoder.encode([tokenizer.decode(c.tolist()) for c in chunks])
+                ends = where.view(-1, 1) + torch.arange(1, per_window + 1, device=device) * L - 1
+                for memory in model._memories():
+                    memory.queue(entries.view(len(batch), per_window, -1).to(device), ends)
             model.flush_memory()
     finally:
         model.train(was_training)

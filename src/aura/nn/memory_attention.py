@@ -1,9 +1,11 @@
 """Gated cross-attention from every token to the top-k entries of an episodic memory bank.
 
-The bank is an ``aura.memory.EpisodicStore`` of chunk encodings: the mean of this layer's
-normalised hidden states over ``chunk`` consecutive tokens, detached, stored as both key and
-value. Each token projects its hidden state to a retrieval query (initialised to the identity, so
-retrieval starts as "chunks whose hidden states resemble mine"), reads the ``top_k`` most
+The bank is an ``aura.memory.EpisodicStore`` of chunk encodings, stored as both key and value:
+by default the mean of this layer's normalised hidden states over ``chunk`` consecutive tokens,
+detached; or any other ``dim_entry``-wide encoding its owner writes (e.g. MiniLM sentence
+embeddings of the chunk's text). Each token projects its hidden state to a retrieval query
+(initialised to the identity when entries are this layer's own states, so retrieval starts as
+"chunks whose hidden states resemble mine"), reads the ``top_k`` most
 cosine-similar entries, attends over them with ordinary multi-head attention whose logits also
 get the learned-weighted retrieval score, and adds the result through a per-token sigmoid gate
 that starts nearly closed (sigmoid(-3) ~ 0.05), so a fresh layer barely perturbs its block.
@@ -18,7 +20,8 @@ it without an ``energy_ops`` report (a FAISS search runs outside torch and is no
 candidates' re-scoring is).
 
 Causality is the caller's contract, kept by when entries are written (see ``remember``/``flush``
-and the model that owns the layer): a forward never reads entries it wrote itself.
+and the model that owns the layer): a forward never reads entries it wrote itself; and, given
+each token's position in the corpus (``max_source_pos``), never an entry from later text.
 """
 
 from __future__ import annotations
@@ -41,16 +44,17 @@ class MemoryCrossAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, store: EpisodicStore, top_k: int, chunk: int,
                  dropout: float = 0.0, bias: bool = False, gate_init: float = -3.0):
         super().__init__()
-        if store.dim_key != n_embd or store.dim_value != n_embd:
-            raise ValueError(f"the store must hold {n_embd}-d keys and values (chunk encodings "
-                             f"of this layer), got {store.dim_key} and {store.dim_value}")
+        dim = store.dim_key
+        if store.dim_value != dim:
+            raise ValueError(f"the store must hold entries as both key and value, got "
+                             f"{store.dim_key}-d keys and {store.dim_value}-d values")
         if top_k < 1 or chunk < 1:
             raise ValueError(f"top_k and chunk must be >= 1, got {top_k}, {chunk}")
         self.n_head, self.head_dim = n_head, n_embd // n_head
         self.store, self.top_k, self.chunk, self.gate_init = store, top_k, chunk, gate_init
-        self.retrieve = nn.Linear(n_embd, n_embd, bias=False)
+        self.retrieve = nn.Linear(n_embd, dim, bias=False)
         self.q = nn.Linear(n_embd, n_embd, bias=bias)
-        self.kv = nn.Linear(n_embd, 2 * n_embd, bias=bias)
+        self.kv = nn.Linear(dim, 2 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.gate = nn.Linear(n_embd, 1)  # one gate per token, broadcast over channels
         self.score_weight = nn.Parameter(torch.tensor(1.0))
@@ -60,9 +64,14 @@ class MemoryCrossAttention(nn.Module):
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
-        """Identity retrieval query and a nearly closed gate; the owning model calls this again
-        after its global init, which would otherwise overwrite them."""
-        nn.init.eye_(self.retrieve.weight)
+        """Identity retrieval query (for entries this layer's own width; else N(0, 1/n_embd)) and
+        a nearly closed gate; the owning model calls this again after its global init, which
+        would otherwise overwrite them."""
+        w = self.retrieve.weight
+        if w.shape[0] == w.shape[1]:
+            nn.init.eye_(w)
+        else:
+            nn.init.normal_(w, 0.0, w.shape[1] ** -0.5)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, self.gate_init)
         with torch.no_grad():
@@ -89,7 +98,12 @@ class MemoryCrossAttention(nn.Module):
 
         ``source_pos`` (B, T // chunk) is where each chunk came from (default: the store step).
         """
-        self._pending = (self.encode(h.detach().float()), source_pos)
+        self.queue(self.encode(h.detach().float()), source_pos)
+
+    def queue(self, entries: torch.Tensor, source_pos: torch.Tensor | None = None) -> None:
+        """Queue ready-made entries (..., dim_entry) for the next ``flush``, replacing any queued
+        ones; ``source_pos`` has the entries' leading shape."""
+        self._pending = (entries, source_pos)
 
     @torch.no_grad()
     def flush(self) -> int:
@@ -117,13 +131,18 @@ class MemoryCrossAttention(nn.Module):
 
     # --- reading ------------------------------------------------------------------------------
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """The gated memory read-out (B, T, C) to add to the residual stream."""
+    def forward(self, h: torch.Tensor, max_source_pos: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The gated memory read-out (B, T, C) to add to the residual stream; with
+        ``max_source_pos`` (B, T) token (b, t) reads only entries whose ``source_pos`` is at most
+        that (its own position in the corpus: no text after it)."""
         B, T, C = h.shape
         nh, hd, k = self.n_head, self.head_dim, self.top_k
+        limit = None if max_source_pos is None else max_source_pos.reshape(B * T)
         # Only training reads count as use (recency, read boost): evaluation and generation
         # leave the bank exactly as they found it, so they cannot change what training evicts.
-        got = self.store.read(self.retrieve(h).reshape(B * T, C), k, touch=self.training)
+        got = self.store.read(self.retrieve(h).reshape(B * T, -1), k, max_source_pos=limit,
+                              touch=self.training)
         hit = got.mask.view(B, T, 1, k)
         scores = got.scores.masked_fill(~got.mask, 0.0).view(B, T, 1, k).to(h.dtype)
         keys, values = self.kv(got.values.to(h.dtype)).view(B, T, k, 2, nh, hd).unbind(3)

@@ -106,7 +106,8 @@ class Trainer:
         block_fn = curriculum(stages, self.block) if stages else self.block
         features = token_features(self.model.token_features, self.data.tokenizer)
         self.train_batches = BatchSampler(self.data.split("train"), t.batch_size, block_fn, t.seed,
-                                          features=features)
+                                          features=features,
+                                          corpus_pos=self.model.wants_corpus_pos)
         val = self.data.splits.get("val")
         self.val_batches = (BatchSampler(val, t.batch_size, self.block, t.seed + 1,
                                          features=features)
@@ -115,6 +116,8 @@ class Trainer:
         self.state = TrainState()
         self._stop_signal: str | None = None
         resumed = self._resume() if resume else False
+        if not resumed:
+            self.model.on_train_start(self.data)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(config_to_dict(cfg), indent=1))
         self.metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resumed else None)
