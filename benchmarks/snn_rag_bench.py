@@ -12,7 +12,10 @@ and the estimated energy per token of one forward over a 4 x 128 val batch
 (`aura.eval.energy`: 45 nm MAC 4.6 pJ, AC 0.9 pJ). For `snn_rag` also: the same val loss with an
 empty bank (what retrieval buys), the retrieval aux metrics, and the bank rebuilt from the train
 split by `build_memory` (what `aura memory build` does) before a third val pass. `snn_rag_mlp`
-is the same model with dense GELU feed-forwards: retrieval without the spikes.
+is the same model with dense GELU feed-forwards: retrieval without the spikes; `snn_rag_minilm`
+the same with bank entries that are all-MiniLM-L6-v2 embeddings of the chunks' text (built from
+the train split before the first step; its 384-d entries add the wider retrieval and kv
+projections' parameters).
 ``--quick`` is a smoke run (a few steps, small eval) to check the script, not a measurement.
 """
 
@@ -108,7 +111,8 @@ def run_one(name: str, cfg: AuraConfig, data_dir: Path, tmp: Path,
         memory_ops = sum(r["ops"] for r in energy["layers"] if ".memory" in r["name"])
         report["memory_macs_per_token"] = memory_ops // energy["tokens"]
         t0 = time.perf_counter()
-        build_memory(model, data.split("train"), args.bank_chunks, batch_size=16)
+        build_memory(model, data.split("train"), args.bank_chunks, batch_size=16,
+                     tokenizer=data.tokenizer)
         report["bank_build_s"] = round(time.perf_counter() - t0, 1)
         report["val_loss_built_bank"] = evaluate(model, data, args)["val_loss"]
     return report
@@ -139,7 +143,10 @@ def main() -> None:
                "block": rag.model.block_size, "eval_tokens": args.eval_tokens,
                "quick": args.quick}
         rag_mlp = load_config(preset="snn-rag-cpu", overrides=[*recipe(args), "model.ffn=mlp"])
-        for name, cfg in (("snn_rag", rag), ("snn_rag_mlp", rag_mlp), ("gpt", gpt)):
+        rag_minilm = load_config(preset="snn-rag-cpu",
+                                 overrides=[*recipe(args), "model.memory_encoder=minilm"])
+        for name, cfg in (("snn_rag", rag), ("snn_rag_mlp", rag_mlp),
+                          ("snn_rag_minilm", rag_minilm), ("gpt", gpt)):
             out[name] = run_one(name, cfg, data_dir, tmp, args)
     print(json.dumps(out, indent=1))
 
