@@ -442,3 +442,21 @@ def test_a_store_the_learner_cannot_write_is_named_once(watch: Path, tmp_path: P
     assert [line for line in lines if "hippocampus" in line] == [
         "note: memory store 'hippocampus' (64-d keys) is written by the model's own training "
         "forwards: it learns with --train-steps only"]
+
+
+def test_service_positions_start_after_a_trained_bank(watch: Path, tmp_path: Path) -> None:
+    """snn_rag reads only entries from text before each token; the service counts its text from
+    just past the newest entry the model came with, so a trained bank stays readable."""
+    cfg = tiny_config("model.name=snn_rag", "model.vocab_size=256", "model.memory_capacity=64",
+                      "model.memory_chunk=8")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    (store,) = model.memory_stores().values()
+    keys = torch.randn(10, store.dim_key)
+    store.write(keys, keys, source_pos=torch.arange(10) * 100 + 4000)  # up to 4900
+    run = tmp_path / "trained"
+    save_checkpoint(run, model, ByteTokenizer(), cfg, TrainState(step=1), None)
+    s = service(watch, state=tmp_path / "state", model=run).run()
+    saved = EpisodicStore.load(current_gen(tmp_path / "state") / "memory" / "layer0")
+    new = saved.source_pos[(saved.ids >= 10)]
+    assert len(new) > 0 and int(new.min()) >= 4901 + 7 and int(new.max()) < 4901 + s.tokens

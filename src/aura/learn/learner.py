@@ -22,9 +22,11 @@ everything a chunk learns is in place before the next chunk is measured:
   residual is how much of a text's content the learned components do not explain.
 * **Episodic memories** (a model exposing ``memory_stores()``): a model whose forward takes
   ``remember`` (snn_rag) writes its own entries during the surprise pass, told each window's
-  service-wide token offset (``corpus_pos``); into any other store whose keys and values are
-  as wide as the final hidden state the learner writes each window's most salient positions
-  (importance the salience, ``source_pos`` the service-wide token position). A store keyed by
+  service-wide token offset (``corpus_pos``, counted from just past the bank's newest entry, so
+  the model's reads, limited to text before each token, still see every entry it came with);
+  into any other store whose keys and values are as wide as the final hidden state the learner
+  writes each window's most salient positions (importance the salience, ``source_pos`` the
+  service-wide token position). A store keyed by
   the model's own projection (hippocampal) is only written by the model's training forwards,
   i.e. with ``--train-steps``; the service says so once at start.
 * **Gradient steps** (``train_steps > 0``): AdamW (clip 1.0) on random windows of the text,
@@ -157,6 +159,9 @@ class PlasticLearner:
         # others the learner writes final hidden states into stores of that width.
         self.own_writer = model is not None and "remember" in inspect.signature(
             model.forward).parameters
+        # Where the service's text starts in the positions an own writer reads by: after every
+        # entry its bank holds (e.g. a trained bank's corpus offsets), so those stay readable.
+        self.origin = torch.tensor([self._bank_end() if self.own_writer else 0])
         self.features = self._features()
         self.hidden = _Hidden(model) if model is not None else None
         hidden_dim = self._hidden_dim()
@@ -311,7 +316,8 @@ class PlasticLearner:
             x = g.to(self.device)
             kw = compute_features(self.features, x)
             if self.own_writer:
-                starts = int(self.position) + off + torch.arange(g.shape[0]) * g.shape[1]
+                starts = (int(self.origin) + int(self.position) + off
+                          + torch.arange(g.shape[0]) * g.shape[1])
                 kw |= {"remember": remember, "corpus_pos": starts.to(self.device)}
             logits = self.model(x, **kw).logits
             if x.shape[1] > 1:
@@ -403,7 +409,13 @@ class PlasticLearner:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The learner's own tensors; the rules save theirs in their own directories."""
         return {"counts": self.counts, "surprise_ema": self.surprise_ema,
-                "position": self.position}
+                "position": self.position, "origin": self.origin}
+
+    def _bank_end(self) -> int:
+        """One past the largest ``source_pos`` in the model's stores (0 when they are empty)."""
+        ends = [int(st.source_pos[st.ids >= 0].max()) + 1 for st in self.stores.values()
+                if len(st)]
+        return max(ends, default=0)
 
     def plastic_weights(self) -> dict[str, torch.Tensor]:
         return {"stdp": self.stdp.weights, "oja": self.oja.components,
@@ -430,6 +442,8 @@ class PlasticLearner:
         try:
             tensors = load_file(str(directory / LEARNER_FILE))
             for name, target in self.state_tensors().items():
+                if name == "origin" and name not in tensors:  # a state saved before origins
+                    continue
                 if tensors[name].shape != target.shape:
                     raise ValueError(name)
                 target.copy_(tensors[name])
