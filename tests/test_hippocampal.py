@@ -275,3 +275,29 @@ def test_resumed_run_continues_with_the_same_memories(train_data: Path, tmp_path
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(a) == list(range(1, 9)) and a == b
     assert losses(tmp_path / "a", "aux/memory_match") == losses(tmp_path / "b", "aux/memory_match")
+
+
+@pytest.mark.parametrize("graph_k", [0, 4])
+def test_corpus_positions_hide_memories_formed_after_each_token(graph_k: int) -> None:
+    """With ``corpus_pos`` token t never reads a memory formed after its position, directly or
+    through the cognitive map: changing those memories' values leaves its logits alone, while
+    changing the earlier ones does not."""
+    model = small(f"model.memory_graph_k={graph_k}")
+    store = model.memory.store
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(40, store.dim_key, generator=g)
+    values = torch.randn(40, store.dim_value, generator=g)
+    store.write(keys, values, source_pos=torch.arange(40) * 2 + 90)  # 90 .. 168
+    model.eval()
+    x, where, t = ids(), torch.tensor([100, 100]), 12
+    base = model(x, prosody=prosody_of(x), corpus_pos=where).logits[:, t]
+    for later in (True, False):
+        other = copy.deepcopy(model)
+        s = other.memory.store
+        rows = (s.source_pos > 100 + t) if later else (s.source_pos <= 100 + t) & (s.ids >= 0)
+        s.values[rows] = torch.randn(int(rows.sum()), s.dim_value, generator=g) * 5
+        got = other(x, prosody=prosody_of(x), corpus_pos=where).logits[:, t]
+        if later:
+            torch.testing.assert_close(got, base)
+        else:
+            assert not torch.allclose(got, base, atol=1e-5)

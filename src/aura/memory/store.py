@@ -219,14 +219,18 @@ class EpisodicStore:
         self.importance[hit] += self.read_boost
         return Retrieval(values, scores, ids, mask)
 
-    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def lookup(self, ids: torch.Tensor, max_source_pos: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unit keys (..., dim_key), values (..., dim_value) and a found mask (...) of memory
-        ``ids`` of any shape; zeros where an id is -1 or no longer stored."""
+        ``ids`` of any shape; zeros where an id is -1, no longer stored, or (given
+        ``max_source_pos`` of ids' shape) formed after that limit."""
         ids = ids.to(self.device)
         sorted_ids, order = torch.sort(self.ids)
         pos = torch.searchsorted(sorted_ids, ids.reshape(-1)).clamp(max=self.capacity - 1)
         found = ((sorted_ids[pos] == ids.reshape(-1)) & (ids.reshape(-1) >= 0))
         slots = order[pos]
+        if max_source_pos is not None:
+            found &= self.source_pos[slots] <= max_source_pos.to(self.device).reshape(-1)
         keys = F.normalize(self.keys[slots], dim=-1).masked_fill(~found[:, None], 0.0)
         values = self.values[slots].masked_fill(~found[:, None], 0.0)
         return (keys.reshape(*ids.shape, -1), values.reshape(*ids.shape, -1),

@@ -129,6 +129,7 @@ class HippocampalTransformer(AuraModel):
         assert config.vocab_size is not None
         c = self.config = config
         self.token_features = ("prosody",) if c.prosody or c.time_cells else ()
+        self.wants_corpus_pos = c.memory  # memories then hide text after each token
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
@@ -197,9 +198,12 @@ class HippocampalTransformer(AuraModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: HippocampalCache | None = None, label_smoothing: float = 0.0,
                 last_only: bool = False, prosody: torch.Tensor | None = None,
-                use_memory: bool = True, **state: Any) -> ModelOutput:
+                use_memory: bool = True, corpus_pos: torch.Tensor | None = None,
+                **state: Any) -> ModelOutput:
         """``prosody`` (B, T, N_FEATURES) comes from the data pipeline; with a cache it is the
         new tokens' rows, and the cache remembers the last boundary the time cells count from.
+        ``corpus_pos`` (B,), the windows' corpus offsets (training), keeps memory reads to text
+        before each token.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -218,7 +222,7 @@ class HippocampalTransformer(AuraModel):
             else:
                 x = block(x, cache, gains)
             if i == self.memory_at and self.memory is not None:
-                x = self.memory(x, use_memory)
+                x = self.memory(x, use_memory, corpus_pos)
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)
