@@ -136,7 +136,12 @@ def cmd_overhead(args: argparse.Namespace) -> dict[str, Any]:
     infer_t: dict[str, list[float]] = {n: [] for n in names}
 
     def kwargs(name: str) -> dict[str, Any]:
-        return {} if name == "gpt" or not models[name].token_features else {"prosody": feats}
+        """What the trainer passes: prosody, and with a memory the windows' corpus offsets."""
+        model = models[name]
+        out: dict[str, Any] = {"prosody": feats} if model.token_features else {}
+        if model.wants_corpus_pos:
+            out["corpus_pos"] = torch.arange(batch) * block + 10 * block
+        return out
 
     for name in names:  # warm up, and fill every memory to capacity
         model = models[name]
