@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from aura.errors import DataError
-from aura.plasticity.state import SavedRule, copy_into
+from aura.plasticity.state import SavedRule, as_batch, copy_into
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ class OjaLayer(SavedRule):
         return self.weight[: self.k]
 
     def _check(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.dim() != 2 or batch.shape[1] != self.dim or batch.shape[0] == 0:
-            raise ValueError(f"expected a non-empty (N, {self.dim}) batch, "
-                             f"got {tuple(batch.shape)}")
-        return batch.to(device=self.device, dtype=self.dtype)
+        return as_batch(batch, self.dim, self.device, self.dtype)
 
     @torch.no_grad()
     def transform(self, batch: torch.Tensor) -> torch.Tensor:

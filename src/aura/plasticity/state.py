@@ -23,6 +23,14 @@ FORMAT = 1
 TENSORS_FILE, META_FILE = "state.safetensors", "state.json"
 
 
+def as_batch(batch: torch.Tensor, dim: int, device: torch.device, dtype: torch.dtype
+             ) -> torch.Tensor:
+    """A non-empty ``(N, dim)`` batch on the rule's device and dtype; ValueError otherwise."""
+    if batch.dim() != 2 or batch.shape[1] != dim or batch.shape[0] == 0:
+        raise ValueError(f"expected a non-empty (N, {dim}) batch, got {tuple(batch.shape)}")
+    return batch.to(device=device, dtype=dtype)
+
+
 def save_state(path: str | Path, kind: str, config: dict[str, Any],
                tensors: dict[str, torch.Tensor]) -> Path:
     """Write ``tensors`` and ``config`` into directory ``path`` atomically.

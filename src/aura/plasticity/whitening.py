@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from aura.plasticity.state import SavedRule, copy_into
+from aura.plasticity.state import SavedRule, as_batch, copy_into
 
 
 class OnlineWhitener(SavedRule):
@@ -69,10 +69,7 @@ class OnlineWhitener(SavedRule):
         return self._centered[:n]
 
     def _check(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.dim() != 2 or batch.shape[1] != self.dim or batch.shape[0] == 0:
-            raise ValueError(f"expected a non-empty (N, {self.dim}) batch, "
-                             f"got {tuple(batch.shape)}")
-        return batch.to(device=self.device, dtype=self.dtype)
+        return as_batch(batch, self.dim, self.device, self.dtype)
 
     @torch.no_grad()
     def update(self, batch: torch.Tensor) -> None:
