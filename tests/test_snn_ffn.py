@@ -95,6 +95,10 @@ def test_snn_gpt_trains_and_logs_its_firing_rate() -> None:
     assert losses[-1] < losses[0]
     rate = out.aux["firing_rate"]
     assert not rate.requires_grad and 0 <= rate.item() <= 1
+    per_layer = [out.aux[f"firing_rate_{i}"] for i in range(len(model.blocks))]  # each layer's
+    for block, r in zip(model.blocks, per_layer, strict=True):
+        assert r == block.mlp.metrics()["firing_rate"]
+    torch.testing.assert_close(rate, torch.stack(per_layer).mean())
 
 
 def test_snn_proj_gets_the_residual_init() -> None:

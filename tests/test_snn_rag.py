@@ -288,6 +288,7 @@ def test_trains_on_the_engine_and_the_checkpoint_restores_the_bank(train_data: P
     assert curve[25] < curve[1] - 0.5
     row = next(r for r in read_metrics(tmp_path / "run") if r["step"] == 25 and "loss" in r)
     assert row["aux/mem_fill"] == 1.0 and 0 < row["aux/mem_gate"] < 1
+    assert all(0 <= row[f"aux/firing_rate_{i}"] <= 1 for i in range(2))  # logged per layer
     trained = trainer.model
     assert isinstance(trained, SNNRAG)
     pos = bank(trained).source_pos[bank(trained).ids >= 0]  # the trainer passed corpus_pos

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from aura.config import ModelConfig
 from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
 from aura.nn.attention import CausalSelfAttention, KVCache
-from aura.nn.snn_ffn import SNNFeedForward
+from aura.nn.snn_ffn import SNNFeedForward, layer_firing_rates
 
 
 class MLP(nn.Module):
@@ -106,6 +106,5 @@ class GPT(AuraModel):
         loss = lm_loss(logits, targets, label_smoothing)
         aux = {"ce": loss.detach()}
         if self.config.ffn == "snn":  # so the trainer logs how sparse the spiking FFNs are
-            rates = [b.mlp.metrics()["firing_rate"] for b in self.blocks]
-            aux["firing_rate"] = torch.stack(rates).mean()
+            aux.update(layer_firing_rates([b.mlp for b in self.blocks]))
         return ModelOutput(logits, loss, aux)

@@ -57,7 +57,7 @@ from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
 from aura.models.gpt import GPT, MLP
 from aura.nn.attention import CausalSelfAttention, KVCache
 from aura.nn.memory_attention import MemoryCrossAttention
-from aura.nn.snn_ffn import SNNFeedForward
+from aura.nn.snn_ffn import SNNFeedForward, layer_firing_rates
 
 
 @dataclass
@@ -233,8 +233,7 @@ class SNNRAG(AuraModel):
         the mean best retrieval score and the fraction of top-k slots filled."""
         aux: dict[str, torch.Tensor] = {}
         if self.config.ffn == "snn":
-            rates = [b.mlp.metrics()["firing_rate"] for b in self.blocks]
-            aux["firing_rate"] = torch.stack(rates).mean()
+            aux.update(layer_firing_rates([b.mlp for b in self.blocks]))
         memories = self._memories()
         if not memories:
             return aux

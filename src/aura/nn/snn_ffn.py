@@ -75,3 +75,13 @@ class SNNFeedForward(nn.Module):
         return [{"name": "fc", "kind": "linear", "ops": macs, "spike_input": False},
                 {"name": "proj", "kind": "linear", "ops": int(m["synops"]), "spike_input": True,
                  "dense_macs": tokens * self.proj.in_features * self.proj.out_features}]
+
+
+def layer_firing_rates(ffns: list[SNNFeedForward]) -> dict[str, torch.Tensor]:
+    """Aux metrics of a stack's spiking FFNs after a forward: ``firing_rate`` (their mean) and
+    ``firing_rate_L`` for the FFN of each layer L (the trainer logs both, ``aura eval`` reports
+    them), so a layer that falls silent or saturates shows up on its own."""
+    rates = [f.metrics()["firing_rate"] for f in ffns]
+    return {"firing_rate": torch.stack(rates).mean(),
+            **{f"firing_rate_{i}": r for i, r in enumerate(rates)}}
+
