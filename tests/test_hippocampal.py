@@ -301,3 +301,13 @@ def test_corpus_positions_hide_memories_formed_after_each_token(graph_k: int) ->
             torch.testing.assert_close(got, base)
         else:
             assert not torch.allclose(got, base, atol=1e-5)
+
+
+def test_spiking_feed_forwards_drop_in_and_report_their_firing_rates() -> None:
+    model = small("model.ffn=snn").train()
+    x = ids()
+    out = model(x, x, prosody=prosody_of(x))
+    out.loss.backward()
+    rates = [out.aux[f"firing_rate_{i}"] for i in range(len(model.blocks))]
+    assert all(0 <= float(r) <= 1 for r in rates) and "firing_rate" in out.aux
+    assert model.blocks[0].mlp.fc.weight.grad.abs().sum() > 0

@@ -35,6 +35,7 @@ from aura.nn.hippocampus import HippocampalMemory
 from aura.nn.oscillations import ThetaGammaEncoding
 from aura.nn.place_cells import PlaceCellEncoder
 from aura.nn.prosody_modulation import ProsodyModulation
+from aura.nn.snn_ffn import layer_firing_rates
 from aura.nn.time_cells import TimeCellEncoder, elapsed_since
 
 COMPONENTS = ("theta_gamma", "place_cells", "grid_cells", "time_cells", "prosody", "memory")
@@ -242,8 +243,11 @@ class HippocampalTransformer(AuraModel):
                                           **self.metrics()})
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        """Place-cell sparsity and memory recall statistics of the last forward."""
+        """Place-cell sparsity, memory recall statistics and (``ffn=snn``) the spiking FFNs'
+        firing rates of the last forward."""
         out: dict[str, torch.Tensor] = {}
+        if self.config.ffn == "snn":
+            out.update(layer_firing_rates([b.mlp for b in self.blocks]))
         if self.place is not None:
             out.update(self.place.metrics())
         if self.memory is not None:
