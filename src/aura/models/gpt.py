@@ -50,6 +50,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def init_weights(model: nn.Module, blocks: nn.Module, n_layer: int) -> None:
+    """GPT-2's init, shared by the decoders built on gpt's blocks: N(0, 0.02) for every Linear
+    and Embedding, zero biases, and the blocks' residual projections (``*proj.weight``) at
+    0.02 / sqrt(2 n_layer), so the residual stream's variance does not grow with depth."""
+    model.apply(GPT._init)
+    residual_std = 0.02 / math.sqrt(2 * n_layer)
+    for name, p in blocks.named_parameters():
+        if name.endswith("proj.weight"):
+            nn.init.normal_(p, 0.0, residual_std)
+
+
 @register_model("gpt")
 class GPT(AuraModel):
     def __init__(self, config: ModelConfig):
@@ -63,11 +74,7 @@ class GPT(AuraModel):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
-        self.apply(self._init)
-        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, 0.0, residual_std)
+        init_weights(self, self.blocks, config.n_layer)
 
     @staticmethod
     def _init(m: nn.Module) -> None:

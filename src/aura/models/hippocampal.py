@@ -15,7 +15,6 @@ event boundaries the time cells count from come with the batch from the data pip
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from aura.config import ModelConfig, register_model_config
 from aura.data.prosody import N_FEATURES, PARAGRAPH, SENTENCE_END
 from aura.memory import EpisodicStore
 from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
-from aura.models.gpt import GPT, Block
+from aura.models.gpt import Block, init_weights
 from aura.nn.attention import KVCache
 from aura.nn.grid_cells import GridCellEncoder
 from aura.nn.hippocampus import HippocampalMemory
@@ -138,10 +137,7 @@ class HippocampalTransformer(AuraModel):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         # gpt's init for the transformer; each hippocampal module below initialises itself
-        self.apply(GPT._init)
-        for name, p in self.blocks.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * c.n_layer))
+        init_weights(self, self.blocks, c.n_layer)
         self.theta_gamma = (ThetaGammaEncoding(c.n_embd, c.theta_period, c.gammas_per_theta)
                             if c.theta_gamma else None)
         self.wpe = None if c.theta_gamma else nn.Embedding(c.block_size, c.n_embd)

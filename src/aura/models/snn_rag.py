@@ -38,7 +38,6 @@ Causality. A forward never reads an entry built from the text it is processing:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,7 +53,7 @@ from aura.errors import AuraError, ConfigError, DataError
 from aura.memory.store import EpisodicStore
 from aura.memory.text_encoder import MINILM_DIM, MiniLMEncoder
 from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
-from aura.models.gpt import GPT, MLP
+from aura.models.gpt import MLP, init_weights
 from aura.nn.attention import CausalSelfAttention, KVCache
 from aura.nn.memory_attention import MemoryCrossAttention
 from aura.nn.snn_ffn import SNNFeedForward, layer_firing_rates
@@ -150,11 +149,7 @@ class SNNRAG(AuraModel):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
-        self.apply(GPT._init)
-        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, 0.0, residual_std)
+        init_weights(self, self.blocks, config.n_layer)
         for memory in self._memories():
             memory.reset_memory_parameters()
 
