@@ -24,30 +24,11 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from aura.errors import ConfigError
+from aura.models import ModelConfig, model_config_class
 
 Schedule = Literal["cosine", "plateau", "constant"]
 Optimizer = Literal["adamw", "muon"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-
-
-@dataclass
-class ModelConfig:
-    """The network's shape."""
-
-    name: str = "gpt"  # model family
-    vocab_size: int | None = None  # None: taken from the prepared data
-    block_size: int = 256  # context length in tokens
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
-    bias: bool = False  # biases in the Linear and LayerNorm layers
-    ffn: Literal["mlp", "snn"] = "mlp"  # the block's feed-forward; "snn" = SNNFeedForward
-    snn_steps: int = 4  # time steps the "snn" feed-forward integrates each token over
-
-    def problems(self) -> list[str]:
-        """What a model-specific config finds wrong with its own values (one line each)."""
-        return []
 
 
 @dataclass
@@ -321,23 +302,6 @@ PRESETS: dict[str, Preset] = {
 _SECTIONS: dict[str, type] = {
     f.name: get_type_hints(AuraConfig)[f.name] for f in dataclasses.fields(AuraConfig)
 }
-
-# One config dataclass per model (litgpt style): ``model.name`` picks the class of the model
-# section. Models register theirs from ``aura.models``, which is imported on first need so this
-# module never imports a model at load time.
-_MODEL_CONFIGS: dict[str, type[ModelConfig]] = {"gpt": ModelConfig}
-
-
-def register_model_config(name: str, cls: type[ModelConfig]) -> None:
-    _MODEL_CONFIGS[name] = cls
-
-
-def model_config_class(name: str) -> type[ModelConfig]:
-    """The config dataclass of model ``name`` (the base one for names no model registered)."""
-    if name not in _MODEL_CONFIGS:
-        import aura.models  # noqa: F401 - registers every model's config class
-    return _MODEL_CONFIGS.get(name, ModelConfig)
-
 
 def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}

@@ -1,7 +1,15 @@
 """Assembled models behind one registry and one interface (see ``base``)."""
 
 from aura.models import bdh, gpt, hippocampal, snn_rag
-from aura.models.base import AuraModel, ModelOutput, build_model, model_names, register_model
+from aura.models.base import (
+    AuraModel,
+    ModelConfig,
+    ModelOutput,
+    build_model,
+    model_config_class,
+    model_names,
+    register_model,
+)
 
-__all__ = ["AuraModel", "ModelOutput", "bdh", "build_model", "gpt", "hippocampal", "model_names",
-           "register_model", "snn_rag"]
+__all__ = ["AuraModel", "ModelConfig", "ModelOutput", "bdh", "build_model", "gpt", "hippocampal",
+           "model_config_class", "model_names", "register_model", "snn_rag"]

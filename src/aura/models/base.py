@@ -8,16 +8,36 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aura.config import ModelConfig
 from aura.data.shards import PreparedData
 from aura.errors import ConfigError
 from aura.memory.store import EpisodicStore
+
+
+@dataclass
+class ModelConfig:
+    """The network's shape, shared by every model; a model with more settings subclasses it and
+    registers the subclass with the model (``register_model(name, config=...)``)."""
+
+    name: str = "gpt"  # model family
+    vocab_size: int | None = None  # None: taken from the prepared data
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False  # biases in the Linear and LayerNorm layers
+    ffn: Literal["mlp", "snn"] = "mlp"  # the block's feed-forward; "snn" = SNNFeedForward
+    snn_steps: int = 4  # time steps the "snn" feed-forward integrates each token over
+
+    def problems(self) -> list[str]:
+        """What a model-specific config finds wrong with its own values (one line each)."""
+        return []
 
 
 @dataclass
@@ -84,14 +104,25 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
                            ignore_index=-1, label_smoothing=label_smoothing)
 
 
-_REGISTRY: dict[str, Callable[[ModelConfig], AuraModel]] = {}
+# name -> (model class, its config class): litgpt's one config dataclass per model, resolved
+# here so that aura.config needs no knowledge of any model.
+_REGISTRY: dict[str, tuple[type[AuraModel], type[ModelConfig]]] = {}
 
 
-def register_model(name: str) -> Callable[[type[AuraModel]], type[AuraModel]]:
+def register_model(name: str, config: type[ModelConfig] = ModelConfig
+                   ) -> Callable[[type[AuraModel]], type[AuraModel]]:
+    """Class decorator: ``model.name = name`` builds this class from a ``config`` instance."""
     def add(cls: type[AuraModel]) -> type[AuraModel]:
-        _REGISTRY[name] = cls
+        _REGISTRY[name] = (cls, config)
         return cls
     return add
+
+
+def model_config_class(name: str) -> type[ModelConfig]:
+    """The config dataclass of model ``name``; an unknown name is an error listing the models."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; models: {', '.join(model_names())}")
+    return _REGISTRY[name][1]
 
 
 def model_names() -> list[str]:
@@ -99,8 +130,7 @@ def model_names() -> list[str]:
 
 
 def build_model(config: ModelConfig) -> AuraModel:
-    if config.name not in _REGISTRY:
-        raise ConfigError(f"unknown model {config.name!r}; models: {', '.join(model_names())}")
+    model_config_class(config.name)  # an unknown name is a ConfigError
     if config.vocab_size is None:
         raise ConfigError("model.vocab_size is not set (it normally comes from the prepared data)")
-    return _REGISTRY[config.name](config)
+    return _REGISTRY[config.name][0](config)

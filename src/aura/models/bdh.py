@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from aura.config import ModelConfig, register_model_config
-from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
+from aura.models.base import AuraModel, ModelConfig, ModelOutput, lm_loss, register_model
 
 ROPE_THETA = 2.0**16
 
@@ -42,8 +41,6 @@ class BDHConfig(ModelConfig):
     shared_weights: bool = True  # one encoder/encoder_v/decoder for all layers (the reference)
     score_norm: bool = False  # divide attention scores by N (seed 004 E)
 
-
-register_model_config("bdh", BDHConfig)
 
 
 def rope_freqs(n: int) -> torch.Tensor:
@@ -77,7 +74,7 @@ class BDHState:
         self.pos = 0
 
 
-@register_model("bdh")
+@register_model("bdh", config=BDHConfig)
 class BDH(AuraModel):
     def __init__(self, config: BDHConfig):
         super().__init__()

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from aura.config import ModelConfig
-from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
+from aura.models.base import AuraModel, ModelConfig, ModelOutput, lm_loss, register_model
 from aura.nn.attention import CausalSelfAttention, KVCache
 from aura.nn.snn_ffn import SNNFeedForward, layer_firing_rates
 

@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from aura.config import ModelConfig, register_model_config
 from aura.data.prosody import N_FEATURES, PARAGRAPH, SENTENCE_END
 from aura.memory import EpisodicStore
-from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
+from aura.models.base import AuraModel, ModelConfig, ModelOutput, lm_loss, register_model
 from aura.models.gpt import Block, init_weights
 from aura.nn.attention import KVCache
 from aura.nn.grid_cells import GridCellEncoder
@@ -99,8 +98,6 @@ class HippocampalConfig(ModelConfig):
         return out
 
 
-register_model_config("hippocampal", HippocampalConfig)
-
 
 class HippocampalCache(KVCache):
     """Keys and values, plus each row's latest event boundary (for the time cells)."""
@@ -122,7 +119,7 @@ def predictive_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(logp.exp() * logp).sum(-1).mul(scored).sum() / scored.sum().clamp(min=1)
 
 
-@register_model("hippocampal")
+@register_model("hippocampal", config=HippocampalConfig)
 class HippocampalTransformer(AuraModel):
     def __init__(self, config: HippocampalConfig):
         super().__init__()

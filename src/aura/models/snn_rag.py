@@ -46,13 +46,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from aura.config import ModelConfig, register_model_config
 from aura.data.shards import PreparedData, SplitData
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError, ConfigError, DataError
 from aura.memory.store import EpisodicStore
 from aura.memory.text_encoder import MINILM_DIM, MiniLMEncoder
-from aura.models.base import AuraModel, ModelOutput, lm_loss, register_model
+from aura.models.base import AuraModel, ModelConfig, ModelOutput, lm_loss, register_model
 from aura.models.gpt import MLP, init_weights
 from aura.nn.attention import CausalSelfAttention, KVCache
 from aura.nn.memory_attention import MemoryCrossAttention
@@ -93,8 +92,6 @@ class SNNRAGConfig(ModelConfig):
         return sorted({i % self.n_layer for i in self.memory_layers})
 
 
-register_model_config("snn_rag", SNNRAGConfig)
-
 
 class Block(nn.Module):
     def __init__(self, cfg: SNNRAGConfig, layer: int, store: EpisodicStore | None):
@@ -126,7 +123,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-@register_model("snn_rag")
+@register_model("snn_rag", config=SNNRAGConfig)
 class SNNRAG(AuraModel):
     wants_corpus_pos = True
 
