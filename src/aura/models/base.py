@@ -34,6 +34,7 @@ class ModelConfig:
     bias: bool = False  # biases in the Linear and LayerNorm layers
     ffn: Literal["mlp", "snn"] = "mlp"  # the block's feed-forward; "snn" = SNNFeedForward
     snn_steps: int = 4  # time steps the "snn" feed-forward integrates each token over
+    neuron: Literal["lif", "gif"] = "lif"  # the "snn" feed-forward's neuron
 
     def problems(self) -> list[str]:
         """What a model-specific config finds wrong with its own values (one line each)."""

@@ -63,7 +63,6 @@ class SNNRAGConfig(ModelConfig):
     name: str = "snn_rag"
     ffn: Literal["mlp", "snn"] = "snn"  # "mlp": the retrieval without the spikes (an ablation)
     snn_steps: int = 4
-    neuron: Literal["lif", "gif"] = "lif"  # the spiking FFN's neuron
     memory_layers: list[int] = field(default_factory=lambda: [-2])  # blocks with a memory read
     memory_capacity: int = 4096  # entries per memory layer's bank
     memory_top_k: int = 4  # entries each token attends over
