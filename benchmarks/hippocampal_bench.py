@@ -157,6 +157,7 @@ def cmd_overhead(args: argparse.Namespace) -> dict[str, Any]:
             model(x, x, **kwargs(name)).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            model.flush_memory()  # the step's memories are written before the next forward
             train_t[name].append(time.perf_counter() - t)
             model.eval()
             with torch.inference_mode():

@@ -188,7 +188,7 @@ def _dist_version(name: str) -> str:
 
 
 def ffn_speed(B: int, T: int, C: int, rounds: int, reps: int) -> dict[str, Any]:
-    from aura.models.gpt import MLP
+    from aura.nn.mlp import MLP
     from aura.nn.snn_ffn import SNNFeedForward
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ would mean retrieval copies overlapping training text), training and cached-gene
 and the estimated energy per token of one forward over a 4 x 128 val batch
 (`aura.eval.energy`: 45 nm MAC 4.6 pJ, AC 0.9 pJ). For `snn_rag` also: the same val loss with an
 empty bank (what retrieval buys), the retrieval aux metrics, and the bank rebuilt from the train
-split by `build_memory` (what `aura memory build` does) before a third val pass. `snn_rag_mlp`
+split by `model.build_memory` (what `aura memory build` does) before a third val pass. `snn_rag_mlp`
 is the same model with dense GELU feed-forwards: retrieval without the spikes; `snn_rag_minilm`
 the same with bank entries that are all-MiniLM-L6-v2 embeddings of the chunks' text (built from
 the train split before the first step; its 384-d entries add the wider retrieval and kv
@@ -41,7 +41,6 @@ from aura.infer.generate import generate
 from aura.infer.sampling import SamplingConfig
 from aura.models import build_model
 from aura.models.base import AuraModel
-from aura.models.snn_rag import build_memory
 from aura.train.trainer import Trainer
 
 
@@ -103,7 +102,7 @@ def run_one(name: str, cfg: AuraConfig, data_dir: Path, tmp: Path,
         "macs_per_token": energy["macs"] // energy["tokens"],
         "acs_per_token": energy["acs"] // energy["tokens"],
     }
-    if model.memory_stores():
+    if model.writers:
         empty = copy.deepcopy(model)
         for store in empty.memory_stores().values():
             store.clear()
@@ -111,8 +110,7 @@ def run_one(name: str, cfg: AuraConfig, data_dir: Path, tmp: Path,
         memory_ops = sum(r["ops"] for r in energy["layers"] if ".memory" in r["name"])
         report["memory_macs_per_token"] = memory_ops // energy["tokens"]
         t0 = time.perf_counter()
-        build_memory(model, data.split("train"), args.bank_chunks, batch_size=16,
-                     tokenizer=data.tokenizer)
+        model.build_memory(data.split("train"), data.tokenizer, args.bank_chunks, batch_size=16)
         report["bank_build_s"] = round(time.perf_counter() - t0, 1)
         report["val_loss_built_bank"] = evaluate(model, data, args)["val_loss"]
     return report

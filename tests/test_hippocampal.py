@@ -17,6 +17,8 @@ from aura.data.tokenizers import CharTokenizer
 from aura.errors import ConfigError
 from aura.infer.generate import generate
 from aura.infer.sampling import SamplingConfig
+from aura.memory.store import EpisodicStore
+from aura.memory.writer import MemoryWriter
 from aura.models import build_model
 from aura.models.hippocampal import COMPONENTS, HippocampalTransformer
 from aura.nn.hippocampus import HippocampalMemory
@@ -77,11 +79,15 @@ def test_memory_is_filled_and_read() -> None:
     model = small()
     fill_memory(model)
     assert model.memory is not None and len(model.memory.store) == 3 * 16
-    importance = model.memory.store.importance.clone()
+    queued = model.writers["hippocampus"].queued  # the last forward's, for the next one
+    assert queued is not None and queued.shape[0] == 16
     out = model(ids(), ids(), prosody=prosody_of(ids()))
-    assert torch.equal(model.memory.store.importance, importance)  # eval reads touch nothing
-    assert out.aux["memory_size"] == 48 and 0 < out.aux["memory_gate"] < 1
+    assert out.aux["memory_size"] == 64 and 0 < out.aux["memory_gate"] < 1
     assert 0 < out.aux["memory_match"] <= 1
+    importance = model.memory.store.importance.clone()
+    model(ids(), ids(), prosody=prosody_of(ids()))
+    assert torch.equal(model.memory.store.importance, importance)  # eval reads touch nothing
+    assert len(model.memory.store) == 64  # and write nothing
 
 
 @pytest.mark.parametrize("t", [0, 9, 30])
@@ -234,8 +240,11 @@ def test_bad_hippocampal_config_is_one_line(override: str, match: str) -> None:
 
 
 def test_memory_module_rejects_more_writes_than_room() -> None:
+    writer = MemoryWriter(EpisodicStore(8, 16, capacity=8))
     with pytest.raises(ValueError, match="exceeds capacity"):
-        HippocampalMemory(16, capacity=8, writes_per_step=9)
+        HippocampalMemory(16, writer, writes_per_step=9)
+    with pytest.raises(ValueError, match="16-d states"):
+        HippocampalMemory(16, MemoryWriter(EpisodicStore(8, 12, capacity=8)))
 
 
 def test_trains_and_round_trips_its_memory_through_a_checkpoint(

@@ -29,6 +29,7 @@ from aura.learn import LearnOptions, LearnService, classify
 from aura.learn.learner import LEARNER_FILE, MODEL_FILE
 from aura.learn.state import CURRENT, LEDGER
 from aura.memory.store import EpisodicStore
+from aura.memory.writer import MemoryWriter
 from aura.models import build_model, register_model
 from aura.models.gpt import GPT
 from aura.train.checkpoint import TrainState, save_checkpoint
@@ -370,10 +371,8 @@ class MemoryGPT(GPT):
 
     def __init__(self, config: object):
         super().__init__(config)  # type: ignore[arg-type]
-        self.store = EpisodicStore(self.config.n_embd, self.config.n_embd, capacity=64)
-
-    def memory_stores(self) -> dict[str, EpisodicStore]:
-        return {"episodic": self.store}
+        store = EpisodicStore(self.config.n_embd, self.config.n_embd, capacity=64)
+        self.writers = {"episodic": MemoryWriter(store)}
 
 
 @pytest.fixture(scope="module")
@@ -440,8 +439,8 @@ def test_a_store_the_learner_cannot_write_is_named_once(watch: Path, tmp_path: P
     LearnService(LearnOptions(watch, model=run, once=True, progress=False),
                  log=lines.append).run()
     assert [line for line in lines if "hippocampus" in line] == [
-        "note: memory store 'hippocampus' (64-d keys) is written by the model's own training "
-        "forwards: it learns with --train-steps only"]
+        "note: memory store 'hippocampus' (64-d keys) is written only by the model itself (its "
+        "training forwards: --train-steps)"]
 
 
 def test_service_positions_start_after_a_trained_bank(watch: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from aura.data.shards import PreparedData
 from aura.errors import AuraError
 from aura.memory.text_encoder import MINILM_DIM, MiniLMEncoder
-from aura.models.snn_rag import SNNRAG, build_memory
+from aura.models.snn_rag import SNNRAG
 from aura.train.trainer import Trainer
 from conftest import read_metrics, tiny_config
 
@@ -61,4 +61,4 @@ def test_building_a_minilm_bank_needs_the_tokenizer(train_data: Path) -> None:
     cfg.model.vocab_size = 64
     model = build_model(cfg.model)
     with pytest.raises(AuraError, match="tokenizer"):
-        build_memory(model, PreparedData.open(train_data).split("train"))
+        model.build_memory(PreparedData.open(train_data).split("train"))

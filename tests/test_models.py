@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -9,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aura.config import ModelConfig
+from aura.config import ModelConfig, load_config
+from aura.data.prosody import token_features
+from aura.data.sampler import compute_features
+from aura.data.tokenizers import ByteTokenizer
 from aura.errors import ConfigError
 from aura.models import AuraModel, build_model, model_names
 from aura.models.gpt import GPT
@@ -115,10 +119,41 @@ def test_forward_shapes_and_loss() -> None:
     assert torch.allclose(model(x, ignored).loss, part, atol=1e-6)
 
 
-def test_unknown_state_flags_are_ignored() -> None:
-    model = gpt().eval()
+MODELS = {"gpt": [], "bdh": ["model.mlp_multiplier=4"],
+          "hippocampal": ["model.n_place_cells=40", "model.memory_capacity=32",
+                          "model.memory_dim=8", "model.memory_writes=4"],
+          "snn_rag": ["model.memory_capacity=32", "model.memory_chunk=4"]}
+
+
+def registered(name: str) -> AuraModel:
+    cfg = load_config(overrides=[f"model.name={name}", f"model.vocab_size={V}",
+                                 f"model.block_size={BLOCK}", "model.n_layer=2",
+                                 "model.n_head=2", "model.n_embd=32", *MODELS[name]])
+    return build_model(cfg.model)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_an_unknown_forward_keyword_is_an_error_not_a_silent_no_op(name: str) -> None:
+    model = registered(name)
     x = tokens(2, 8)
-    assert torch.equal(model(x, use_memory=True).logits, model(x, use_memory=False).logits)
+    feats = compute_features(token_features(model.token_features, ByteTokenizer()), x)
+    model(x, **feats)  # what it declares is accepted
+    with pytest.raises(TypeError, match="use_memroy"):
+        model(x, use_memroy=False, **feats)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_declared_input_is_a_forward_keyword(name: str) -> None:
+    """Callers pass what a model declares and nothing else, so each declaration must name a
+    keyword its forward takes."""
+    model = registered(name)
+    params = inspect.signature(model.forward).parameters
+    assert set(model.token_features) <= set(params)
+    assert ("use_memory" in params) == model.has_memory_switch
+    if model.wants_corpus_pos or model.writes_own_memory:
+        assert "corpus_pos" in params
+    if model.writes_own_memory:
+        assert "remember" in params
 
 
 def test_too_long_input_is_rejected() -> None:
@@ -200,7 +235,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(dropout: float) ->
 
 def test_grad_checkpointing_is_off_in_eval_and_with_a_cache(monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
-    import aura.models.gpt as gpt_module
+    import aura.models.decoder as gpt_module
 
     calls: list[int] = []
 

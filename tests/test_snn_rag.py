@@ -141,9 +141,10 @@ def test_flush_drops_non_finite_encodings() -> None:
     h = torch.randn(2, 2 * CHUNK, C)
     h[0, 0, 0] = float("nan")  # poisons the first chunk of row 0 only
     layer.remember(h)
-    assert layer.flush() == 3
-    assert len(layer.store) == 3 and torch.isfinite(layer.store.values).all()
-    assert layer.flush() == 0  # nothing queued twice
+    assert layer.writer.flush() == 3
+    store = layer.writer.store
+    assert len(store) == 3 and torch.isfinite(store.values).all()
+    assert layer.writer.flush() == 0  # nothing queued twice
 
 
 def test_energy_counts_every_product_of_the_read() -> None:
@@ -181,7 +182,8 @@ def test_training_forward_never_reads_its_own_chunks(t: int) -> None:
     one, two = copy.deepcopy(model), copy.deepcopy(model)
     a, b = one(x).logits, two(changed).logits
     torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-6, rtol=1e-5)
-    queued_a, queued_b = memory_layer(one)._pending[0], memory_layer(two)._pending[0]
+    queued_a, queued_b = memory_layer(one).writer.queued, memory_layer(two).writer.queued
+    assert queued_a is not None and queued_b is not None
     chunk = (t + 1) // CHUNK  # the queued entries differ from the chunk holding t+1 on
     assert torch.equal(queued_a[:, :chunk], queued_b[:, :chunk])
     assert not torch.allclose(queued_a[:, chunk], queued_b[:, chunk])
@@ -211,7 +213,7 @@ def test_a_batch_reads_its_chunks_only_from_the_next_forward_on() -> None:
     x = tokens(2, seed=9)
     first = copy.deepcopy(fresh)(x).logits
     torch.testing.assert_close(first, copy.deepcopy(fresh)(x, use_memory=False).logits)
-    store = memory_layer(fresh).store
+    store = memory_layer(fresh).writer.store
     fresh(x)
     assert len(store) == 0  # queued, not written
     second = fresh(x).logits  # writes the first call's chunks, then reads them
@@ -226,7 +228,8 @@ def test_grad_checkpointing_queues_once_and_gives_the_same_gradients() -> None:
         model = populated().train()
         model.grad_checkpoint = flag
         model(x, y).loss.backward()
-        assert memory_layer(model)._pending[0].shape == (2, BLOCK // CHUNK, C)
+        queued = memory_layer(model).writer.queued
+        assert queued is not None and queued.shape == (2, BLOCK // CHUNK, C)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         assert model.flush_memory() is None and len(bank(model)) == 4 * 4 * 3 + 2 * 4
     for name, g in grads[0].items():
@@ -324,7 +327,7 @@ def test_memory_build_needs_a_model_with_a_bank(train_data: Path, tmp_path: Path
     run = tmp_path / "gpt"
     Trainer(tiny_config("train.max_steps=1"), train_data, run, progress=False).run()
     res = run_cli("memory", "build", run, "--data", train_data)
-    assert_usage_error(res, "no chunk memory")
+    assert_usage_error(res, "no memory to build")
 
 
 def test_resumed_run_is_bit_identical_bank_included(train_data: Path, tmp_path: Path) -> None:

@@ -469,16 +469,23 @@ def test_curriculum_sets_the_block_size_by_step(train_data: Path, tmp_path: Path
     assert per_step == [4 * w for w in expected]
 
 
-def test_memory_is_off_during_memory_warmup(train_data: Path, tmp_path: Path) -> None:
-    flags: list[bool] = []
+@pytest.mark.parametrize(("model", "expected"), [
+    (("model.name=snn_rag", "model.memory_capacity=64", "model.memory_chunk=8"),
+     [False, False, False, True, True]),
+    (("model.name=gpt",), [None] * 5),  # no memory switch declared: none passed
+])
+def test_memory_is_off_during_memory_warmup(train_data: Path, tmp_path: Path,
+                                            model: tuple[str, ...],
+                                            expected: list[bool | None]) -> None:
+    flags: list[bool | None] = []
 
     def setup(trainer: Trainer) -> None:
-        wrap_forward(trainer, lambda _c, _x, kw: flags.append(kw["use_memory"]))
+        wrap_forward(trainer, lambda _c, _x, kw: flags.append(kw.get("use_memory")))
 
-    cfg = tiny_config("train.memory_warmup_steps=3", "train.max_steps=5",
+    cfg = tiny_config(*model, "train.memory_warmup_steps=3", "train.max_steps=5",
                       "train.eval_interval=100", "train.checkpoint_interval=100")
     train(cfg, train_data, tmp_path / "run", setup=setup)
-    assert flags == [False, False, False, True, True]
+    assert flags == expected
 
 
 def test_grad_checkpointing_trains_the_same(train_data: Path, tmp_path: Path,

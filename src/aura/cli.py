@@ -387,17 +387,16 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_memory_build(args: argparse.Namespace) -> int:
     from aura.data.shards import PreparedData
-    from aura.models.snn_rag import build_memory
     from aura.train.checkpoint import load_for_inference, replace_memory
     from aura.train.device import pick_device
 
     loaded = load_for_inference(args.run, pick_device(args.device))
     data = PreparedData.open(args.data, expect_tokenizer_hash=loaded.tokenizer.hash)
-    n = build_memory(loaded.model, data.split(args.split), args.max_chunks, args.batch_size,
-                     tokenizer=loaded.tokenizer)
+    n = loaded.model.build_memory(data.split(args.split), loaded.tokenizer, args.max_chunks,
+                                  args.batch_size)
     replace_memory(loaded.path, loaded.model)
     report = {"checkpoint": str(loaded.path), "split": args.split, "entries": n,
-              "banks": sorted(loaded.model.memory_stores())}
+              "banks": sorted(loaded.model.writers)}
     if args.json:
         _print_json(report)
     else:

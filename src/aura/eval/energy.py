@@ -47,6 +47,7 @@ from aura.data.sampler import compute_features
 from aura.data.tokenizers import Tokenizer
 from aura.errors import DataError
 from aura.eval.perplexity import UNBOUNDED_WINDOW, _batches, _device, _features, _windows
+from aura.models.base import AuraModel
 
 MAC_PJ = 4.6  # 32-bit float multiply (3.7 pJ) + add (0.9 pJ), 45 nm (Horowitz 2014)
 AC_PJ = 0.9  # 32-bit float add, 45 nm
@@ -280,13 +281,13 @@ def count_energy(model: nn.Module, idx: torch.Tensor, **forward_kwargs: Any) -> 
     return EnergyReport(idx.size(0), idx.size(1), list(counter.rows.values()))
 
 
-def energy_of_stream(model: nn.Module, chunks: Iterable[np.ndarray], *, batch_size: int = 8,
+def energy_of_stream(model: AuraModel, chunks: Iterable[np.ndarray], *, batch_size: int = 8,
                      block_size: int | None = None, tokenizer: Tokenizer | None = None
                      ) -> EnergyReport:
     """``count_energy`` on the first batch of windows ``aura eval`` scores from a token stream
     (``tokenizer`` builds the token features a model reads, such as prosody)."""
     chunks = list(chunks)
-    bs = block_size or getattr(model, "max_context", None) or UNBOUNDED_WINDOW
+    bs = block_size or model.max_context or UNBOUNDED_WINDOW
     n = min(sum(len(c) for c in chunks), batch_size * bs + 1)
     if n < 2:
         raise DataError(f"nothing to count: {n} token(s), need at least 2")

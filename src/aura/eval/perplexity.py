@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from aura.data.prosody import token_features
@@ -30,6 +29,7 @@ from aura.data.sampler import TokenFeatures, compute_features
 from aura.data.shards import PreparedData
 from aura.data.tokenizers import Tokenizer
 from aura.errors import ConfigError, DataError
+from aura.models.base import AuraModel
 
 UNBOUNDED_WINDOW = 1024  # window for models without a context limit (recurrent ones)
 
@@ -50,7 +50,7 @@ class EvalResult:
         return asdict(self)
 
 
-def evaluate_tokens(model: nn.Module, tokens: np.ndarray | torch.Tensor, n_bytes: int, *,
+def evaluate_tokens(model: AuraModel, tokens: np.ndarray | torch.Tensor, n_bytes: int, *,
                     block_size: int | None = None, batch_size: int = 8,
                     max_tokens: int | None = None, progress: bool = False,
                     tokenizer: Tokenizer | None = None) -> EvalResult:
@@ -76,7 +76,7 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray | torch.Tensor, n_bytes
                      features=_features(model, tokenizer))
 
 
-def evaluate_text(model: nn.Module, tokenizer: Tokenizer, text: str, **kw: Any) -> EvalResult:
+def evaluate_text(model: AuraModel, tokenizer: Tokenizer, text: str, **kw: Any) -> EvalResult:
     """Tokenise ``text`` and evaluate it; keywords as for :func:`evaluate_tokens`."""
     if not text:
         raise DataError("nothing to evaluate: the text is empty")
@@ -87,7 +87,7 @@ def evaluate_text(model: nn.Module, tokenizer: Tokenizer, text: str, **kw: Any) 
     return evaluate_tokens(model, tokens, len(text.encode("utf-8")), tokenizer=tokenizer, **kw)
 
 
-def evaluate_prepared(model: nn.Module, data: PreparedData, split: str = "val", *,
+def evaluate_prepared(model: AuraModel, data: PreparedData, split: str = "val", *,
                       block_size: int | None = None, batch_size: int = 8,
                       max_tokens: int | None = None, progress: bool = False) -> EvalResult:
     """Evaluate a prepared split as one stream: its shards in order, read window by window.
@@ -106,17 +106,16 @@ def evaluate_prepared(model: nn.Module, data: PreparedData, split: str = "val", 
                      features=_features(model, data.tokenizer))
 
 
-def _features(model: nn.Module, tokenizer: Tokenizer | None) -> TokenFeatures:
-    names = getattr(model, "token_features", ())
+def _features(model: AuraModel, tokenizer: Tokenizer | None) -> TokenFeatures:
+    names = model.token_features
     if names and tokenizer is None:
         raise ConfigError(f"the model reads token features {list(names)}: pass its tokenizer")
     return token_features(names, tokenizer) if names else {}
 
 
-def _check_vocab(model: nn.Module, vocab_size: int) -> None:
+def _check_vocab(model: AuraModel, vocab_size: int) -> None:
     """Turn an embedding IndexError deep in the forward into a one-line input error."""
-    config = getattr(model, "config", None)
-    model_vocab = getattr(config, "vocab_size", None)
+    model_vocab = model.config.vocab_size
     if model_vocab is not None and vocab_size > model_vocab:
         raise DataError(f"the tokenizer has {vocab_size} tokens but the model only "
                         f"{model_vocab}: evaluate with the tokenizer the model was trained on")
@@ -166,17 +165,17 @@ def _pad(batch: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: AuraModel) -> torch.device:
     for t in (*model.parameters(), *model.buffers()):
         return t.device
     return torch.device("cpu")
 
 
-def _evaluate(model: nn.Module, chunks: Iterable[np.ndarray], n: int, bytes_per_token: float, *,
+def _evaluate(model: AuraModel, chunks: Iterable[np.ndarray], n: int, bytes_per_token: float, *,
               block_size: int | None, batch_size: int, progress: bool,
               features: TokenFeatures) -> EvalResult:
     """Sum the NLL of tokens 2..n of the chunks' stream; ``bytes_per_token`` prices a token."""
-    limit = getattr(model, "max_context", None)
+    limit = model.max_context
     bs = block_size if block_size is not None else limit or UNBOUNDED_WINDOW
     if bs < 1 or (limit is not None and bs > limit):
         raise ConfigError(f"block_size must be in 1..{limit or 'inf'}, got {bs}")

@@ -20,15 +20,15 @@ everything a chunk learns is in place before the next chunk is measured:
 * **Oja** (GHA with neurogenesis) over one feature vector per window, whitened online: the mean
   final hidden state under a model, else hashed token-bigram frequencies (64 buckets). Its
   residual is how much of a text's content the learned components do not explain.
-* **Episodic memories** (a model exposing ``memory_stores()``): a model whose forward takes
-  ``remember`` (snn_rag) writes its own entries during the surprise pass, told each window's
-  service-wide token offset (``corpus_pos``, counted from just past the bank's newest entry, so
-  the model's reads, limited to text before each token, still see every entry it came with);
-  into any other store whose keys and values are as wide as the final hidden state the learner
-  writes each window's most salient positions (importance the salience, ``source_pos`` the
-  service-wide token position). A store keyed by
-  the model's own projection (hippocampal) is only written by the model's training forwards,
-  i.e. with ``--train-steps``; the service says so once at start.
+* **Episodic memories** (a model with memory writers): a model that declares
+  ``writes_own_memory`` (snn_rag) writes its own entries during the surprise pass, told each
+  window's service-wide token offset (``corpus_pos``, counted from just past the bank's newest
+  entry, so the model's reads, limited to text before each token, still see every entry it came
+  with); into any other store whose keys and values are as wide as the final hidden state the
+  learner writes each window's most salient positions (importance the salience, ``source_pos``
+  the service-wide token position). A store keyed by the model's own projection (hippocampal)
+  is only written by the model's training forwards, i.e. with ``--train-steps``; the service
+  says so once at start.
 * **Gradient steps** (``train_steps > 0``): AdamW (clip 1.0) on random windows of the text,
   seeded by its content hash, so a text learned again after a crash gets the same steps.
 """
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -49,13 +48,13 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
-from torch import nn
 
 from aura.data.prosody import FEATURES, PARAGRAPH, SENTENCE_END, Prosody, token_features
 from aura.data.sampler import compute_features
 from aura.data.tokenizers import ByteTokenizer, Tokenizer, split_pieces
 from aura.errors import ConfigError, DataError
 from aura.memory.store import EpisodicStore
+from aura.models.base import AuraModel
 from aura.plasticity import OjaLayer, OnlineWhitener, TokenSTDP
 
 PIECE_CHARS = 1 << 20  # text tokenised at once: bounds the tokenizer's memory
@@ -114,31 +113,11 @@ def _key_seed(key: str, seed: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class _Hidden:
-    """The model's final hidden states of the last forward, captured by a hook (None when the
-    model has no ``ln_f`` or ``lm_head`` module to hook)."""
-
-    def __init__(self, model: nn.Module):
-        self.value: torch.Tensor | None = None
-        ln_f, head = getattr(model, "ln_f", None), getattr(model, "lm_head", None)
-        if isinstance(ln_f, nn.Module):
-            ln_f.register_forward_hook(self._output)
-        elif isinstance(head, nn.Module):
-            head.register_forward_pre_hook(self._input)
-        self.available = isinstance(ln_f, nn.Module) or isinstance(head, nn.Module)
-
-    def _output(self, _m: nn.Module, _args: Any, out: torch.Tensor) -> None:
-        self.value = out.detach()
-
-    def _input(self, _m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        self.value = args[0].detach()
-
-
 class PlasticLearner:
     """Token statistics, STDP on salience spikes, Oja on window features (+ a model's memories
     and gradient steps); see the module docstring."""
 
-    def __init__(self, tokenizer: Tokenizer | None = None, model: nn.Module | None = None,
+    def __init__(self, tokenizer: Tokenizer | None = None, model: AuraModel | None = None,
                  model_id: dict[str, Any] | None = None, cfg: LearnerConfig | None = None,
                  device: torch.device | str = "cpu"):
         self.cfg = cfg or LearnerConfig()
@@ -148,23 +127,20 @@ class PlasticLearner:
         self.vocab = self.tokenizer.vocab_size
         self.window = self.cfg.window
         if model is not None:
-            model_vocab = getattr(getattr(model, "config", None), "vocab_size", self.vocab)
-            self.vocab = max(self.vocab, model_vocab)
-            self.window = int(getattr(model, "max_context", None) or self.cfg.window)
+            self.vocab = max(self.vocab, model.config.vocab_size or self.vocab)
+            self.window = int(model.max_context or self.cfg.window)
         self.counts = torch.zeros(self.vocab, dtype=torch.float64)
         self.surprise_ema = torch.full((1,), math.log2(self.vocab), dtype=torch.float64)
         self.position = torch.zeros(1, dtype=torch.int64)  # tokens learned, service-wide
         self.stores = self._stores()
-        # A model whose forward takes ``remember`` writes its own memories (snn_rag); for the
-        # others the learner writes final hidden states into stores of that width.
-        self.own_writer = model is not None and "remember" in inspect.signature(
-            model.forward).parameters
+        # A model that writes its own memories (snn_rag) is asked to; for the others the learner
+        # writes final hidden states into stores of that width.
+        self.own_writer = model is not None and model.writes_own_memory
         # Where the service's text starts in the positions an own writer reads by: after every
         # entry its bank holds (e.g. a trained bank's corpus offsets), so those stay readable.
         self.origin = torch.tensor([self._bank_end() if self.own_writer else 0])
         self.features = self._features()
-        self.hidden = _Hidden(model) if model is not None else None
-        hidden_dim = self._hidden_dim()
+        hidden_dim = model.hidden_size if model is not None else None
         self.feature_kind = "hidden_mean" if hidden_dim else "bigrams"
         dim = hidden_dim or HASH_DIM
         self.prosody = Prosody.from_tokenizer(self.tokenizer)
@@ -183,31 +159,19 @@ class PlasticLearner:
 
     def _notes(self, hidden_dim: int | None) -> list[str]:
         notes = []
-        if self.model is not None and hidden_dim is None:
-            notes.append("the model exposes no final hidden states (ln_f / lm_head): Oja "
-                         "learns over hashed bigrams and no memories are written for it")
         for name, store in self.stores.items():
             if not self.own_writer and (store.dim_key, store.dim_value) != (hidden_dim,) * 2:
-                notes.append(f"memory store {name!r} ({store.dim_key}-d keys) is written by the "
-                             "model's own training forwards: it learns with --train-steps only")
+                notes.append(f"memory store {name!r} ({store.dim_key}-d keys) is written only by "
+                             "the model itself (its training forwards: --train-steps)")
         return notes
 
-    @torch.no_grad()
-    def _hidden_dim(self) -> int | None:
-        """Width of the model's final hidden states (one tiny forward), None without them."""
-        if self.model is None or self.hidden is None or not self.hidden.available:
-            return None
-        x = torch.zeros(1, 2, dtype=torch.long, device=self.device)
-        self.model(x, **compute_features(self.features, x))
-        return None if self.hidden.value is None else int(self.hidden.value.shape[-1])
-
     def _stores(self) -> dict[str, EpisodicStore]:
-        stores = getattr(self.model, "memory_stores", None)
-        return dict(stores()) if callable(stores) else {}
+        """The model's stores, with its queued writes applied."""
+        return self.model.memory_stores() if self.model is not None else {}
 
     def _features(self) -> dict[str, Any]:
-        names = getattr(self.model, "token_features", ()) if self.model is not None else ()
-        return token_features(tuple(names), self.tokenizer) if names else {}
+        names = self.model.token_features if self.model is not None else ()
+        return token_features(names, self.tokenizer) if names else {}
 
     def identity(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer.hash, "vocab": self.vocab, "window": self.window,
@@ -301,7 +265,7 @@ class PlasticLearner:
     @torch.no_grad()
     def _surprise(self, ids: torch.Tensor, remember: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Bits per token (float64) and, with a model, its final hidden states (T, D) or None.
+        """Bits per token (float64) and, with a model, its final hidden states (T, D).
 
         Under a model the first token of each window has no context: it keeps its unigram bits.
         ``remember`` lets a model that writes its own memories queue this input's.
@@ -319,15 +283,15 @@ class PlasticLearner:
                 starts = (int(self.origin) + int(self.position) + off
                           + torch.arange(g.shape[0]) * g.shape[1])
                 kw |= {"remember": remember, "corpus_pos": starts.to(self.device)}
-            logits = self.model(x, **kw).logits
+            out = self.model(x, **kw)
             if x.shape[1] > 1:
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
                 nll = -logp.gather(2, x[:, 1:, None]).squeeze(2).double().cpu() / math.log(2)
                 bits.view(-1)[off:off + g.numel()].view_as(g)[:, 1:] = nll
-            if self.hidden is not None and self.hidden.value is not None:
-                hidden.append(self.hidden.value.float().cpu().reshape(g.numel(), -1))
+            assert out.hidden is not None
+            hidden.append(out.hidden.float().cpu().reshape(g.numel(), -1))
             off += g.numel()
-        return bits, (torch.cat(hidden) if len(hidden) == len(groups) else None)
+        return bits, torch.cat(hidden)
 
     def _memories_written(self) -> int:
         """Memories ever written into the model's stores (ids are never reused); asking for

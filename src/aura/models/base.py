@@ -1,7 +1,8 @@
 """The one interface every Aura model implements, and the registry the trainer builds from.
 
-The trainer, generator and evaluator know a model only through this: ``forward(idx, targets,
-**state) -> ModelOutput``, an optional cache for generation, ``num_params`` and ``config``.
+The trainer, generator, evaluator and learn service know a model only through this:
+``forward(idx, targets, ...) -> ModelOutput``, the inputs and abilities it declares, an optional
+cache for generation, its memory writers, ``num_params`` and ``config``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aura.data.shards import PreparedData
-from aura.errors import ConfigError
+from aura.data.shards import PreparedData, SplitData
+from aura.data.tokenizers import Tokenizer
+from aura.errors import AuraError, ConfigError
 from aura.memory.store import EpisodicStore
+from aura.memory.writer import MemoryWriter
 
 
 @dataclass
@@ -44,52 +47,96 @@ class ModelConfig:
 @dataclass
 class ModelOutput:
     """``loss`` is what to backpropagate (cross-entropy plus any weighted extra losses);
-    ``aux`` names its parts and any metrics worth logging (sparsity, firing rates, ...)."""
+    ``aux`` names its parts and any metrics worth logging (sparsity, firing rates, ...);
+    ``hidden`` are the final hidden states (B, T, ``hidden_size``) the head reads, for callers
+    that learn from them (the continuous-learning service)."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
 
 
 class AuraModel(nn.Module):
     """Base class: subclasses set ``config`` and implement ``forward`` (and ``new_cache``).
 
-    ``forward(idx, targets=None, *, cache=None, last_only=False, label_smoothing=0.0, **state)``:
+    ``forward(idx, targets=None, *, cache=None, label_smoothing=0.0, last_only=False, ...)``:
     with ``cache`` the model reads and extends it (generation); ``last_only`` asks for the last
-    position's logits only; ``state`` carries per-step flags such as ``use_memory``, which a
-    model that does not know them ignores.
+    position's logits only. Any further keyword a model takes is one of the inputs it declares
+    below, and callers pass exactly those: an unknown keyword is a TypeError, never ignored.
     """
 
     config: ModelConfig
     grad_checkpoint: bool = False  # recompute each block in backward (set by the trainer)
+
+    # --- what the model declares; callers trust these and probe nothing ----------------------
     # Per-token features (aura.data.prosody.token_features) the data pipeline computes for this
     # model and passes to forward by name, e.g. ("prosody",).
     token_features: tuple[str, ...] = ()
     # True: training batches also pass ``corpus_pos`` (B,), each window's offset in the train
     # split (aura.data.sampler), so a memory of the corpus can hide text after each token.
     wants_corpus_pos: bool = False
+    # True: forward takes ``use_memory``; the trainer keeps memory reads off for
+    # ``train.memory_warmup_steps``.
+    has_memory_switch: bool = False
+    # True: forward takes ``remember`` (and ``corpus_pos``): asked to, it queues memories of its
+    # input, which is how ``aura learn`` has the model remember new text at service positions.
+    writes_own_memory: bool = False
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                **state: Any) -> ModelOutput:
+    def __init__(self) -> None:
+        super().__init__()
+        # The episodic memories this model keeps, by name (checkpoints save each as
+        # memory/NAME); filled by models that have memories.
+        self.writers: dict[str, MemoryWriter] = {}
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: Any = None, label_smoothing: float = 0.0, last_only: bool = False
+                ) -> ModelOutput:
         raise NotImplementedError
 
     def new_cache(self, batch_size: int, max_len: int) -> Any:
         """A generation cache, or None for models that only decode by re-running the prefix."""
         return None
 
-    def on_train_start(self, data: PreparedData) -> None:
-        """Called by the trainer once before the first step of a fresh (not resumed) run, with
-        the prepared corpus: e.g. to fill a memory bank from text. Nothing by default."""
-
-    def memory_stores(self) -> dict[str, EpisodicStore]:
-        """Episodic stores this model reads and writes, by name; checkpoints save and restore
-        them next to the weights. None by default."""
-        return {}
-
     @property
     def max_context(self) -> int | None:
         """Longest input the model accepts at once; None when unbounded (recurrent models)."""
         return self.config.block_size
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of ``ModelOutput.hidden``."""
+        return self.config.n_embd
+
+    def on_train_start(self, data: PreparedData) -> None:
+        """Called by the trainer once before the first step of a fresh (not resumed) run, with
+        the prepared corpus: e.g. to fill a memory bank from text. Nothing by default."""
+
+    def build_memory(self, split: SplitData, tokenizer: Tokenizer | None = None,
+                     max_chunks: int | None = None, batch_size: int = 8) -> int:
+        """Refill the memories from a prepared split (``aura memory build``); returns the
+        entries written per store. Only models whose memories are made from text can."""
+        raise AuraError(f"model {self.config.name!r} has no memory to build from a corpus")
+
+    def flush_memory(self) -> None:
+        """Apply every queued memory write; a model with memories calls this as its forward
+        starts, so each forward reads what the previous ones formed."""
+        for writer in self.writers.values():
+            writer.flush()
+
+    def memory_stores(self) -> dict[str, EpisodicStore]:
+        """The episodic stores by name, with every queued write applied."""
+        self.flush_memory()
+        return {name: writer.store for name, writer in self.writers.items()}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AuraModel:
+        """``.to(device)`` also moves the memories (stores are not modules)."""
+        super()._apply(fn, recurse)
+        param = next(self.parameters(), None)
+        if param is not None:
+            for writer in self.writers.values():
+                writer.to(param.device)
+        return self
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +153,7 @@ class BDH(AuraModel):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: BDHState | None = None, label_smoothing: float = 0.0,
-                last_only: bool = False, **state: Any) -> ModelOutput:
+                last_only: bool = False) -> ModelOutput:
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         cos, sin = self._tables(start, T)
@@ -167,15 +166,13 @@ class BDH(AuraModel):
                 x = self._layer(x, layer, cos, sin, cache, stats)
         if cache is not None:
             cache.pos += T
-        x = x.view(B, T, -1)
-        if last_only:
-            x = x[:, -1:]
-        logits = x @ self.lm_head
+        hidden = x.view(B, T, -1)
+        logits = (hidden[:, -1:] if last_only else hidden) @ self.lm_head
         aux = self._sparsity(stats)
         if targets is None:
-            return ModelOutput(logits, None, aux)
+            return ModelOutput(logits, None, aux, hidden)
         loss = lm_loss(logits, targets, label_smoothing)
-        return ModelOutput(logits, loss, {"ce": loss.detach(), **aux})
+        return ModelOutput(logits, loss, {"ce": loss.detach(), **aux}, hidden)
 
     def _sparsity(self, stats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fraction of non-zero x and y neurons per layer (the paper reports about 5% of y)."""

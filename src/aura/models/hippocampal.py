@@ -16,24 +16,22 @@ event boundaries the time cells count from come with the batch from the data pip
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from aura.data.prosody import N_FEATURES, PARAGRAPH, SENTENCE_END
-from aura.memory import EpisodicStore
-from aura.models.base import AuraModel, ModelConfig, ModelOutput, lm_loss, register_model
-from aura.models.gpt import Block, init_weights
+from aura.memory.store import EpisodicStore
+from aura.memory.writer import MemoryAccess, MemoryWriter, token_positions
+from aura.models.base import ModelConfig, ModelOutput, lm_loss, register_model
+from aura.models.decoder import Decoder
 from aura.nn.attention import KVCache
 from aura.nn.grid_cells import GridCellEncoder
 from aura.nn.hippocampus import HippocampalMemory
 from aura.nn.oscillations import ThetaGammaEncoding
 from aura.nn.place_cells import PlaceCellEncoder
 from aura.nn.prosody_modulation import ProsodyModulation
-from aura.nn.snn_ffn import layer_firing_rates
 from aura.nn.time_cells import TimeCellEncoder, elapsed_since
 
 COMPONENTS = ("theta_gamma", "place_cells", "grid_cells", "time_cells", "prosody", "memory")
@@ -120,26 +118,18 @@ def predictive_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 @register_model("hippocampal", config=HippocampalConfig)
-class HippocampalTransformer(AuraModel):
+class HippocampalTransformer(Decoder):
+    cache_type = HippocampalCache
+    has_memory_switch = True  # train.memory_warmup_steps keeps recall off at the start
+
     def __init__(self, config: HippocampalConfig):
-        super().__init__()
-        assert config.vocab_size is not None
-        c = self.config = config
+        c = config
+        # gpt's decoder and init; each hippocampal module below initialises itself
+        super().__init__(c, learned_positions=not c.theta_gamma)
         self.token_features = ("prosody",) if c.prosody or c.time_cells else ()
         self.wants_corpus_pos = c.memory  # memories then hide text after each token
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight
-        # gpt's init for the transformer; each hippocampal module below initialises itself
-        init_weights(self, self.blocks, c.n_layer)
         self.theta_gamma = (ThetaGammaEncoding(c.n_embd, c.theta_period, c.gammas_per_theta)
                             if c.theta_gamma else None)
-        self.wpe = None if c.theta_gamma else nn.Embedding(c.block_size, c.n_embd)
-        if self.wpe is not None:
-            nn.init.normal_(self.wpe.weight, 0.0, 0.02)
         self.place = (PlaceCellEncoder(c.n_embd, c.n_place_cells, c.place_active_fraction,
                                        c.place_learnable) if c.place_cells else None)
         self.grid = (GridCellEncoder(c.n_embd, c.grid_modules, c.grid_cells_per_module)
@@ -148,31 +138,21 @@ class HippocampalTransformer(AuraModel):
         self.prosody = (nn.ModuleList(ProsodyModulation(N_FEATURES, c.n_head)
                                       for _ in range(c.n_layer)) if c.prosody else None)
         self.memory_at = c.n_layer // 2 if c.memory_layer < 0 else c.memory_layer
-        self.memory = (HippocampalMemory(c.n_embd, c.memory_dim, c.memory_capacity,
-                                         c.memory_top_k, c.memory_decay, c.memory_graph_k,
-                                         c.memory_writes) if c.memory else None)
+        self.memory = None
+        if c.memory:
+            store = EpisodicStore(c.memory_dim, c.n_embd, c.memory_capacity, c.memory_decay,
+                                  graph_k=c.memory_graph_k)
+            self.writers = {"hippocampus": MemoryWriter(store)}
+            self.memory = HippocampalMemory(c.n_embd, self.writers["hippocampus"],
+                                            c.memory_top_k, c.memory_writes)
 
-    def memory_stores(self) -> dict[str, EpisodicStore]:
-        if self.memory is None:
-            return {}
-        self.memory.flush()  # a save holds every memory formed so far
-        return {"hippocampus": self.memory.store}
-
-    def new_cache(self, batch_size: int, max_len: int) -> HippocampalCache:
-        p, c = self.wte.weight, self.config
-        return HippocampalCache(c.n_layer, batch_size, c.n_head, min(max_len, c.block_size),
-                                c.n_embd // c.n_head, p.device, p.dtype)
-
-    def _encode(self, idx: torch.Tensor, cache: HippocampalCache | None,
+    def _encode(self, idx: torch.Tensor, pos: torch.Tensor, cache: HippocampalCache | None,
                 prosody: torch.Tensor | None) -> torch.Tensor:
         """Token + position embedding, then the place, grid and time-cell codes."""
-        start = cache.pos if cache is not None else 0
-        pos = torch.arange(start, start + idx.size(1), device=idx.device)
         x = self.wte(idx)
         if self.theta_gamma is not None:
             x = x + self.theta_gamma(pos, dtype=x.dtype)
         else:
-            assert self.wpe is not None
             x = x + self.wpe(pos)
         x = self.drop(x)
         if self.place is not None:
@@ -182,7 +162,7 @@ class HippocampalTransformer(AuraModel):
         if self.time is not None:
             assert prosody is not None
             boundary = (prosody[..., SENTENCE_END] > 0.5) | (prosody[..., PARAGRAPH] > 0.5)
-            previous = cache.last_boundary if cache is not None else None
+            start, previous = (cache.pos, cache.last_boundary) if cache is not None else (0, None)
             elapsed = elapsed_since(boundary, start, previous)
             if cache is not None:
                 cache.last_boundary = pos[-1] - elapsed[:, -1]
@@ -192,37 +172,32 @@ class HippocampalTransformer(AuraModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: HippocampalCache | None = None, label_smoothing: float = 0.0,
                 last_only: bool = False, prosody: torch.Tensor | None = None,
-                use_memory: bool = True, corpus_pos: torch.Tensor | None = None,
-                **state: Any) -> ModelOutput:
+                use_memory: bool = True, corpus_pos: torch.Tensor | None = None
+                ) -> ModelOutput:
         """``prosody`` (B, T, N_FEATURES) comes from the data pipeline; with a cache it is the
         new tokens' rows, and the cache remembers the last boundary the time cells count from.
         ``corpus_pos`` (B,), the windows' corpus offsets (training), keeps memory reads to text
-        before each token.
+        before each token. Training forms memories; they are written as the next forward
+        starts.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
-                             f"{self.config.block_size}")
+        self.flush_memory()
+        pos = self.positions(idx, cache)
         if self.token_features and (prosody is None or prosody.shape != (B, T, N_FEATURES)):
             raise ValueError(f"the hippocampal model needs prosody of shape {(B, T, N_FEATURES)}"
                              f" from the data pipeline, got "
                              f"{None if prosody is None else tuple(prosody.shape)}")
-        x = self._encode(idx, cache, prosody)
+        access = MemoryAccess(read=use_memory, write=self.training and cache is None,
+                              positions=token_positions(corpus_pos, pos))
+        x = self._encode(idx, pos, cache, prosody)
         for i, block in enumerate(self.blocks):
             gains = self.prosody[i](prosody) if self.prosody is not None else None
-            if self.grad_checkpoint and self.training and cache is None:
-                x = checkpoint(block, x, None, gains, use_reentrant=False)
-            else:
-                x = block(x, cache, gains)
+            x = self.run_block(block, x, cache, gains)
             if i == self.memory_at and self.memory is not None:
-                x = self.memory(x, use_memory, corpus_pos)
-        if cache is not None:
-            cache.pos += T
-        x = self.ln_f(x)
+                x = self.memory(x, access)
+        hidden, logits = self.head(x, cache, last_only and targets is None)
         if targets is None:
-            return ModelOutput(self.lm_head(x[:, -1:] if last_only else x), aux=self.metrics())
-        logits = self.lm_head(x)
+            return ModelOutput(logits, None, self.metrics(), hidden)
         ce = lm_loss(logits, targets, label_smoothing)
         reg = self.config.entropy_reg
         if reg:
@@ -233,14 +208,12 @@ class HippocampalTransformer(AuraModel):
                 s = _ENTROPY_STRIDE
                 entropy, loss = predictive_entropy(logits[:, ::s], targets[:, ::s]), ce
         return ModelOutput(logits, loss, {"ce": ce.detach(), "entropy": entropy.detach(),
-                                          **self.metrics()})
+                                          **self.metrics()}, hidden)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Place-cell sparsity, memory recall statistics and (``ffn=snn``) the spiking FFNs'
         firing rates of the last forward."""
-        out: dict[str, torch.Tensor] = {}
-        if self.config.ffn == "snn":
-            out.update(layer_firing_rates([b.mlp for b in self.blocks]))
+        out = self.feed_forward_metrics()
         if self.place is not None:
             out.update(self.place.metrics())
         if self.memory is not None:

@@ -8,12 +8,12 @@ cognitive map, the map's neighbours of its best match: spreading activation) are
 softmax of their cosine scores, projected, and added to the residual through a learned gate,
 (B, T, 1) so it broadcasts over the features (seed 002's broadcasting fix).
 
-Causality: a batch's memories are written only at the start of the *next* training forward. So
-no token ever reads a memory formed from its own sequence, a gradient-checkpoint recompute sees
-the same store as the forward it repeats, and evaluation and generation (which never write) read
-a fixed store: cached and uncached decoding agree. Given each window's corpus offset
-(``corpus_pos``, from the trainer), a memory also records where in the corpus it was formed, and
-token t reads (directly or through the cognitive map) only memories formed at or before its own
+Causality: writes go through the model's ``MemoryWriter`` (aura.memory.writer), applied when the
+model's next forward starts. So no token ever reads a memory formed from its own sequence, a
+gradient-checkpoint recompute sees the same store as the forward it repeats, and evaluation and
+generation (which never write) read a fixed store: cached and uncached decoding agree. Given the
+tokens' corpus positions, a memory also records where in the corpus it was formed, and token t
+reads (directly or through the cognitive map) only memories formed at or before its own
 position: an earlier batch's overlapping window cannot hand it later text.
 """
 
@@ -23,18 +23,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aura.memory import EpisodicStore
+from aura.memory.store import EpisodicStore
+from aura.memory.writer import MemoryAccess, MemoryWriter
 
 _GATE_BIAS = -2.0  # sigmoid(-2) = 0.12: recall starts as a small correction
 
 
 class HippocampalMemory(nn.Module):
-    def __init__(self, n_embd: int, dim_key: int = 64, capacity: int = 4096, top_k: int = 8,
-                 decay: float = 0.03, graph_k: int = 0, writes_per_step: int = 64):
+    """Recall from, and novel states into, the store of ``writer`` (keys ``dim_key``-wide, values
+    ``n_embd``-wide, a cognitive map of ``graph_k`` neighbours when spreading activation)."""
+
+    def __init__(self, n_embd: int, writer: MemoryWriter, top_k: int = 8,
+                 writes_per_step: int = 64):
         super().__init__()
-        if writes_per_step > capacity:
-            raise ValueError(f"writes_per_step {writes_per_step} exceeds capacity {capacity}")
-        self.top_k, self.graph_k, self.writes_per_step = top_k, graph_k, writes_per_step
+        store = writer.store
+        if store.dim_value != n_embd:
+            raise ValueError(f"the store's values must be {n_embd}-d states, got "
+                             f"{store.dim_value}-d")
+        if writes_per_step > store.capacity:
+            raise ValueError(f"writes_per_step {writes_per_step} exceeds capacity "
+                             f"{store.capacity}")
+        dim_key = store.dim_key
+        self.writer, self.top_k, self.writes_per_step = writer, top_k, writes_per_step
+        self.graph_k = store.graph_k
         self.query = nn.Linear(n_embd, dim_key, bias=False)
         self.key = nn.Linear(n_embd, dim_key, bias=False)
         self.out = nn.Linear(n_embd, n_embd, bias=False)
@@ -43,22 +54,20 @@ class HippocampalMemory(nn.Module):
         for lin in (self.query, self.key, self.out, self.gate):
             nn.init.normal_(lin.weight, 0.0, 0.02)
         nn.init.constant_(self.gate.bias, _GATE_BIAS)
-        self.store = EpisodicStore(dim_key, n_embd, capacity, decay, graph_k=graph_k)
-        self._pending: tuple[torch.Tensor, ...] | None = None
         self._metrics: dict[str, torch.Tensor] = {}
 
-    def forward(self, h: torch.Tensor, use_memory: bool = True,
-                corpus_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """``corpus_pos`` (B,): each row's offset in the corpus (see the module docstring)."""
-        if not use_memory:
+    @property
+    def store(self) -> EpisodicStore:
+        return self.writer.store
+
+    def forward(self, h: torch.Tensor, access: MemoryAccess) -> torch.Tensor:
+        """``h`` plus the gated recall; with ``access.write``, this batch's most novel states
+        are queued as memories at their corpus positions."""
+        if not access.read:
             return h
-        if self.training:
-            self.flush()
-        self.store.to(h.device)
         B, T, C = h.shape
         queries = self.query(h).reshape(B * T, -1)
-        where = None if corpus_pos is None else (
-            corpus_pos.to(h.device).view(B, 1) + torch.arange(T, device=h.device)).reshape(-1)
+        where = None if access.positions is None else access.positions.reshape(-1)
         best = torch.zeros(B * T, device=h.device)
         recall = torch.zeros_like(h)
         if len(self.store):
@@ -68,7 +77,7 @@ class HippocampalMemory(nn.Module):
             self._metrics = {"memory_gate": gate.detach().float().mean(),
                              "memory_match": best.detach().mean(), "memory_size":
                              torch.tensor(float(len(self.store)))}
-        if self.training:
+        if access.write:
             self._remember(h.detach(), best.detach(), where)
         return h + recall.to(h.dtype)
 
@@ -107,27 +116,15 @@ class HippocampalMemory(nn.Module):
 
     @torch.no_grad()
     def _remember(self, h: torch.Tensor, best: torch.Tensor, where: torch.Tensor | None) -> None:
-        """Queue this batch's most novel states (and where they were formed); ``flush`` stores
-        them next step."""
+        """Queue this batch's most novel states, keyed by their projection, with where they
+        were formed."""
         flat = h.reshape(-1, h.size(-1)).float()
         novelty = 1.0 - best.clamp(min=0.0)
         n = min(self.writes_per_step, flat.size(0))
         importance, rows = novelty.topk(n)
-        self._pending = (self.key(flat[rows].to(self.key.weight.dtype)).float(), flat[rows],
-                         importance.float(), None if where is None else where[rows])
-
-    def flush(self) -> None:
-        """Write the queued memories now (the next training forward would): before a save, so a
-        checkpoint holds every memory formed so far and a resumed run continues exactly."""
-        if self._pending is None:
-            return
-        keys, values, importance, where = self._pending
-        self._pending = None
-        self.store.decay_step()
-        with torch.autocast(keys.device.type, enabled=False):  # the index and map stay fp32
-            # the store's clock counts writing steps, and is saved with it
-            self.store.write(keys, values, importance, step=self.store.step + 1,
-                             source_pos=where)
+        keys = self.key(flat[rows].to(self.key.weight.dtype)).float()
+        self.writer.queue(keys, flat[rows], importance.float(),
+                          None if where is None else where[rows])
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """The last read's mean gate, mean best cosine and the number of memories held."""

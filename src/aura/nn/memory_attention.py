@@ -19,31 +19,31 @@ while this module is the innermost one), is an ordinary torch op, so ``aura.eval
 it without an ``energy_ops`` report (a FAISS search runs outside torch and is not counted; its
 candidates' re-scoring is).
 
-Causality is the caller's contract, kept by when entries are written (see ``remember``/``flush``
-and the model that owns the layer): a forward never reads entries it wrote itself; and, given
-each token's position in the corpus (``max_source_pos``), never an entry from later text.
+Writes go through the model's ``MemoryWriter`` (aura.memory.writer): ``remember`` queues this
+forward's chunk encodings, written when the model's next forward starts, so a forward never reads
+entries it wrote itself; and, given each token's corpus position, a token never reads an entry
+from later text.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from aura.memory.store import EpisodicStore
+from aura.memory.writer import MemoryWriter
 
 
 class MemoryCrossAttention(nn.Module):
     """``gate(h) * proj(attention(q(h), kv(top-k entries of retrieve(h))))`` for h (B, T, C).
 
-    ``forward`` returns the residual update; ``remember`` queues h's chunk encodings and ``flush``
-    writes them, so a training step's own chunks become readable only from the next forward on.
+    ``forward`` returns the residual update; ``remember`` queues h's chunk encodings with the
+    model's ``writer``, so a training step's own chunks become readable only from the next forward.
     """
 
-    def __init__(self, n_embd: int, n_head: int, store: EpisodicStore, top_k: int, chunk: int,
+    def __init__(self, n_embd: int, n_head: int, writer: MemoryWriter, top_k: int, chunk: int,
                  dropout: float = 0.0, bias: bool = False, gate_init: float = -3.0):
         super().__init__()
+        store = writer.store
         dim = store.dim_key
         if store.dim_value != dim:
             raise ValueError(f"the store must hold entries as both key and value, got "
@@ -51,7 +51,7 @@ class MemoryCrossAttention(nn.Module):
         if top_k < 1 or chunk < 1:
             raise ValueError(f"top_k and chunk must be >= 1, got {top_k}, {chunk}")
         self.n_head, self.head_dim = n_head, n_embd // n_head
-        self.store, self.top_k, self.chunk, self.gate_init = store, top_k, chunk, gate_init
+        self.writer, self.top_k, self.chunk, self.gate_init = writer, top_k, chunk, gate_init
         self.retrieve = nn.Linear(n_embd, dim, bias=False)
         self.q = nn.Linear(n_embd, n_embd, bias=bias)
         self.kv = nn.Linear(dim, 2 * n_embd, bias=bias)
@@ -59,7 +59,6 @@ class MemoryCrossAttention(nn.Module):
         self.gate = nn.Linear(n_embd, 1)  # one gate per token, broadcast over channels
         self.score_weight = nn.Parameter(torch.tensor(1.0))
         self.drop = nn.Dropout(dropout)
-        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._metrics: dict[str, torch.Tensor] = {}
         self.reset_memory_parameters()
 
@@ -77,12 +76,6 @@ class MemoryCrossAttention(nn.Module):
         with torch.no_grad():
             self.score_weight.fill_(1.0)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> MemoryCrossAttention:
-        """``.to(device)`` moves the bank with the weights (the store is not a module)."""
-        super()._apply(fn, recurse)
-        self.store.to(self.q.weight.device)
-        return self
-
     # --- writing ------------------------------------------------------------------------------
 
     def encode(self, h: torch.Tensor) -> torch.Tensor:
@@ -92,57 +85,26 @@ class MemoryCrossAttention(nn.Module):
         return h[:, :n * self.chunk].reshape(B, n, self.chunk, C).mean(2)
 
     @torch.no_grad()
-    def remember(self, h: torch.Tensor, source_pos: torch.Tensor | None = None) -> None:
-        """Queue h's chunk encodings for the next ``flush``, replacing any queued ones, so a
-        gradient-checkpointing recompute re-queues the same entries instead of adding them twice.
-
-        ``source_pos`` (B, T // chunk) is where each chunk came from (default: the store step).
-        """
-        self.queue(self.encode(h.detach().float()), source_pos)
-
-    def queue(self, entries: torch.Tensor, source_pos: torch.Tensor | None = None) -> None:
-        """Queue ready-made entries (..., dim_entry) for the next ``flush``, replacing any queued
-        ones; ``source_pos`` has the entries' leading shape."""
-        self._pending = (entries, source_pos)
-
-    @torch.no_grad()
-    def flush(self) -> int:
-        """Write the queued entries as one store step (after one decay step); returns how many.
-
-        Non-finite encodings (from a step the trainer will skip as non-finite) are dropped, so
-        one bad batch cannot poison the bank. Only the newest ``capacity`` entries are kept.
-        """
-        if self._pending is None:
-            return 0
-        encodings, source_pos = self._pending
-        self._pending = None
-        entries = encodings.reshape(-1, encodings.size(-1))
-        finite = torch.isfinite(entries).all(-1)
-        entries = entries[finite][-self.store.capacity:]
-        if entries.numel() == 0:
-            return 0
-        pos = None
-        if source_pos is not None:
-            pos = source_pos.reshape(-1).to(finite.device)[finite][-self.store.capacity:]
-        step = self.store.step + 1
-        self.store.decay_step()
-        self.store.write(entries, entries, step=step, source_pos=pos)
-        return entries.size(0)
+    def remember(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Queue h's chunk encodings, each at the corpus position of its last token (from
+        ``positions`` (B, T); default: the store's step)."""
+        n = h.size(1) // self.chunk
+        ends = None if positions is None else positions[:, self.chunk - 1::self.chunk][:, :n]
+        self.writer.queue(self.encode(h.detach().float()), source_pos=ends)
 
     # --- reading ------------------------------------------------------------------------------
 
-    def forward(self, h: torch.Tensor, max_source_pos: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """The gated memory read-out (B, T, C) to add to the residual stream; with
-        ``max_source_pos`` (B, T) token (b, t) reads only entries whose ``source_pos`` is at most
-        that (its own position in the corpus: no text after it)."""
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The gated memory read-out (B, T, C) to add to the residual stream; given the tokens'
+        corpus ``positions`` (B, T), token (b, t) reads only entries whose ``source_pos`` is at
+        most its own: no text after it."""
         B, T, C = h.shape
         nh, hd, k = self.n_head, self.head_dim, self.top_k
-        limit = None if max_source_pos is None else max_source_pos.reshape(B * T)
+        limit = None if positions is None else positions.reshape(B * T)
         # Only training reads count as use (recency, read boost): evaluation and generation
         # leave the bank exactly as they found it, so they cannot change what training evicts.
-        got = self.store.read(self.retrieve(h).reshape(B * T, -1), k, max_source_pos=limit,
-                              touch=self.training)
+        got = self.writer.store.read(self.retrieve(h).reshape(B * T, -1), k,
+                                     max_source_pos=limit, touch=self.training)
         hit = got.mask.view(B, T, 1, k)
         scores = got.scores.masked_fill(~got.mask, 0.0).view(B, T, 1, k).to(h.dtype)
         keys, values = self.kv(got.values.to(h.dtype)).view(B, T, k, 2, nh, hd).unbind(3)

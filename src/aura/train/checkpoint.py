@@ -6,7 +6,7 @@
         meta.json                step, config, tokenizer hash, val loss, sha256 of every file
         train_state.safetensors  optimizer tensors and RNG states       (resume only)
         train_state.json         optimizer groups, schedule and fault counters (resume only)
-        memory/NAME/             each episodic store the model keeps (``memory_stores()``)
+        memory/NAME/             each episodic memory the model keeps (``model.writers``)
 
 A checkpoint directory is built under a temporary name and renamed into place, and meta.json is
 written last inside it, so a crash leaves either no checkpoint or a complete one. Loading never
@@ -25,14 +25,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
-from torch import nn
 
 from aura.atomic import atomic_dir, atomic_write_text
 from aura.config import AuraConfig, config_from_dict, config_to_dict
 from aura.data.shards import file_sha256
 from aura.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from aura.errors import DataError
-from aura.memory.store import EpisodicStore
+from aura.models import AuraModel, build_model
 
 FORMAT = 1
 CKPT_DIR = "checkpoints"
@@ -102,31 +101,26 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _memory_stores(model: nn.Module) -> dict[str, EpisodicStore]:
-    stores = getattr(model, "memory_stores", None)
-    return stores() if callable(stores) else {}
-
-
-def _load_weights(model: nn.Module, path: Path, device: torch.device | str = "cpu") -> None:
-    """Weights, then every episodic store the model keeps, restored in place."""
+def _load_weights(model: AuraModel, path: Path, device: torch.device | str = "cpu") -> None:
+    """Weights, then every episodic memory the model keeps, restored in place."""
     load_model(model, str(path / MODEL_FILE), device=str(device))
-    for name, store in _memory_stores(model).items():
-        store.restore(path / MEMORY_DIR / name)
+    for name, writer in model.writers.items():
+        writer.restore(path / MEMORY_DIR / name)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CKPT_DIR / f"step-{step:08d}"
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, tokenizer: Tokenizer, config: AuraConfig,
+def save_checkpoint(run_dir: Path, model: AuraModel, tokenizer: Tokenizer, config: AuraConfig,
                     state: TrainState, optimizer_states: list[dict[str, Any]] | None,
                     val_loss: float | None = None) -> Path:
     """Write checkpoint ``state.step`` atomically; with no optimizer state it is weights-only."""
     final = step_dir(run_dir, state.step)
     with atomic_dir(final) as tmp:  # replaces the same step saved again (after a rollback)
         save_model(model, str(tmp / MODEL_FILE))
-        for name, store in _memory_stores(model).items():
-            store.save(tmp / MEMORY_DIR / name)
+        for name, writer in model.writers.items():  # queued writes applied first
+            writer.save(tmp / MEMORY_DIR / name)
         tokenizer.save(tmp / TOKENIZER_FILE)
         if optimizer_states is not None:
             tensors, plain = _pack_optimizer(optimizer_states)
@@ -189,7 +183,7 @@ def latest_good(run_dir: Path, log: Callable[[str], None], need_train_state: boo
     return None
 
 
-def load_train_state(path: Path, model: nn.Module) -> tuple[TrainState, list[dict[str, Any]]]:
+def load_train_state(path: Path, model: AuraModel) -> tuple[TrainState, list[dict[str, Any]]]:
     """Load weights into ``model`` and RNG states; return the train state and optimizer states."""
     _load_weights(model, path)
     tensors = load_file(str(path / STATE_TENSORS))
@@ -241,7 +235,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 @dataclass
 class Loaded:
-    model: nn.Module
+    model: AuraModel
     tokenizer: Tokenizer
     config: AuraConfig
     meta: dict[str, Any]
@@ -250,8 +244,6 @@ class Loaded:
 
 def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
     """Model + tokenizer from a checkpoint (or a run's best), verified, in eval mode."""
-    from aura.models import build_model
-
     ckpt = resolve_checkpoint(path)
     meta = verify_checkpoint(ckpt)
     config = config_from_dict(meta["config"])
@@ -263,7 +255,7 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> 
     return Loaded(model.to(device).eval(), tokenizer, config, meta, ckpt)
 
 
-def replace_memory(path: Path, model: nn.Module) -> None:
+def replace_memory(path: Path, model: AuraModel) -> None:
     """Rewrite checkpoint ``path`` with ``model``'s episodic stores as they are now (e.g. a bank
     rebuilt by ``aura memory build``), every other file unchanged, the sha256s in meta.json
     updated. Built under a temporary name and renamed into place, like ``save_checkpoint``."""
@@ -276,8 +268,8 @@ def replace_memory(path: Path, model: nn.Module) -> None:
                 shutil.copytree(item, tmp / item.name)
             else:
                 shutil.copy2(item, tmp / item.name)
-        for name, store in _memory_stores(model).items():
-            store.save(tmp / MEMORY_DIR / name)
+        for name, writer in model.writers.items():
+            writer.save(tmp / MEMORY_DIR / name)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         meta["files"] = {name: file_sha256(tmp / name) for name in files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))

@@ -179,17 +179,23 @@ class Trainer:
                        {name: c[i].to(self.device, non_blocking=True)
                         for name, c in chunks.items()}, weight)
 
+    def _switches(self, step: int) -> dict[str, bool]:
+        """The per-step switches the model declares: memory reads stay off for
+        ``train.memory_warmup_steps``."""
+        if not self.model.has_memory_switch:
+            return {}
+        return {"use_memory": step >= self.cfg.train.memory_warmup_steps}
+
     def _step(self, step: int) -> tuple[float, float, dict[str, float]]:
         t = self.cfg.train
         self.opt.set_lr_factor(lr_factor(t, step, self.plateau) * self.state.fault_lr_scale)
         self.model.train()
         total = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
-        use_memory = step >= t.memory_warmup_steps
+        switches = self._switches(step)
         for x, y, feats, weight in self._micro_batches(step):
             with self.precision.autocast():
-                out = self.forward(x, y, label_smoothing=t.label_smoothing, use_memory=use_memory,
-                                   **feats)
+                out = self.forward(x, y, label_smoothing=t.label_smoothing, **switches, **feats)
             loss = out.loss * weight
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
@@ -237,13 +243,12 @@ class Trainer:
             return None
         self.model.eval()
         losses = []
-        use_memory = self.state.step >= self.cfg.train.memory_warmup_steps
+        switches = self._switches(self.state.step)
         for i in range(self.cfg.train.eval_iters):
             x, y, feats = self.val_batches.batch(i)
             feats = {name: f.to(self.device) for name, f in feats.items()}
             with self.precision.autocast():
-                out = self.model(x.to(self.device), y.to(self.device), use_memory=use_memory,
-                                 **feats)
+                out = self.model(x.to(self.device), y.to(self.device), **switches, **feats)
             losses.append(out.loss.float())
         self.model.train()
         return torch.stack(losses).mean().item()

@@ -1,0 +1,142 @@
+"""The pre-LN decoder that `gpt`, `hippocampal` and `snn_rag` are built on (nanoGPT's):
+
+    tokens -> wte (+ wpe, learned positions, unless the model brings its own) -> dropout
+           -> blocks: x + attn(ln1(x)) [+ memory(ln_m(x))] + ffn(ln2(x))
+           -> ln_f -> lm_head (tied to wte)
+
+What the three share lives here once: the block, whose feed-forward the config picks (litgpt's
+``mlp_class``: ``ffn="mlp"`` the GELU MLP, ``ffn="snn"`` spiking neurons of kind ``neuron``),
+GPT-2's init, the KV cache, the context-length check, the gradient-checkpointing choice and the
+tied head. What differs is what each model file shows: its embedding extras, its loop over the
+blocks, its loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from aura.memory.writer import MemoryAccess
+from aura.models.base import AuraModel, ModelConfig
+from aura.nn.attention import CausalSelfAttention, KVCache
+from aura.nn.memory_attention import MemoryCrossAttention
+from aura.nn.mlp import MLP
+from aura.nn.snn_ffn import SNNFeedForward, layer_firing_rates
+
+
+def feed_forward(config: ModelConfig) -> MLP | SNNFeedForward:
+    """The block's feed-forward as the config names it; only the chosen one is built."""
+    if config.ffn == "snn":
+        return SNNFeedForward(config.n_embd, 4 * config.n_embd, config.snn_steps, config.neuron,
+                              config.dropout, config.bias)
+    return MLP(config.n_embd, config.dropout, config.bias)
+
+
+class Block(nn.Module):
+    """``x + attn(ln1(x))``, then with a ``memory`` layer ``+ memory(ln_m(x))``, then
+    ``+ ffn(ln2(x))``."""
+
+    def __init__(self, config: ModelConfig, layer: int,
+                 memory: MemoryCrossAttention | None = None):
+        super().__init__()
+        c = config
+        self.ln1 = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.attn = CausalSelfAttention(c.n_embd, c.n_head, c.dropout, c.bias, layer)
+        self.ln_m = nn.LayerNorm(c.n_embd, bias=c.bias) if memory is not None else None
+        self.memory = memory
+        self.ln2 = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.mlp = feed_forward(c)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                gains: tuple[torch.Tensor, torch.Tensor] | None = None,
+                access: MemoryAccess | None = None) -> torch.Tensor:
+        """``gains`` modulate the attention (see ``CausalSelfAttention``); ``access`` says what
+        the memory layer may do this forward."""
+        x = x + self.attn(self.ln1(x), cache, gains)
+        if self.memory is not None and self.ln_m is not None and access is not None:
+            h = self.ln_m(x)
+            if access.write:
+                self.memory.remember(h, access.positions)
+            if access.read:
+                x = x + self.memory(h, access.positions)
+        return x + self.mlp(self.ln2(x))
+
+
+class Decoder(AuraModel):
+    """The skeleton above; subclasses write ``forward`` from its parts."""
+
+    cache_type: type[KVCache] = KVCache  # what ``new_cache`` builds
+
+    def __init__(self, config: ModelConfig, *, learned_positions: bool = True,
+                 memories: Mapping[int, MemoryCrossAttention] | None = None):
+        super().__init__()
+        assert config.vocab_size is not None
+        c = self.config = config
+        memories = memories or {}
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.block_size, c.n_embd) if learned_positions else None
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c, i, memories.get(i)) for i in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2's init: N(0, 0.02) for every Linear and Embedding, zero biases, and the blocks'
+        residual projections (``*proj.weight``) at 0.02 / sqrt(2 n_layer), so the residual
+        stream's variance does not grow with depth. Modules a subclass adds later initialise
+        themselves."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.blocks.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, residual_std)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p, c = self.wte.weight, self.config
+        return self.cache_type(c.n_layer, batch_size, c.n_head, min(max_len, c.block_size),
+                               c.n_embd // c.n_head, p.device, p.dtype)
+
+    def positions(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """The positions of ``idx``'s tokens (T,), after what ``cache`` holds; more than
+        ``block_size`` tokens in all is an error."""
+        start = cache.pos if cache is not None else 0
+        end = start + idx.size(1)
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        return torch.arange(start, end, device=idx.device)
+
+    def run_block(self, block: Block, x: torch.Tensor, cache: KVCache | None,
+                  gains: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  access: MemoryAccess | None = None) -> torch.Tensor:
+        """One block, recomputed in backward when the trainer asked for gradient checkpointing
+        (training without a cache only)."""
+        if self.grad_checkpoint and self.training and cache is None:
+            return checkpoint(block, x, None, gains, access, use_reentrant=False)
+        return block(x, cache, gains, access)
+
+    def head(self, x: torch.Tensor, cache: KVCache | None, last_only: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden states, logits): the cache moves past x's tokens, then the final
+        LayerNorm and the tied head, on the last position only when ``last_only``."""
+        if cache is not None:
+            cache.pos += x.size(1)
+        x = self.ln_f(x)
+        return x, self.lm_head(x[:, -1:] if last_only else x)
+
+    def feed_forward_metrics(self) -> dict[str, torch.Tensor]:
+        """With spiking feed-forwards, their firing rates of the last forward (mean and per
+        layer), so a layer that falls silent or saturates shows up in the logs."""
+        if self.config.ffn != "snn":
+            return {}
+        return layer_firing_rates([b.mlp for b in self.blocks])  # type: ignore[misc]
