@@ -280,53 +280,90 @@ def step_by_step(lif: LIF, x: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Te
     return torch.stack(out), mem
 
 
+# what wants a gradient besides the input: (learn_beta, learn_threshold, initial state)
+LEARNS = {"input": (False, False, False), "state": (False, False, True),
+          "beta": (True, False, False), "threshold": (False, True, True),
+          "all": (True, True, True)}
+
+
 @pytest.mark.parametrize("reset", ["soft", "hard"])
 @pytest.mark.parametrize("constant", [False, True], ids=["sequence", "constant"])
-@pytest.mark.parametrize("learn", [True, False], ids=["learned", "fixed"])
+@pytest.mark.parametrize("learn", list(LEARNS))
 @pytest.mark.parametrize("surrogate", ["atan", "fast_sigmoid"])
-def test_fused_lif_gradients_equal_the_step_by_step_graph(reset: str, constant: bool,
-                                                          learn: bool, surrogate: str):
-    """Learned beta/threshold and a given state take the general reverse walk; a fixed neuron
-    on a constant input takes the soft reset's closed form. The loss reads the spikes, the
-    final state, or both."""
+def test_fused_lif_equals_the_step_by_step_graph(reset: str, constant: bool, learn: str,
+                                                 surrogate: str):
+    """Every path of the fused kernel against autograd through ``forward_step``: spikes (or
+    counts), final state, and the gradients w.r.t. input, initial state, beta and threshold of a
+    loss on the spikes, the final state or both. A constant input through a soft reset with only
+    the input to learn takes the closed-form backward, every other case a reverse walk; without
+    a gradient the plain run must give the same values."""
     torch.manual_seed(9)
-    lif = LIF(beta=0.8, reset=reset, surrogate=surrogate, learn_beta=learn,
-              learn_threshold=learn)
+    learn_beta, learn_threshold, state_grad = LEARNS[learn]
+    lif = LIF(beta=0.8, reset=reset, surrogate=surrogate, learn_beta=learn_beta,
+              learn_threshold=learn_threshold)
     steps = 12
     x = (torch.randn(3, 5, dtype=F64) + 0.6) if constant else torch.randn(steps, 3, 5, dtype=F64)
     mem0 = torch.randn(3, 5, dtype=F64) * 0.5
     weights = torch.randn(steps, 3, 5, dtype=F64)
 
-    def grads(fused: bool, use_mem: bool, use_spikes: bool = True) -> list[torch.Tensor]:
+    def run(fused: bool, use_spikes: bool, use_mem: bool
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         lif.zero_grad()
-        xi, mi = x.clone().requires_grad_(), mem0.clone().requires_grad_(learn)
-        inp = xi.expand(steps, *xi.shape) if constant else xi
+        xi, mi = x.clone().requires_grad_(), mem0.clone().requires_grad_(state_grad)
         if not fused:
-            spikes, mem = step_by_step(lif, inp, mi)
-            loss = (spikes.sum(0) * weights[0] if constant else spikes * weights).sum()
+            spikes, mem = step_by_step(lif, xi.expand(steps, *xi.shape) if constant else xi, mi)
+            out = spikes.sum(0) if constant else spikes
         elif constant:
-            counts, mem = lif.forward_constant(xi, steps, mi)
-            loss = (counts * weights[0]).sum()
+            out, mem = lif.forward_constant(xi, steps, mi)
         else:
-            spikes, mem = lif(xi, mi)
-            loss = (spikes * weights).sum()
-        loss = loss if use_spikes else 0.0
+            out, mem = lif(xi, mi)
+        loss = (out * (weights[0] if constant else weights)).sum() if use_spikes else 0.0
         if use_mem:
             loss = loss + (mem * weights[1]).sum()
         loss.backward()
-        out = [xi.grad, mem.detach()]
-        if learn:
-            out += [mi.grad, *(torch.zeros_like(p) if p.grad is None else p.grad.clone()
-                               for p in (lif.beta_logit, lif.threshold))]
-        return out
+        grads = [xi.grad, *([mi.grad] if state_grad else []),
+                 *(torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                   for p in lif.parameters())]
+        return [out.detach(), mem.detach()], grads
 
-    for use_mem, use_spikes in ((True, True), (False, True), (True, False)):
-        got, want = grads(True, use_mem, use_spikes), grads(False, use_mem, use_spikes)
+    for use_spikes, use_mem in ((True, True), (True, False), (False, True)):
+        (out, mem), got = run(True, use_spikes, use_mem)
+        (want_out, want_mem), want = run(False, use_spikes, use_mem)
+        assert want_out.sum() > 0 and torch.equal(out, want_out)
+        torch.testing.assert_close(mem, want_mem, rtol=1e-12, atol=1e-12)
+        assert len(got) == 1 + state_grad + learn_beta + learn_threshold
         assert want[0].abs().sum() > 0
-        assert not use_spikes or all(g.abs().sum() > 0 for g in want[2:])
+        assert not use_spikes or all(g.abs().sum() > 0 for g in want[1:])
         for g, w in zip(got, want, strict=True):  # float64; the parameters' grads are float32
             torch.testing.assert_close(g, w, rtol=1e-10 if g.dtype == F64 else 1e-6,
                                        atol=1e-12)
+    with torch.no_grad():
+        plain_out, plain_mem = lif.forward_constant(x, steps, mem0) if constant else lif(x, mem0)
+    assert torch.equal(plain_out, out) and torch.equal(plain_mem, mem)
+
+
+class DropsItsInputGradient(torch.autograd.Function):
+    """``a * b`` whose backward gives ``a`` no gradient (None), unlike a multiplication by 0."""
+
+    @staticmethod
+    def forward(ctx: object, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, grad
+
+
+@pytest.mark.parametrize("reset", ["soft", "hard"])
+@pytest.mark.parametrize("constant", [False, True], ids=["sequence", "constant"])
+def test_fused_lif_gives_zero_gradients_when_neither_output_reaches_the_loss(reset: str,
+                                                                             constant: bool):
+    lif = LIF(reset=reset, learn_beta=True)
+    x = torch.randn(6, 4).requires_grad_()
+    out, _ = lif.forward_constant(x, 5) if constant else lif(x)
+    DropsItsInputGradient.apply(out, torch.ones(4, requires_grad=True)).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert torch.equal(lif.beta_logit.grad, torch.zeros(()))
 
 
 @pytest.mark.parametrize("reset", ["soft", "hard"])

@@ -5,14 +5,15 @@ module, so two instances (or two sequences through one instance) cannot leak int
 spike is a Heaviside step in the forward pass; its backward pass is a smooth surrogate chosen by
 name or given as any callable ``(x) -> spikes``.
 
-State and outputs take the input's dtype: a bf16 input gets bf16 state, never float32 (the design
-note's "dtype propagation" fix), and float parameters are cast to the input's dtype at use.
+State and outputs take the input's dtype: a bf16 input gets bf16 state, never float32 (which
+would promote the spikes and everything computed from them), and float parameters are cast to the
+input's dtype at use. Soft- and hard-reset ``LIF`` with a named surrogate runs on the fused kernel
+in ``aura.nn.lif_kernel``; ``LIF.forward_step`` is its reference, one autograd graph per step.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from aura.workspace import Workspace
+from aura.nn.lif_kernel import lif_constant, lif_sequence
 
 SpikeFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -165,190 +166,6 @@ def leaky_scan(x: torch.Tensor, beta: torch.Tensor, mem: torch.Tensor) -> torch.
     return out.reshape(K * C, *x.shape[1:])[:T]
 
 
-_LOCAL = threading.local()
-
-
-def _workspace(like: torch.Tensor) -> Workspace:
-    """This thread's scratch for the LIF kernels on CPU, kept from call to call: the per-step
-    membranes of a backward are as large as its input, and a fresh buffer that size is paged in
-    anew on every call (aura.workspace). Elsewhere a fresh one: CUDA's allocator already pools."""
-    if like.device.type != "cpu":
-        return Workspace(like.device)
-    if getattr(_LOCAL, "workspace", None) is None:
-        _LOCAL.workspace = Workspace("cpu")
-    return _LOCAL.workspace
-
-
-def _buffer(ws: Workspace, name: str, shape: tuple[int, ...], like: torch.Tensor,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
-    return ws.get(name, math.prod(shape), like.dtype if dtype is None else dtype).view(shape)
-
-
-Steps = list[torch.Tensor] | tuple[torch.Tensor, ...]
-
-
-def _lif_steps(xs: Steps, m: torch.Tensor, beta: torch.Tensor, thr: torch.Tensor, hard: bool,
-               hs: Steps, state: torch.Tensor, spikes: Steps, known: bool = False) -> None:
-    """The recurrence over every step, three passes per step into given buffers.
-
-    Step t writes its pre-reset membrane into ``hs[t]`` and its spikes into ``spikes[t]``; the
-    state after the last step ends in ``state``. A buffer may repeat (one scratch for every
-    step) where the caller needs only the last. With ``known``, ``spikes`` already holds the
-    forward's spikes and is only read (two passes a step): the backward's recompute, which
-    repeats the forward's arithmetic exactly, so its membranes are the forward's bit for bit.
-    """
-    neg_thr = -thr
-    for t in range(len(hs)):
-        h = torch.addcmul(xs[t], m, beta, out=hs[t])  # beta m + x
-        fired = spikes[t] if known else torch.gt(h, thr, out=spikes[t])
-        if hard:  # h (1 - s), exactly 0 where it fired
-            m = torch.addcmul(h, h, fired, value=-1, out=state)
-        else:
-            m = torch.addcmul(h, fired, neg_thr, out=state)
-
-
-@torch.no_grad()
-def _lif_run(x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor, thr: torch.Tensor,
-             hard: bool, steps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LIF recurrence on plain tensors: spikes (or, for a constant input held ``steps``
-    steps, the spike count) and the final state."""
-    T = x.size(0) if steps is None else steps
-    ws, final = _workspace(x), torch.empty_like(mem)
-    hs = [_buffer(ws, "h", mem.shape, x)] * T
-    if steps is None:
-        out = torch.empty_like(x)
-        _lif_steps(x.unbind(), mem, beta, thr, hard, hs, final, out.unbind())
-        return out, final
-    spikes = _buffer(ws, "spikes", (T, *mem.shape), x)
-    _lif_steps([x] * T, mem, beta, thr, hard, hs, final, spikes.unbind())
-    return spikes.sum(0), final
-
-
-class _FusedLIF(torch.autograd.Function):
-    """Soft- or hard-reset LIF over all steps as one autograd node that saves its input and
-    spikes, no membranes.
-
-    Backward is exactly the gradient autograd would take through the step-by-step graph
-    (surrogate at each spike, reset detached): ``dL/dh_t = g_t s'(h_t - thr) + dL/dm_t * (1, or
-    1 - s_t if hard)`` and ``dL/dm_{t-1} = beta dL/dh_t``, walked in reverse over the pre-reset
-    membranes ``h_t``, which it recomputes from the input and the spikes into a reused buffer
-    (two passes a step, cheaper than a tensor the size of the input written by the forward,
-    paged in, and read back). For a constant input with a soft reset and fixed parameters (the
-    SNN FFN) the walk has a closed form, ``dL/dx = g sum_u c_u s'_u + c_{T-1} dL/dm_{T-1}`` with
-    ``c_u = 1 + beta c_{u-1}``, ``c_0 = 1``, which runs forward in time.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, mem: torch.Tensor, beta: torch.Tensor,
-                thr: torch.Tensor, hard: bool, steps: int | None, spike: NamedSpike
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.closed_form = steps is not None and not hard and not any(ctx.needs_input_grad[1:4])
-        out, final = _lif_run(x, mem, beta, thr, hard, steps)
-        # a count (constant input) does not say which steps fired: those are recomputed
-        ctx.save_for_backward(x, mem, beta, thr, out if steps is None else None)
-        ctx.set_materialize_grads(False)  # an unused output (often the state) costs nothing
-        ctx.hard, ctx.steps, ctx.spike = hard, steps, spike
-        return out, final
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g_out: torch.Tensor | None, g_mem: torch.Tensor | None
-                 ) -> tuple[torch.Tensor | None, ...]:
-        x, mem0, beta, thr, spikes = ctx.saved_tensors
-        if ctx.closed_form:
-            gx = _constant_soft_grad(x, mem0, beta, thr, ctx.steps, ctx.spike, g_out, g_mem)
-            return gx, None, None, None, None, None, None
-        need_x, need_mem, need_beta, need_thr = ctx.needs_input_grad[:4]
-        grads = _reverse_grad(x, spikes, mem0, beta, thr, ctx.hard, ctx.steps, ctx.spike,
-                              g_out, g_mem, need_beta, need_thr)
-        gx, g_mem0, g_beta, g_thr = grads
-        return (gx if need_x else None, g_mem0 if need_mem else None, g_beta, g_thr,
-                None, None, None)
-
-
-@torch.no_grad()
-def _constant_soft_grad(x: torch.Tensor, mem0: torch.Tensor, beta: torch.Tensor,
-                        thr: torch.Tensor, steps: int, spike: NamedSpike,
-                        g_out: torch.Tensor | None, g_mem: torch.Tensor | None) -> torch.Tensor:
-    """dL/dx by the closed form in ``_FusedLIF``, re-running the recurrence."""
-    coef = [torch.ones_like(beta)]
-    for _ in range(steps - 1):
-        coef.append(1 + beta * coef[-1])
-    gx = torch.zeros_like(x)
-    if g_out is not None:
-        ws, m = _workspace(x), mem0
-        h, inv, spikes, state, acc = (_buffer(ws, name, x.shape, x) for name in
-                                      ("h", "inv", "spikes", "state", "acc"))
-        acc.zero_()
-        for u in range(steps):
-            torch.addcmul(x, m, beta, out=h)
-            acc.addcdiv_(coef[u], spike.inverse_slope(torch.sub(h, thr, out=inv), out=inv))
-            if u < steps - 1:
-                m = torch.addcmul(h, torch.gt(h, thr, out=spikes), -thr, out=state)
-        torch.mul(acc, g_out, out=gx)
-    if g_mem is not None:
-        gx.addcmul_(g_mem, coef[-1])
-    return gx
-
-
-@torch.no_grad()
-def _reverse_grad(x: torch.Tensor, spikes: torch.Tensor | None, mem0: torch.Tensor,
-                  beta: torch.Tensor, thr: torch.Tensor, hard: bool, steps: int | None,
-                  spike: NamedSpike, g_out: torch.Tensor | None, g_mem: torch.Tensor | None,
-                  need_beta: bool, need_thr: bool) -> tuple[torch.Tensor, ...]:
-    """The general backward: the membranes recomputed forward, then the recurrence of
-    ``_FusedLIF`` walked from the last step. ``spikes`` are the forward's (None for a constant
-    input: then recomputed too)."""
-    constant = steps is not None
-    T = x.size(0) if steps is None else steps
-    ws, shape = _workspace(x), mem0.shape
-    # per-step views made in one call each
-    xs = [x] * T if constant else x.unbind()
-    hs = _buffer(ws, "h", (T, *shape), x).unbind()
-    fired = (_buffer(ws, "spikes", (T, *shape), x) if spikes is None else spikes).unbind()
-    _lif_steps(xs, mem0, beta, thr, hard, hs, _buffer(ws, "state", shape, x), fired,
-               known=spikes is not None)
-    gx = torch.zeros_like(mem0 if constant else x) if g_out is None else (
-        torch.zeros_like(mem0) if constant else torch.empty_like(x))
-    g_beta, g_thr = torch.zeros_like(beta), torch.zeros_like(thr)
-    inv = _buffer(ws, "inv", shape, x)
-    carry = None if g_mem is None else _buffer(ws, "carry", shape, x).copy_(g_mem)  # dL/dm_t
-    gos = None if g_out is None else [g_out] * T if constant else g_out.unbind()
-    gxs = None if constant or g_out is None else gx.unbind()
-    gh_buf = _buffer(ws, "gh", shape, x) if gxs is None else None
-    for t in range(T - 1, -1, -1):
-        h = hs[t]
-        if carry is not None and need_thr and not hard:  # the soft reset subtracts thr
-            g_thr -= torch.sum(carry * fired[t])
-        if carry is not None and hard:  # dL/dm_t (1 - s_t): no gradient through a reset
-            carry = torch.addcmul(carry, carry, fired[t], value=-1, out=carry)
-        gh = carry
-        if gos is not None:  # dL/dh_t = g_t s'(h_t - thr) + carry, in one pass if we can
-            slope_inv = spike.inverse_slope(torch.sub(h, thr, out=inv), out=inv)
-            target = gh_buf if gxs is None else gxs[t]
-            if carry is None or need_thr:
-                gh = torch.div(gos[t], slope_inv, out=target)
-                if need_thr:
-                    g_thr -= gh.sum()
-                if carry is not None:
-                    gh.add_(carry)
-            else:
-                gh = torch.addcdiv(carry, gos[t], slope_inv, out=target)
-        if gh is None:  # no gradient reaches this step or any before it
-            break
-        if constant:
-            gx.add_(gh)
-        elif gos is None:
-            gx[t] = gh
-        if need_beta:  # the state m_{t-1} that beta multiplied
-            prev = mem0 if t == 0 else torch.addcmul(
-                hs[t - 1], hs[t - 1] if hard else thr, fired[t - 1], value=-1)
-            g_beta += torch.sum(gh * prev)
-        carry = torch.mul(gh, beta, out=_buffer(ws, "carry", shape, x))
-    g_mem0 = torch.zeros_like(mem0) if carry is None else carry.clone()
-    return gx, g_mem0, g_beta if need_beta else None, g_thr if need_thr else None
-
-
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
@@ -419,7 +236,9 @@ class LIF(nn.Module):
                 mems = leaky_scan(x, beta, mem0)
             return self.spike(mems - thr), mems[-1]
         if isinstance(self.spike, NamedSpike):
-            return self._fused(x, mem, None)
+            beta, thr = self._params(x)
+            mem0 = torch.zeros_like(x[0]) if mem is None else mem.to(x.dtype)
+            return lif_sequence(x, mem0, beta, thr, self.reset == "hard", self.spike)
         out = []
         for x_t in x:
             spikes, mem = self.forward_step(x_t, mem)
@@ -434,21 +253,11 @@ class LIF(nn.Module):
         without materialising the repeated input or the per-step spikes.
         """
         if self.reset != "none" and isinstance(self.spike, NamedSpike):
-            return self._fused(x, mem, steps)
+            beta, thr = self._params(x)
+            mem0 = torch.zeros_like(x) if mem is None else mem.to(x.dtype)
+            return lif_constant(x, steps, mem0, beta, thr, self.reset == "hard", self.spike)
         spikes, mem = self(x.expand(steps, *x.shape), mem)
         return spikes.sum(0), mem
-
-    def _fused(self, x: torch.Tensor, mem: torch.Tensor | None, steps: int | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        beta, thr = self._params(x)
-        mem0 = torch.zeros_like(x if steps is not None else x[0]) if mem is None else (
-            mem.to(x.dtype))
-        hard = self.reset == "hard"
-        with torch.autocast(x.device.type, enabled=False):  # state and spikes in x's dtype
-            if torch.is_grad_enabled() and any(
-                    t.requires_grad for t in (x, mem0, beta, thr)):
-                return _FusedLIF.apply(x, mem0, beta, thr, hard, steps, self.spike)
-            return _lif_run(x, mem0, beta, thr, hard, steps)
 
 
 class GIFState(NamedTuple):

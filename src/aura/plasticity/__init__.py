@@ -7,8 +7,7 @@
 
 Each has ``config()`` (JSON-able), ``state_dict()`` (tensors, safetensors-compatible),
 ``load_state_dict()``, ``from_state(config, tensors)``, and ``save(dir)`` / ``load(dir)``.
-``aura.plasticity.affect`` builds valence / arousal / tone on top of the last two;
-``aura.workspace.Workspace`` holds TokenSTDP's batch-sized temporaries.
+``aura.plasticity.affect`` builds valence / arousal / tone on top of the last two.
 """
 
 from aura.plasticity.oja import OjaLayer

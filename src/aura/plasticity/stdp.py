@@ -34,7 +34,6 @@ import torch
 
 from aura.errors import DataError
 from aura.plasticity.state import SavedRule, copy_into
-from aura.workspace import Workspace
 
 QUANTUM_BITS = 24
 QUANTUM = 2.0**-QUANTUM_BITS
@@ -48,7 +47,7 @@ def _snap(value: float, name: str) -> int:
     return round(value / QUANTUM)
 
 
-def stable_argsort(keys: torch.Tensor, bound: int, ws: Workspace | None = None) -> torch.Tensor:
+def stable_argsort(keys: torch.Tensor, bound: int) -> torch.Tensor:
     """Indices that sort ``keys`` (ints in ``[0, bound)``), equal keys kept in input order.
 
     On the CPU numpy's stable sort of 16-bit keys is a radix sort, ~10x faster than a
@@ -58,17 +57,14 @@ def stable_argsort(keys: torch.Tensor, bound: int, ws: Workspace | None = None) 
         return torch.sort(keys, stable=True).indices
     k = keys.numpy()
     if bound <= 1 << 16:
-        low = (np.empty(len(k), dtype=np.uint16) if ws is None
-               else ws.get("key16", len(k), torch.int16).numpy().view(np.uint16))
-        np.copyto(low, k, casting="unsafe")  # the low 16 bits: all of them here
-        return torch.from_numpy(np.argsort(low, kind="stable"))
+        return torch.from_numpy(np.argsort(k.astype(np.uint16), kind="stable"))
     order = np.argsort((k & 0xFFFF).astype(np.uint16), kind="stable")
     order = order[np.argsort((k[order] >> 16).astype(np.uint16), kind="stable")]
     return torch.from_numpy(order)
 
 
 def _compose_rows(s: torch.Tensor, low: torch.Tensor | None, high: torch.Tensor | None,
-                  cnt: torch.Tensor, lo: int, hi: int, width: int, ws: Workspace | None = None
+                  cnt: torch.Tensor, lo: int, hi: int, width: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One round: lay each segment's maps out in rows of ``width`` and compose every row.
 
@@ -77,30 +73,20 @@ def _compose_rows(s: torch.Tensor, low: torch.Tensor | None, high: torch.Tensor 
     ``width`` contiguous column-wise vector steps (``width`` is a power of two). The last row
     of a segment is padded with ``(0, lo, hi)``, the identity on every map of this rule
     (composed bounds always lie inside ``[lo, hi]``). ``low``, ``high`` None means all maps are
-    ``(s_i, lo, hi)``: the first round, which needs no bound grids at all. With ``ws`` the
-    large temporaries live in its reused buffers.
+    ``(s_i, lo, hi)``: the first round, which needs no bound grids at all.
     """
     m, shift = s.numel(), width.bit_length() - 1
     rows = (cnt + width - 1) >> shift
     n_rows = int(rows.sum())
     starts = torch.cumsum(cnt, 0) - cnt
     offset = (torch.cumsum(rows, 0) - rows) * width - starts  # row-major slot of a map: offset + i
-    if ws is None:
-        pos = torch.repeat_interleave(offset, cnt, output_size=m)
-        pos += torch.arange(m, device=s.device)
-        col = pos & (width - 1)
-    else:  # the same positions, built in reused buffers: a cumsum of per-segment jumps
-        pos = ws.get("pos", m, torch.int64).zero_()
-        pos[starts] = torch.diff(offset, prepend=offset.new_zeros(1))
-        pos.cumsum_(0).add_(ws.arange(m))
-        col = torch.bitwise_and(pos, width - 1, out=ws.get("col", m, torch.int64))
+    pos = torch.repeat_interleave(offset, cnt, output_size=m)
+    pos += torch.arange(m, device=s.device)
+    col = pos & (width - 1)
     pos.bitwise_right_shift_(shift).add_(col.mul_(n_rows))  # (rows, width) -> column-major
 
     def grid(values: torch.Tensor, pad: int) -> torch.Tensor:
-        if ws is None:
-            g = values.new_full((width * n_rows,), pad)
-        else:
-            g = ws.get(f"grid{pad}", width * n_rows, values.dtype).fill_(pad)
+        g = values.new_full((width * n_rows,), pad)
         return g.index_put_((pos,), values).view(width, n_rows)
 
     grid_s = grid(s, 0)
@@ -121,8 +107,7 @@ def _compose_rows(s: torch.Tensor, low: torch.Tensor | None, high: torch.Tensor 
     return acc_s, acc_l, acc_h, rows
 
 
-def compose_segments(counts: torch.Tensor, d: torch.Tensor, lo: int, hi: int, width: int = 16,
-                     ws: Workspace | None = None
+def compose_segments(counts: torch.Tensor, d: torch.Tensor, lo: int, hi: int, width: int = 16
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per segment of ``d`` (lengths ``counts``), the composition of ``x -> clamp(x + d_i, lo, hi)``
     in order, as ``(s, low, high)`` meaning ``x -> clamp(x + s, low, high)``; integer inputs, exact.
@@ -130,12 +115,11 @@ def compose_segments(counts: torch.Tensor, d: torch.Tensor, lo: int, hi: int, wi
     ``log_width`` of the longest segment rounds of ``_compose_rows``; segments down to one map
     leave the working set. The maps are only ever applied to x in ``[min(lo, 0), max(hi, 0)]``
     (0 is the initial weight), where a shift beyond that span is the same as the span: clamping
-    ``s`` to it after every round keeps the integers small whatever the batch size. ``ws``
-    serves the first round, the only one as large as the batch.
+    ``s`` to it after every round keeps the integers small whatever the batch size.
     """
     n_seg, span = counts.numel(), max(hi, 0) - min(lo, 0)
     out = [torch.empty(n_seg, dtype=d.dtype, device=d.device) for _ in range(3)]
-    s, low, high, cnt = _compose_rows(d, None, None, counts, lo, hi, width, ws)
+    s, low, high, cnt = _compose_rows(d, None, None, counts, lo, hi, width)
     s.clamp_(-span, span)
     ids = torch.arange(n_seg, device=d.device)
     while True:
@@ -176,7 +160,6 @@ class TokenSTDP(SavedRule):
         if self.q_min > self.q_max:
             raise ValueError(f"w_min must be <= w_max, got {w_min} > {w_max}")
         self.q = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
-        self.workspace = Workspace(self.device)  # batch-sized temporaries, reused (aura.workspace)
 
     lr_plus = property(lambda self: self.q_plus * QUANTUM, doc="potentiation step (snapped)")
     lr_minus = property(lambda self: self.q_minus * QUANTUM, doc="depression step (snapped)")
@@ -204,24 +187,21 @@ class TokenSTDP(SavedRule):
     def update(self, token_ids: torch.Tensor, spikes: torch.Tensor) -> None:
         """Potentiate the tokens whose channels spiked, depress the others, one token at a time."""
         tok = self._check_tokens(token_ids)
-        n, ws = tok.numel(), self.workspace
-        spiked = ws.get("spiked", n, torch.bool)
         if spikes.shape == token_ids.shape:
-            torch.gt(spikes.reshape(-1).to(self.device), 0, out=spiked)
+            spiked = spikes.reshape(-1).to(self.device) > 0
         elif spikes.shape[:-1] == token_ids.shape:
-            torch.gt(spikes.sum(-1).reshape(-1).to(self.device), 0, out=spiked)
+            spiked = spikes.sum(-1).reshape(-1).to(self.device) > 0
         else:
             raise ValueError(f"spikes {tuple(spikes.shape)} must have token_ids' shape "
                              f"{tuple(token_ids.shape)}, optionally plus a channel dimension")
-        if n == 0:
+        if tok.numel() == 0:
             return
         counts = torch.bincount(tok, minlength=self.vocab_size)
         uniq = counts.nonzero().squeeze(1)
-        order = stable_argsort(tok, self.vocab_size, ws)
-        gathered = torch.index_select(spiked, 0, order, out=ws.get("gathered", n, torch.bool))
-        d = ws.get("d", n, torch.int64).copy_(gathered)
+        order = stable_argsort(tok, self.vocab_size)
+        d = torch.index_select(spiked, 0, order).to(torch.int64)
         d.mul_(self.q_plus + self.q_minus).sub_(self.q_minus)
-        s, lo, hi = compose_segments(counts[uniq], d, self.q_min, self.q_max, ws=ws)
+        s, lo, hi = compose_segments(counts[uniq], d, self.q_min, self.q_max)
         self.q[uniq] = torch.minimum(torch.maximum(self.q[uniq] + s, lo), hi)
 
     def modulate(self, salience: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -229,8 +209,7 @@ class TokenSTDP(SavedRule):
         tok = self._check_tokens(token_ids)
         if tok.numel() > self.vocab_size:  # one factor per vocabulary entry, then one gather
             table = (self.weights.to(self.dtype) * self.alpha + 1.0).clamp_min_(0.0)
-            factor = torch.index_select(table, 0, tok,
-                                        out=self.workspace.get("factor", tok.numel(), self.dtype))
+            factor = torch.index_select(table, 0, tok)
         else:
             w = self._as_float(self.q[tok]).to(self.dtype)
             factor = (w * self.alpha + 1.0).clamp_min_(0.0)
