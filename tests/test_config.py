@@ -25,6 +25,9 @@ from aura.config import (
 from aura.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Every preset's resolved config (`config_to_dict(load_config(preset=name))`), recorded when the
+# presets were Python dicts, so moving or rewriting them cannot silently change a run.
+PINNED_PRESETS = Path(__file__).resolve().parent / "data" / "preset_configs.json"
 
 
 def _get(cfg: AuraConfig, key: str) -> Any:
@@ -64,6 +67,18 @@ def test_every_preset_loads_with_its_values(name: str) -> None:
     assert cfg.model.n_embd % cfg.model.n_head == 0
     for key, value in PRESETS[name].overrides.items():
         assert _get(cfg, key) == value, key
+
+
+def test_every_preset_resolves_to_its_pinned_config() -> None:
+    """A field added later is not in the record and takes its default; every recorded value must
+    still resolve the same (rewrite the record when a preset changes on purpose)."""
+    pinned = json.loads(PINNED_PRESETS.read_text(encoding="utf-8"))
+    assert list(pinned) == list(PRESETS)
+    for name, sections in pinned.items():
+        resolved = config_to_dict(load_config(preset=name))
+        for section, values in sections.items():
+            for key, value in values.items():
+                assert resolved[section][key] == value, f"{name}: {section}.{key}"
 
 
 def test_large_gpu_presets_share_the_model_and_an_effective_batch_of_128() -> None:
