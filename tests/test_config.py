@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,12 @@ from aura.config import (
     config_to_dict,
     config_to_yaml,
     load_config,
+    read_presets,
 )
 from aura.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 # Every preset's resolved config (`config_to_dict(load_config(preset=name))`), recorded when the
 # presets were Python dicts, so moving or rewriting them cannot silently change a run.
 PINNED_PRESETS = Path(__file__).resolve().parent / "data" / "preset_configs.json"
@@ -79,6 +83,63 @@ def test_every_preset_resolves_to_its_pinned_config() -> None:
         for section, values in sections.items():
             for key, value in values.items():
                 assert resolved[section][key] == value, f"{name}: {section}.{key}"
+
+
+def test_a_preset_starts_from_one_above_it_and_its_own_keys_win(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "base:\n  description: the base\n  model: {n_layer: 2}\n"
+        "  train: {lr: 1e-2, batch_size: 4}\n"
+        "child:\n  description: >-\n    on top,\n    folded\n  preset: base\n"
+        "  model: {name: bdh}\n  train: {lr: 3e-4}\n",
+    )
+    presets = read_presets(path)
+    assert list(presets) == ["base", "child"]
+    assert presets["base"].overrides == {"model.n_layer": 2, "train.lr": 1e-2,
+                                         "train.batch_size": 4}
+    assert presets["child"].description == "on top, folded"
+    assert presets["child"].overrides == {"model.n_layer": 2, "model.name": "bdh",
+                                          "train.lr": 3e-4, "train.batch_size": 4}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "must map preset names to presets"),
+        ("- demo\n", "must map preset names to presets"),
+        ("a: 3\n", "preset 'a': expected a mapping"),
+        ("a: {model: {n_layer: 2}}\n", "preset 'a': description must be a non-empty string"),
+        ("a: {description: ' '}\n", "description must be a non-empty string"),
+        ("a: {description: x, preset: b}\nb: {description: y}\n",
+         "preset 'a': preset must name a preset defined above this one, got 'b'"),
+        ("a: {description: x, preset: a}\n", "defined above this one, got 'a'"),
+        ("a: {description: x, preset: [b]}\n", "defined above this one, got ['b']"),
+        ("a: {description: x, train: {lrr: 1}}\n", "did you mean 'train.lr'"),
+        ("a: {description: x, model: {n_head: 5}}\n", "must be divisible by model.n_head"),
+        ("a: {description: x, model: {name: bdh, mlp_multiplier: many}}\n",
+         "model.mlp_multiplier expects int"),
+    ],
+)
+def test_a_broken_presets_file_is_a_one_line_error_naming_it(tmp_path: Path, text: str,
+                                                             expected: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        read_presets(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and expected in message
+
+
+def test_every_data_file_of_the_package_ships_in_a_wheel() -> None:
+    """setuptools leaves files that are not modules out of a (non-editable) wheel unless
+    package-data lists them, and presets.yaml is read at import."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["aura"]
+    package = ROOT / "src" / "aura"
+    data = [p.relative_to(package).as_posix() for p in package.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc")]
+    assert "presets.yaml" in data
+    for name in data:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
 
 
 def test_large_gpu_presets_share_the_model_and_an_effective_batch_of_128() -> None:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import types
@@ -94,217 +95,17 @@ class Preset:
     overrides: dict[str, Any]
 
 
-def _model(n_layer: int, n_head: int, n_embd: int, block_size: int, dropout: float = 0.0) -> dict:
-    return {
-        "model.n_layer": n_layer,
-        "model.n_head": n_head,
-        "model.n_embd": n_embd,
-        "model.block_size": block_size,
-        "model.dropout": dropout,
-    }
-
-
-# The Hippocampal notes' 157M-class run; the GPU presets differ only in how the effective
-# batch of 128 sequences is split into micro-batches.
-_GPU_LARGE: dict[str, Any] = {
-    **_model(12, 12, 768, 512, dropout=0.1),
-    "train.lr": 1e-4,
-    "train.warmup_steps": 2000,
-    "train.max_steps": 100_000,
-    "train.weight_decay": 0.01,
-    "train.label_smoothing": 0.1,
-    "train.precision": "bf16",
-    "train.compile": True,
-    "train.eval_interval": 1000,
-    "train.checkpoint_interval": 2000,
-    "train.memory_warmup_steps": 5000,
-}
-
-
-def _gpu_large(description: str, batch_size: int, grad_accum: int) -> Preset:
-    return Preset(
-        description,
-        {**_GPU_LARGE, "train.batch_size": batch_size, "train.grad_accum": grad_accum},
-    )
-
-
-def _bdh(n_embd: int, mlp_multiplier: int, block_size: int) -> dict[str, Any]:
-    return {
-        "model.name": "bdh",  # first: it selects the model section's config class
-        **_model(6, 4, n_embd, block_size, dropout=0.1),
-        "model.mlp_multiplier": mlp_multiplier,
-    }
-
-
-def _hippocampal(n_place_cells: int) -> dict[str, Any]:
-    return {"model.name": "hippocampal", "model.n_place_cells": n_place_cells}
-
-
-def _snn_rag(n_layer: int, n_head: int, n_embd: int, block_size: int, memory_layers: list[int],
-             dropout: float = 0.0) -> dict[str, Any]:
-    return {
-        "model.name": "snn_rag",  # first: it selects the model section's config class
-        **_model(n_layer, n_head, n_embd, block_size, dropout),
-        "model.memory_layers": memory_layers,
-    }
-
-
-PRESETS: dict[str, Preset] = {
-    "demo": Preset(
-        "GPT on Shakespeare characters, a couple of minutes on a laptop CPU",
-        {
-            **_model(4, 4, 128, 64),
-            "train.batch_size": 12,
-            "train.max_steps": 2000,
-            "train.lr": 1e-3,
-            "train.warmup_steps": 100,
-            "train.eval_interval": 250,
-            "train.eval_iters": 20,
-            "train.checkpoint_interval": 500,
-            "data.dir": "data/shakespeare-char",
-        },
-    ),
-    "cpu-small": Preset(
-        "6 layers x 384, block 256: a longer CPU run",
-        {
-            **_model(6, 6, 384, 256, dropout=0.1),
-            "train.batch_size": 16,
-            "train.max_steps": 5000,
-            "train.lr": 6e-4,
-            "train.warmup_steps": 200,
-        },
-    ),
-    "m1-8gb": Preset(
-        "Apple M1 8 GB: micro-batch 4 x accumulation 8, fp32 (no bf16 units), "
-        "gradient checkpointing",
-        {
-            **_model(8, 8, 512, 512),
-            "train.batch_size": 4,
-            "train.grad_accum": 8,
-            "train.precision": "fp32",
-            "train.grad_checkpoint": True,
-            "train.lr": 3e-4,
-            "train.warmup_steps": 200,
-        },
-    ),
-    "gpu-4gb": Preset(
-        "4 GB GPU: micro-batch 8 x accumulation 4, fp16, gradient checkpointing",
-        {
-            **_model(8, 8, 512, 512),
-            "train.batch_size": 8,
-            "train.grad_accum": 4,
-            "train.precision": "fp16",
-            "train.grad_checkpoint": True,
-            "train.lr": 3e-4,
-            "train.warmup_steps": 500,
-            "train.checkpoint_interval": 2000,
-        },
-    ),
-    "l4-24gb": _gpu_large(
-        "L4 24 GB: 157M-class model (12 x 768, block 512), bf16, compiled, "
-        "micro-batch 8 x accumulation 16",
-        batch_size=8,
-        grad_accum=16,
-    ),
-    "a100-40gb": _gpu_large(
-        "A100 40 GB: the l4-24gb model, micro-batch 16 x accumulation 8",
-        batch_size=16,
-        grad_accum=8,
-    ),
-    "a100-80gb": _gpu_large(
-        "A100 80 GB: the l4-24gb model, micro-batch 32 x accumulation 4",
-        batch_size=32,
-        grad_accum=4,
-    ),
-    "hippocampal-157m": Preset(
-        "The Hippocampal Transformer of seeds 000/002: 12 x 768 (heads of 64), block 512, "
-        "2000 place cells; the l4-24gb training recipe with memory off for 5000 steps",
-        {
-            **_hippocampal(2000),
-            **_GPU_LARGE,
-            "train.batch_size": 8,
-            "train.grad_accum": 16,
-        },
-    ),
-    "hippocampal-cpu": Preset(
-        "The Hippocampal Transformer in minutes on a CPU: Shakespeare characters, 4 x 128, "
-        "block 128, 1000 place cells, a 1024-memory hippocampus",
-        {
-            **_hippocampal(1000),
-            **_model(4, 4, 128, 128),
-            "model.memory_capacity": 1024,
-            "model.memory_dim": 32,
-            "model.memory_writes": 32,
-            "train.batch_size": 12,
-            "train.max_steps": 2000,
-            "train.lr": 1e-3,
-            "train.warmup_steps": 100,
-            "train.eval_interval": 250,
-            "train.eval_iters": 20,
-            "train.checkpoint_interval": 500,
-            "train.memory_warmup_steps": 200,
-            "data.dir": "data/shakespeare-char",
-        },
-    ),
-    "bdh-ref": Preset(
-        "BDH as pathwaycom/bdh trains it: bytes, D=256, 4 heads, N=8192, shared layers, "
-        "batch 32 x 512, constant lr 1e-3, no clipping",
-        {
-            **_bdh(256, 128, 512),
-            "train.batch_size": 32,
-            "train.max_steps": 3000,
-            "train.lr": 1e-3,
-            "train.schedule": "constant",
-            "train.warmup_steps": 0,
-            "train.grad_clip": 0.0,
-            "train.weight_decay": 0.1,
-            "data.dir": "data/shakespeare-byte",
-        },
-    ),
-    "bdh-cpu": Preset(
-        "BDH small enough for minutes on a CPU: bytes, D=128, 4 heads, N=512, block 128",
-        {
-            **_bdh(128, 16, 128),
-            "train.batch_size": 8,
-            "train.max_steps": 1000,
-            "train.lr": 1e-3,
-            "train.warmup_steps": 100,
-            "data.dir": "data/shakespeare-byte",
-        },
-    ),
-    "snn-rag-cpu": Preset(
-        "Spiking FFNs + a chunk-memory read in block 2, small enough for minutes on a CPU: "
-        "chars, 4 x 128, block 128, a 2048-entry bank of 16-token chunks",
-        {
-            **_snn_rag(4, 4, 128, 128, memory_layers=[2]),
-            "model.memory_capacity": 2048,
-            "train.batch_size": 8,
-            "train.max_steps": 1000,
-            "train.lr": 1e-3,
-            "train.warmup_steps": 100,
-            "data.dir": "data/shakespeare-char",
-        },
-    ),
-    "snn-rag": Preset(
-        "SNN-RAG at seed 002's scale: 12 x 768, 16 heads, block 512, memory reads in blocks 6 "
-        "and 10 (16k entries of 64-token chunks each); the l4-24gb training recipe",
-        {
-            **_GPU_LARGE,
-            **_snn_rag(12, 16, 768, 512, memory_layers=[6, 10], dropout=0.1),
-            "model.memory_capacity": 16384,
-            "model.memory_chunk": 64,
-            "train.batch_size": 8,
-            "train.grad_accum": 16,
-        },
-    ),
-}
-
 _SECTIONS: dict[str, type] = {
     f.name: get_type_hints(AuraConfig)[f.name] for f in dataclasses.fields(AuraConfig)
 }
 
+
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
-    return {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    """Field name -> resolved type. Cached: resolving string annotations compiles each one, and
+    every applied override needs them. Callers must not mutate the result."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _section_types(cfg: AuraConfig) -> dict[str, dict[str, Any]]:
@@ -612,6 +413,54 @@ def _apply_file(cfg: AuraConfig, path: str | os.PathLike[str]) -> AuraConfig:
         return _apply(cfg, _flatten(tree))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def read_presets(path: str | os.PathLike[str]) -> dict[str, Preset]:
+    """The presets of a YAML file in file order, each resolved and validated once here, so a
+    broken preset fails when the file is read rather than when someone picks it.
+
+    A preset has a ``description`` and model/data/train sections read like a config file's;
+    ``preset: NAME`` starts from a preset defined above (its keys, then this one's), which keeps
+    a family of presets to one shared recipe and rules out cycles. ``overrides`` holds every key
+    the preset sets, inherited ones included, as coerced values."""
+    tree = _read_yaml(path)
+    if not isinstance(tree, Mapping) or not tree:
+        raise ConfigError(f"presets file '{path}' must map preset names to presets")
+    presets: dict[str, Preset] = {}
+    for name, body in tree.items():
+        try:
+            presets[str(name)] = _preset(body, presets)
+        except ConfigError as exc:
+            raise ConfigError(f"presets file '{path}', preset '{name}': {exc}") from None
+    return presets
+
+
+def _preset(body: Any, earlier: Mapping[str, Preset]) -> Preset:
+    if not isinstance(body, Mapping):
+        raise ConfigError(
+            f"expected a mapping with a description and model/data/train sections, got {body!r}"
+        )
+    body = dict(body)
+    description = body.pop("description", None)
+    if not isinstance(description, str) or not description.strip():
+        raise ConfigError(f"description must be a non-empty string, got {description!r}")
+    overrides: dict[str, Any] = {}
+    if "preset" in body:
+        base = body.pop("preset")
+        if not isinstance(base, str) or base not in earlier:
+            raise ConfigError(f"preset must name a preset defined above this one, got {base!r}")
+        overrides.update(earlier[base].overrides)
+    overrides.update(_flatten(body))
+    cfg = apply_overrides(AuraConfig(), overrides)
+    values = {}
+    for key in overrides:
+        section, _, name = key.partition(".")
+        values[key] = getattr(getattr(cfg, section), name)
+    return Preset(_one_line(description), values)
+
+
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+PRESETS: dict[str, Preset] = read_presets(PRESETS_FILE)
 
 
 def load_config(
