@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,20 @@ from aura.cli import main
 from aura.config import (
     PRESETS,
     AuraConfig,
+    DataConfig,
+    TrainConfig,
     apply_overrides,
     config_from_dict,
     config_to_dict,
     config_to_yaml,
+    explain_config,
     load_config,
+    override_text,
     read_presets,
 )
 from aura.errors import ConfigError
+from aura.field_docs import field_docs
+from aura.models import ModelConfig, model_config_class, model_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -428,3 +436,86 @@ def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed == {name: p.description for name, p in PRESETS.items()}
+
+
+# --- field docs and --explain ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [DataConfig, TrainConfig, *(model_config_class(name) for name in model_names())],
+    ids=lambda cls: cls.__name__,
+)
+def test_every_config_field_has_a_docstring(cls: type) -> None:
+    docs = field_docs(cls)
+    assert list(docs) == [f.name for f in dataclasses.fields(cls)]
+    assert [name for name, doc in docs.items() if not doc.strip()] == []
+
+
+@dataclass
+class _Base:
+    plain: int = 0
+    """The base's
+    two-line doc."""
+    redefined: int = 1
+    """The base's doc."""
+    undocumented: int = 2
+
+
+@dataclass
+class _Derived(_Base):
+    redefined: int = 3
+    """The subclass's own doc."""
+    added: str = "x"  # a trailing comment is not a docstring
+    inherited_only: bool = False
+
+
+def test_field_docs_walk_the_mro_and_the_most_derived_doc_wins() -> None:
+    assert field_docs(_Derived) == {
+        "plain": "The base's two-line doc.",
+        "redefined": "The subclass's own doc.",
+        "undocumented": "",
+        "added": "",
+        "inherited_only": "",
+    }
+    assert field_docs(_Base)["redefined"] == "The base's doc."
+
+
+def test_explain_documents_model_keys_by_the_resolved_model_class() -> None:
+    explained = explain_config(load_config(preset="bdh-cpu"))
+    flat = {f"{s}.{k}": v for s, values in config_to_dict(load_config(preset="bdh-cpu")).items()
+            for k, v in values.items()}
+    assert list(explained) == list(flat)
+    assert {key: entry["value"] for key, entry in explained.items()} == flat
+    assert explained["model.mlp_multiplier"] == {
+        "value": 16, "doc": field_docs(model_config_class("bdh"))["mlp_multiplier"]}
+    assert "reference is byte-level" in explained["model.vocab_size"]["doc"]  # bdh's own doc
+    assert explained["model.n_embd"]["doc"] != field_docs(ModelConfig)["n_embd"]
+    assert "model.mlp_multiplier" not in explain_config(load_config(preset="demo"))
+
+
+def test_cli_explain_prints_each_key_settable_with_its_doc(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show", "--preset", "bdh-cpu", "--set", "train.lr=3e-4",
+                 "--explain"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    settings_lines = [line for line in lines if not line.startswith(" ")]
+    cfg = load_config(preset="bdh-cpu", overrides=["train.lr=3e-4"])
+    i = lines.index("model.mlp_multiplier=16")
+    assert lines[i + 1].startswith("    Sets the neurons per head")
+    explained = explain_config(cfg)
+    assert settings_lines == [f"{k}={override_text(e['value'])}" for k, e in explained.items()]
+    assert "train.lr=0.0003" in lines and "data.curriculum=[]" in lines
+    assert all(len(line) <= 100 for line in lines)
+    assert main(["config", "show", "--preset", "bdh-cpu", "--explain", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["model.mlp_multiplier"]["value"] == 16
+    assert shown == json.loads(json.dumps(explain_config(load_config(preset="bdh-cpu"))))
+
+
+@settings(max_examples=30, deadline=None)
+@given(configs())
+def test_explained_settings_type_back_as_the_same_config(cfg: AuraConfig) -> None:
+    """Each KEY=VALUE line of --explain, given back as --set, rebuilds the config exactly."""
+    typed = [f"{key}={override_text(entry['value'])}" for key, entry in explain_config(cfg).items()]
+    assert load_config(overrides=typed) == cfg

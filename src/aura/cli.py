@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -124,14 +125,28 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    from aura.config import config_to_dict, config_to_yaml, load_config
+    from aura.config import config_to_dict, config_to_yaml, explain_config, load_config
 
     cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.set)
-    if args.json:
+    if args.explain and args.json:
+        _print_json(explain_config(cfg))
+    elif args.explain:
+        _print_explained(explain_config(cfg))
+    elif args.json:
         _print_json(config_to_dict(cfg))
     else:
         sys.stdout.write(config_to_yaml(cfg))
     return EXIT_OK
+
+
+def _print_explained(explained: dict[str, dict[str, Any]]) -> None:
+    """``KEY=VALUE`` as ``--set`` takes it, then the field's docstring indented below it."""
+    from aura.config import override_text
+
+    for key, entry in explained.items():
+        print(f"{key}={override_text(entry['value'])}")
+        print(textwrap.fill(entry["doc"], width=100, initial_indent="    ",
+                            subsequent_indent="    "))
 
 
 def _cmd_config_list(args: argparse.Namespace) -> int:
@@ -162,6 +177,9 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     csub = cfg.add_subparsers(dest="config_cmd", required=True, parser_class=_Parser)
     show = csub.add_parser("show", help="print the resolved config as YAML (or --json)")
     add_config_arguments(show)
+    show.add_argument("--explain", action="store_true",
+                      help="every key as KEY=VALUE with what it means (with --json: an object "
+                           "KEY -> {value, doc})")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_cmd_config_show)
     lst = csub.add_parser("list", help="list the named presets")

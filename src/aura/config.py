@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import os
 import types
@@ -25,6 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from aura.errors import ConfigError
+from aura.field_docs import field_docs
 from aura.models import ModelConfig, model_config_class
 
 Schedule = Literal["cosine", "plateau", "constant"]
@@ -36,46 +38,88 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 class DataConfig:
     """Where the tokens come from and how they are fed."""
 
-    dir: str = "data/shakespeare-char"  # written by `aura data prepare`
-    num_workers: int = 0  # DataLoader worker processes; 0 loads in the main process
+    dir: str = "data/shakespeare-char"
+    """Prepared data directory, written by `aura data prepare`; `aura train --data` overrides
+    it."""
+    num_workers: int = 0
+    """DataLoader worker processes; 0 loads batches in the main process."""
     pin_memory: bool = False
-    prefetch_factor: int = 2  # batches each worker loads ahead
-    # Sequence-length curriculum: [from_step, block_size] pairs, from_step increasing.
+    """Page-locked host memory for batches: faster copies to a CUDA device."""
+    prefetch_factor: int = 2
+    """Batches each worker loads ahead."""
     curriculum: list[list[int]] = field(default_factory=list)
+    """Sequence-length curriculum: [from_step, block_size] pairs, from_step increasing; from each
+    from_step on, training windows have that block_size (before the first, train.block_size).
+    Short sequences early are cheap and already carry useful gradient signal."""
 
 
 @dataclass
 class TrainConfig:
     """The optimisation loop: batch, schedule, optimiser, precision, bookkeeping."""
 
-    batch_size: int = 12  # sequences per micro-batch
-    block_size: int | None = None  # training sequence length; None = model.block_size
-    grad_accum: int = 1  # micro-batches per optimiser step
-    max_steps: int = 2000  # optimiser steps
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # the schedule's floor, as a fraction of lr
-    warmup_steps: int = 100  # linear warm-up to lr
+    batch_size: int = 12
+    """Sequences per micro-batch."""
+    block_size: int | None = None
+    """Training sequence length; None: model.block_size."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step: the effective batch is batch_size x grad_accum."""
+    max_steps: int = 2000
+    """Optimiser steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule's floor at max_steps, as a fraction of lr, in [0, 1]."""
+    warmup_steps: int = 100
+    """Steps of linear warm-up from near 0 to lr."""
     schedule: Schedule = "cosine"
-    plateau_patience: int = 3  # evaluations without improvement before "plateau" lowers lr
-    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    """The learning rate after warm-up: "cosine" (decays to min_lr_ratio x lr at max_steps),
+    "plateau" (halved after plateau_patience evaluations without improvement) or "constant"."""
+    plateau_patience: int = 3
+    """Evaluations without improvement before "plateau" halves the learning rate."""
+    early_stop_patience: int = 0
+    """Evaluations without improvement before training stops; 0: never stop early."""
     weight_decay: float = 0.1
+    """Decoupled weight decay, applied to 2-D weight matrices only."""
     beta1: float = 0.9
+    """Adam's decay rate of the gradient's running mean."""
     beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    """Adam's decay rate of the squared gradient's running mean."""
+    grad_clip: float = 1.0
+    """Largest global gradient norm (larger gradients are scaled down to it); 0: no clipping."""
     label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss, in [0, 1)."""
     optimizer: Optimizer = "adamw"
-    precision: Precision = "auto"  # auto: chosen for the device
-    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
-    compile: bool = False  # torch.compile the model
-    grad_checkpoint: bool = False  # recompute activations in backward to save memory
-    eval_interval: int = 250  # steps between evaluations
-    eval_iters: int = 20  # batches per evaluation
-    log_interval: int = 10  # steps between log lines
-    checkpoint_interval: int = 500  # steps between checkpoints
-    keep_checkpoints: int = 3  # most recent checkpoints kept on disk
-    max_nonfinite: int = 3  # non-finite steps in a row before rolling back with half the lr
-    memory_warmup_steps: int = 0  # steps the hippocampal memory stays off at the start
+    """"adamw", or "muon": Muon for the hidden 2-D matrices and AdamW for embeddings, the head
+    and everything else."""
+    precision: Precision = "auto"
+    """Forward precision: "auto" (bf16, else fp16, on CUDA; fp32 elsewhere), "fp32", "bf16", or
+    "fp16" (GPU only, with loss scaling)."""
+    device: str = "auto"
+    """"auto" (CUDA, then MPS, then CPU) or a torch device: cpu, cuda, cuda:N, mps."""
+    compile: bool = False
+    """torch.compile the model; where that is unavailable, training runs eagerly with a
+    warning."""
+    grad_checkpoint: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory for more
+    compute."""
+    eval_interval: int = 250
+    """Steps between evaluations on the validation split."""
+    eval_iters: int = 20
+    """Batches per evaluation."""
+    log_interval: int = 10
+    """Steps between log lines."""
+    checkpoint_interval: int = 500
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 3
+    """Most recent checkpoints kept on disk; the best one is kept besides."""
+    max_nonfinite: int = 3
+    """Non-finite steps in a row before rolling back to the last checkpoint with half the
+    learning rate."""
+    memory_warmup_steps: int = 0
+    """Steps at the start that run with use_memory=False: the model reads no memories (and
+    hippocampal forms none), so it learns language before leaning on recall."""
     seed: int = 1337
+    """Seed of the initial weights and of the batch order, in [0, 2**32)."""
 
 
 @dataclass
@@ -485,6 +529,29 @@ def load_config(
 def config_to_dict(cfg: AuraConfig) -> dict[str, Any]:
     """Nested plain data (JSON- and YAML-serialisable), e.g. to save inside a checkpoint."""
     return dataclasses.asdict(cfg)
+
+
+def explain_config(cfg: AuraConfig) -> dict[str, dict[str, Any]]:
+    """Every dotted key -> its value and its field's docstring, so a user can read what a
+    setting means without the source. Model keys are documented by the class ``model.name``
+    resolves to: a bdh config explains ``model.mlp_multiplier``."""
+    explained = {}
+    for section, values in config_to_dict(cfg).items():
+        docs = field_docs(type(getattr(cfg, section)))
+        for name, value in values.items():
+            explained[f"{section}.{name}"] = {"value": value, "doc": docs[name]}
+    return explained
+
+
+def override_text(value: Any) -> str:
+    """``value`` as ``--set KEY=VALUE`` spells it, so a printed setting can be typed back."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
 
 
 def config_from_dict(data: Mapping[str, Any]) -> AuraConfig:
