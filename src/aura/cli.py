@@ -455,7 +455,7 @@ def _cmd_learn(args: argparse.Namespace) -> int:
         save_seconds=args.save_seconds, max_file_mb=args.max_file_mb,
         warmup_sweeps=args.warmup_sweeps, warmup_samples=args.warmup_samples,
         train_steps=args.train_steps, lr=args.lr, device=args.device, seed=args.seed,
-        progress=not args.json, step_delay=args.step_delay,
+        progress=not args.json,
     )
     summary = learn(opts)
     if args.json:
@@ -489,7 +489,6 @@ def _add_learn(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of those steps")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_learn)
 

@@ -77,7 +77,6 @@ class LearnOptions:
     device: str = "cpu"
     seed: int = 1337
     progress: bool = True
-    step_delay: float = 0.0  # tests: seconds to sleep inside each file's step and each save
 
 
 @dataclass
@@ -116,7 +115,7 @@ def _check(opts: LearnOptions) -> None:
     if not opts.watch.is_dir():
         what = "is not a directory" if opts.watch.exists() else "does not exist"
         raise DataError(f"watched directory {opts.watch} {what}")
-    for name in ("interval", "settle", "save_seconds", "step_delay", "lr"):
+    for name in ("interval", "settle", "save_seconds", "lr"):
         if getattr(opts, name) < 0:
             raise AuraError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("save_every", "warmup_samples", "max_file_mb"):
@@ -197,16 +196,12 @@ class LearnService:
         start = time.monotonic()
         meta = {**self.meta, "saves": self.meta["saves"] + 1, "ledger_seq": self.ledger.last_seq(),
                 "identity": self.learner.identity(), "saved_at": time.time()}
-        gen = self.state.commit(meta, self.learner.save, before_commit=self._delay)
+        gen = self.state.commit(meta, self.learner.save)
         self.meta = meta
         self._dirty, self._since_save, self._saved_at = False, 0, time.monotonic()
         self.session["saves"] += 1
         self.log(f"saved {gen.name} (ledger seq {meta['ledger_seq']})", quiet=True)
         self.busy += time.monotonic() - start
-
-    def _delay(self) -> None:
-        if self.opts.step_delay:
-            time.sleep(self.opts.step_delay)
 
     # --- files ---------------------------------------------------------------------------------
 
@@ -260,7 +255,6 @@ class LearnService:
             self.ledger.record_text(sha, "skipped", reason, rel, sig, len(data))
             self.log(f"skipped {rel}: {reason.replace('_', ' ')}{detail}")
             return f"skipped:{reason}"
-        self._delay()
         tokens = int(stats["tokens"])
         self.ledger.record_text(sha, "applied", None, rel, sig, len(data), stats)
         if stats.get("oja_grew"):
