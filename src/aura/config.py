@@ -1,10 +1,10 @@
 """Experiment configuration: typed dataclass sections, named presets, YAML files, overrides.
 
-Every source of settings (a preset, a YAML file, ``--set KEY=VALUE``, a config saved in a
-checkpoint) is flattened to dotted keys and goes through one coercion path, so a value is
-accepted or rejected the same way wherever it comes from. Cross-field checks run once, on the
-finished config, so overrides may pass through an inconsistent state on the way
-(``--set model.n_head=6 --set model.n_embd=384``).
+Every source of settings (a preset from ``presets.yaml`` beside this module, a YAML file,
+``--set KEY=VALUE``, a config saved in a checkpoint) is flattened to dotted keys and goes through
+one coercion path, so a value is accepted or rejected the same way wherever it comes from.
+Cross-field checks run once, on the finished config, so overrides may pass through an
+inconsistent state on the way (``--set model.n_head=6 --set model.n_embd=384``).
 """
 
 from __future__ import annotations
