@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import json
 import re
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +20,26 @@ from aura.cli import main
 from aura.config import (
     PRESETS,
     AuraConfig,
+    DataConfig,
+    TrainConfig,
     apply_overrides,
     config_from_dict,
     config_to_dict,
     config_to_yaml,
+    explain_config,
     load_config,
+    override_text,
+    read_presets,
 )
 from aura.errors import ConfigError
+from aura.field_docs import field_docs
+from aura.models import ModelConfig, model_config_class, model_names
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+# Every preset's resolved config (`config_to_dict(load_config(preset=name))`), recorded when the
+# presets were Python dicts, so moving or rewriting them cannot silently change a run.
+PINNED_PRESETS = Path(__file__).resolve().parent / "data" / "preset_configs.json"
 
 
 def _get(cfg: AuraConfig, key: str) -> Any:
@@ -64,6 +79,75 @@ def test_every_preset_loads_with_its_values(name: str) -> None:
     assert cfg.model.n_embd % cfg.model.n_head == 0
     for key, value in PRESETS[name].overrides.items():
         assert _get(cfg, key) == value, key
+
+
+def test_every_preset_resolves_to_its_pinned_config() -> None:
+    """A field added later is not in the record and takes its default; every recorded value must
+    still resolve the same (rewrite the record when a preset changes on purpose)."""
+    pinned = json.loads(PINNED_PRESETS.read_text(encoding="utf-8"))
+    assert list(pinned) == list(PRESETS)
+    for name, sections in pinned.items():
+        resolved = config_to_dict(load_config(preset=name))
+        for section, values in sections.items():
+            for key, value in values.items():
+                assert resolved[section][key] == value, f"{name}: {section}.{key}"
+
+
+def test_a_preset_starts_from_one_above_it_and_its_own_keys_win(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "base:\n  description: the base\n  model: {n_layer: 2}\n"
+        "  train: {lr: 1e-2, batch_size: 4}\n"
+        "child:\n  description: >-\n    on top,\n    folded\n  preset: base\n"
+        "  model: {name: bdh}\n  train: {lr: 3e-4}\n",
+    )
+    presets = read_presets(path)
+    assert list(presets) == ["base", "child"]
+    assert presets["base"].overrides == {"model.n_layer": 2, "train.lr": 1e-2,
+                                         "train.batch_size": 4}
+    assert presets["child"].description == "on top, folded"
+    assert presets["child"].overrides == {"model.n_layer": 2, "model.name": "bdh",
+                                          "train.lr": 3e-4, "train.batch_size": 4}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "must map preset names to presets"),
+        ("- demo\n", "must map preset names to presets"),
+        ("a: 3\n", "preset 'a': expected a mapping"),
+        ("a: {model: {n_layer: 2}}\n", "preset 'a': description must be a non-empty string"),
+        ("a: {description: ' '}\n", "description must be a non-empty string"),
+        ("a: {description: x, preset: b}\nb: {description: y}\n",
+         "preset 'a': preset must name a preset defined above this one, got 'b'"),
+        ("a: {description: x, preset: a}\n", "defined above this one, got 'a'"),
+        ("a: {description: x, preset: [b]}\n", "defined above this one, got ['b']"),
+        ("a: {description: x, train: {lrr: 1}}\n", "did you mean 'train.lr'"),
+        ("a: {description: x, model: {n_head: 5}}\n", "must be divisible by model.n_head"),
+        ("a: {description: x, model: {name: bdh, mlp_multiplier: many}}\n",
+         "model.mlp_multiplier expects int"),
+    ],
+)
+def test_a_broken_presets_file_is_a_one_line_error_naming_it(tmp_path: Path, text: str,
+                                                             expected: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        read_presets(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and expected in message
+
+
+def test_every_data_file_of_the_package_ships_in_a_wheel() -> None:
+    """setuptools leaves files that are not modules out of a (non-editable) wheel unless
+    package-data lists them, and presets.yaml is read at import."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["aura"]
+    package = ROOT / "src" / "aura"
+    data = [p.relative_to(package).as_posix() for p in package.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc")]
+    assert "presets.yaml" in data
+    for name in data:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
 
 
 def test_large_gpu_presets_share_the_model_and_an_effective_batch_of_128() -> None:
@@ -352,3 +436,86 @@ def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed == {name: p.description for name, p in PRESETS.items()}
+
+
+# --- field docs and --explain ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [DataConfig, TrainConfig, *(model_config_class(name) for name in model_names())],
+    ids=lambda cls: cls.__name__,
+)
+def test_every_config_field_has_a_docstring(cls: type) -> None:
+    docs = field_docs(cls)
+    assert list(docs) == [f.name for f in dataclasses.fields(cls)]
+    assert [name for name, doc in docs.items() if not doc.strip()] == []
+
+
+@dataclass
+class _Base:
+    plain: int = 0
+    """The base's
+    two-line doc."""
+    redefined: int = 1
+    """The base's doc."""
+    undocumented: int = 2
+
+
+@dataclass
+class _Derived(_Base):
+    redefined: int = 3
+    """The subclass's own doc."""
+    added: str = "x"  # a trailing comment is not a docstring
+    inherited_only: bool = False
+
+
+def test_field_docs_walk_the_mro_and_the_most_derived_doc_wins() -> None:
+    assert field_docs(_Derived) == {
+        "plain": "The base's two-line doc.",
+        "redefined": "The subclass's own doc.",
+        "undocumented": "",
+        "added": "",
+        "inherited_only": "",
+    }
+    assert field_docs(_Base)["redefined"] == "The base's doc."
+
+
+def test_explain_documents_model_keys_by_the_resolved_model_class() -> None:
+    explained = explain_config(load_config(preset="bdh-cpu"))
+    flat = {f"{s}.{k}": v for s, values in config_to_dict(load_config(preset="bdh-cpu")).items()
+            for k, v in values.items()}
+    assert list(explained) == list(flat)
+    assert {key: entry["value"] for key, entry in explained.items()} == flat
+    assert explained["model.mlp_multiplier"] == {
+        "value": 16, "doc": field_docs(model_config_class("bdh"))["mlp_multiplier"]}
+    assert "reference is byte-level" in explained["model.vocab_size"]["doc"]  # bdh's own doc
+    assert explained["model.n_embd"]["doc"] != field_docs(ModelConfig)["n_embd"]
+    assert "model.mlp_multiplier" not in explain_config(load_config(preset="demo"))
+
+
+def test_cli_explain_prints_each_key_settable_with_its_doc(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show", "--preset", "bdh-cpu", "--set", "train.lr=3e-4",
+                 "--explain"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    settings_lines = [line for line in lines if not line.startswith(" ")]
+    cfg = load_config(preset="bdh-cpu", overrides=["train.lr=3e-4"])
+    i = lines.index("model.mlp_multiplier=16")
+    assert lines[i + 1].startswith("    Sets the neurons per head")
+    explained = explain_config(cfg)
+    assert settings_lines == [f"{k}={override_text(e['value'])}" for k, e in explained.items()]
+    assert "train.lr=0.0003" in lines and "data.curriculum=[]" in lines
+    assert all(len(line) <= 100 for line in lines)
+    assert main(["config", "show", "--preset", "bdh-cpu", "--explain", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["model.mlp_multiplier"]["value"] == 16
+    assert shown == json.loads(json.dumps(explain_config(load_config(preset="bdh-cpu"))))
+
+
+@settings(max_examples=30, deadline=None)
+@given(configs())
+def test_explained_settings_type_back_as_the_same_config(cfg: AuraConfig) -> None:
+    """Each KEY=VALUE line of --explain, given back as --set, rebuilds the config exactly."""
+    typed = [f"{key}={override_text(entry['value'])}" for key, entry in explain_config(cfg).items()]
+    assert load_config(overrides=typed) == cfg

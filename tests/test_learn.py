@@ -9,13 +9,16 @@ import hashlib
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,8 +29,10 @@ from safetensors.torch import load_file
 from aura.cli import main
 from aura.data.tokenizers import ByteTokenizer
 from aura.learn import LearnOptions, LearnService, classify
+from aura.learn import state as learn_state
 from aura.learn.learner import LEARNER_FILE, MODEL_FILE
-from aura.learn.state import CURRENT, LEDGER
+from aura.learn.ledger import Ledger
+from aura.learn.state import CURRENT, LEDGER, StateDir
 from aura.memory.store import EpisodicStore
 from aura.memory.writer import MemoryWriter
 from aura.models import build_model, register_model
@@ -203,12 +208,73 @@ def test_a_failed_whitening_skips_that_oja_step_not_the_file(
 # --- exactly once under kill -9 ----------------------------------------------------------------
 
 
-def fork_service(argv: list[str]) -> int:
-    """``aura ARGV`` in a forked child process (Aura is already imported: no start-up cost)."""
+# Where a child service stops to report, each a moment a crash must survive: the learner has
+# taken a text but the ledger not yet ("applied"); the ledger committed it but nothing is saved
+# ("recorded"); a save has written the learner's files but no state.json ("writing"); a complete
+# generation is not yet named by CURRENT ("before_commit"); CURRENT names it but the previous
+# generation is still on disk ("after_commit").
+PHASES = ("applied", "recorded", "writing", "before_commit", "after_commit")
+GO_ON = b"g"  # the parent's answer to one report: exactly the one byte the child waits for
+
+
+def report_phases(report: Callable[[str], None]) -> None:
+    """Make this process call ``report(phase)`` at each of PHASES. It patches classes and a
+    module for good, so only a forked child may call it."""
+    record_text = Ledger.record_text
+
+    def recording(self: Ledger, sha256: str, status: str, *args: Any) -> int:
+        if status == "applied":
+            report("applied")
+        seq = record_text(self, sha256, status, *args)
+        if status == "applied":
+            report("recorded")
+        return seq
+
+    commit = StateDir.commit
+
+    def committing(self: StateDir, meta: dict[str, Any], write: Callable[[Path], None]) -> Path:
+        def writing(directory: Path) -> None:
+            write(directory)
+            report("writing")
+
+        return commit(self, meta, writing)
+
+    write_text = learn_state.atomic_write_text
+
+    def pointing(path: Path, text: str) -> None:
+        pointer = Path(path).name == CURRENT
+        if pointer:
+            report("before_commit")
+        write_text(path, text)
+        if pointer:
+            report("after_commit")
+
+    Ledger.record_text = recording  # type: ignore[method-assign]
+    StateDir.commit = committing  # type: ignore[method-assign]
+    learn_state.atomic_write_text = pointing  # type: ignore[assignment]
+
+
+def run_child_until(argv: list[str], stop: Callable[[str, int], bool],
+                    kill_after: float | None = None) -> tuple[str | None, int]:
+    """``aura ARGV`` in a forked child (Aura is already imported: no start-up cost) that pauses at
+    each of PHASES until the parent answers. The parent SIGKILLs it at the first phase where
+    ``stop(phase, times this run reached it)`` holds, so the kill lands exactly there, or, with
+    ``kill_after``, once that many seconds have passed wherever it is. Returns the phase it was
+    killed at (None: killed by the clock, or it finished) and its wait status."""
+    reports, child_reports = os.pipe()
+    child_answers, answers = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: one thread, as DataLoader workers do after a fork
         code = 1
         try:
+            os.close(reports)
+            os.close(answers)
+
+            def report(phase: str) -> None:
+                os.write(child_reports, phase.encode() + b"\n")
+                os.read(child_answers, len(GO_ON))
+
+            report_phases(report)
             torch.set_num_threads(1)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
@@ -216,10 +282,32 @@ def fork_service(argv: list[str]) -> int:
             code = main(argv)
         finally:
             os._exit(code)
-    return pid
+    os.close(child_reports)
+    os.close(child_answers)
+    deadline = None if kill_after is None else time.monotonic() + kill_after
+    reached: Counter[str] = Counter()
+    try:
+        with os.fdopen(reports, "rb") as lines:  # one line at most in flight: the child waits
+            while True:
+                wait = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                if not select.select([lines], [], [], wait)[0]:
+                    assert deadline is not None, "the service reported nothing for 60 s"
+                    return None, kill_and_reap(pid)
+                line = lines.readline()
+                if not line:  # the child exited
+                    return None, os.waitpid(pid, 0)[1]
+                phase = line.decode().strip()
+                reached[phase] += 1
+                if stop(phase, reached[phase]):
+                    return phase, kill_and_reap(pid)
+                os.write(answers, GO_ON)
+    finally:
+        os.close(answers)
+        with contextlib.suppress(ChildProcessError):  # an assertion above left it running
+            kill_and_reap(pid)
 
 
-def kill_unless_done(pid: int) -> int:
+def kill_and_reap(pid: int) -> int:
     """SIGKILL the child unless it has exited; its wait status. Only its parent reaps it, so
     the pid cannot name another process yet."""
     done, status = os.waitpid(pid, os.WNOHANG)
@@ -229,40 +317,51 @@ def kill_unless_done(pid: int) -> int:
     return status
 
 
-def test_kill9_at_random_moments_loses_and_doubles_nothing(tmp_path: Path) -> None:
-    """Kill the service with SIGKILL at random moments (starting, inside a file's step, inside
-    a save) and restart it: the final state equals an uninterrupted run's, bit for bit."""
+def test_kill9_at_every_moment_of_a_step_and_a_save_loses_and_doubles_nothing(
+        tmp_path: Path) -> None:
+    """Kill the service with SIGKILL exactly inside a file's step and at each moment of a save,
+    then at random times, restarting it each time: every kill leaves the state it should, and the
+    final state equals an uninterrupted run's, bit for bit."""
     watch = tmp_path / "inbox"
     write_dir(watch, make_docs(40, seed=9, words=(20, 40)))
     reference = tmp_path / "reference"
     assert service(watch, state=reference).run().learned == 40
 
     state = tmp_path / "state"
-    argv = ["learn", "--watch", str(watch), "--state", str(state), "--once", "--json",
-            "--save-every", "4", "--step-delay", "0.01"]
-    rng = random.Random(7)
-    progress = []
+    argv = ["learn", "--watch", str(watch), "--state", str(state), "--once", "--save-every", "4"]
+
+    def kill_at(phase: str, times: int) -> None:
+        killed, status = run_child_until(argv, lambda p, n: (p, n) == (phase, times))
+        assert killed == phase and os.WIFSIGNALED(status), (phase, status)
+        assert os.WTERMSIG(status) == signal.SIGKILL
 
     def generation() -> str | None:
         with contextlib.suppress(OSError):
-            return (state / CURRENT).read_text()
+            return json.loads((state / CURRENT).read_text())["generation"]
         return None
 
-    for run in range(5):
-        seen = generation()
-        pid = fork_service(argv)
-        if run % 2 == 0:  # after this run's next save, else anywhere from its start
-            deadline = time.monotonic() + 20
-            while generation() == seen and time.monotonic() < deadline:
-                time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.2))
-        status = kill_unless_done(pid)
+    kill_at("applied", 2)  # the second file is learned but not in the ledger, nothing saved
+    assert generation() is None and len(ledger_rows(state)) == 1
+    kill_at("before_commit", 2)  # starts over from nothing: saves after files 4 and 8
+    assert generation() == "gen-00000001" and (state / "gen-00000002" / "state.json").is_file()
+    assert len(ledger_rows(state)) == 8
+    kill_at("after_commit", 1)  # back to file 4: files 5-8 learned again and saved
+    assert generation() == "gen-00000002" and (state / "gen-00000001").is_dir()
+    kill_at("writing", 1)  # files 9-12, and a generation half written
+    assert generation() == "gen-00000002" and (state / "gen-00000003").is_dir()
+    assert not (state / "gen-00000003" / "state.json").exists()
+    kill_at("recorded", 3)  # back to file 8: files 9-11 in the ledger, not saved
+    assert generation() == "gen-00000002" and not (state / "gen-00000003").exists()
+    assert len(ledger_rows(state)) == 11
+
+    rng = random.Random(7)
+    for _ in range(3):  # and anywhere: starting, rolling back, between the phases above
+        killed, status = run_child_until(argv, lambda p, n: False, rng.uniform(0.0, 0.5))
+        assert killed is None
         if not os.WIFSIGNALED(status):  # it finished first
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
             break
-        assert os.WTERMSIG(status) == signal.SIGKILL
-        progress.append(len(ledger_rows(state)))
-    assert len(progress) >= 3 and 0 < max(progress) < 40, progress  # killed mid-run
+
     before = len(ledger_rows(state))
     s = service(watch, state=state).run()
     rows = ledger_rows(state)
@@ -294,14 +393,22 @@ def test_watch_mode_picks_up_new_files_and_stops_cleanly_on_sigterm(watch: Path)
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGTERM)
 
+    def sentinel(_signum: int, _frame: object) -> None:
+        """The caller's own handler, which the service must put back when it stops."""
+
     feeder = threading.Thread(target=feed)
-    feeder.start()
-    s = svc.run()
-    feeder.join()
+    previous = {sig: signal.signal(sig, sentinel) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        feeder.start()
+        s = svc.run()
+        feeder.join()
+        restored = {sig: signal.getsignal(sig) for sig in previous}
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     assert s.stopped == "SIGTERM" and s.learned == 7 and s.passes >= 2
     assert json.loads((current_gen(state) / "state.json").read_text())["learned"]["texts"] == 7
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(
-        signal.getsignal(signal.SIGTERM))
+    assert restored == {signal.SIGINT: sentinel, signal.SIGTERM: sentinel}
 
 
 def test_warmup_sweeps_are_validated_saved_and_not_repeated(
@@ -332,6 +439,7 @@ def test_bad_input_is_one_line_exit_2(run_cli: Callable[..., CliResult], watch: 
                        "--model")
     assert_usage_error(run_cli("learn", "--watch", watch, "--once", "--save-every", "0"),
                        "--save-every")
+    assert run_cli("learn", "--watch", watch, "--once", "--step-delay", "1").code == 2  # tests'
     (tmp_path / "file").write_text("x")
     assert_usage_error(run_cli("learn", "--watch", watch, "--state", tmp_path / "file"),
                        "is a file")

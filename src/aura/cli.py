@@ -7,22 +7,105 @@ Commands that report results take ``--json`` and then print exactly one JSON obj
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+import textwrap
+import types
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
 
 from aura.errors import AuraError
+from aura.field_docs import field_docs
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line, like every other bad input."""
+    """argparse that reports a usage error as one line, like every other bad input.
+
+    ``add_arguments``, when given, adds the parser's arguments the first time it parses or
+    prints help: flags derived from an options dataclass then import its module (and torch) only
+    when that command runs, not for every ``aura`` invocation."""
+
+    def __init__(self, *args: Any,
+                 add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def _complete(self) -> None:
+        if self._add_arguments is not None:
+            add, self._add_arguments = self._add_arguments, None
+            add(self)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"aura: error: {message} (see `{self.prog} --help`)\n")
+
+
+def add_option_flags(parser: argparse.ArgumentParser, options: type,
+                     skip: Collection[str] = ()) -> None:
+    """One argument per field of the dataclass ``options``, so an option is declared once.
+
+    ``--field-name``, typed by the annotation (``X | None`` as X, a ``Literal`` as its choices,
+    a sequence as one or more values, ``bool`` as a switch), defaulted by the field (required
+    without a default) and helped by the field's docstring. Field metadata may give a
+    ``metavar`` or make the field ``positional``. ``skip``: fields the caller fills itself."""
+    hints = get_type_hints(options)
+    docs = field_docs(options)
+    for f in dataclasses.fields(options):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        if get_origin(tp) in (Union, types.UnionType):
+            (tp,) = (arg for arg in get_args(tp) if arg is not type(None))
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (
+            f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        kwargs: dict[str, Any] = {}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        elif get_origin(tp) is Literal:
+            kwargs["choices"] = get_args(tp)
+        elif get_origin(tp) in (list, collections.abc.Sequence):
+            kwargs.update(nargs="+", type=get_args(tp)[0])
+        else:
+            kwargs["type"] = tp
+        help_text = docs[f.name].replace("%", "%%")  # argparse %-formats help
+        if default is not None and default is not False:
+            # "%(default)s" also stops the argparse versions whose BooleanOptionalAction appends
+            # its own default from saying it twice
+            shown = ("%(default)s" if not isinstance(default, list)
+                     else " ".join(map(str, default)).replace("%", "%%"))
+            help_text = f"{help_text.removesuffix('.')} (default: {shown})."
+        kwargs["help"] = help_text
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, required=required,
+                                default=default, **kwargs)
+
+
+def options_from_args(options: type, args: argparse.Namespace, **filled: Any) -> Any:
+    """The dataclass ``options`` built from the arguments ``add_option_flags`` added, plus the
+    fields it was told to ``skip``, given here."""
+    parsed = {f.name: getattr(args, f.name) for f in dataclasses.fields(options)
+              if f.name not in filled}
+    return options(**parsed, **filled)
 
 
 def _print_json(obj: Any) -> None:
@@ -36,28 +119,22 @@ def _print_json(obj: Any) -> None:
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from aura.data.prepare import PrepareOptions, prepare
 
-    opts = PrepareOptions(
-        sources=args.sources,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        weights=args.weights,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        glob=args.glob,
-        text_field=args.text_field,
-        doc_boundary=args.doc_boundary,
-        on_invalid=args.on_invalid,
-        shard_tokens=args.shard_tokens,
-        hf_split=args.hf_split,
-        hf_config=args.hf_config,
-        hf_streaming=args.hf_streaming,
-    )
+    opts = options_from_args(PrepareOptions, args)
     result = prepare(opts, args.out, force=args.force, progress=not args.json)
     if args.json:
         _print_json(result.summary())
     else:
         print(result.describe())
     return EXIT_OK
+
+
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    from aura.data.prepare import PrepareOptions
+
+    add_option_flags(p, PrepareOptions)
+    p.add_argument("--out", required=True, metavar="DIR", help="the prepared data directory")
+    p.add_argument("--force", action="store_true", help="rebuild even if the cache matches")
+    p.add_argument("--json", action="store_true")
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
@@ -75,44 +152,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="prepare and inspect pretokenized datasets")
     dsub = data.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
 
-    p = dsub.add_parser(
+    dsub.add_parser(
         "prepare",
         help="tokenize sources once into memmap shards + manifest",
         description="SOURCE is a text file, a directory, a .jsonl file, hf:NAME_OR_PATH, "
         "or builtin:shakespeare. A second run with the same inputs reuses the cache.",
-    )
-    p.add_argument("sources", nargs="+", metavar="SOURCE")
-    p.add_argument(
-        "--tokenizer",
-        required=True,
-        metavar="{byte,char,bpe,gpt2,PATH}",
-        help="PATH: a tokenizer.json, or a prepared data / run directory to reuse its tokenizer",
-    )
-    p.add_argument("--vocab-size", type=int, default=None, help="for bpe (default 8192)")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument(
-        "--weights", type=float, nargs="+", default=None, metavar="W",
-        help="sampling weight per SOURCE (default: proportional to token count)",
-    )
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=1337, help="seed of the train/val document split")
-    p.add_argument("--glob", default="*.txt", help="file pattern inside directories (recursive)")
-    p.add_argument("--text-field", default="text", help="field holding the text in JSONL / HF rows")
-    p.add_argument(
-        "--doc-boundary", choices=["auto", "file", "blank-line"], default="auto",
-        help="what one document of a text file is; auto: blank-line for a lone file, else file",
-    )
-    p.add_argument(
-        "--on-invalid", choices=["skip", "replace"], default="skip",
-        help="invalid UTF-8: skip the document, or keep it with U+FFFD replacements",
-    )
-    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
-    p.add_argument("--hf-split", default="train")
-    p.add_argument("--hf-config", default=None)
-    p.add_argument("--hf-streaming", action="store_true", help="stream a hub dataset")
-    p.add_argument("--force", action="store_true", help="rebuild even if the cache matches")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_data_prepare)
+        add_arguments=_prepare_arguments,
+    ).set_defaults(func=_cmd_data_prepare)
 
     s = dsub.add_parser("stats", help="verify a prepared dataset and report its statistics")
     s.add_argument("dir", metavar="DIR")
@@ -124,14 +170,28 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    from aura.config import config_to_dict, config_to_yaml, load_config
+    from aura.config import config_to_dict, config_to_yaml, explain_config, load_config
 
     cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.set)
-    if args.json:
+    if args.explain and args.json:
+        _print_json(explain_config(cfg))
+    elif args.explain:
+        _print_explained(explain_config(cfg))
+    elif args.json:
         _print_json(config_to_dict(cfg))
     else:
         sys.stdout.write(config_to_yaml(cfg))
     return EXIT_OK
+
+
+def _print_explained(explained: dict[str, dict[str, Any]]) -> None:
+    """``KEY=VALUE`` as ``--set`` takes it, then the field's docstring indented below it."""
+    from aura.config import override_text
+
+    for key, entry in explained.items():
+        print(f"{key}={override_text(entry['value'])}")
+        print(textwrap.fill(entry["doc"], width=100, initial_indent="    ",
+                            subsequent_indent="    "))
 
 
 def _cmd_config_list(args: argparse.Namespace) -> int:
@@ -162,6 +222,9 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     csub = cfg.add_subparsers(dest="config_cmd", required=True, parser_class=_Parser)
     show = csub.add_parser("show", help="print the resolved config as YAML (or --json)")
     add_config_arguments(show)
+    show.add_argument("--explain", action="store_true",
+                      help="every key as KEY=VALUE with what it means (with --json: an object "
+                           "KEY -> {value, doc})")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_cmd_config_show)
     lst = csub.add_parser("list", help="list the named presets")
@@ -429,16 +492,7 @@ def _add_memory(sub: argparse._SubParsersAction) -> None:
 def _cmd_learn(args: argparse.Namespace) -> int:
     from aura.learn.service import LearnOptions, learn, summary_dict
 
-    opts = LearnOptions(
-        watch=Path(args.watch), state=Path(args.state) if args.state else None,
-        model=Path(args.model) if args.model else None, once=args.once, interval=args.interval,
-        settle=args.settle, glob=args.glob, save_every=args.save_every,
-        save_seconds=args.save_seconds, max_file_mb=args.max_file_mb,
-        warmup_sweeps=args.warmup_sweeps, warmup_samples=args.warmup_samples,
-        train_steps=args.train_steps, lr=args.lr, device=args.device, seed=args.seed,
-        progress=not args.json, step_delay=args.step_delay,
-    )
-    summary = learn(opts)
+    summary = learn(options_from_args(LearnOptions, args, progress=not args.json))
     if args.json:
         _print_json(summary_dict(summary))
     else:
@@ -446,33 +500,21 @@ def _cmd_learn(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _learn_arguments(p: argparse.ArgumentParser) -> None:
+    from aura.learn.service import LearnOptions
+
+    add_option_flags(p, LearnOptions, skip=("progress",))
+    p.add_argument("--json", action="store_true")
+
+
 def _add_learn(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    sub.add_parser(
         "learn", help="learn continuously from the text files of a directory",
         description="Learn each new or changed text file under DIR exactly once (token "
         "statistics, STDP, Oja; a model's episodic memories and optional gradient steps), "
         "surviving crashes. Polls every --interval seconds until SIGINT/SIGTERM, or --once.",
-    )
-    p.add_argument("--watch", required=True, metavar="DIR")
-    p.add_argument("--once", action="store_true", help="one pass over DIR, then exit")
-    p.add_argument("--state", metavar="STATE_DIR", help="default: DIR/.aura-learn")
-    p.add_argument("--model", metavar="RUN_DIR", help="a run or checkpoint (never written to)")
-    p.add_argument("--glob", default="*.txt", help="file pattern (recursive; hidden files never)")
-    p.add_argument("--interval", type=float, default=5.0, help="seconds between passes")
-    p.add_argument("--settle", type=float, default=2.0,
-                   help="seconds a file must be unmodified before a watching pass reads it")
-    p.add_argument("--save-every", type=int, default=100, help="files learned between saves")
-    p.add_argument("--save-seconds", type=float, default=60.0, help="or seconds between saves")
-    p.add_argument("--max-file-mb", type=float, default=256.0, help="larger files are skipped")
-    p.add_argument("--warmup-sweeps", type=int, default=0, help="seed 001: 3")
-    p.add_argument("--warmup-samples", type=int, default=2000, help="samples per sweep")
-    p.add_argument("--train-steps", type=int, default=0, help="gradient steps per file (--model)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of those steps")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_learn)
+        add_arguments=_learn_arguments,
+    ).set_defaults(func=_cmd_learn)
 
 
 # --- entry point -----------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Experiment configuration: typed dataclass sections, named presets, YAML files, overrides.
 
-Every source of settings (a preset, a YAML file, ``--set KEY=VALUE``, a config saved in a
-checkpoint) is flattened to dotted keys and goes through one coercion path, so a value is
-accepted or rejected the same way wherever it comes from. Cross-field checks run once, on the
-finished config, so overrides may pass through an inconsistent state on the way
-(``--set model.n_head=6 --set model.n_embd=384``).
+Every source of settings (a preset from ``presets.yaml`` beside this module, a YAML file,
+``--set KEY=VALUE``, a config saved in a checkpoint) is flattened to dotted keys and goes through
+one coercion path, so a value is accepted or rejected the same way wherever it comes from.
+Cross-field checks run once, on the finished config, so overrides may pass through an
+inconsistent state on the way (``--set model.n_head=6 --set model.n_embd=384``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
+import json
 import math
 import os
 import types
@@ -24,6 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from aura.errors import ConfigError
+from aura.field_docs import field_docs
 from aura.models import ModelConfig, model_config_class
 
 Schedule = Literal["cosine", "plateau", "constant"]
@@ -35,46 +38,88 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 class DataConfig:
     """Where the tokens come from and how they are fed."""
 
-    dir: str = "data/shakespeare-char"  # written by `aura data prepare`
-    num_workers: int = 0  # DataLoader worker processes; 0 loads in the main process
+    dir: str = "data/shakespeare-char"
+    """Prepared data directory, written by `aura data prepare`; `aura train --data` overrides
+    it."""
+    num_workers: int = 0
+    """DataLoader worker processes; 0 loads batches in the main process."""
     pin_memory: bool = False
-    prefetch_factor: int = 2  # batches each worker loads ahead
-    # Sequence-length curriculum: [from_step, block_size] pairs, from_step increasing.
+    """Page-locked host memory for batches: faster copies to a CUDA device."""
+    prefetch_factor: int = 2
+    """Batches each worker loads ahead."""
     curriculum: list[list[int]] = field(default_factory=list)
+    """Sequence-length curriculum: [from_step, block_size] pairs, from_step increasing; from each
+    from_step on, training windows have that block_size (before the first, train.block_size).
+    Short sequences early are cheap and already carry useful gradient signal."""
 
 
 @dataclass
 class TrainConfig:
     """The optimisation loop: batch, schedule, optimiser, precision, bookkeeping."""
 
-    batch_size: int = 12  # sequences per micro-batch
-    block_size: int | None = None  # training sequence length; None = model.block_size
-    grad_accum: int = 1  # micro-batches per optimiser step
-    max_steps: int = 2000  # optimiser steps
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # the schedule's floor, as a fraction of lr
-    warmup_steps: int = 100  # linear warm-up to lr
+    batch_size: int = 12
+    """Sequences per micro-batch."""
+    block_size: int | None = None
+    """Training sequence length; None: model.block_size."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step: the effective batch is batch_size x grad_accum."""
+    max_steps: int = 2000
+    """Optimiser steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule's floor at max_steps, as a fraction of lr, in [0, 1]."""
+    warmup_steps: int = 100
+    """Steps of linear warm-up from near 0 to lr."""
     schedule: Schedule = "cosine"
-    plateau_patience: int = 3  # evaluations without improvement before "plateau" lowers lr
-    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    """The learning rate after warm-up: "cosine" (decays to min_lr_ratio x lr at max_steps),
+    "plateau" (halved after plateau_patience evaluations without improvement) or "constant"."""
+    plateau_patience: int = 3
+    """Evaluations without improvement before "plateau" halves the learning rate."""
+    early_stop_patience: int = 0
+    """Evaluations without improvement before training stops; 0: never stop early."""
     weight_decay: float = 0.1
+    """Decoupled weight decay, applied to 2-D weight matrices only."""
     beta1: float = 0.9
+    """Adam's decay rate of the gradient's running mean."""
     beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    """Adam's decay rate of the squared gradient's running mean."""
+    grad_clip: float = 1.0
+    """Largest global gradient norm (larger gradients are scaled down to it); 0: no clipping."""
     label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss, in [0, 1)."""
     optimizer: Optimizer = "adamw"
-    precision: Precision = "auto"  # auto: chosen for the device
-    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
-    compile: bool = False  # torch.compile the model
-    grad_checkpoint: bool = False  # recompute activations in backward to save memory
-    eval_interval: int = 250  # steps between evaluations
-    eval_iters: int = 20  # batches per evaluation
-    log_interval: int = 10  # steps between log lines
-    checkpoint_interval: int = 500  # steps between checkpoints
-    keep_checkpoints: int = 3  # most recent checkpoints kept on disk
-    max_nonfinite: int = 3  # non-finite steps in a row before rolling back with half the lr
-    memory_warmup_steps: int = 0  # steps the hippocampal memory stays off at the start
+    """"adamw", or "muon": Muon for the hidden 2-D matrices and AdamW for embeddings, the head
+    and everything else."""
+    precision: Precision = "auto"
+    """Forward precision: "auto" (bf16, else fp16, on CUDA; fp32 elsewhere), "fp32", "bf16", or
+    "fp16" (GPU only, with loss scaling)."""
+    device: str = "auto"
+    """"auto" (CUDA, then MPS, then CPU) or a torch device: cpu, cuda, cuda:N, mps."""
+    compile: bool = False
+    """torch.compile the model; where that is unavailable, training runs eagerly with a
+    warning."""
+    grad_checkpoint: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory for more
+    compute."""
+    eval_interval: int = 250
+    """Steps between evaluations on the validation split."""
+    eval_iters: int = 20
+    """Batches per evaluation."""
+    log_interval: int = 10
+    """Steps between log lines."""
+    checkpoint_interval: int = 500
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 3
+    """Most recent checkpoints kept on disk; the best one is kept besides."""
+    max_nonfinite: int = 3
+    """Non-finite steps in a row before rolling back to the last checkpoint with half the
+    learning rate."""
+    memory_warmup_steps: int = 0
+    """Steps at the start that run with use_memory=False: the model reads no memories (and
+    hippocampal forms none), so it learns language before leaning on recall."""
     seed: int = 1337
+    """Seed of the initial weights and of the batch order, in [0, 2**32)."""
 
 
 @dataclass
@@ -94,217 +139,17 @@ class Preset:
     overrides: dict[str, Any]
 
 
-def _model(n_layer: int, n_head: int, n_embd: int, block_size: int, dropout: float = 0.0) -> dict:
-    return {
-        "model.n_layer": n_layer,
-        "model.n_head": n_head,
-        "model.n_embd": n_embd,
-        "model.block_size": block_size,
-        "model.dropout": dropout,
-    }
-
-
-# The Hippocampal notes' 157M-class run; the GPU presets differ only in how the effective
-# batch of 128 sequences is split into micro-batches.
-_GPU_LARGE: dict[str, Any] = {
-    **_model(12, 12, 768, 512, dropout=0.1),
-    "train.lr": 1e-4,
-    "train.warmup_steps": 2000,
-    "train.max_steps": 100_000,
-    "train.weight_decay": 0.01,
-    "train.label_smoothing": 0.1,
-    "train.precision": "bf16",
-    "train.compile": True,
-    "train.eval_interval": 1000,
-    "train.checkpoint_interval": 2000,
-    "train.memory_warmup_steps": 5000,
-}
-
-
-def _gpu_large(description: str, batch_size: int, grad_accum: int) -> Preset:
-    return Preset(
-        description,
-        {**_GPU_LARGE, "train.batch_size": batch_size, "train.grad_accum": grad_accum},
-    )
-
-
-def _bdh(n_embd: int, mlp_multiplier: int, block_size: int) -> dict[str, Any]:
-    return {
-        "model.name": "bdh",  # first: it selects the model section's config class
-        **_model(6, 4, n_embd, block_size, dropout=0.1),
-        "model.mlp_multiplier": mlp_multiplier,
-    }
-
-
-def _hippocampal(n_place_cells: int) -> dict[str, Any]:
-    return {"model.name": "hippocampal", "model.n_place_cells": n_place_cells}
-
-
-def _snn_rag(n_layer: int, n_head: int, n_embd: int, block_size: int, memory_layers: list[int],
-             dropout: float = 0.0) -> dict[str, Any]:
-    return {
-        "model.name": "snn_rag",  # first: it selects the model section's config class
-        **_model(n_layer, n_head, n_embd, block_size, dropout),
-        "model.memory_layers": memory_layers,
-    }
-
-
-PRESETS: dict[str, Preset] = {
-    "demo": Preset(
-        "GPT on Shakespeare characters, a couple of minutes on a laptop CPU",
-        {
-            **_model(4, 4, 128, 64),
-            "train.batch_size": 12,
-            "train.max_steps": 2000,
-            "train.lr": 1e-3,
-            "train.warmup_steps": 100,
-            "train.eval_interval": 250,
-            "train.eval_iters": 20,
-            "train.checkpoint_interval": 500,
-            "data.dir": "data/shakespeare-char",
-        },
-    ),
-    "cpu-small": Preset(
-        "6 layers x 384, block 256: a longer CPU run",
-        {
-            **_model(6, 6, 384, 256, dropout=0.1),
-            "train.batch_size": 16,
-            "train.max_steps": 5000,
-            "train.lr": 6e-4,
-            "train.warmup_steps": 200,
-        },
-    ),
-    "m1-8gb": Preset(
-        "Apple M1 8 GB: micro-batch 4 x accumulation 8, fp32 (no bf16 units), "
-        "gradient checkpointing",
-        {
-            **_model(8, 8, 512, 512),
-            "train.batch_size": 4,
-            "train.grad_accum": 8,
-            "train.precision": "fp32",
-            "train.grad_checkpoint": True,
-            "train.lr": 3e-4,
-            "train.warmup_steps": 200,
-        },
-    ),
-    "gpu-4gb": Preset(
-        "4 GB GPU: micro-batch 8 x accumulation 4, fp16, gradient checkpointing",
-        {
-            **_model(8, 8, 512, 512),
-            "train.batch_size": 8,
-            "train.grad_accum": 4,
-            "train.precision": "fp16",
-            "train.grad_checkpoint": True,
-            "train.lr": 3e-4,
-            "train.warmup_steps": 500,
-            "train.checkpoint_interval": 2000,
-        },
-    ),
-    "l4-24gb": _gpu_large(
-        "L4 24 GB: 157M-class model (12 x 768, block 512), bf16, compiled, "
-        "micro-batch 8 x accumulation 16",
-        batch_size=8,
-        grad_accum=16,
-    ),
-    "a100-40gb": _gpu_large(
-        "A100 40 GB: the l4-24gb model, micro-batch 16 x accumulation 8",
-        batch_size=16,
-        grad_accum=8,
-    ),
-    "a100-80gb": _gpu_large(
-        "A100 80 GB: the l4-24gb model, micro-batch 32 x accumulation 4",
-        batch_size=32,
-        grad_accum=4,
-    ),
-    "hippocampal-157m": Preset(
-        "The Hippocampal Transformer of seeds 000/002: 12 x 768 (heads of 64), block 512, "
-        "2000 place cells; the l4-24gb training recipe with memory off for 5000 steps",
-        {
-            **_hippocampal(2000),
-            **_GPU_LARGE,
-            "train.batch_size": 8,
-            "train.grad_accum": 16,
-        },
-    ),
-    "hippocampal-cpu": Preset(
-        "The Hippocampal Transformer in minutes on a CPU: Shakespeare characters, 4 x 128, "
-        "block 128, 1000 place cells, a 1024-memory hippocampus",
-        {
-            **_hippocampal(1000),
-            **_model(4, 4, 128, 128),
-            "model.memory_capacity": 1024,
-            "model.memory_dim": 32,
-            "model.memory_writes": 32,
-            "train.batch_size": 12,
-            "train.max_steps": 2000,
-            "train.lr": 1e-3,
-            "train.warmup_steps": 100,
-            "train.eval_interval": 250,
-            "train.eval_iters": 20,
-            "train.checkpoint_interval": 500,
-            "train.memory_warmup_steps": 200,
-            "data.dir": "data/shakespeare-char",
-        },
-    ),
-    "bdh-ref": Preset(
-        "BDH as pathwaycom/bdh trains it: bytes, D=256, 4 heads, N=8192, shared layers, "
-        "batch 32 x 512, constant lr 1e-3, no clipping",
-        {
-            **_bdh(256, 128, 512),
-            "train.batch_size": 32,
-            "train.max_steps": 3000,
-            "train.lr": 1e-3,
-            "train.schedule": "constant",
-            "train.warmup_steps": 0,
-            "train.grad_clip": 0.0,
-            "train.weight_decay": 0.1,
-            "data.dir": "data/shakespeare-byte",
-        },
-    ),
-    "bdh-cpu": Preset(
-        "BDH small enough for minutes on a CPU: bytes, D=128, 4 heads, N=512, block 128",
-        {
-            **_bdh(128, 16, 128),
-            "train.batch_size": 8,
-            "train.max_steps": 1000,
-            "train.lr": 1e-3,
-            "train.warmup_steps": 100,
-            "data.dir": "data/shakespeare-byte",
-        },
-    ),
-    "snn-rag-cpu": Preset(
-        "Spiking FFNs + a chunk-memory read in block 2, small enough for minutes on a CPU: "
-        "chars, 4 x 128, block 128, a 2048-entry bank of 16-token chunks",
-        {
-            **_snn_rag(4, 4, 128, 128, memory_layers=[2]),
-            "model.memory_capacity": 2048,
-            "train.batch_size": 8,
-            "train.max_steps": 1000,
-            "train.lr": 1e-3,
-            "train.warmup_steps": 100,
-            "data.dir": "data/shakespeare-char",
-        },
-    ),
-    "snn-rag": Preset(
-        "SNN-RAG at seed 002's scale: 12 x 768, 16 heads, block 512, memory reads in blocks 6 "
-        "and 10 (16k entries of 64-token chunks each); the l4-24gb training recipe",
-        {
-            **_GPU_LARGE,
-            **_snn_rag(12, 16, 768, 512, memory_layers=[6, 10], dropout=0.1),
-            "model.memory_capacity": 16384,
-            "model.memory_chunk": 64,
-            "train.batch_size": 8,
-            "train.grad_accum": 16,
-        },
-    ),
-}
-
 _SECTIONS: dict[str, type] = {
     f.name: get_type_hints(AuraConfig)[f.name] for f in dataclasses.fields(AuraConfig)
 }
 
+
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
-    return {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    """Field name -> resolved type. Cached: resolving string annotations compiles each one, and
+    every applied override needs them. Callers must not mutate the result."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _section_types(cfg: AuraConfig) -> dict[str, dict[str, Any]]:
@@ -614,6 +459,54 @@ def _apply_file(cfg: AuraConfig, path: str | os.PathLike[str]) -> AuraConfig:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def read_presets(path: str | os.PathLike[str]) -> dict[str, Preset]:
+    """The presets of a YAML file in file order, each resolved and validated once here, so a
+    broken preset fails when the file is read rather than when someone picks it.
+
+    A preset has a ``description`` and model/data/train sections read like a config file's;
+    ``preset: NAME`` starts from a preset defined above (its keys, then this one's), which keeps
+    a family of presets to one shared recipe and rules out cycles. ``overrides`` holds every key
+    the preset sets, inherited ones included, as coerced values."""
+    tree = _read_yaml(path)
+    if not isinstance(tree, Mapping) or not tree:
+        raise ConfigError(f"presets file '{path}' must map preset names to presets")
+    presets: dict[str, Preset] = {}
+    for name, body in tree.items():
+        try:
+            presets[str(name)] = _preset(body, presets)
+        except ConfigError as exc:
+            raise ConfigError(f"presets file '{path}', preset '{name}': {exc}") from None
+    return presets
+
+
+def _preset(body: Any, earlier: Mapping[str, Preset]) -> Preset:
+    if not isinstance(body, Mapping):
+        raise ConfigError(
+            f"expected a mapping with a description and model/data/train sections, got {body!r}"
+        )
+    body = dict(body)
+    description = body.pop("description", None)
+    if not isinstance(description, str) or not description.strip():
+        raise ConfigError(f"description must be a non-empty string, got {description!r}")
+    overrides: dict[str, Any] = {}
+    if "preset" in body:
+        base = body.pop("preset")
+        if not isinstance(base, str) or base not in earlier:
+            raise ConfigError(f"preset must name a preset defined above this one, got {base!r}")
+        overrides.update(earlier[base].overrides)
+    overrides.update(_flatten(body))
+    cfg = apply_overrides(AuraConfig(), overrides)
+    values = {}
+    for key in overrides:
+        section, _, name = key.partition(".")
+        values[key] = getattr(getattr(cfg, section), name)
+    return Preset(_one_line(description), values)
+
+
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+PRESETS: dict[str, Preset] = read_presets(PRESETS_FILE)
+
+
 def load_config(
     preset: str | None = None,
     config_file: str | os.PathLike[str] | None = None,
@@ -636,6 +529,29 @@ def load_config(
 def config_to_dict(cfg: AuraConfig) -> dict[str, Any]:
     """Nested plain data (JSON- and YAML-serialisable), e.g. to save inside a checkpoint."""
     return dataclasses.asdict(cfg)
+
+
+def explain_config(cfg: AuraConfig) -> dict[str, dict[str, Any]]:
+    """Every dotted key -> its value and its field's docstring, so a user can read what a
+    setting means without the source. Model keys are documented by the class ``model.name``
+    resolves to: a bdh config explains ``model.mlp_multiplier``."""
+    explained = {}
+    for section, values in config_to_dict(cfg).items():
+        docs = field_docs(type(getattr(cfg, section)))
+        for name, value in values.items():
+            explained[f"{section}.{name}"] = {"value": value, "doc": docs[name]}
+    return explained
+
+
+def override_text(value: Any) -> str:
+    """``value`` as ``--set KEY=VALUE`` spells it, so a printed setting can be typed back."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
 
 
 def config_from_dict(data: Mapping[str, Any]) -> AuraConfig:

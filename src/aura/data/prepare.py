@@ -55,20 +55,39 @@ FLUSH_TOKENS = 1 << 21
 
 @dataclass
 class PrepareOptions:
-    sources: Sequence[str]
-    tokenizer: str
+    """What `aura data prepare` builds; each field is also its command-line flag
+    (``--val-fraction``; ``sources`` positional), with this docstring as its help."""
+
+    sources: Sequence[str] = field(metadata={"positional": True, "metavar": "SOURCE"})
+    """What to tokenize: text files, directories, .jsonl files, hf:NAME_OR_PATH or
+    builtin:shakespeare."""
+    tokenizer: str = field(metadata={"metavar": "{byte,char,bpe,gpt2,PATH}"})
+    """bpe is trained on the sources; PATH: a tokenizer.json, or a prepared data / run directory
+    to reuse its tokenizer."""
     vocab_size: int | None = None
-    weights: Sequence[float] | None = None
+    """Vocabulary size of a bpe tokenizer (default 8192)."""
+    weights: Sequence[float] | None = field(default=None, metadata={"metavar": "W"})
+    """Sampling weight per SOURCE (default: proportional to token count)."""
     val_fraction: float = 0.1
+    """Fraction of the documents held out for validation, in [0, 1)."""
     seed: int = 1337
+    """Seed of the train/val document split."""
     glob: str = "*.txt"
+    """File pattern inside directories (recursive)."""
     text_field: str = "text"
+    """Field holding the text in JSONL / HF rows."""
     doc_boundary: DocBoundary = "auto"
+    """What one document of a text file is; auto: blank-line for a lone file, else file."""
     on_invalid: OnInvalid = "skip"
+    """Invalid UTF-8: skip the document, or keep it with U+FFFD replacements."""
     shard_tokens: int = 1 << 27
+    """Tokens per shard file."""
     hf_split: str = "train"
+    """Split of a hub dataset."""
     hf_config: str | None = None
+    """Configuration name of a hub dataset."""
     hf_streaming: bool = False
+    """Stream a hub dataset instead of downloading it first."""
 
     def check(self) -> None:
         if not self.sources:

@@ -60,24 +60,45 @@ def classify(data: bytes) -> str:
 
 @dataclass
 class LearnOptions:
-    watch: Path
-    state: Path | None = None  # default: WATCH/.aura-learn
-    model: Path | None = None  # a run or checkpoint directory
+    """What `aura learn` does; each field is also its command-line flag (``--save-every``), with
+    this docstring as its help."""
+
+    watch: Path = field(metadata={"metavar": "DIR"})
+    """The directory whose text files are learned."""
+    state: Path | None = field(default=None, metadata={"metavar": "STATE_DIR"})
+    """Where the learned state, the ledger and the log live; default: DIR/.aura-learn."""
+    model: Path | None = field(default=None, metadata={"metavar": "RUN_DIR"})
+    """A run or checkpoint whose model learns too: its memories, and --train-steps. Never
+    written to: the learned copy lives in the state."""
     once: bool = False
-    interval: float = 5.0  # seconds between passes
-    settle: float = 2.0  # between passes, files modified this recently wait for the next pass
+    """One pass over DIR, then exit."""
+    interval: float = 5.0
+    """Seconds between passes."""
+    settle: float = 2.0
+    """Seconds a file must be unmodified before a watching pass reads it."""
     glob: str = "*.txt"
-    save_every: int = 100  # files learned between saves
-    save_seconds: float = 60.0  # or this long since the last save
+    """File pattern (recursive; hidden files never)."""
+    save_every: int = 100
+    """Files learned between saves."""
+    save_seconds: float = 60.0
+    """Or seconds between saves, whichever comes first."""
     max_file_mb: float = 256.0
+    """Larger files are skipped."""
     warmup_sweeps: int = 0
+    """Sweeps over random samples of the files present at start, before the first pass, to
+    settle the plastic weights; each is validated on held-out text and saved. 0: none."""
     warmup_samples: int = 2000
+    """Samples per warmup sweep."""
     train_steps: int = 0
+    """Gradient steps on each file (needs --model)."""
     lr: float = 1e-4
+    """AdamW learning rate of those steps."""
     device: str = "cpu"
+    """Torch device of the model."""
     seed: int = 1337
+    """Seed of the warmup samples and of the gradient steps."""
     progress: bool = True
-    step_delay: float = 0.0  # tests: seconds to sleep inside each file's step and each save
+    """A progress bar and pass reports on stderr."""
 
 
 @dataclass
@@ -116,7 +137,7 @@ def _check(opts: LearnOptions) -> None:
     if not opts.watch.is_dir():
         what = "is not a directory" if opts.watch.exists() else "does not exist"
         raise DataError(f"watched directory {opts.watch} {what}")
-    for name in ("interval", "settle", "save_seconds", "step_delay", "lr"):
+    for name in ("interval", "settle", "save_seconds", "lr"):
         if getattr(opts, name) < 0:
             raise AuraError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("save_every", "warmup_samples", "max_file_mb"):
@@ -197,16 +218,12 @@ class LearnService:
         start = time.monotonic()
         meta = {**self.meta, "saves": self.meta["saves"] + 1, "ledger_seq": self.ledger.last_seq(),
                 "identity": self.learner.identity(), "saved_at": time.time()}
-        gen = self.state.commit(meta, self.learner.save, before_commit=self._delay)
+        gen = self.state.commit(meta, self.learner.save)
         self.meta = meta
         self._dirty, self._since_save, self._saved_at = False, 0, time.monotonic()
         self.session["saves"] += 1
         self.log(f"saved {gen.name} (ledger seq {meta['ledger_seq']})", quiet=True)
         self.busy += time.monotonic() - start
-
-    def _delay(self) -> None:
-        if self.opts.step_delay:
-            time.sleep(self.opts.step_delay)
 
     # --- files ---------------------------------------------------------------------------------
 
@@ -260,7 +277,6 @@ class LearnService:
             self.ledger.record_text(sha, "skipped", reason, rel, sig, len(data))
             self.log(f"skipped {rel}: {reason.replace('_', ' ')}{detail}")
             return f"skipped:{reason}"
-        self._delay()
         tokens = int(stats["tokens"])
         self.ledger.record_text(sha, "applied", None, rel, sig, len(data), stats)
         if stats.get("oja_grew"):

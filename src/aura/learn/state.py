@@ -75,8 +75,7 @@ class StateDir:
                 raise DataError(f"state {gen}: {rel} is missing, truncated or corrupt")
         return gen, meta
 
-    def commit(self, meta: dict[str, Any], write: Callable[[Path], None],
-               before_commit: Callable[[], None] | None = None) -> Path:
+    def commit(self, meta: dict[str, Any], write: Callable[[Path], None]) -> Path:
         """Write generation ``meta['saves']`` with ``write(dir)``, fsync it, then point at it."""
         name = f"gen-{meta['saves']:08d}"
         gen = self.root / name
@@ -90,8 +89,6 @@ class StateDir:
         (gen / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _fsync_tree(gen)
         fsync_dir(self.root)
-        if before_commit is not None:
-            before_commit()
         atomic_write_text(self.root / CURRENT, json.dumps({"generation": name}) + "\n")
         self.collect_garbage(keep=name)
         return gen

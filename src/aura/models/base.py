@@ -27,17 +27,31 @@ class ModelConfig:
     """The network's shape, shared by every model; a model with more settings subclasses it and
     registers the subclass with the model (``register_model(name, config=...)``)."""
 
-    name: str = "gpt"  # model family
-    vocab_size: int | None = None  # None: taken from the prepared data
-    block_size: int = 256  # context length in tokens
+    name: str = "gpt"
+    """The model to build, by its registry name; it also decides which other model keys exist
+    and their defaults."""
+    vocab_size: int | None = None
+    """Token vocabulary size; None: taken from the prepared data's tokenizer."""
+    block_size: int = 256
+    """Context length in tokens: the longest sequence the model attends over at once."""
     n_layer: int = 6
+    """Number of blocks."""
     n_head: int = 6
+    """Attention heads per block; must divide n_embd."""
     n_embd: int = 384
+    """Width of the residual stream (the embedding size)."""
     dropout: float = 0.0
-    bias: bool = False  # biases in the Linear and LayerNorm layers
-    ffn: Literal["mlp", "snn"] = "mlp"  # the block's feed-forward; "snn" = SNNFeedForward
-    snn_steps: int = 4  # time steps the "snn" feed-forward integrates each token over
-    neuron: Literal["lif", "gif"] = "lif"  # the "snn" feed-forward's neuron
+    """Dropout probability while training, in [0, 1)."""
+    bias: bool = False
+    """Biases in the Linear and LayerNorm layers."""
+    ffn: Literal["mlp", "snn"] = "mlp"
+    """The blocks' feed-forward: "mlp" (dense, GELU) or "snn" (spiking neurons' firing rates
+    instead of GELU)."""
+    snn_steps: int = 4
+    """Time steps the "snn" feed-forward integrates each token over: finer rates, more compute."""
+    neuron: Literal["lif", "gif"] = "lif"
+    """The "snn" feed-forward's neuron: "lif" (leaky integrate-and-fire, soft reset) or "gif"
+    (adaptive threshold, graded spikes)."""
 
     def problems(self) -> list[str]:
         """What a model-specific config finds wrong with its own values (one line each)."""

@@ -30,15 +30,28 @@ ROPE_THETA = 2.0**16
 @dataclass
 class BDHConfig(ModelConfig):
     name: str = "bdh"
-    vocab_size: int | None = None  # from the data; the reference is byte-level (256)
-    block_size: int = 512  # training length; RoPE tables are precomputed up to it
+    vocab_size: int | None = None
+    """Token vocabulary size; None: taken from the prepared data (the reference is byte-level,
+    256)."""
+    block_size: int = 512
+    """Training context length: RoPE tables are precomputed up to it; generation, carried by a
+    recurrent state, runs past it."""
     n_layer: int = 6
+    """Layers; with shared_weights, the same weights applied n_layer times."""
     n_head: int = 4
+    """Heads, each over its own N = mlp_multiplier * n_embd / n_head neurons."""
     n_embd: int = 256
+    """D, the width of the dense stream between layers."""
     dropout: float = 0.1
-    mlp_multiplier: int = 128  # N = mlp_multiplier * n_embd / n_head neurons per head
-    shared_weights: bool = True  # one encoder/encoder_v/decoder for all layers (the reference)
-    score_norm: bool = False  # divide attention scores by N (seed 004 E)
+    """Dropout probability while training, in [0, 1) (the reference's is 0.1)."""
+    mlp_multiplier: int = 128
+    """Sets the neurons per head, N = mlp_multiplier * n_embd / n_head: the sparse dimension
+    attention runs over."""
+    shared_weights: bool = True
+    """One encoder / encoder_v / decoder for all layers, as the reference; false gives each layer
+    its own."""
+    score_norm: bool = False
+    """Divide attention scores by N, which keeps fp16/bf16 in range; off in the reference."""
 
 
 

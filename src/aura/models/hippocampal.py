@@ -43,28 +43,61 @@ class HippocampalConfig(ModelConfig):
     name: str = "hippocampal"
     # switches, one per mechanism (ablations turn them off one at a time)
     theta_gamma: bool = True
+    """Theta-gamma oscillations (gamma cycles nested in theta, plus a bank of sinusoids) as the
+    position encoding instead of learned embeddings; needs an even n_embd >= 6."""
     place_cells: bool = True
+    """A sparse place-cell code of each token added to its embedding: the top
+    place_active_fraction of n_place_cells cells fire."""
     grid_cells: bool = True
+    """Multi-scale hexagonal grid-cell codes of where each token's state sits on a learned
+    plane."""
     time_cells: bool = True
+    """Log-spaced time cells coding how many tokens ago the last sentence or paragraph ended."""
     prosody: bool = True
+    """Prosody of the text (punctuation, sentence ends, capitals, valence, ...) scales each
+    head's queries and keys."""
     memory: bool = True
+    """The episodic memory: the most novel token states are stored, and every token recalls its
+    nearest memories into the residual stream after block memory_layer."""
     # the mechanisms' sizes
     n_place_cells: int = 2000
+    """Place cells each token drives."""
     place_active_fraction: float = 0.03
-    place_learnable: bool = False  # learn how many place cells fire (seed 002's question)
+    """Fraction of place cells that fire for a token (the strongest), in (0, 1]; about 3% fire
+    in the hippocampus."""
+    place_learnable: bool = False
+    """Learn how many place cells fire (up to 4 times the initial count) instead of keeping
+    place_active_fraction fixed."""
     grid_modules: int = 4
+    """Grid-cell modules; each module's lattice spacing is ~1.42 times the previous one's."""
     grid_cells_per_module: int = 16
+    """Grid cells per module, at phases spread evenly over its lattice."""
     n_time_cells: int = 32
+    """Time cells, preferring log-spaced intervals since the last boundary; at least 2."""
     theta_period: float = 64.0
+    """Tokens per theta cycle."""
     gammas_per_theta: int = 8
-    memory_layer: int = -1  # recall after this block; -1: the middle one
+    """Gamma cycles nested in each theta cycle; a gamma cycle (theta_period / gammas_per_theta)
+    must last at least 2 tokens."""
+    memory_layer: int = -1
+    """The block after which memories are recalled; -1: the middle one (n_layer // 2)."""
     memory_capacity: int = 4096
+    """Memories the store holds; a full store evicts by importance and recency."""
     memory_dim: int = 64
+    """Size of the learned keys memories are stored and recalled by."""
     memory_top_k: int = 8
+    """Memories each token recalls, by cosine similarity of keys."""
     memory_decay: float = 0.03
-    memory_graph_k: int = 4  # cognitive-map neighbours joining each recall; 0: no map
-    memory_writes: int = 64  # memories formed per training step
-    entropy_reg: float = 0.0  # weight of the predictive-entropy bonus (seed 002's anti-collapse)
+    """Strength each memory loses per training step, in [0, 1)."""
+    memory_graph_k: int = 4
+    """Cognitive-map neighbours of a token's best match that join its recall (spreading
+    activation); 0: no map."""
+    memory_writes: int = 64
+    """Memories formed per training step, from the batch's most novel token states; at most
+    memory_capacity."""
+    entropy_reg: float = 0.0
+    """Weight of a bonus for the entropy of the predicted next-token distributions, which
+    counters collapse onto a few tokens; 0: off."""
 
     def problems(self) -> list[str]:
         out = []

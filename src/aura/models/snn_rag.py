@@ -60,17 +60,27 @@ from aura.nn.memory_attention import MemoryCrossAttention
 @dataclass
 class SNNRAGConfig(ModelConfig):
     name: str = "snn_rag"
-    ffn: Literal["mlp", "snn"] = "snn"  # "mlp": the retrieval without the spikes (an ablation)
+    ffn: Literal["mlp", "snn"] = "snn"
+    """The blocks' feed-forward: "snn" (spiking neurons' firing rates) or "mlp", the retrieval
+    without the spikes (an ablation)."""
     snn_steps: int = 4
-    memory_layers: list[int] = field(default_factory=lambda: [-2])  # blocks with a memory read
-    memory_capacity: int = 4096  # entries per memory layer's bank
-    memory_top_k: int = 4  # entries each token attends over
-    memory_chunk: int = 16  # tokens per entry (a window shorter than this writes none)
-    memory_decay: float = 0.03  # strength lost per write step (seed 002's rate)
-    # The bank's search: torch's exact scan, FAISS (faiss-cpu), or FAISS for big CPU banks only.
+    memory_layers: list[int] = field(default_factory=lambda: [-2])
+    """Blocks with a memory read, counted from 0, or from the end when negative (-2: the second
+    to last)."""
+    memory_capacity: int = 4096
+    """Entries in each memory layer's bank."""
+    memory_top_k: int = 4
+    """Entries each token attends over."""
+    memory_chunk: int = 16
+    """Tokens per entry; a window shorter than this writes none."""
+    memory_decay: float = 0.03
+    """Strength an entry loses per write step, in [0, 1)."""
     memory_index: Literal["exact", "faiss", "auto"] = "exact"
-    # What an entry holds: the layer's own chunk encoding, or MiniLM's embedding of its text.
+    """The bank's search: "exact" (torch's exact scan), "faiss" (needs faiss-cpu), or "auto"
+    (FAISS for big CPU banks only)."""
     memory_encoder: Literal["self", "minilm"] = "self"
+    """What an entry holds: "self" (the layer's own encoding of the chunk) or "minilm"
+    (all-MiniLM-L6-v2's embedding of its text, filled from the corpus)."""
 
     def problems(self) -> list[str]:
         n, out = self.n_layer, []
