@@ -25,7 +25,7 @@ from tqdm import tqdm
 from aura.atomic import atomic_write_text
 from aura.config import AuraConfig, config_to_dict
 from aura.data.prosody import token_features
-from aura.data.sampler import BatchSampler, curriculum
+from aura.data.sampler import BatchSampler, Curriculum
 from aura.data.shards import PreparedData
 from aura.errors import AuraError
 from aura.models import AuraModel, build_model
@@ -103,7 +103,7 @@ class Trainer:
         self.opt = build_optimizers(self.model, t, self.device)
         self.block = t.block_size or cfg.model.block_size
         stages = cfg.data.curriculum
-        block_fn = curriculum(stages, self.block) if stages else self.block
+        block_fn = Curriculum(stages, self.block) if stages else self.block
         features = token_features(self.model.token_features, self.data.tokenizer)
         self.train_batches = BatchSampler(self.data.split("train"), t.batch_size, block_fn, t.seed,
                                           features=features,
