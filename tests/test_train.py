@@ -493,6 +493,22 @@ def test_grad_checkpointing_trains_the_same(train_data: Path, tmp_path: Path,
         assert got[step] == pytest.approx(ref[step], abs=1e-5)
 
 
+def test_rows_evaluations_and_checkpoints_keep_their_own_cadence(train_data: Path,
+                                                                  tmp_path: Path) -> None:
+    """Train rows after the first step, every log_interval and the last; evaluations and
+    checkpoints at multiples of their intervals and the last step."""
+    cfg = tiny_config("train.max_steps=13", "train.log_interval=5", "train.eval_interval=4",
+                      "train.checkpoint_interval=6", "train.keep_checkpoints=10")
+    train(cfg, train_data, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 5, 10, 13]
+    assert [r["tokens"] for r in train_rows] == [s * 4 * 32 for s in (1, 5, 10, 13)]
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8, 12, 13]
+    assert list_checkpoints(tmp_path / "run") == [step_dir(tmp_path / "run", s)
+                                                  for s in (6, 12, 13)]
+
+
 # --- what a run writes ----------------------------------------------------------------------
 
 

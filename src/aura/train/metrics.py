@@ -1,4 +1,5 @@
-"""Run metrics: one JSON object per line in RUN/metrics.jsonl, mirrored to TensorBoard.
+"""Run metrics: one JSON object per line in RUN/metrics.jsonl, mirrored to TensorBoard, and
+what the train and val rows hold (`TrainLog`).
 
 JSONL is the record (`aura plot` reads it); TensorBoard is a view, skipped with a note when the
 package is missing.
@@ -7,10 +8,13 @@ package is missing.
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 from aura.atomic import atomic_write_text
+from aura.train.schedule import Every
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -69,3 +73,46 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class TrainLog:
+    """The train rows of the metrics log: when one is due (after the first step, every
+    ``interval`` steps and after the last) and what it holds. Throughput is measured over the
+    wall time since the previous row."""
+
+    def __init__(self, metrics: MetricsLog, interval: int, last_step: int):
+        self.metrics, self.cadence = metrics, Every(interval, last_step)
+        self._window_start, self._window_tokens = time.perf_counter(), 0
+
+    def due(self, step: int) -> bool:
+        return step == 1 or self.cadence.due(step)
+
+    def count(self, tokens: int) -> None:
+        """Tokens of a step done since the last row."""
+        self._window_tokens += tokens
+
+    def write(self, step: int, loss: float, lr: float, grad_norm: float, tokens_seen: int,
+              mem_mb: float, aux: dict[str, float]) -> dict[str, Any]:
+        now = time.perf_counter()
+        tokens_per_s = self._window_tokens / max(now - self._window_start, 1e-9)
+        row: dict[str, Any] = {"step": step, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
+                               "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                               "mem_mb": mem_mb, "tokens": tokens_seen,
+                               **{f"aux/{k}": v for k, v in aux.items()}}
+        self.metrics.write(row)
+        self._window_start, self._window_tokens = now, 0
+        return row
+
+    def write_eval(self, step: int, val_loss: float, bytes_per_token: float) -> dict[str, Any]:
+        row = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+               "val_bpb": val_loss / math.log(2) / bytes_per_token}
+        self.metrics.write(row)
+        return row
+
+
+def progress_fields(row: dict[str, Any]) -> dict[str, str]:
+    """A train row as the progress bar shows it."""
+    return {"loss": f"{row['loss']:.4f}", "ppl": f"{row['ppl']:.2f}", "lr": f"{row['lr']:.2e}",
+            "gnorm": f"{row['grad_norm']:.2f}", "tok_s": f"{row['tokens_per_s']:.0f}",
+            "mem": f"{row['mem_mb']:.0f}M"}
+
