@@ -28,8 +28,9 @@ from aura.config import AuraConfig
 from aura.errors import AuraError
 from aura.models import ModelOutput
 from aura.train.checkpoint import list_checkpoints, step_dir, verify_checkpoint
+from aura.train.device import Precision
 from aura.train.schedule import Plateau, cosine_factor
-from aura.train.trainer import Trainer, TrainResult
+from aura.train.trainer import MAX_ROLLBACKS, Trainer, TrainResult
 from conftest import TINY_TRAIN, losses, read_metrics, tiny_config
 
 # The shared reference run: dropout 0 so results do not depend on how RNG draws are split.
@@ -69,6 +70,28 @@ def poison(out: ModelOutput) -> ModelOutput:
     assert out.loss is not None
     out.loss = out.loss * float("nan")
     return out
+
+
+def inf_gradient(out: ModelOutput) -> ModelOutput:
+    """A finite loss whose gradient is infinite: what an fp16 overflow in backward looks like."""
+    assert out.loss is not None
+    out.loss.register_hook(lambda grad: grad * math.inf)
+    return out
+
+
+def use_precision(name: str, monkeypatch: pytest.MonkeyPatch, init_scale: float = 2.0**16
+                  ) -> str:
+    """The ``train.precision`` setting for ``name``. "grad_scaler" is fp16's path, a GradScaler,
+    over fp32 forwards: CUDA's fp16 is not available here, and the policy under test is the
+    trainer's handling of the scaler, not the dtype."""
+    if name != "grad_scaler":
+        return f"train.precision={name}"
+    monkeypatch.setattr(Precision, "new_scaler",
+                        lambda _self: torch.amp.GradScaler("cpu", init_scale=init_scale))
+    return "train.precision=fp32"
+
+
+PRECISIONS = ["fp32", "bf16", "grad_scaler"]
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +247,9 @@ def test_repeated_nonfinite_rolls_back_with_half_the_lr(
     assert saved["train_state"]["rollbacks"] == 1
 
 
-def test_divergence_that_survives_every_rollback_ends_the_run(train_data: Path,
-                                                              tmp_path: Path) -> None:
-    from aura.train.trainer import MAX_ROLLBACKS
-
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_divergence_that_survives_every_rollback_ends_the_run(
+        precision: str, train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trainers: list[Trainer] = []
 
     def setup(trainer: Trainer) -> None:  # every step after the step-4 checkpoint is NaN
@@ -236,11 +258,117 @@ def test_divergence_that_survives_every_rollback_ends_the_run(train_data: Path,
                      lambda call, out: poison(out) if call >= 4 else out)
 
     with pytest.raises(AuraError, match="keeps diverging"):
-        train(tiny_config(*BASE), train_data, tmp_path / "run", setup=setup)
+        train(tiny_config(*BASE, use_precision(precision, monkeypatch)), train_data,
+              tmp_path / "run", setup=setup)
     assert trainers[0].state.rollbacks == MAX_ROLLBACKS
     assert trainers[0].state.fault_lr_scale == 0.5**MAX_ROLLBACKS
     saved = json.loads((step_dir(tmp_path / "run", 4) / "train_state.json").read_text())
     assert saved["train_state"]["step"] == 4  # the last good state is still on disk
+
+
+@pytest.mark.parametrize("fault", [poison, inf_gradient], ids=["nan_loss", "inf_gradient"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_skips_and_counts_nonfinite_steps(
+        precision: str, fault: Callable[[ModelOutput], ModelOutput], train_data: Path,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two non-finite steps (fewer than max_nonfinite=3) are counted and skipped, batch and row
+    included, whatever the precision. The GradScaler runs at scale 1, where an overflow cannot
+    be blamed on the scale (above it an overflow is calibration: see the next tests)."""
+    def setup(trainer: Trainer) -> None:
+        wrap_forward(trainer, lambda *_: None,
+                     lambda call, out: fault(out) if call in (5, 6) else out)
+
+    setting = use_precision(precision, monkeypatch, init_scale=1.0)
+    result, log = train(tiny_config(*BASE, setting), train_data, tmp_path / "run", setup=setup)
+    assert (result.step, result.stopped) == (12, "max_steps")
+    assert (result.nonfinite_skipped, result.rollbacks) == (2, 0)
+    assert sum("non-finite" in m for m in log) == 2
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_rolls_back_with_half_the_lr(
+        precision: str, train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_nonfinite NaN losses in a row roll back to the step-4 checkpoint with the lr halved
+    whatever the precision; a GradScaler's scale comes back with the weights (each NaN step had
+    backed it off, to 2**13)."""
+    trainers: list[Trainer] = []
+
+    def setup(trainer: Trainer) -> None:
+        trainers.append(trainer)
+        wrap_forward(trainer, lambda *_: None,
+                     lambda call, out: poison(out) if call in (6, 7, 8) else out)
+
+    setting = use_precision(precision, monkeypatch)
+    result, log = train(tiny_config(*BASE, setting), train_data, tmp_path / "run", setup=setup)
+    assert (result.step, result.stopped) == (12, "max_steps")
+    assert (result.nonfinite_skipped, result.rollbacks) == (3, 1)
+    assert any("rolled back to step 4" in m for m in log), log
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for r in rows:
+        fault_scale = 1.0 if r["step"] <= 4 else 0.5
+        expected = LR * cosine_factor(r["step"] - 1, 2, 12, 0.1) * fault_scale
+        assert r["lr"] == pytest.approx(expected, rel=1e-12)
+    scaler = trainers[0].scaler
+    if precision == "grad_scaler":
+        assert scaler is not None and scaler.get_scale() == 2.0**16
+    else:
+        assert scaler is None
+
+
+def test_loss_scale_calibration_cannot_trip_a_rollback(
+        train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        baseline: tuple[TrainResult, Path]) -> None:
+    """A GradScaler starts at 2**16 and backs off at each overflow until the gradients fit.
+    Here gradients overflow while the scale is above 2**10: six overflows in a row, twice
+    max_nonfinite. Each runs the same step again at the lower scale, so nothing is skipped or
+    rolled back, and (scaling by powers of two being exact in fp32) the losses are the fp32
+    run's bit for bit. The calibrated scale is saved with each checkpoint."""
+    trainers: list[Trainer] = []
+    calls: list[int] = []
+
+    def setup(trainer: Trainer) -> None:
+        trainers.append(trainer)
+
+        def after(call: int, out: ModelOutput) -> ModelOutput:
+            calls.append(call)
+            assert trainer.scaler is not None
+            return inf_gradient(out) if trainer.scaler.get_scale() > 2**10 else out
+
+        wrap_forward(trainer, lambda *_: None, after)
+
+    setting = use_precision("grad_scaler", monkeypatch)
+    result, log = train(tiny_config(*BASE, setting), train_data, tmp_path / "run", setup=setup)
+    assert (result.step, result.nonfinite_skipped, result.rollbacks) == (12, 0, 0)
+    assert not any("non-finite" in m for m in log)
+    assert len(calls) == 12 + 6  # six retries of the first step
+    scaler = trainers[0].scaler
+    assert scaler is not None and scaler.get_scale() == 2.0**10
+    assert losses(tmp_path / "run") == losses(baseline[1])
+    saved = json.loads((step_dir(tmp_path / "run", 12) / "train_state.json").read_text())
+    assert saved["train_state"]["grad_scaler"]["scale"] == 2.0**10
+
+
+def test_an_overflow_at_every_scale_is_a_fault(train_data: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients that overflow however low the scale goes are not calibration: once the scale
+    is down to 1 they count like any non-finite step, and the run rolls back and finally
+    stops as it would in fp32."""
+    trainers: list[Trainer] = []
+
+    def setup(trainer: Trainer) -> None:
+        trainers.append(trainer)
+        wrap_forward(trainer, lambda *_: None,
+                     lambda call, out: inf_gradient(out) if call >= 4 else out)
+
+    setting = use_precision("grad_scaler", monkeypatch)
+    with pytest.raises(AuraError, match="keeps diverging"):
+        train(tiny_config(*BASE, setting), train_data, tmp_path / "run", setup=setup)
+    assert trainers[0].state.rollbacks == MAX_ROLLBACKS
+    assert trainers[0].state.nonfinite_skipped == 3 * (MAX_ROLLBACKS + 1)
 
 
 def test_nonfinite_before_any_checkpoint_is_an_error(train_data: Path, tmp_path: Path) -> None:

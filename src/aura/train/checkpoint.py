@@ -55,6 +55,7 @@ class TrainState:
     rollbacks: int = 0
     plateau: dict[str, float] = field(default_factory=dict)
     best_val_loss: float | None = None
+    grad_scaler: dict[str, float] = field(default_factory=dict)  # fp16's calibrated loss scale
 
 
 def _pack_optimizer(states: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[Any]]:

@@ -43,6 +43,9 @@ from aura.train.schedule import Every, Plateau, lr_factor
 
 CONFIG_FILE = "config.json"
 MAX_ROLLBACKS = 5
+# At or below this loss scale a gradient that overflows would overflow unscaled too: a fault of
+# the run, not of the scale.
+LOSS_SCALE_FLOOR = 1.0
 MicroBatch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float]
 
 
@@ -67,6 +70,11 @@ class TrainResult:
 
 class _NonFinite(Exception):
     """A step whose loss or gradient norm is NaN/inf: skipped, never applied."""
+
+
+class _LossScaleOverflow(Exception):
+    """A GradScaler's scale was too high for this step's gradients: it has backed off, and the
+    step runs again."""
 
 
 class Trainer:
@@ -146,6 +154,8 @@ class Trainer:
         self.state, opt_states = load_train_state(path, self.model)
         self.opt.load_state_dict(opt_states)
         self.plateau = Plateau(**self.state.plateau) if self.state.plateau else self.plateau
+        if self.scaler is not None and self.state.grad_scaler:
+            self.scaler.load_state_dict(self.state.grad_scaler)
 
     def _rollback(self) -> None:
         """K non-finite steps in a row: back to the last good checkpoint with half the LR."""
@@ -200,14 +210,29 @@ class Trainer:
             self.opt.unscale_(self.scaler)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         loss_value, norm_value = torch.stack([total, norm.to(total)]).tolist()
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)) and self.scaler is None:
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.opt.zero_grad()
-            raise _NonFinite
+            raise self._nonfinite_error(loss_value)
         self.opt.step(self.scaler)
         if self.scaler is not None:
             self.scaler.update()
         self.opt.zero_grad()
         return loss_value, norm_value, {k: float(v) for k, v in aux.items() if k != "ce"}
+
+    def _nonfinite_error(self, loss: float) -> Exception:
+        """The one policy for non-finite steps in every precision: count, skip, roll back after
+        ``train.max_nonfinite`` in a row. The exception is a GradScaler calibrating its scale
+        (it starts at 2**16, and overflows there are normal early in a run): with a finite loss
+        and a scale above ``LOSS_SCALE_FLOOR``, the scaler backs off and the same step runs
+        again, so calibration costs no data and can never trip a rollback."""
+        if self.scaler is None:
+            return _NonFinite()
+        scale = self.scaler.get_scale()
+        self.scaler.update()  # backs off on an overflow; unscale_ needs it before the next step
+        backed_off = self.scaler.get_scale() < scale
+        if math.isfinite(loss) and backed_off and scale > LOSS_SCALE_FLOOR:
+            return _LossScaleOverflow()
+        return _NonFinite()
 
     def _skip_nonfinite(self, step: int) -> None:
         """Skip a non-finite step, its batch too (on the same weights it would fail the same way
@@ -223,10 +248,12 @@ class Trainer:
 
     def _guarded_step(self, step: int) -> tuple[float, float, dict[str, float]] | None:
         """``_step`` with the recoveries: None when the step must run again (an OOM split, the
-        compile fallback) or was skipped or rolled back (``self.state.step`` says which step is
-        next)."""
+        compile fallback, a loss-scale overflow) or was skipped or rolled back
+        (``self.state.step`` says which step is next)."""
         try:
             result = self._step(step)
+        except _LossScaleOverflow:
+            return None
         except _NonFinite:
             self._skip_nonfinite(step)
             return None
@@ -361,8 +388,9 @@ class Trainer:
         return False
 
     def _checkpoint(self, val_loss: float | None) -> None:
-        """Save now, with the state only the trainer holds (the plateau's)."""
+        """Save now, with the state only the trainer holds (plateau, loss scale)."""
         st = self.state
         st.plateau = self.plateau.state()
+        st.grad_scaler = self.scaler.state_dict() if self.scaler is not None else {}
         self.checkpointer.save(self.model, self.data.tokenizer, self.cfg, st,
                                self.opt.state_dict(), val_loss)
