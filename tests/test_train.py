@@ -27,8 +27,10 @@ from hypothesis import strategies as st
 from aura.config import AuraConfig
 from aura.errors import AuraError
 from aura.models import ModelOutput
+from aura.train import trainer as trainer_module
 from aura.train.checkpoint import list_checkpoints, step_dir, verify_checkpoint
-from aura.train.device import Precision
+from aura.train.device import Precision, peak_flops
+from aura.train.metrics import training_flops_per_token
 from aura.train.schedule import Plateau, cosine_factor
 from aura.train.trainer import MAX_ROLLBACKS, Trainer, TrainResult
 from conftest import TINY_TRAIN, losses, read_metrics, tiny_config
@@ -384,6 +386,66 @@ def test_nonfinite_before_any_checkpoint_is_an_error(train_data: Path, tmp_path:
         train(tiny_config(*BASE), train_data, tmp_path / "run", setup=setup)
     assert len(calls) == 3  # max_nonfinite
     assert list_checkpoints(tmp_path / "run") == []
+
+
+# --- what a log row holds: MFU ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq_len", [32, 8])
+def test_flops_per_token_of_a_gpt_match_the_hand_formula(seq_len: int) -> None:
+    """6 FLOPs per forward multiply-add: per layer 12 C^2 for the qkv, output and MLP
+    projections plus C (T + 1) for the causal attention's scores and values (T (T + 1) / 2
+    query-key pairs per sequence), then C V for the head."""
+    cfg = tiny_config("model.vocab_size=60")
+    n_layer, c, vocab = cfg.model.n_layer, cfg.model.n_embd, 60
+    idx = torch.randint(0, vocab, (1, seq_len))
+    macs = n_layer * (12 * c * c + c * (seq_len + 1)) + c * vocab
+    assert training_flops_per_token(cfg.model, idx, {}) == 6 * macs
+
+
+def test_mfu_is_logged_when_the_device_peak_is_known(
+        train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        baseline: tuple[TrainResult, Path]) -> None:
+    """With a known peak each train row carries tokens/s x FLOPs per token / peak; counting the
+    FLOPs leaves the run itself unchanged. On a CPU there is no peak and no ``mfu`` key."""
+    peaks: list[tuple[torch.device, str]] = []
+
+    def fake_peak(device: torch.device, precision: str) -> float:
+        peaks.append((device, precision))
+        return 1e9
+
+    monkeypatch.setattr(trainer_module, "device_peak_flops", fake_peak)
+    trainers: list[Trainer] = []
+    train(tiny_config(*BASE), train_data, tmp_path / "run", setup=trainers.append)
+    assert peaks == [(torch.device("cpu"), "fp32")]
+    c, t, vocab = 32, 32, trainers[0].data.vocab_size
+    per_token = 6 * (2 * (12 * c * c + c * (t + 1)) + c * vocab)
+    assert trainers[0].flops_per_token == per_token
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(rows) == 12
+    for r in rows:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / 1e9, rel=1e-12)
+    assert losses(tmp_path / "run") == losses(baseline[1])
+    assert not any("mfu" in r for r in read_metrics(baseline[1]))
+
+
+@pytest.mark.parametrize(("name", "precision", "peak"), [
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+    ("NVIDIA A100-PCIE-40GB", "fp32", 19.5e12),
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
+    ("NVIDIA H100 PCIe", "fp16", 756e12),
+    ("NVIDIA L4", "bf16", 121e12),
+    ("Tesla T4", "fp16", 65e12),
+    ("Tesla V100-SXM2-16GB", "fp16", 125e12),
+    ("Tesla V100-PCIE-32GB", "fp16", 112e12),
+    ("Tesla T4", "bf16", None),  # no bf16 units
+    ("NVIDIA L40S", "bf16", None),  # not an L4
+    ("NVIDIA H100 NVL", "bf16", None),  # an H100 of a peak not in the table
+    ("NVIDIA GeForce RTX 4090", "bf16", None),
+])
+def test_peak_flops_by_device_name_and_precision(name: str, precision: str,
+                                                 peak: float | None) -> None:
+    assert peak_flops(name, precision) == peak
 
 
 # --- out of memory --------------------------------------------------------------------------

@@ -36,8 +36,14 @@ from aura.train.checkpoint import (
     list_checkpoints,
     load_train_state,
 )
-from aura.train.device import maybe_empty_cuda_cache, memory_mb, pick_device, pick_precision
-from aura.train.metrics import MetricsLog, TrainLog, progress_fields
+from aura.train.device import (
+    device_peak_flops,
+    maybe_empty_cuda_cache,
+    memory_mb,
+    pick_device,
+    pick_precision,
+)
+from aura.train.metrics import MetricsLog, TrainLog, progress_fields, training_flops_per_token
 from aura.train.optim import build_optimizers
 from aura.train.schedule import Every, Plateau, lr_factor
 
@@ -128,9 +134,17 @@ class Trainer:
         resumed = self._resume() if resume else False
         if not resumed:
             self.model.on_train_start(self.data)
+        self.peak_flops = device_peak_flops(self.device, self.precision.name)
+        self.flops_per_token = self._flops_per_token() if self.peak_flops else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(config_to_dict(cfg), indent=1))
         self.metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resumed else None)
+
+    def _flops_per_token(self) -> float:
+        """Model FLOPs per training token, at the first step's sequence length."""
+        x, _, feats = self.train_batches.batch(self.state.step * self.cfg.train.grad_accum)
+        return training_flops_per_token(self.cfg.model, x[:1],
+                                        {name: f[:1] for name, f in feats.items()})
 
     # --- state --------------------------------------------------------------------------------
 
@@ -319,7 +333,8 @@ class Trainer:
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step",
                    disable=None if self.progress else True, dynamic_ncols=True)
-        train_log = TrainLog(self.metrics, t.log_interval, t.max_steps)
+        train_log = TrainLog(self.metrics, t.log_interval, t.max_steps, self.flops_per_token,
+                             self.peak_flops)
         train_loss = val_loss = None
         stopped = "max_steps"
         while self.state.step < t.max_steps:
