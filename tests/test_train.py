@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -446,6 +447,95 @@ def test_mfu_is_logged_when_the_device_peak_is_known(
 def test_peak_flops_by_device_name_and_precision(name: str, precision: str,
                                                  peak: float | None) -> None:
     assert peak_flops(name, precision) == peak
+
+
+# --- data loader workers ------------------------------------------------------------------
+
+# A small hippocampal model: its batches carry prosody and corpus_pos, built in the workers.
+HIPPOCAMPAL = ("model.name=hippocampal", "model.n_place_cells=200", "model.memory_capacity=64",
+               "model.memory_dim=16", "model.memory_writes=16", "model.grid_modules=2",
+               "model.grid_cells_per_module=4", "model.n_time_cells=8")
+WORKERS = "data.num_workers=2"
+
+
+def count_workers(trainer: Trainer, seen: list[int]) -> None:
+    """Record how many worker processes are alive at each forward."""
+    wrap_forward(trainer, lambda *_: seen.append(len(multiprocessing.active_children())))
+
+
+@pytest.mark.parametrize("model", [(), HIPPOCAMPAL], ids=["gpt", "hippocampal"])
+def test_worker_processes_train_bit_identically(model: tuple[str, ...], train_data: Path,
+                                                tmp_path: Path) -> None:
+    """With data.num_workers=2 the batches are built in worker processes, and the losses equal
+    the in-process run's bit for bit, with dropout and gradient accumulation on."""
+    common = (*model, "model.dropout=0.1", "train.grad_accum=2", "train.max_steps=6",
+              "train.eval_interval=3", "train.checkpoint_interval=3")
+    train(tiny_config(*common), train_data, tmp_path / "a")
+    workers: list[int] = []
+    train(tiny_config(*common, WORKERS), train_data, tmp_path / "b",
+          setup=lambda trainer: count_workers(trainer, workers))
+    assert workers == [2] * 12
+    assert sorted(losses(tmp_path / "a")) == list(range(1, 7))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a", "val_loss") == losses(tmp_path / "b", "val_loss")
+    assert multiprocessing.active_children() == []
+
+
+def test_a_rollback_restarts_the_workers_at_the_rolled_back_step(train_data: Path,
+                                                                  tmp_path: Path) -> None:
+    def setup(trainer: Trainer) -> None:
+        wrap_forward(trainer, lambda *_: None,
+                     lambda call, out: poison(out) if call in (6, 7, 8) else out)
+
+    runs = {}
+    for name, extra in (("in_process", ()), ("workers", (WORKERS,))):
+        runs[name], _ = train(tiny_config(*BASE, *extra), train_data, tmp_path / name,
+                              setup=setup)
+    assert runs["workers"].rollbacks == runs["in_process"].rollbacks == 1
+    assert losses(tmp_path / "workers") == losses(tmp_path / "in_process")
+    assert sorted(losses(tmp_path / "workers")) == list(range(1, 13))
+    assert multiprocessing.active_children() == []
+
+
+def test_a_resumed_run_with_workers_is_bit_identical(train_data: Path, tmp_path: Path) -> None:
+    common = ("model.dropout=0.1", "train.schedule=constant", "train.eval_interval=3",
+              "train.checkpoint_interval=3")
+    train(tiny_config(*common, "train.max_steps=12"), train_data, tmp_path / "a")
+    train(tiny_config(*common, WORKERS, "train.max_steps=6"), train_data, tmp_path / "b")
+    train(tiny_config(*common, WORKERS, "train.max_steps=12"), train_data, tmp_path / "b",
+          resume=True)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a", "val_loss") == losses(tmp_path / "b", "val_loss")
+    assert multiprocessing.active_children() == []
+
+
+def test_workers_stop_on_ctrl_c_and_on_errors(train_data: Path, tmp_path: Path) -> None:
+    """Ctrl-C signals the whole process group: the step finishes, a checkpoint is saved and the
+    workers are stopped. An error stops them too."""
+    def ctrl_c_during_step_3(trainer: Trainer) -> None:
+        def hook(call: int, _x: torch.Tensor, _kw: dict[str, Any]) -> None:
+            if call == 2:
+                for worker in multiprocessing.active_children():
+                    assert worker.pid is not None
+                    os.kill(worker.pid, signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+        wrap_forward(trainer, hook)
+
+    stopped, log = train(tiny_config(*BASE, WORKERS), train_data, tmp_path / "run",
+                         setup=ctrl_c_during_step_3)
+    assert (stopped.stopped, stopped.step) == ("interrupted", 3)
+    assert any("SIGINT" in m for m in log)
+    assert multiprocessing.active_children() == []
+
+    def fail_at_step_2(trainer: Trainer) -> None:
+        def hook(call: int, _x: torch.Tensor, _kw: dict[str, Any]) -> None:
+            if call == 2:
+                raise RuntimeError("a real bug")
+        wrap_forward(trainer, hook)
+
+    with pytest.raises(RuntimeError, match="a real bug"):
+        train(tiny_config(*BASE, WORKERS), train_data, tmp_path / "failed", setup=fail_at_step_2)
+    assert multiprocessing.active_children() == []
 
 
 # --- out of memory --------------------------------------------------------------------------

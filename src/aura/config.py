@@ -56,7 +56,7 @@ class DataConfig:
 
     dir: str = "data/shakespeare-char"  # written by `aura data prepare`
     num_workers: int = 0  # DataLoader worker processes; 0 loads in the main process
-    pin_memory: bool = False
+    pin_memory: bool = False  # page-locked batches for faster copies to a CUDA device
     prefetch_factor: int = 2  # batches each worker loads ahead
     # Sequence-length curriculum: [from_step, block_size] pairs, from_step increasing.
     curriculum: list[list[int]] = field(default_factory=list)

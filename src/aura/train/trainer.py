@@ -25,7 +25,7 @@ from tqdm import tqdm
 from aura.atomic import atomic_write_text
 from aura.config import AuraConfig, config_to_dict
 from aura.data.prosody import token_features
-from aura.data.sampler import BatchSampler, Curriculum
+from aura.data.sampler import BatchSampler, Curriculum, StepBatches
 from aura.data.shards import PreparedData
 from aura.errors import AuraError
 from aura.models import AuraModel, build_model
@@ -124,6 +124,12 @@ class Trainer:
         self.val_batches = (BatchSampler(val, t.batch_size, self.block, t.seed + 1,
                                          features=features)
                             if val is not None and val.n_tokens > self.block else None)
+        d = cfg.data
+        self.step_batches = StepBatches(self.train_batches, t.grad_accum, t.max_steps,
+                                        num_workers=d.num_workers,
+                                        # pinned host memory only speeds copies to a GPU
+                                        pin_memory=d.pin_memory and self.device.type == "cuda",
+                                        prefetch_factor=d.prefetch_factor)
         self.plateau = Plateau(t.plateau_patience, t.early_stop_patience)
         self.evaluation = Every(t.eval_interval, t.max_steps)
         self.checkpointer = Checkpointer(self.run_dir, t.checkpoint_interval, t.max_steps,
@@ -195,8 +201,7 @@ class Trainer:
         split, so the data and the effective batch stay exactly what they were."""
         t = self.cfg.train
         split = self.state.micro_split
-        for micro in range(t.grad_accum):
-            x, y, feats = self.train_batches.batch(step * t.grad_accum + micro)
+        for x, y, feats in self.step_batches(step):
             chunks = {name: f.chunk(split) for name, f in feats.items()}
             for i, (xc, yc) in enumerate(zip(x.chunk(split), y.chunk(split), strict=True)):
                 weight = xc.size(0) / x.size(0) / t.grad_accum
@@ -324,6 +329,7 @@ class Trainer:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            self.step_batches.close()
             self.metrics.close()
 
     def _loop(self) -> TrainResult:
