@@ -246,3 +246,10 @@ def test_workers_ignore_ctrl_c(train: SplitData) -> None:
         batches.close()
     assert [same(b[:2], sampler(step)) for step, b in enumerate(rest, 1)] == [True] * 7
     assert multiprocessing.active_children() == []
+
+
+def test_a_loader_closed_before_its_first_batch_starts_no_workers(train: SplitData) -> None:
+    batches = batch_loader(BatchSampler(train, 2, 16, seed=3), 0, 8, num_workers=2)
+    assert multiprocessing.active_children() == []
+    batches.close()
+    assert multiprocessing.active_children() == []

@@ -8,7 +8,7 @@ Sources are mixed by the manifest's weights; within a source every window is equ
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -199,13 +199,14 @@ def batch_loader(sampler: BatchSampler, start_step: int, end_step: int, num_work
         # the model's dropout stream, so a run with workers would differ from one without.
         generator=torch.Generator(),
     )
-    return _closing(iter(loader))
+    return _closing(loader)
 
 
-def _closing(batches: Iterator[Batch]) -> Generator[Batch, None, None]:
-    """``batches``, whose workers stop as soon as this is closed rather than whenever the
-    iterator is garbage collected (DataLoader has no public close; Lightning calls the same
-    method)."""
+def _closing(loader: DataLoader) -> Generator[Batch, None, None]:
+    """The loader's batches; its workers start at the first and stop as soon as this is closed,
+    not whenever the iterator is garbage collected (DataLoader has no public close; Lightning
+    calls the same method)."""
+    batches = iter(loader)
     try:
         yield from batches
     finally:
