@@ -1,6 +1,8 @@
-"""Training speed of `gpt` at nanoGPT's CPU Shakespeare config, side by side with nanoGPT.
+"""Training speed of `gpt` at nanoGPT's CPU Shakespeare config, side by side with nanoGPT; or
+of Aura's trainer with DataLoader workers.
 
     python benchmarks/train_bench.py --nanogpt /path/to/nanoGPT [--iters 300] [--rounds 3]
+    python benchmarks/train_bench.py --loader [--iters 100] [--rounds 2] [--quick]
 
 Aura runs in fp32 (nanoGPT's CPU numerics) and with bf16 autocast (which nanoGPT's train.py never
 uses on CPU). Both train the same character-level tokens (prepared once by Aura; the same ids are
@@ -10,11 +12,19 @@ nanoGPT eager, nanoGPT compiled) for ``--rounds`` rounds so drift on a noisy mac
 them; the figure per system is the median milliseconds per training iteration over all its
 iterations but the first few. Prints JSON. Without ``--nanogpt`` only Aura is measured.
 nanoGPT's code is run from the given checkout, never copied here.
+
+``--loader``: ms per step and tokens/s of Aura's trainer with ``data.num_workers`` 0, 1 and 2 at
+the ``demo``, ``cpu-small`` and ``hippocampal-cpu`` presets (the last builds prosody and corpus
+positions for every batch, the work workers take off the training process), on the same char
+tokens, dropout as the preset has it, evaluation only after the last step. Runs alternate in the
+same way; the speedup is each worker count's against 0. ``--quick`` shrinks every preset to one
+layer and two sequences and runs 3 steps: it checks the script works and measures nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pickle
 import re
@@ -27,13 +37,29 @@ from pathlib import Path
 
 import numpy as np
 
-from aura.config import load_config
+from aura.config import AuraConfig, load_config
 from aura.data.prepare import PrepareOptions, prepare
 from aura.data.shards import PreparedData
 from aura.train.trainer import Trainer
 
 WARMUP = 5
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
+LOADER_PRESETS = ("demo", "cpu-small", "hippocampal-cpu")
+WORKER_COUNTS = (0, 1, 2)
+QUICK_OVERRIDES = ["model.n_layer=1", "train.batch_size=2"]
+
+
+def step_ms(cfg: AuraConfig, data_dir: Path, out: Path, warmup: int = WARMUP) -> list[float]:
+    """Milliseconds of each step of a run of ``cfg`` (logged every step) but the first
+    ``warmup``: the tokens of the step over the throughput its row reports."""
+    shutil.rmtree(out, ignore_errors=True)
+    Trainer(cfg, data_dir, out, progress=False, log=lambda _m: None).run()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    tokens = [r["tokens"] for r in train_rows]
+    per_step = [b - a for a, b in itertools.pairwise([0, *tokens])]
+    return [n / r["tokens_per_s"] * 1000 for n, r in zip(per_step, train_rows, strict=True)
+            ][warmup:]
 
 
 def run_aura(data_dir: Path, out: Path, iters: int, precision: str) -> list[float]:
@@ -45,11 +71,41 @@ def run_aura(data_dir: Path, out: Path, iters: int, precision: str) -> list[floa
         "train.log_interval=1", "train.eval_interval=250", "train.eval_iters=20",
         f"train.checkpoint_interval={iters}", f"train.precision={precision}",
     ])
-    shutil.rmtree(out, ignore_errors=True)
-    Trainer(cfg, data_dir, out, progress=False, log=lambda _m: None).run()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    tokens = s["batch_size"] * s["block_size"]
-    return [tokens / r["tokens_per_s"] * 1000 for r in rows if "loss" in r][WARMUP:]
+    return step_ms(cfg, data_dir, out)
+
+
+def loader_config(preset: str, workers: int, iters: int, overrides: list[str]) -> AuraConfig:
+    return load_config(preset=preset, overrides=[
+        f"data.num_workers={workers}", f"train.max_steps={iters}", "train.log_interval=1",
+        f"train.eval_interval={iters}", "train.eval_iters=1", f"train.checkpoint_interval={iters}",
+        *overrides,
+    ])
+
+
+def loader_bench(data_dir: Path, out: Path, iters: int, rounds: int, warmup: int,
+                 overrides: list[str]) -> dict[str, object]:
+    """ms per step for every preset and worker count, alternating within each round."""
+    ms: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for preset in LOADER_PRESETS:
+            for workers in WORKER_COUNTS:
+                cfg = loader_config(preset, workers, iters, overrides)
+                ms.setdefault((preset, workers), []).extend(
+                    step_ms(cfg, data_dir, out, warmup))
+    presets: dict[str, object] = {}
+    for preset in LOADER_PRESETS:
+        cfg = loader_config(preset, 0, iters, overrides)
+        t = cfg.train
+        tokens = t.batch_size * t.grad_accum * (t.block_size or cfg.model.block_size)
+        systems = {f"num_workers={w}": summary(ms[preset, w], tokens) for w in WORKER_COUNTS}
+        base = systems["num_workers=0"]["ms_per_iter"]
+        presets[preset] = {
+            "tokens_per_step": tokens, "systems": systems,
+            "speedup_vs_0": {k: round(base / v["ms_per_iter"], 3) for k, v in systems.items()
+                             if k != "num_workers=0"},
+        }
+    return {"mode": "loader", "iters": iters, "rounds": rounds, "warmup": warmup,
+            "overrides": overrides, "presets": presets}
 
 
 def nanogpt_data(data: PreparedData, nanogpt: Path) -> str:
@@ -88,33 +144,53 @@ def summary(ms: list[float], tokens: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout to run side by side")
+    ap.add_argument("--loader", action="store_true",
+                    help="measure data.num_workers 0, 1, 2 at the demo, cpu-small and "
+                         "hippocampal-cpu presets instead")
+    ap.add_argument("--quick", action="store_true",
+                    help="with --loader: a few steps of shrunken models, to check the script")
     ap.add_argument("--source", default="builtin:shakespeare")
-    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--iters", type=int, help="steps per run (default 300; 100 with --loader)")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    tokens = SHAPE["batch_size"] * SHAPE["block_size"]
+    if args.quick and not args.loader:
+        ap.error("--quick goes with --loader")
+    if args.loader and args.nanogpt:
+        ap.error("--loader measures Aura alone; drop --nanogpt")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         prepare(PrepareOptions([args.source], "char"), tmp / "data", progress=False)
-        data = PreparedData.open(tmp / "data")
-        dataset = nanogpt_data(data, args.nanogpt) if args.nanogpt else ""
-        results: dict[str, list[float]] = {"aura_fp32": [], "aura_bf16": []}
-        for _ in range(args.rounds):
-            for precision in ("fp32", "bf16"):
-                results[f"aura_{precision}"] += run_aura(tmp / "data", tmp / "run", args.iters,
-                                                         precision)
-            if args.nanogpt:
-                for compile_ in (False, True):
-                    key = f"nanogpt_{'compile' if compile_ else 'eager'}"
-                    results.setdefault(key, []).extend(
-                        run_nanogpt(args.nanogpt, dataset, tmp / "ngpt", args.iters, compile_))
-    systems = {k: summary(v, tokens) for k, v in results.items()}
-    report = {"shape": SHAPE, "iters": args.iters, "rounds": args.rounds, "systems": systems,
-              "speedup": {
-                  f"{a} vs {b}": round(systems[b]["ms_per_iter"] / systems[a]["ms_per_iter"], 3)
-                  for a in ("aura_fp32", "aura_bf16") for b in systems if b.startswith("nanogpt")
-              }}
+        if args.loader:
+            if args.quick:
+                report = loader_bench(tmp / "data", tmp / "run", iters=3, rounds=1, warmup=1,
+                                      overrides=QUICK_OVERRIDES)
+            else:
+                report = loader_bench(tmp / "data", tmp / "run", args.iters or 100, args.rounds,
+                                      WARMUP, [])
+        else:
+            report = nanogpt_bench(tmp, args.nanogpt, args.iters or 300, args.rounds)
     print(json.dumps(report, indent=1))
+
+
+def nanogpt_bench(tmp: Path, nanogpt: Path | None, iters: int, rounds: int) -> dict[str, object]:
+    tokens = SHAPE["batch_size"] * SHAPE["block_size"]
+    data = PreparedData.open(tmp / "data")
+    dataset = nanogpt_data(data, nanogpt) if nanogpt else ""
+    results: dict[str, list[float]] = {"aura_fp32": [], "aura_bf16": []}
+    for _ in range(rounds):
+        for precision in ("fp32", "bf16"):
+            results[f"aura_{precision}"] += run_aura(tmp / "data", tmp / "run", iters, precision)
+        if nanogpt:
+            for compile_ in (False, True):
+                key = f"nanogpt_{'compile' if compile_ else 'eager'}"
+                results.setdefault(key, []).extend(
+                    run_nanogpt(nanogpt, dataset, tmp / "ngpt", iters, compile_))
+    systems = {k: summary(v, tokens) for k, v in results.items()}
+    return {"shape": SHAPE, "iters": iters, "rounds": rounds, "systems": systems,
+            "speedup": {
+                f"{a} vs {b}": round(systems[b]["ms_per_iter"] / systems[a]["ms_per_iter"], 3)
+                for a in ("aura_fp32", "aura_bf16") for b in systems if b.startswith("nanogpt")
+            }}
 
 
 if __name__ == "__main__":

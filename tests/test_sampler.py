@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aura.data.prepare import PrepareOptions, prepare
-from aura.data.sampler import BatchSampler, batch_loader, curriculum
+from aura.data.sampler import BatchSampler, Curriculum, StepBatches, batch_loader
 from aura.data.shards import PreparedData, SplitData
 from aura.errors import DataError
 from conftest import make_docs, prepared_bytes, write_dir
@@ -111,17 +115,17 @@ def test_sources_are_mixed_by_weight(tmp_path: Path) -> None:
 
 
 def test_curriculum_block_sizes() -> None:
-    schedule = curriculum([[0, 16], [100, 32]], final=64)
+    schedule = Curriculum([[0, 16], [100, 32]], final=64)
     assert [schedule(s) for s in (0, 1, 50, 99)] == [16] * 4
     assert [schedule(s) for s in (100, 101, 5000)] == [32] * 3
-    later = curriculum([[10, 8]], final=64)  # ``final`` applies before the first stage
+    later = Curriculum([[10, 8]], final=64)  # ``final`` applies before the first stage
     assert [later(0), later(9), later(10)] == [64, 64, 8]
     with pytest.raises(DataError):
-        curriculum([[0, 0]], final=64)
+        Curriculum([[0, 0]], final=64)
 
 
 def test_sampler_follows_the_curriculum(train: SplitData) -> None:
-    sampler = BatchSampler(train, 3, curriculum([[0, 16], [100, 32]], final=64), seed=0)
+    sampler = BatchSampler(train, 3, Curriculum([[0, 16], [100, 32]], final=64), seed=0)
     assert sampler(0)[0].shape == (3, 16)
     assert sampler(99)[1].shape == (3, 16)
     assert sampler(100)[0].shape == (3, 32)
@@ -129,7 +133,7 @@ def test_sampler_follows_the_curriculum(train: SplitData) -> None:
 
 
 def test_worker_processes_give_the_same_batches(train: SplitData) -> None:
-    sampler = BatchSampler(train, 4, curriculum([[0, 16], [3, 24]], final=64), seed=2)
+    sampler = BatchSampler(train, 4, Curriculum([[0, 16], [3, 24]], final=64), seed=2)
     expected = [sampler(step) for step in range(0, 6)]
     got = list(batch_loader(sampler, 0, 6, num_workers=2))
     assert len(got) == 6
@@ -187,3 +191,65 @@ def test_corpus_pos_locates_every_window_in_the_split(train: SplitData) -> None:
         starts |= {int(np.searchsorted(np.cumsum([s.n_tokens for s in train.shards]), p,
                                        side="right")) for p in pos.tolist()}
     assert len(starts) > 1  # windows from several shards
+
+
+def test_samplers_pickle_for_spawned_workers(train: SplitData) -> None:
+    """DataLoader workers started by spawn (macOS, Windows) get the sampler pickled: a curriculum
+    or a fixed block size must survive that and give the same batches."""
+    for block in (Curriculum([[0, 8], [2, 16]], final=64), 24):
+        sampler = BatchSampler(train, 3, block, seed=4)
+        copy = pickle.loads(pickle.dumps(sampler))
+        assert all(same(sampler(step), copy(step)) for step in range(4))
+
+
+def test_loader_workers_leave_the_global_rng_alone(train: SplitData) -> None:
+    """A DataLoader draws its workers' base seed from torch's global generator unless given its
+    own; that draw would shift a model's dropout stream between runs with and without workers."""
+    before = torch.get_rng_state()
+    batches = batch_loader(BatchSampler(train, 2, 16, seed=0), 0, 3, num_workers=1)
+    assert len(list(batches)) == 3
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_step_batches_follow_the_step(train: SplitData, workers: int) -> None:
+    """Batch i of step s is sampler index s * per_step + i however the steps are asked for: in
+    order, the same step again (a retry), backwards (a rollback) or ahead (a resume)."""
+    sampler = BatchSampler(train, 2, 16, seed=7)
+    steps = StepBatches(sampler, per_step=3, end_step=10, num_workers=workers)
+    try:
+        for step in (0, 1, 1, 2, 0, 1, 7, 9, 4):
+            got = steps(step)
+            assert len(got) == 3
+            for i, (x, y, _) in enumerate(got):
+                assert same((x, y), sampler(step * 3 + i))
+        assert steps(4) is steps(4)  # a retried step gets the very same batches
+    finally:
+        steps.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_workers_ignore_ctrl_c(train: SplitData) -> None:
+    """Ctrl-C reaches every process of the group: the workers must keep serving batches so the
+    main process can finish its step, save and stop them itself."""
+    sampler = BatchSampler(train, 2, 16, seed=3)
+    batches = batch_loader(sampler, 0, 8, num_workers=2)
+    try:
+        assert same(next(batches)[:2], sampler(0))
+        workers = multiprocessing.active_children()
+        assert len(workers) == 2
+        for worker in workers:
+            assert worker.pid is not None
+            os.kill(worker.pid, signal.SIGINT)
+        rest = list(batches)
+    finally:
+        batches.close()
+    assert [same(b[:2], sampler(step)) for step, b in enumerate(rest, 1)] == [True] * 7
+    assert multiprocessing.active_children() == []
+
+
+def test_a_loader_closed_before_its_first_batch_starts_no_workers(train: SplitData) -> None:
+    batches = batch_loader(BatchSampler(train, 2, 16, seed=3), 0, 8, num_workers=2)
+    assert multiprocessing.active_children() == []
+    batches.close()
+    assert multiprocessing.active_children() == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -27,9 +28,12 @@ from hypothesis import strategies as st
 from aura.config import AuraConfig
 from aura.errors import AuraError
 from aura.models import ModelOutput
+from aura.train import trainer as trainer_module
 from aura.train.checkpoint import list_checkpoints, step_dir, verify_checkpoint
+from aura.train.device import Precision, peak_flops
+from aura.train.metrics import training_flops_per_token
 from aura.train.schedule import Plateau, cosine_factor
-from aura.train.trainer import Trainer, TrainResult
+from aura.train.trainer import MAX_ROLLBACKS, Trainer, TrainResult
 from conftest import TINY_TRAIN, losses, read_metrics, tiny_config
 
 # The shared reference run: dropout 0 so results do not depend on how RNG draws are split.
@@ -69,6 +73,28 @@ def poison(out: ModelOutput) -> ModelOutput:
     assert out.loss is not None
     out.loss = out.loss * float("nan")
     return out
+
+
+def inf_gradient(out: ModelOutput) -> ModelOutput:
+    """A finite loss whose gradient is infinite: what an fp16 overflow in backward looks like."""
+    assert out.loss is not None
+    out.loss.register_hook(lambda grad: grad * math.inf)
+    return out
+
+
+def use_precision(name: str, monkeypatch: pytest.MonkeyPatch, init_scale: float = 2.0**16
+                  ) -> str:
+    """The ``train.precision`` setting for ``name``. "grad_scaler" is fp16's path, a GradScaler,
+    over fp32 forwards: CUDA's fp16 is not available here, and the policy under test is the
+    trainer's handling of the scaler, not the dtype."""
+    if name != "grad_scaler":
+        return f"train.precision={name}"
+    monkeypatch.setattr(Precision, "new_scaler",
+                        lambda _self: torch.amp.GradScaler("cpu", init_scale=init_scale))
+    return "train.precision=fp32"
+
+
+PRECISIONS = ["fp32", "bf16", "grad_scaler"]
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +250,9 @@ def test_repeated_nonfinite_rolls_back_with_half_the_lr(
     assert saved["train_state"]["rollbacks"] == 1
 
 
-def test_divergence_that_survives_every_rollback_ends_the_run(train_data: Path,
-                                                              tmp_path: Path) -> None:
-    from aura.train.trainer import MAX_ROLLBACKS
-
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_divergence_that_survives_every_rollback_ends_the_run(
+        precision: str, train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trainers: list[Trainer] = []
 
     def setup(trainer: Trainer) -> None:  # every step after the step-4 checkpoint is NaN
@@ -236,11 +261,117 @@ def test_divergence_that_survives_every_rollback_ends_the_run(train_data: Path,
                      lambda call, out: poison(out) if call >= 4 else out)
 
     with pytest.raises(AuraError, match="keeps diverging"):
-        train(tiny_config(*BASE), train_data, tmp_path / "run", setup=setup)
+        train(tiny_config(*BASE, use_precision(precision, monkeypatch)), train_data,
+              tmp_path / "run", setup=setup)
     assert trainers[0].state.rollbacks == MAX_ROLLBACKS
     assert trainers[0].state.fault_lr_scale == 0.5**MAX_ROLLBACKS
     saved = json.loads((step_dir(tmp_path / "run", 4) / "train_state.json").read_text())
     assert saved["train_state"]["step"] == 4  # the last good state is still on disk
+
+
+@pytest.mark.parametrize("fault", [poison, inf_gradient], ids=["nan_loss", "inf_gradient"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_skips_and_counts_nonfinite_steps(
+        precision: str, fault: Callable[[ModelOutput], ModelOutput], train_data: Path,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two non-finite steps (fewer than max_nonfinite=3) are counted and skipped, batch and row
+    included, whatever the precision. The GradScaler runs at scale 1, where an overflow cannot
+    be blamed on the scale (above it an overflow is calibration: see the next tests)."""
+    def setup(trainer: Trainer) -> None:
+        wrap_forward(trainer, lambda *_: None,
+                     lambda call, out: fault(out) if call in (5, 6) else out)
+
+    setting = use_precision(precision, monkeypatch, init_scale=1.0)
+    result, log = train(tiny_config(*BASE, setting), train_data, tmp_path / "run", setup=setup)
+    assert (result.step, result.stopped) == (12, "max_steps")
+    assert (result.nonfinite_skipped, result.rollbacks) == (2, 0)
+    assert sum("non-finite" in m for m in log) == 2
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_rolls_back_with_half_the_lr(
+        precision: str, train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_nonfinite NaN losses in a row roll back to the step-4 checkpoint with the lr halved
+    whatever the precision; a GradScaler's scale comes back with the weights (each NaN step had
+    backed it off, to 2**13)."""
+    trainers: list[Trainer] = []
+
+    def setup(trainer: Trainer) -> None:
+        trainers.append(trainer)
+        wrap_forward(trainer, lambda *_: None,
+                     lambda call, out: poison(out) if call in (6, 7, 8) else out)
+
+    setting = use_precision(precision, monkeypatch)
+    result, log = train(tiny_config(*BASE, setting), train_data, tmp_path / "run", setup=setup)
+    assert (result.step, result.stopped) == (12, "max_steps")
+    assert (result.nonfinite_skipped, result.rollbacks) == (3, 1)
+    assert any("rolled back to step 4" in m for m in log), log
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for r in rows:
+        fault_scale = 1.0 if r["step"] <= 4 else 0.5
+        expected = LR * cosine_factor(r["step"] - 1, 2, 12, 0.1) * fault_scale
+        assert r["lr"] == pytest.approx(expected, rel=1e-12)
+    scaler = trainers[0].scaler
+    if precision == "grad_scaler":
+        assert scaler is not None and scaler.get_scale() == 2.0**16
+    else:
+        assert scaler is None
+
+
+def test_loss_scale_calibration_cannot_trip_a_rollback(
+        train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        baseline: tuple[TrainResult, Path]) -> None:
+    """A GradScaler starts at 2**16 and backs off at each overflow until the gradients fit.
+    Here gradients overflow while the scale is above 2**10: six overflows in a row, twice
+    max_nonfinite. Each runs the same step again at the lower scale, so nothing is skipped or
+    rolled back, and (scaling by powers of two being exact in fp32) the losses are the fp32
+    run's bit for bit. The calibrated scale is saved with each checkpoint."""
+    trainers: list[Trainer] = []
+    calls: list[int] = []
+
+    def setup(trainer: Trainer) -> None:
+        trainers.append(trainer)
+
+        def after(call: int, out: ModelOutput) -> ModelOutput:
+            calls.append(call)
+            assert trainer.scaler is not None
+            return inf_gradient(out) if trainer.scaler.get_scale() > 2**10 else out
+
+        wrap_forward(trainer, lambda *_: None, after)
+
+    setting = use_precision("grad_scaler", monkeypatch)
+    result, log = train(tiny_config(*BASE, setting), train_data, tmp_path / "run", setup=setup)
+    assert (result.step, result.nonfinite_skipped, result.rollbacks) == (12, 0, 0)
+    assert not any("non-finite" in m for m in log)
+    assert len(calls) == 12 + 6  # six retries of the first step
+    scaler = trainers[0].scaler
+    assert scaler is not None and scaler.get_scale() == 2.0**10
+    assert losses(tmp_path / "run") == losses(baseline[1])
+    saved = json.loads((step_dir(tmp_path / "run", 12) / "train_state.json").read_text())
+    assert saved["train_state"]["grad_scaler"]["scale"] == 2.0**10
+
+
+def test_an_overflow_at_every_scale_is_a_fault(train_data: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients that overflow however low the scale goes are not calibration: once the scale
+    is down to 1 they count like any non-finite step, and the run rolls back and finally
+    stops as it would in fp32."""
+    trainers: list[Trainer] = []
+
+    def setup(trainer: Trainer) -> None:
+        trainers.append(trainer)
+        wrap_forward(trainer, lambda *_: None,
+                     lambda call, out: inf_gradient(out) if call >= 4 else out)
+
+    setting = use_precision("grad_scaler", monkeypatch)
+    with pytest.raises(AuraError, match="keeps diverging"):
+        train(tiny_config(*BASE, setting), train_data, tmp_path / "run", setup=setup)
+    assert trainers[0].state.rollbacks == MAX_ROLLBACKS
+    assert trainers[0].state.nonfinite_skipped == 3 * (MAX_ROLLBACKS + 1)
 
 
 def test_nonfinite_before_any_checkpoint_is_an_error(train_data: Path, tmp_path: Path) -> None:
@@ -256,6 +387,155 @@ def test_nonfinite_before_any_checkpoint_is_an_error(train_data: Path, tmp_path:
         train(tiny_config(*BASE), train_data, tmp_path / "run", setup=setup)
     assert len(calls) == 3  # max_nonfinite
     assert list_checkpoints(tmp_path / "run") == []
+
+
+# --- what a log row holds: MFU ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq_len", [32, 8])
+def test_flops_per_token_of_a_gpt_match_the_hand_formula(seq_len: int) -> None:
+    """6 FLOPs per forward multiply-add: per layer 12 C^2 for the qkv, output and MLP
+    projections plus C (T + 1) for the causal attention's scores and values (T (T + 1) / 2
+    query-key pairs per sequence), then C V for the head."""
+    cfg = tiny_config("model.vocab_size=60")
+    n_layer, c, vocab = cfg.model.n_layer, cfg.model.n_embd, 60
+    idx = torch.randint(0, vocab, (1, seq_len))
+    macs = n_layer * (12 * c * c + c * (seq_len + 1)) + c * vocab
+    assert training_flops_per_token(cfg.model, idx, {}) == 6 * macs
+
+
+def test_mfu_is_logged_when_the_device_peak_is_known(
+        train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        baseline: tuple[TrainResult, Path]) -> None:
+    """With a known peak each train row carries tokens/s x FLOPs per token / peak; counting the
+    FLOPs leaves the run itself unchanged. On a CPU there is no peak and no ``mfu`` key."""
+    peaks: list[tuple[torch.device, str]] = []
+
+    def fake_peak(device: torch.device, precision: str) -> float:
+        peaks.append((device, precision))
+        return 1e9
+
+    monkeypatch.setattr(trainer_module, "device_peak_flops", fake_peak)
+    trainers: list[Trainer] = []
+    train(tiny_config(*BASE), train_data, tmp_path / "run", setup=trainers.append)
+    assert peaks == [(torch.device("cpu"), "fp32")]
+    c, t, vocab = 32, 32, trainers[0].data.vocab_size
+    per_token = 6 * (2 * (12 * c * c + c * (t + 1)) + c * vocab)
+    assert trainers[0].flops_per_token == per_token
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(rows) == 12
+    for r in rows:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / 1e9, rel=1e-12)
+    assert losses(tmp_path / "run") == losses(baseline[1])
+    assert not any("mfu" in r for r in read_metrics(baseline[1]))
+
+
+@pytest.mark.parametrize(("name", "precision", "peak"), [
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+    ("NVIDIA A100-PCIE-40GB", "fp32", 19.5e12),
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
+    ("NVIDIA H100 PCIe", "fp16", 756e12),
+    ("NVIDIA L4", "bf16", 121e12),
+    ("Tesla T4", "fp16", 65e12),
+    ("Tesla V100-SXM2-16GB", "fp16", 125e12),
+    ("Tesla V100-PCIE-32GB", "fp16", 112e12),
+    ("Tesla T4", "bf16", None),  # no bf16 units
+    ("NVIDIA L40S", "bf16", None),  # not an L4
+    ("NVIDIA H100 NVL", "bf16", None),  # an H100 of a peak not in the table
+    ("NVIDIA GeForce RTX 4090", "bf16", None),
+])
+def test_peak_flops_by_device_name_and_precision(name: str, precision: str,
+                                                 peak: float | None) -> None:
+    assert peak_flops(name, precision) == peak
+
+
+# --- data loader workers ------------------------------------------------------------------
+
+# A small hippocampal model: its batches carry prosody and corpus_pos, built in the workers.
+HIPPOCAMPAL = ("model.name=hippocampal", "model.n_place_cells=200", "model.memory_capacity=64",
+               "model.memory_dim=16", "model.memory_writes=16", "model.grid_modules=2",
+               "model.grid_cells_per_module=4", "model.n_time_cells=8")
+WORKERS = "data.num_workers=2"
+
+
+def count_workers(trainer: Trainer, seen: list[int]) -> None:
+    """Record how many worker processes are alive at each forward."""
+    wrap_forward(trainer, lambda *_: seen.append(len(multiprocessing.active_children())))
+
+
+@pytest.mark.parametrize("model", [(), HIPPOCAMPAL], ids=["gpt", "hippocampal"])
+def test_worker_processes_train_bit_identically(model: tuple[str, ...], train_data: Path,
+                                                tmp_path: Path) -> None:
+    """With data.num_workers=2 the batches are built in worker processes, and the losses equal
+    the in-process run's bit for bit, with dropout and gradient accumulation on."""
+    common = (*model, "model.dropout=0.1", "train.grad_accum=2", "train.max_steps=6",
+              "train.eval_interval=3", "train.checkpoint_interval=3")
+    train(tiny_config(*common), train_data, tmp_path / "a")
+    workers: list[int] = []
+    train(tiny_config(*common, WORKERS), train_data, tmp_path / "b",
+          setup=lambda trainer: count_workers(trainer, workers))
+    assert workers == [2] * 12
+    assert sorted(losses(tmp_path / "a")) == list(range(1, 7))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a", "val_loss") == losses(tmp_path / "b", "val_loss")
+    assert multiprocessing.active_children() == []
+
+
+def test_a_rollback_restarts_the_workers_at_the_rolled_back_step(train_data: Path,
+                                                                  tmp_path: Path) -> None:
+    def setup(trainer: Trainer) -> None:
+        wrap_forward(trainer, lambda *_: None,
+                     lambda call, out: poison(out) if call in (6, 7, 8) else out)
+
+    runs = {}
+    for name, extra in (("in_process", ()), ("workers", (WORKERS,))):
+        runs[name], _ = train(tiny_config(*BASE, *extra), train_data, tmp_path / name,
+                              setup=setup)
+    assert runs["workers"].rollbacks == runs["in_process"].rollbacks == 1
+    assert losses(tmp_path / "workers") == losses(tmp_path / "in_process")
+    assert sorted(losses(tmp_path / "workers")) == list(range(1, 13))
+    assert multiprocessing.active_children() == []
+
+
+def test_a_resumed_run_with_workers_is_bit_identical(train_data: Path, tmp_path: Path) -> None:
+    common = ("model.dropout=0.1", "train.schedule=constant", "train.eval_interval=3",
+              "train.checkpoint_interval=3")
+    train(tiny_config(*common, "train.max_steps=12"), train_data, tmp_path / "a")
+    train(tiny_config(*common, WORKERS, "train.max_steps=6"), train_data, tmp_path / "b")
+    train(tiny_config(*common, WORKERS, "train.max_steps=12"), train_data, tmp_path / "b",
+          resume=True)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a", "val_loss") == losses(tmp_path / "b", "val_loss")
+    assert multiprocessing.active_children() == []
+
+
+def test_workers_stop_on_ctrl_c_and_on_errors(train_data: Path, tmp_path: Path) -> None:
+    """Ctrl-C signals the whole process group: the step finishes, a checkpoint is saved and the
+    workers are stopped. An error stops them too."""
+    def ctrl_c_during_step_3(trainer: Trainer) -> None:
+        def hook(call: int, _x: torch.Tensor, _kw: dict[str, Any]) -> None:
+            if call == 2:
+                for worker in multiprocessing.active_children():
+                    assert worker.pid is not None
+                    os.kill(worker.pid, signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+        wrap_forward(trainer, hook)
+
+    stopped, log = train(tiny_config(*BASE, WORKERS), train_data, tmp_path / "run",
+                         setup=ctrl_c_during_step_3)
+    assert (stopped.stopped, stopped.step) == ("interrupted", 3)
+    assert any("SIGINT" in m for m in log)
+    assert multiprocessing.active_children() == []
+
+    def fail_at_step_2(trainer: Trainer) -> None:
+        def hook(call: int, _x: torch.Tensor, _kw: dict[str, Any]) -> None:
+            if call == 2:
+                raise RuntimeError("a real bug")
+        wrap_forward(trainer, hook)
+
+    with pytest.raises(RuntimeError, match="a real bug"):
+        train(tiny_config(*BASE, WORKERS), train_data, tmp_path / "failed", setup=fail_at_step_2)
+    assert multiprocessing.active_children() == []
 
 
 # --- out of memory --------------------------------------------------------------------------
@@ -498,6 +778,22 @@ def test_grad_checkpointing_trains_the_same(train_data: Path, tmp_path: Path,
     assert sorted(got) == sorted(ref)
     for step in ref:
         assert got[step] == pytest.approx(ref[step], abs=1e-5)
+
+
+def test_rows_evaluations_and_checkpoints_keep_their_own_cadence(train_data: Path,
+                                                                  tmp_path: Path) -> None:
+    """Train rows after the first step, every log_interval and the last; evaluations and
+    checkpoints at multiples of their intervals and the last step."""
+    cfg = tiny_config("train.max_steps=13", "train.log_interval=5", "train.eval_interval=4",
+                      "train.checkpoint_interval=6", "train.keep_checkpoints=10")
+    train(cfg, train_data, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 5, 10, 13]
+    assert [r["tokens"] for r in train_rows] == [s * 4 * 32 for s in (1, 5, 10, 13)]
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8, 12, 13]
+    assert list_checkpoints(tmp_path / "run") == [step_dir(tmp_path / "run", s)
+                                                  for s in (6, 12, 13)]
 
 
 # --- what a run writes ----------------------------------------------------------------------

@@ -44,7 +44,7 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes; 0 loads batches in the main process."""
     pin_memory: bool = False
-    """Page-locked host memory for batches: faster copies to a CUDA device."""
+    """Page-locked host memory for batches: faster copies to a CUDA device (ignored on CPU)."""
     prefetch_factor: int = 2
     """Batches each worker loads ahead."""
     curriculum: list[list[int]] = field(default_factory=list)

@@ -7,7 +7,8 @@ Sources are mixed by the manifest's weights; within a source every window is equ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import signal
+from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -21,23 +22,35 @@ TokenFeatures = dict[str, Callable[[np.ndarray], np.ndarray]]
 Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
-def curriculum(stages: Sequence[Sequence[int]], final: int) -> Callable[[int], int]:
+class FixedBlock:
+    """The same block size at every step (a class, not a lambda, so samplers pickle to DataLoader
+    workers started by spawn, as on macOS and Windows)."""
+
+    def __init__(self, block: int):
+        self.block = block
+
+    def __call__(self, _step: int) -> int:
+        return self.block
+
+
+class Curriculum:
     """Block size by step from [from_step, block_size] stages; ``final`` before the first stage.
 
-    Seed 004 (H): short sequences early are cheap and already carry useful gradient signal.
+    Short sequences early are cheap and already carry useful gradient signal.
     """
-    points = sorted((int(s), int(b)) for s, b in stages)
-    for _, block in points:
-        if block < 1:
-            raise DataError(f"curriculum block sizes must be positive, got {block}")
-    starts = np.array([s for s, _ in points], dtype=np.int64)
-    blocks = [b for _, b in points]
 
-    def block_size(step: int) -> int:
-        i = int(np.searchsorted(starts, step, side="right")) - 1
-        return blocks[i] if i >= 0 else final
+    def __init__(self, stages: Sequence[Sequence[int]], final: int):
+        points = sorted((int(s), int(b)) for s, b in stages)
+        for _, block in points:
+            if block < 1:
+                raise DataError(f"curriculum block sizes must be positive, got {block}")
+        self.starts = np.array([s for s, _ in points], dtype=np.int64)
+        self.blocks = [b for _, b in points]
+        self.final = final
 
-    return block_size
+    def __call__(self, step: int) -> int:
+        i = int(np.searchsorted(self.starts, step, side="right")) - 1
+        return self.blocks[i] if i >= 0 else self.final
 
 
 class BatchSampler:
@@ -57,7 +70,7 @@ class BatchSampler:
         self.split, self.batch_size, self.seed, self.rank = split, batch_size, seed, rank
         self.features, self.corpus_pos = features or {}, corpus_pos
         self._shard_starts = np.cumsum([0] + [s.n_tokens for s in split.shards])[:-1]
-        self.block_size = block_size if callable(block_size) else (lambda _s, b=block_size: b)
+        self.block_size = block_size if callable(block_size) else FixedBlock(block_size)
         self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._bits = np.random.Philox(key=np.array([seed, rank], dtype=np.uint64))
         self._rng = np.random.Generator(self._bits)
@@ -157,10 +170,20 @@ class _StepBatches(Dataset):
         return self.sampler.batch(step)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGINT and SIGTERM to the main process: Ctrl-C reaches the whole process
+    group, and a worker killed by it would fail the main process's next batch instead of
+    letting it finish the step, save and stop the workers itself. A worker whose main process
+    dies exits on its own (DataLoader's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def batch_loader(sampler: BatchSampler, start_step: int, end_step: int, num_workers: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int = 2) -> Iterator[Batch]:
+                 pin_memory: bool = False, prefetch_factor: int = 2
+                 ) -> Generator[Batch, None, None]:
     """Batches (x, y, features) for steps start..end-1, built ahead by worker processes when
-    asked."""
+    asked. Closing the generator (or exhausting it) stops the workers."""
     if num_workers == 0 and not pin_memory:
         return (sampler.batch(step) for step in range(start_step, end_step))
     loader = DataLoader(
@@ -171,5 +194,59 @@ def batch_loader(sampler: BatchSampler, start_step: int, end_step: int, num_work
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers else None,
         persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals,
+        # The batches need no worker seed; drawing it from the global generator would shift
+        # the model's dropout stream, so a run with workers would differ from one without.
+        generator=torch.Generator(),
     )
-    return iter(loader)
+    return _closing(loader)
+
+
+def _closing(loader: DataLoader) -> Generator[Batch, None, None]:
+    """The loader's batches; its workers start at the first and stop as soon as this is closed,
+    not whenever the iterator is garbage collected (DataLoader has no public close; Lightning
+    calls the same method)."""
+    batches = iter(loader)
+    try:
+        yield from batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+class StepBatches:
+    """The ``per_step`` batches of each optimizer step, batch i of step s being sampler index
+    ``s * per_step + i``, read in order from ``batch_loader`` so workers can build them ahead.
+
+    Asking for the step just returned again (a retried step) gives the same batches; asking for
+    any step but the next (a resume or a rollback) restarts the loader there. So the batches of
+    a step never depend on how the run got to it.
+    """
+
+    def __init__(self, sampler: BatchSampler, per_step: int, end_step: int,
+                 num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2):
+        self.sampler, self.per_step, self.end_step = sampler, per_step, end_step
+        self.loader_options = {"num_workers": num_workers, "pin_memory": pin_memory,
+                               "prefetch_factor": prefetch_factor}
+        self._loader: Generator[Batch, None, None] | None = None
+        self._next_step: int | None = None  # the step whose batches the loader yields next
+        self._step: int | None = None  # the step of ``_batches``
+        self._batches: list[Batch] = []
+
+    def __call__(self, step: int) -> list[Batch]:
+        if step == self._step:
+            return self._batches
+        if self._loader is None or step != self._next_step:
+            self.close()
+            self._loader = batch_loader(self.sampler, step * self.per_step,
+                                        self.end_step * self.per_step, **self.loader_options)
+        self._batches = [next(self._loader) for _ in range(self.per_step)]
+        self._step, self._next_step = step, step + 1
+        return self._batches
+
+    def close(self) -> None:
+        """Stop the loader's workers (a no-op without any)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None

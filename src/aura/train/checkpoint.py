@@ -32,6 +32,7 @@ from aura.data.shards import file_sha256
 from aura.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from aura.errors import DataError
 from aura.models import AuraModel, build_model
+from aura.train.schedule import Every
 
 FORMAT = 1
 CKPT_DIR = "checkpoints"
@@ -53,6 +54,7 @@ class TrainState:
     rollbacks: int = 0
     plateau: dict[str, float] = field(default_factory=dict)
     best_val_loss: float | None = None
+    grad_scaler: dict[str, float] = field(default_factory=dict)  # fp16's calibrated loss scale
 
 
 def _pack_optimizer(states: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[Any]]:
@@ -139,6 +141,38 @@ def save_checkpoint(run_dir: Path, model: AuraModel, tokenizer: Tokenizer, confi
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     return final
+
+
+class Checkpointer:
+    """A run's checkpoints: due every ``interval`` steps and after the ``last`` step; each save
+    records the best val loss and prunes to the newest ``keep`` plus the best, so a long run's
+    disk use stays bounded and its best weights survive."""
+
+    def __init__(self, run_dir: Path, interval: int, last: int, keep: int,
+                 log: Callable[[str], None]):
+        self.run_dir, self.cadence, self.keep, self.log = run_dir, Every(interval, last), keep, log
+
+    def due(self, step: int) -> bool:
+        return self.cadence.due(step)
+
+    def saved(self, step: int) -> bool:
+        return step_dir(self.run_dir, step).is_dir()
+
+    def save(self, model: AuraModel, tokenizer: Tokenizer, config: AuraConfig,
+             state: TrainState, optimizer_states: list[dict[str, Any]],
+             val_loss: float | None) -> Path:
+        improved = val_loss is not None and (state.best_val_loss is None
+                                             or val_loss < state.best_val_loss)
+        if improved:
+            state.best_val_loss = val_loss
+        path = save_checkpoint(self.run_dir, model, tokenizer, config, state, optimizer_states,
+                               val_loss)
+        if improved:
+            assert val_loss is not None
+            mark_best(self.run_dir, state.step, val_loss)
+        prune(self.run_dir, self.keep)
+        self.log(f"checkpoint: {path}")
+        return path
 
 
 def verify_checkpoint(path: Path, need_train_state: bool = False) -> dict[str, Any]:

@@ -7,6 +7,7 @@ on older GPUs, fp32 on CPU and MPS unless asked (CPU bf16 autocast is correct bu
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,3 +94,35 @@ def memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# Dense peak FLOP/s (no 2:4 sparsity) of the units each precision's matmuls run on, from NVIDIA's
+# datasheets; fp32 without TF32, which Aura leaves off. An entry applies when all its words are
+# words of torch.cuda.get_device_name(); the first that applies wins, so variants come first.
+# Names not listed (and every CPU) have no peak: an MFU against a guessed peak would mislead.
+PEAK_FLOPS: tuple[tuple[tuple[str, ...], dict[str, float]], ...] = (
+    (("h100", "pcie"), {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    (("h100", "hbm3"), {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM5
+    (("h100", "sxm5"), {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    (("a100",), {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    (("l4",), {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
+    (("t4",), {"fp16": 65e12, "fp32": 8.1e12}),  # no bf16 units
+    (("v100", "pcie"), {"fp16": 112e12, "fp32": 14e12}),
+    (("v100",), {"fp16": 125e12, "fp32": 15.7e12}),  # SXM2; no bf16 units
+)
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """The peak FLOP/s of a GPU named ``device_name`` at ``precision``; None when not known."""
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    for needed, peaks in PEAK_FLOPS:
+        if words.issuperset(needed):
+            return peaks.get(precision)
+    return None
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    """``peak_flops`` of a CUDA device; None for any other device."""
+    if device.type != "cuda":
+        return None
+    return peak_flops(torch.cuda.get_device_name(device), precision)

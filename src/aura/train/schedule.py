@@ -1,4 +1,5 @@
-"""Learning-rate schedules as plain functions of the step, plus plateau/early-stop bookkeeping.
+"""Learning-rate schedules as plain functions of the step, plus plateau/early-stop bookkeeping
+and the cadence of periodic work (logging, evaluation, checkpoints).
 
 Keeping the LR a function of (step, a few saved numbers) makes resumed runs exact without
 pickling scheduler objects.
@@ -18,6 +19,18 @@ def cosine_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> f
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Every:
+    """Work done every ``interval`` steps and after the run's ``last`` step, so a run always
+    ends logged, evaluated and saved whatever its length. Steps count updates done."""
+
+    interval: int
+    last: int
+
+    def due(self, step: int) -> bool:
+        return step % self.interval == 0 or step == self.last
 
 
 @dataclass

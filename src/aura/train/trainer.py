@@ -14,7 +14,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,27 +25,34 @@ from tqdm import tqdm
 from aura.atomic import atomic_write_text
 from aura.config import AuraConfig, config_to_dict
 from aura.data.prosody import token_features
-from aura.data.sampler import BatchSampler, curriculum
+from aura.data.sampler import BatchSampler, Curriculum, StepBatches
 from aura.data.shards import PreparedData
 from aura.errors import AuraError
 from aura.models import AuraModel, build_model
 from aura.train.checkpoint import (
+    Checkpointer,
     TrainState,
     latest_good,
     list_checkpoints,
     load_train_state,
-    mark_best,
-    prune,
-    save_checkpoint,
-    step_dir,
 )
-from aura.train.device import maybe_empty_cuda_cache, memory_mb, pick_device, pick_precision
-from aura.train.metrics import MetricsLog
+from aura.train.device import (
+    device_peak_flops,
+    maybe_empty_cuda_cache,
+    memory_mb,
+    pick_device,
+    pick_precision,
+)
+from aura.train.metrics import MetricsLog, TrainLog, progress_fields, training_flops_per_token
 from aura.train.optim import build_optimizers
-from aura.train.schedule import Plateau, lr_factor
+from aura.train.schedule import Every, Plateau, lr_factor
 
 CONFIG_FILE = "config.json"
 MAX_ROLLBACKS = 5
+# At or below this loss scale a gradient that overflows would overflow unscaled too: a fault of
+# the run, not of the scale.
+LOSS_SCALE_FLOOR = 1.0
+MicroBatch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float]
 
 
 def _stderr(message: str) -> None:
@@ -69,6 +76,11 @@ class TrainResult:
 
 class _NonFinite(Exception):
     """A step whose loss or gradient norm is NaN/inf: skipped, never applied."""
+
+
+class _LossScaleOverflow(Exception):
+    """A GradScaler's scale was too high for this step's gradients: it has backed off, and the
+    step runs again."""
 
 
 class Trainer:
@@ -103,7 +115,7 @@ class Trainer:
         self.opt = build_optimizers(self.model, t, self.device)
         self.block = t.block_size or cfg.model.block_size
         stages = cfg.data.curriculum
-        block_fn = curriculum(stages, self.block) if stages else self.block
+        block_fn = Curriculum(stages, self.block) if stages else self.block
         features = token_features(self.model.token_features, self.data.tokenizer)
         self.train_batches = BatchSampler(self.data.split("train"), t.batch_size, block_fn, t.seed,
                                           features=features,
@@ -112,15 +124,33 @@ class Trainer:
         self.val_batches = (BatchSampler(val, t.batch_size, self.block, t.seed + 1,
                                          features=features)
                             if val is not None and val.n_tokens > self.block else None)
+        d = cfg.data
+        self.step_batches = StepBatches(self.train_batches, t.grad_accum, t.max_steps,
+                                        num_workers=d.num_workers,
+                                        # pinned host memory only speeds copies to a GPU
+                                        pin_memory=d.pin_memory and self.device.type == "cuda",
+                                        prefetch_factor=d.prefetch_factor)
         self.plateau = Plateau(t.plateau_patience, t.early_stop_patience)
+        self.evaluation = Every(t.eval_interval, t.max_steps)
+        self.checkpointer = Checkpointer(self.run_dir, t.checkpoint_interval, t.max_steps,
+                                         t.keep_checkpoints, self.log)
         self.state = TrainState()
+        self._nonfinite_in_a_row = 0
         self._stop_signal: str | None = None
         resumed = self._resume() if resume else False
         if not resumed:
             self.model.on_train_start(self.data)
+        self.peak_flops = device_peak_flops(self.device, self.precision.name)
+        self.flops_per_token = self._flops_per_token() if self.peak_flops else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(config_to_dict(cfg), indent=1))
         self.metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resumed else None)
+
+    def _flops_per_token(self) -> float:
+        """Model FLOPs per training token, at the first step's sequence length."""
+        x, _, feats = self.train_batches.batch(self.state.step * self.cfg.train.grad_accum)
+        return training_flops_per_token(self.cfg.model, x[:1],
+                                        {name: f[:1] for name, f in feats.items()})
 
     # --- state --------------------------------------------------------------------------------
 
@@ -144,6 +174,8 @@ class Trainer:
         self.state, opt_states = load_train_state(path, self.model)
         self.opt.load_state_dict(opt_states)
         self.plateau = Plateau(**self.state.plateau) if self.state.plateau else self.plateau
+        if self.scaler is not None and self.state.grad_scaler:
+            self.scaler.load_state_dict(self.state.grad_scaler)
 
     def _rollback(self) -> None:
         """K non-finite steps in a row: back to the last good checkpoint with half the LR."""
@@ -164,13 +196,12 @@ class Trainer:
 
     # --- one step -----------------------------------------------------------------------------
 
-    def _micro_batches(self, step: int) -> Any:
+    def _micro_batches(self, step: int) -> Iterator[MicroBatch]:
         """(x, y, features, weight) chunks of the step's batches; after an OOM each batch is
         split, so the data and the effective batch stay exactly what they were."""
         t = self.cfg.train
         split = self.state.micro_split
-        for micro in range(t.grad_accum):
-            x, y, feats = self.train_batches.batch(step * t.grad_accum + micro)
+        for x, y, feats in self.step_batches(step):
             chunks = {name: f.chunk(split) for name, f in feats.items()}
             for i, (xc, yc) in enumerate(zip(x.chunk(split), y.chunk(split), strict=True)):
                 weight = xc.size(0) / x.size(0) / t.grad_accum
@@ -204,19 +235,53 @@ class Trainer:
             self.opt.unscale_(self.scaler)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         loss_value, norm_value = torch.stack([total, norm.to(total)]).tolist()
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)) and self.scaler is None:
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.opt.zero_grad()
-            raise _NonFinite
+            raise self._nonfinite_error(loss_value)
         self.opt.step(self.scaler)
         if self.scaler is not None:
             self.scaler.update()
         self.opt.zero_grad()
         return loss_value, norm_value, {k: float(v) for k, v in aux.items() if k != "ce"}
 
+    def _nonfinite_error(self, loss: float) -> Exception:
+        """The one policy for non-finite steps in every precision: count, skip, roll back after
+        ``train.max_nonfinite`` in a row. The exception is a GradScaler calibrating its scale
+        (it starts at 2**16, and overflows there are normal early in a run): with a finite loss
+        and a scale above ``LOSS_SCALE_FLOOR``, the scaler backs off and the same step runs
+        again, so calibration costs no data and can never trip a rollback."""
+        if self.scaler is None:
+            return _NonFinite()
+        scale = self.scaler.get_scale()
+        self.scaler.update()  # backs off on an overflow; unscale_ needs it before the next step
+        backed_off = self.scaler.get_scale() < scale
+        if math.isfinite(loss) and backed_off and scale > LOSS_SCALE_FLOOR:
+            return _LossScaleOverflow()
+        return _NonFinite()
+
+    def _skip_nonfinite(self, step: int) -> None:
+        """Skip a non-finite step, its batch too (on the same weights it would fail the same way
+        again); the ``train.max_nonfinite``-th in a row rolls back instead."""
+        self.state.nonfinite_skipped += 1
+        self._nonfinite_in_a_row += 1
+        self.log(f"warning: non-finite loss or gradient at step {step}; step skipped")
+        if self._nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+            self._rollback()
+            self._nonfinite_in_a_row = 0
+        else:
+            self.state.step = step + 1
+
     def _guarded_step(self, step: int) -> tuple[float, float, dict[str, float]] | None:
-        """``_step`` with OOM recovery and the compile fallback; None: run this step again."""
+        """``_step`` with the recoveries: None when the step must run again (an OOM split, the
+        compile fallback, a loss-scale overflow) or was skipped or rolled back
+        (``self.state.step`` says which step is next)."""
         try:
-            return self._step(step)
+            result = self._step(step)
+        except _LossScaleOverflow:
+            return None
+        except _NonFinite:
+            self._skip_nonfinite(step)
+            return None
         except torch.OutOfMemoryError:
             self.opt.zero_grad()
             maybe_empty_cuda_cache("out of memory", min_free_ratio=1.0, log=self.log)
@@ -226,8 +291,6 @@ class Trainer:
             self.log(f"warning: out of memory; each micro-batch now runs in "
                      f"{self.state.micro_split} chunks (same effective batch)")
             return None
-        except _NonFinite:
-            raise
         except Exception as exc:
             if not self._compiled:
                 raise
@@ -236,6 +299,8 @@ class Trainer:
             self.log(f"warning: compiled model failed ({type(exc).__name__}: {exc}); "
                      "falling back to eager")
             return None
+        self._nonfinite_in_a_row = 0
+        return result
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -269,102 +334,89 @@ class Trainer:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            self.step_batches.close()
             self.metrics.close()
 
     def _loop(self) -> TrainResult:
-        t, st = self.cfg.train, self.state
-        t0 = time.perf_counter()
-        bar = tqdm(total=t.max_steps, initial=st.step, desc="train", unit="step",
+        """Each step: train (or recover), then whatever is due after it: a log row, an
+        evaluation (which may say stop early), a checkpoint."""
+        t = self.cfg.train
+        started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
+        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step",
                    disable=None if self.progress else True, dynamic_ncols=True)
-        tokens_at_start, window_t, window_tokens = st.tokens_seen, time.perf_counter(), 0
+        train_log = TrainLog(self.metrics, t.log_interval, t.max_steps, self.flops_per_token,
+                             self.peak_flops)
         train_loss = val_loss = None
-        consecutive_bad, stopped = 0, "max_steps"
-        while st.step < t.max_steps:
+        stopped = "max_steps"
+        while self.state.step < t.max_steps:
             if self._stop_signal:
                 stopped = "interrupted"
                 break
-            step = st.step
-            try:
-                result = self._guarded_step(step)
-            except _NonFinite:
-                st.nonfinite_skipped += 1
-                consecutive_bad += 1
-                self.log(f"warning: non-finite loss or gradient at step {step}; step skipped")
-                if consecutive_bad >= t.max_nonfinite:
-                    self._rollback()
-                    st, consecutive_bad = self.state, 0  # the rollback loaded a new state
-                else:  # its batch too: on the same weights it would fail the same way again
-                    st.step = step + 1
-                bar.n = st.step
+            step = self.state.step
+            result = self._guarded_step(step)
+            bar.n = self.state.step
+            if result is None:  # retried, skipped or rolled back: self.state.step is next
                 continue
-            if result is None:
-                continue
-            consecutive_bad = 0
             train_loss, grad_norm, aux = result
-            tokens = t.batch_size * t.grad_accum * self.train_batches.block_size(step)
-            st.step, st.tokens_seen = step + 1, st.tokens_seen + tokens
-            window_tokens += tokens
+            train_log.count(self._advance(step))
             bar.update(1)
-            done = st.step == t.max_steps
-            if st.step % t.log_interval == 0 or done or step == 0:
-                now = time.perf_counter()
-                row = {
-                    "step": st.step, "loss": train_loss,
-                    "ppl": math.exp(min(train_loss, 50.0)),
-                    "lr": self.opt.param_groups[0]["lr"], "grad_norm": grad_norm,
-                    "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
-                    "mem_mb": memory_mb(self.device), "tokens": st.tokens_seen,
-                    **{f"aux/{k}": v for k, v in aux.items()},
-                }
-                self.metrics.write(row)
-                bar.set_postfix(loss=f"{train_loss:.4f}", ppl=f"{row['ppl']:.2f}",
-                                lr=f"{row['lr']:.2e}", gnorm=f"{grad_norm:.2f}",
-                                tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['mem_mb']:.0f}M")
-                window_t, window_tokens = now, 0
-            evaluated = False
-            if st.step % t.eval_interval == 0 or done:
-                val_loss = self.evaluate()
-                evaluated = val_loss is not None
-            early_stop = False
-            if evaluated:
-                assert val_loss is not None
-                bpb = val_loss / math.log(2) / self.data.split("val").bytes_per_token
-                self.metrics.write({"step": st.step, "val_loss": val_loss,
-                                    "val_ppl": math.exp(min(val_loss, 50.0)), "val_bpb": bpb})
-                self.log(f"step {st.step}: train {train_loss:.4f}  val {val_loss:.4f}  "
-                         f"({bpb:.3f} bits/byte)")
-                if t.schedule == "plateau" or t.early_stop_patience:
-                    early_stop = self.plateau.observe(val_loss)
-            if st.step % t.checkpoint_interval == 0 or done or early_stop:
-                self._checkpoint(val_loss if evaluated else None)
+            completed = self.state.step
+            if train_log.due(completed):
+                row = train_log.write(completed, train_loss, self.opt.param_groups[0]["lr"],
+                                      grad_norm, self.state.tokens_seen, memory_mb(self.device),
+                                      aux)
+                bar.set_postfix(progress_fields(row))
+            evaluated = None
+            if self.evaluation.due(completed):
+                evaluated = val_loss = self._evaluate_and_log(train_log, train_loss)
+            early_stop = evaluated is not None and self._plateau_says_stop(evaluated)
+            if self.checkpointer.due(completed) or early_stop:
+                self._checkpoint(evaluated)
             if early_stop:
                 stopped = "early_stop"
                 self.log(f"early stop: no val improvement in {t.early_stop_patience} evaluations")
                 break
-        if stopped == "interrupted" or not step_dir(self.run_dir, st.step).is_dir():
+        if stopped == "interrupted" or not self.checkpointer.saved(self.state.step):
             self._checkpoint(None)  # also when the last step was skipped as non-finite
         if stopped == "interrupted":
-            self.log(f"stopped at step {st.step}; continue with --resume")
+            self.log(f"stopped at step {self.state.step}; continue with --resume")
         bar.close()
-        seconds = time.perf_counter() - t0
+        st, seconds = self.state, time.perf_counter() - started
         return TrainResult(
             self.run_dir, st.step, stopped, train_loss, val_loss, st.best_val_loss,
             st.nonfinite_skipped, st.rollbacks, st.micro_split, seconds,
             (st.tokens_seen - tokens_at_start) / max(seconds, 1e-9),
         )
 
+    def _advance(self, step: int) -> int:
+        """Count ``step`` done; returns its tokens."""
+        t = self.cfg.train
+        tokens = t.batch_size * t.grad_accum * self.train_batches.block_size(step)
+        self.state.step, self.state.tokens_seen = step + 1, self.state.tokens_seen + tokens
+        return tokens
+
+    def _evaluate_and_log(self, train_log: TrainLog, train_loss: float) -> float | None:
+        """The val loss now, logged; None without a val split."""
+        val_loss = self.evaluate()
+        if val_loss is None:
+            return None
+        step = self.state.step
+        row = train_log.write_eval(step, val_loss, self.data.split("val").bytes_per_token)
+        self.log(f"step {step}: train {train_loss:.4f}  val {val_loss:.4f}  "
+                 f"({row['val_bpb']:.3f} bits/byte)")
+        return val_loss
+
+    def _plateau_says_stop(self, val_loss: float) -> bool:
+        """Feed an evaluation to the plateau schedule and early stopping, when either is on."""
+        t = self.cfg.train
+        if t.schedule == "plateau" or t.early_stop_patience:
+            return self.plateau.observe(val_loss)
+        return False
+
     def _checkpoint(self, val_loss: float | None) -> None:
-        """Save, mark the best by val loss, and keep the newest N plus the best (seed 003)."""
+        """Save now, with the state only the trainer holds (plateau, loss scale)."""
         st = self.state
-        best = st.best_val_loss
-        improved = val_loss is not None and (best is None or val_loss < best)
-        if improved:
-            st.best_val_loss = val_loss
         st.plateau = self.plateau.state()
-        path = save_checkpoint(self.run_dir, self.model, self.data.tokenizer, self.cfg, st,
+        st.grad_scaler = self.scaler.state_dict() if self.scaler is not None else {}
+        self.checkpointer.save(self.model, self.data.tokenizer, self.cfg, st,
                                self.opt.state_dict(), val_loss)
-        if improved:
-            assert val_loss is not None
-            mark_best(self.run_dir, st.step, val_loss)
-        prune(self.run_dir, self.cfg.train.keep_checkpoints)
-        self.log(f"checkpoint: {path}")
