@@ -6,7 +6,7 @@
 quality: char-level builtin Shakespeare, `hippocampal-cpu` with everything on, with each
 mechanism off in turn, and `gpt` at about the same parameter count (n_embd widened to match),
 all on the same batches for the same tokens; val loss and bits per byte on held-out works, plus
-a control where the prosody fed to the model is shuffled across tokens (seed 002: random prosody
+a control where the prosody fed to the model is shuffled across tokens (random prosody
 adds nothing; real prosody should). overhead: seconds per training step (forward, backward,
 AdamW) and per forward at inference, `hippocampal` vs `gpt` with the same layers and width,
 one step of each model in turn, in one process. Memory is on and full in both timings.

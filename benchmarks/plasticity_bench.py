@@ -1,10 +1,11 @@
-"""Local learning rules: batched vs seed 001's per-item loops, memory flatness, allocation cost.
+"""Local learning rules: batched vs per-item loops, memory flatness, allocation cost.
 
     python benchmarks/plasticity_bench.py [--quick]
 
 (a) ``TokenSTDP`` update + modulate on 1M tokens (Zipf ids over a GPT-2-sized vocabulary) vs
-    seed 001's per-token loop: the results must be identical; tokens/s of each.
-(b) ``OjaLayer`` (batched GHA) vs the per-sample loop of seed 001's ``step`` at d=64, k=16 on
+    the sequential per-token loop (a dict of floats, ``np.clip`` per token): the results must
+    be identical; tokens/s of each.
+(b) ``OjaLayer`` (batched GHA) vs the textbook per-sample GHA ``step`` at d=64, k=16 on
     data with 16 known components: principal angles of both learned subspaces to the truth and
     to each other; samples/s of each.
 (c) Resident memory over 10,000 steps of TokenSTDP + OnlineWhitener + OjaLayer.
@@ -48,7 +49,7 @@ def rss_mb() -> float:
 def seed_stdp_loop(token_ids: list[int], spiked: np.ndarray, sal: np.ndarray,
                    weights: dict[int, float], lr_plus: float, lr_minus: float, w_min: float,
                    w_max: float, alpha: float) -> np.ndarray:
-    """Seed 001 section 10, as written there."""
+    """The per-token rule as a plain loop: the reference the batched rule must equal."""
     for i, tok in enumerate(token_ids):
         prev = weights.get(tok, 0.0)
         delta = lr_plus if spiked[i] else -lr_minus
@@ -124,7 +125,7 @@ def principal_angle(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def seed_oja_loop(w: np.ndarray, xs: np.ndarray, eta: float) -> np.ndarray:
-    """Seed 001's per-sample ``step`` (rows as components, GHA's triangular decorrelation)."""
+    """The per-sample GHA ``step`` (rows as components, the triangular decorrelation)."""
     for x in xs:
         y = w @ x
         w += eta * (np.outer(y, x) - np.tril(np.outer(y, y)) @ w)

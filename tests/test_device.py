@@ -1,4 +1,4 @@
-"""Device and precision choice, and the free-memory rule of maybe_empty_cuda_cache (seed 001)."""
+"""Device and precision choice, and the free-memory rule of maybe_empty_cuda_cache."""
 
 from __future__ import annotations
 

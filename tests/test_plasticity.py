@@ -1,4 +1,4 @@
-"""aura.plasticity: token STDP bit-identical to seed 001's loop, textbook pair STDP, whitening
+"""aura.plasticity: token STDP bit-identical to the sequential loop, textbook pair STDP, whitening
 to identity covariance, batched Oja/GHA finding known components and growing to their number."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from aura.plasticity.stdp import QUANTUM
 
 def seed_loop(stdp: TokenSTDP, batches: list[tuple[list[int], list[bool], list[float]]]
               ) -> tuple[dict[int, float], list[np.ndarray]]:
-    """Seed 001's rule, verbatim in spirit: a dict of floats, one token at a time."""
+    """The rule as a plain loop: a dict of floats, one token at a time."""
     weights: dict[int, float] = {}
     modulated = []
     for tokens, spiked, sal in batches:

@@ -1,6 +1,6 @@
 """Prosody of text, per token: the rhythm and affect cues a reader hears without audio.
 
-Seed 002 fed the Hippocampal Transformer random "prosody" and found it added nothing; these
+Random "prosody" adds nothing to a model (the hippocampal benchmark's shuffled control); these
 features come from the text itself, computed once per batch in the data pipeline (the sampler,
 its DataLoader workers, the evaluator, the generator) and handed to the model, never recomputed
 per layer. Channels, each in [0, 1] except valence in [-1, 1]:

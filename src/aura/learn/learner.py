@@ -10,11 +10,13 @@ everything a chunk learns is in place before the next chunk is measured:
   the model, or without one ``-log2 p(token)`` under the add-one token frequencies learned so
   far (frequency-based novelty). The frequencies are state too; their held-out surprise is the
   validation metric without a model.
-* **Salience spikes**, three channels standing in for seed 001's amplitude, pitch and boundary:
+* **Salience spikes**, three channels, what text has in place of speech's loudness, pitch and
+  pauses:
   *novelty* (surprise above its running mean, an EMA over windows kept in the state),
   *boundary* (the token ends a sentence or paragraph) and *affect* (VADER arousal >= 0.5), the
   last two from ``aura.data.prosody``. A token whose channels spiked is potentiated by
-  ``TokenSTDP``, the others depressed (seed 001 10: lr+ 0.01, lr- 0.005, w in [-1, 1]).
+  ``TokenSTDP``, the others depressed (lr+ 0.01, lr- 0.005, w in [-1, 1]: potentiation twice
+  depression, so a token must spike in about a third of its occurrences to gain weight).
 * **Salience** = surprise / running mean, scaled by the STDP weight (``modulate``, alpha 0.2):
   tokens that keep spiking become more salient.
 * **Oja** (GHA with neurogenesis) over one feature vector per window, whitened online: the mean

@@ -1,10 +1,11 @@
-"""Warmup sweeps (seed 001 5.4): N sweeps of M random text samples, validated between sweeps.
+"""Warmup sweeps: N sweeps of M random text samples, validated between sweeps.
 
-The notebook stabilised its STDP and Hebbian weights with 3 sweeps of 2000 samples before
-continuous learning started. Here a sample is ``SAMPLE_BYTES`` of a random usable file's first
-90%; validation reads fixed windows of every file's last 10%, which no sweep trains on, so the
-metric between sweeps is held out. Samples and validation windows are read by seeking, so a
-directory larger than memory warms up in constant memory.
+Local rules started on the first files they see drift with whatever those files say; a few sweeps
+over random samples of the whole directory (3 x 2000 settle them here) let STDP and Oja start from
+the collection's statistics before continuous learning. Here a sample is ``SAMPLE_BYTES`` of a
+random usable file's first 90%; validation reads fixed windows of every file's last 10%, which no
+sweep trains on, so the metric between sweeps is held out. Samples and validation windows are read
+by seeking, so a directory larger than memory warms up in constant memory.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A k-nearest-neighbour graph over an index's keys, kept exact by incremental updates.
 
-Seed 002 rebuilt its cognitive map from all pairs, O(n^2) per write. Here a batch of B new keys
+Rebuilding the graph from all pairs costs O(n^2) per write. Here a batch of B new keys
 costs B similarity rows (B x n) plus a merge of (n, k) edge lists, O(n·k): each new key takes its
 k nearest from one search, and every existing node merges its best k among the new keys into its
 own list, which is exactly its new k nearest. Removing keys re-searches only the rows that lost an

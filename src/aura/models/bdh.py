@@ -6,10 +6,11 @@ dims (theta 2^16), values = the stream, strictly causal (a token does not see it
 and no score scaling, y = relu(LN(a) Dy) * x gating, parameter-free LayerNorms, untied head, and by
 default one set of encoder / encoder_v / decoder weights shared by all layers.
 
-Options from seed 004: per-layer weights (B/I), score normalisation by 1/N (E, makes fp16/bf16
-safe), RoPE cos/sin computed once for ``block_size`` positions (2), per-layer gradient
-checkpointing (1). Generation keeps a fixed (heads x N x D) state per layer, because the
-attention is linear: O(1) work per new token instead of re-running the prefix (F).
+Options: per-layer weights instead of shared ones, score normalisation by 1/N (keeps the linear
+attention's sums inside fp16/bf16's range), RoPE cos/sin computed once for ``block_size``
+positions, per-layer gradient checkpointing. Generation keeps a fixed (heads x N x D) state per
+layer, because the attention is linear: O(1) work per new token instead of re-running the
+prefix.
 """
 
 from __future__ import annotations

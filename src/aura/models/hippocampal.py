@@ -1,4 +1,4 @@
-"""`hippocampal`: the Aura Hippocampal Transformer (seeds 000 and 002) on Aura's engine.
+"""`hippocampal`: the Aura Hippocampal Transformer on Aura's engine.
 
 gpt's pre-LN decoder with every hippocampal mechanism as a switch, so each can be ablated:
 

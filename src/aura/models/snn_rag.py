@@ -1,8 +1,8 @@
 """`snn_rag`: a spiking transformer that retrieves from a memory bank of its own training text.
 
-Seed 002's SNNRAGTransformer on Aura's engine: gpt's pre-LN decoder (learned positions, tied head,
-the same init) whose feed-forwards are ``SNNFeedForward`` (spike rates instead of GELU) and whose
-``memory_layers`` also hold a ``MemoryCrossAttention`` between self-attention and the FFN:
+gpt's pre-LN decoder (learned positions, tied head, the same init) whose feed-forwards are
+``SNNFeedForward`` (spike rates instead of GELU) and whose ``memory_layers`` also hold a
+``MemoryCrossAttention`` between self-attention and the FFN:
 
     x = x + attn(ln1(x));  x = x + memory(ln_m(x));  x = x + ffn(ln2(x))
 

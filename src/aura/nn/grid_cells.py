@@ -4,8 +4,8 @@ Entorhinal grid cells fire at the vertices of a hexagonal lattice. Cells of one 
 lattice spacing and orientation and differ only in phase; spacings grow by ~1.42 from one module
 to the next (Stensola et al. 2012). Here the "space" is a learned plane onto which each token's
 hidden state is projected, so the code gives the model a periodic, multi-resolution readout of
-where a token sits in that plane (the design note's "structural awareness"). Each token is encoded
-on its own, so the encoder is causal by construction.
+where a token sits in that plane: structure a positional code alone does not give. Each token is
+encoded on its own, so the encoder is causal by construction.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ state itself, in an ``aura.memory.EpisodicStore`` (capacity, decay 0.03 a step, 
 importance and recency). Every token then queries the store; its top-k memories (plus, with a
 cognitive map, the map's neighbours of its best match: spreading activation) are mixed by a
 softmax of their cosine scores, projected, and added to the residual through a learned gate,
-(B, T, 1) so it broadcasts over the features (seed 002's broadcasting fix).
+(B, T, 1) so one gate per token broadcasts over the features (a (B, T, C) gate would be C
+gates learning one decision).
 
 Causality: writes go through the model's ``MemoryWriter`` (aura.memory.writer), applied when the
 model's next forward starts. So no token ever reads a memory formed from its own sequence, a

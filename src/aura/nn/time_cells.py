@@ -4,7 +4,7 @@ Hippocampal time cells fire in sequence after an event, each at its own delay, a
 cell's field the wider it is (Pastalkova et al. 2008; MacDonald et al. 2011): a scale-invariant,
 logarithmic timeline. Here the "event" is a boundary the caller marks per token (sentence ends,
 prosodic breaks, from the data pipeline), and the code tells the model how far into the current
-segment each token is (the design note's "event ordering").
+segment each token is: the order of events, which absolute positions do not carry.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Plasticity room: local learning rules that need no backpropagation.
 
-- ``TokenSTDP``: seed 001's per-token STDP weights scaling salience, batched and exact;
+- ``TokenSTDP``: per-token STDP weights scaling salience, batched and exact;
 - ``PairSTDP``: pair-based trace STDP for the weights of spiking layers;
 - ``OnlineWhitener``: running mean/covariance with PCA or ZCA whitening, in place;
 - ``OjaLayer``: batched Oja / GHA with residual-driven growth of components.

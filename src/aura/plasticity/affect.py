@@ -1,6 +1,7 @@
 """Valence, arousal and tone of a text: features -> OnlineWhitener -> OjaLayer -> ridge readout.
 
-Seed 001 read emotion, tone and valence from a Hebbian layer over whitened embeddings. Here:
+Emotion, tone and valence read from a Hebbian layer over whitened features, so the plasticity
+rules are tested on a task with a known answer (the lexicon's labels). Here:
 
 - **features** (``HashedNgrams``): word unigrams and bigrams, character 3- and 4-grams of each
   word, and emphasis cues (a token per "!", per "?", per all-caps word) hashed (crc32, signed)
@@ -10,7 +11,8 @@ Seed 001 read emotion, tone and valence from a Hebbian layer over whitened embed
 - **whitener**: ZCA with ``eps=1`` (relative to the mean variance): scales are equalised but the
   order of variances kept, so the Oja layer after it still has principal directions to find
   (full whitening would make every direction equally principal);
-- **Oja** (GHA) with neurogenesis, a few sweeps over the data (seed 001 5.4: 3 sweeps): an
+- **Oja** (GHA) with neurogenesis, a few sweeps over the data (3: enough for the components to
+  settle on this data): an
   unsupervised bottleneck of at most ``max_components`` directions;
 - **readout**: closed-form ridge regression from the components (plus an intercept) to
   valence, arousal and a one-hot tone; tone is the argmax of its three outputs.

@@ -9,7 +9,7 @@ from the whole batch at once, with ``y = x W^T`` and ``C = y^T y / N``:
 - ``rule="subspace"`` (Oja's symmetric subspace rule): ``dW = lr (y^T x / N - C W)``; converges
   to an orthonormal basis of the leading subspace.
 
-Both are the average of seed 001's per-sample updates at a frozen ``W``: one pair of GEMMs per
+Both are the average of the textbook per-sample updates at a frozen ``W``: one pair of GEMMs per
 batch instead of a Python step per sample. Feed centred data (e.g. ``OnlineWhitener`` output).
 
 The residual is the fraction of the batch's energy the components do not reconstruct,

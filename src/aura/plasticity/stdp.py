@@ -1,11 +1,11 @@
-"""Spike-timing dependent plasticity: seed 001's token-level rule, batched, and pair-based STDP.
+"""Spike-timing dependent plasticity: a token-level rule, batched, and pair-based STDP.
 
 ``TokenSTDP(vocab_size, ...)`` keeps one weight per token in ``[w_min, w_max]``.
 ``update(token_ids, spikes)`` walks the tokens in row-major order and, for each, adds ``lr_plus``
 to its weight if its salience channels spiked (their sum is > 0) and subtracts ``lr_minus``
 otherwise, clamping after every step; ``modulate(salience, token_ids)`` multiplies salience by
-``max(0, 1 + alpha * w[token])``. That is exactly seed 001's per-token loop, computed for a whole
-batch at once:
+``max(0, 1 + alpha * w[token])``. That is exactly the sequential per-token loop, computed for a
+whole batch at once:
 
 - each step is the map ``x -> clamp(x + d, lo, hi)``, and these maps compose in closed form:
   applying ``(s1, l1, h1)`` then ``(s2, l2, h2)`` is ``(s1 + s2, clamp(l1 + s2, l2, h2),

@@ -5,8 +5,8 @@
 - ``update(batch (N, dim))`` mixes the batch's mean and covariance into the running ones,
   ``cov <- m cov + (1 - m) cov_batch + m (1 - m) (mean - mean_batch)(...)^T`` (the covariance
   of the mixture, so a drifting mean is not mistaken for variance lost); the first batch sets
-  both. Every step runs in place on preallocated buffers (seed 001's OptimizedWhitener, with
-  ``out=`` instead of numpy's).
+  both. Every step runs in place on preallocated buffers (``out=``), so a long stream of
+  updates allocates nothing.
 - ``transform(batch, out=None)`` returns ``(batch - mean) @ W.T``. ``W`` comes from an
   eigendecomposition ``cov = U diag(lam) U^T`` redone lazily, at most every ``refresh_every``
   updates: ZCA ``W = U diag(f) U^T`` (stays closest to the input, so features keep their

@@ -239,7 +239,8 @@ def mark_best(run_dir: Path, step: int, val_loss: float) -> None:
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints plus the best one (seed 003's disk budget)."""
+    """Keep the newest ``keep`` checkpoints plus the best one: a long run's disk use stays
+    bounded, and the weights worth sampling from are never pruned."""
     best = read_best(run_dir)
     best_step = best["step"] if best else None
     checkpoints = list_checkpoints(run_dir)

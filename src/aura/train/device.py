@@ -1,4 +1,4 @@
-"""Device and mixed-precision choice, and the CUDA memory helpers of seed 001.
+"""Device and mixed-precision choice, and the CUDA memory helpers.
 
 Precision is picked by device: bf16 autocast where the hardware has it, fp16 with a GradScaler
 on older GPUs, fp32 on CPU and MPS unless asked (CPU bf16 autocast is correct but often slower).
@@ -71,7 +71,7 @@ def pick_precision(name: str, device: torch.device) -> Precision:
 
 def maybe_empty_cuda_cache(reason: str = "", min_free_ratio: float = 0.12,
                            log: Callable[[str], None] = print) -> bool:
-    """Empty the CUDA cache only when free memory is below ``min_free_ratio`` (seed 001 1.3).
+    """Empty the CUDA cache only when free memory is below ``min_free_ratio``.
 
     Emptying on every step thrashes the allocator; emptying never lets fragmentation cause OOMs.
     """

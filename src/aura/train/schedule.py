@@ -14,7 +14,8 @@ from aura.config import TrainConfig
 
 
 def cosine_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine decay to ``min_ratio`` at ``max_steps`` (seed 000 formula)."""
+    """Linear warmup, then cosine decay to ``min_ratio`` at ``max_steps``: the usual LM recipe,
+    large steps once the early gradients have calmed, small ones to settle at the end."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
@@ -35,7 +36,8 @@ class Every:
 
 @dataclass
 class Plateau:
-    """ReduceLROnPlateau with early stopping (seed 001): halve on ``patience`` flat evals."""
+    """ReduceLROnPlateau with early stopping: halve on ``patience`` flat evals, for runs whose
+    length is not known in advance (no cosine horizon to aim at)."""
 
     patience: int
     early_stop_patience: int
