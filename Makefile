@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.aura-installed
 DEMO_DATA := data/shakespeare-char
 DEMO_RUN  := runs/demo
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-slow test-all lint install clean
 
 install: $(STAMP)
 
@@ -35,6 +35,14 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	AURA_REQUIRE_EXTRAS=1 $(PY) -m pytest -q
+
+# The tests marked slow (over ~5 s on a CPU without native bf16), which `make test` leaves out.
+test-slow: $(STAMP)
+	AURA_REQUIRE_EXTRAS=1 $(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	AURA_REQUIRE_EXTRAS=1 $(PY) -m pytest -q -m 'slow or not slow'
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache .ruff_cache .hypothesis
