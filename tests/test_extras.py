@@ -1,5 +1,7 @@
 """Optional packages made unimportable (``sys.modules[name] = None``): each path that needs one
-fails with one line naming what to install, and TensorBoard, a view only, is skipped."""
+fails with one line naming what to install, and TensorBoard, a view only, is skipped. Also the
+suite's own honesty: a missing extra skips, or fails under AURA_REQUIRE_EXTRAS=1, and a default
+run says how many slow tests it left out."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import conftest
 from aura.data.prosody import vader_lexicon
 from aura.data.tokenizers import gpt2_tokenizer
 from aura.errors import ConfigError
@@ -17,7 +20,7 @@ from aura.eval.plots import plot_run
 from aura.memory import text_encoder
 from aura.plasticity import affect
 from aura.train.metrics import MetricsLog
-from conftest import CliResult, assert_usage_error
+from conftest import REQUIRE_EXTRAS, CliResult, assert_usage_error, requires_extra
 
 
 def hide(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
@@ -90,3 +93,40 @@ def test_metrics_without_tensorboard_are_still_written(tmp_path: Path,
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 0, "loss": 4.0}, {"step": 1, "loss": 3.5, "lr": 1e-3}]
     assert not (tmp_path / "tb").exists()
+
+
+def test_a_missing_extra_skips_its_test_and_fails_it_when_extras_are_required(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hide(monkeypatch, "faiss")
+    monkeypatch.delenv(REQUIRE_EXTRAS, raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"the memory extra"):
+        requires_extra("faiss", "memory")
+    monkeypatch.setenv(REQUIRE_EXTRAS, "1")
+    with pytest.raises(pytest.fail.Exception, match=r"aura\[memory\]"):
+        requires_extra("faiss", "memory")
+
+
+class Stub:
+    """The parts of a test item and a terminal reporter that the slow-test note touches."""
+
+    def __init__(self, slow: bool = False) -> None:
+        self.slow = slow
+        self.lines: list[str] = []
+
+    def get_closest_marker(self, name: str) -> object:
+        return "slow" if name == "slow" and self.slow else None
+
+    def write_line(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_the_closing_line_counts_the_slow_tests_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conftest, "_slow_left_out", [])
+    quiet = Stub()
+    conftest.pytest_terminal_summary(quiet)  # type: ignore[arg-type]
+    assert quiet.lines == []  # nothing left out, nothing said
+    conftest.pytest_deselected([Stub(slow=True), Stub(), Stub(slow=True)])  # type: ignore[list-item]
+    reporter = Stub()
+    conftest.pytest_terminal_summary(reporter)  # type: ignore[arg-type]
+    assert reporter.lines == ["slow tests left out: 2 (`make test-slow` or `pytest -m slow` runs "
+                              "them)"]
