@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny generated corpora, a CLI runner, a hypothesis profile.
+"""Shared fixtures: tiny generated corpora, a CLI runner, a hypothesis profile; the policy for
+tests of optional extras; the note on slow tests left out.
 
 Corpora are generated (seeded) English-like text small enough that a prepare takes milliseconds;
 the embedded Shakespeare is used by one or two tests only.
@@ -6,11 +7,14 @@ the embedded Shakespeare is used by one or two tests only.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -27,6 +31,39 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("aura")
+
+# --- optional extras and slow tests ------------------------------------------------------------
+
+REQUIRE_EXTRAS = "AURA_REQUIRE_EXTRAS"
+
+
+def requires_extra(module: str, extra: str) -> ModuleType:
+    """``module``, which Aura's optional extra ``extra`` installs; without it the test is skipped
+    with a reason naming the extra. ``make test`` installs every extra and sets
+    AURA_REQUIRE_EXTRAS=1, which turns the skip into a failure: CI never skips one silently."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get(REQUIRE_EXTRAS) == "1":
+            pytest.fail(f"{module} is missing though {REQUIRE_EXTRAS}=1: pip install "
+                        f"'aura[{extra}]'", pytrace=False)
+        pytest.skip(f"needs the {extra} extra: pip install 'aura[{extra}]'",
+                    allow_module_level=True)
+
+
+_slow_left_out: list[pytest.Item] = []
+
+
+def pytest_deselected(items: Sequence[pytest.Item]) -> None:
+    _slow_left_out.extend(item for item in items if item.get_closest_marker("slow"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how many slow tests the default ``-m 'not slow'`` left out, so a green run does not
+    read as everything having run."""
+    if _slow_left_out:
+        terminalreporter.write_line(f"slow tests left out: {len(_slow_left_out)} (`make test-slow` "
+                                    "or `pytest -m slow` runs them)")
 
 _VOCABULARY = (
     "the of and to in is was he for it with as his on be at by had are but from or have an they "

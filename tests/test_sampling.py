@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -166,6 +167,17 @@ def test_invalid_config_raises(kwargs: dict) -> None:
     assert name in message and "\n" not in message
 
 
-def test_valid_edges_are_accepted() -> None:
-    SamplingConfig(temperature=0, top_k=1, top_p=1.0, typical_p=1.0, repetition_penalty=1,
-                   seed=2**64 - 1)
+def test_valid_edges_are_accepted_and_filter_nothing() -> None:
+    edges = {"temperature": 0, "top_k": 1, "top_p": 1.0, "typical_p": 1.0,
+             "repetition_penalty": 1, "seed": 2**64 - 1}
+    greedy = SamplingConfig(**edges)
+    assert dataclasses.asdict(greedy) == edges  # kept as given, nothing clamped
+    logits = random_logits(5, 16, 50, 1.0)
+    prev = torch.randint(0, 50, (16, 8), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(sample_next(logits, prev, greedy), logits.argmax(-1))
+    # At the permissive edges every token survives.
+    assert torch.equal(apply_repetition_penalty(logits, prev, 1), logits)
+    assert torch.equal(top_k_filter(logits, 50), logits)
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+    assert torch.equal(typical_filter(logits, 1.0), logits)
+    torch.Generator().manual_seed(edges["seed"])  # the largest seed is one torch takes

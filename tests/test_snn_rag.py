@@ -20,7 +20,14 @@ from aura.models.snn_rag import SNNRAG, SNNRAGConfig
 from aura.nn.memory_attention import MemoryCrossAttention
 from aura.train.checkpoint import load_for_inference
 from aura.train.trainer import Trainer
-from conftest import assert_causal, assert_usage_error, losses, read_metrics, tiny_config
+from conftest import (
+    assert_causal,
+    assert_usage_error,
+    losses,
+    read_metrics,
+    requires_extra,
+    tiny_config,
+)
 
 V, BLOCK, C, CHUNK = 40, 32, 32, 8
 SMALL = ["model.name=snn_rag", f"model.vocab_size={V}", "model.n_layer=2", "model.n_head=2",
@@ -127,7 +134,7 @@ def test_gradients_reach_the_query_projection_not_the_bank() -> None:
 
 
 def test_a_faiss_bank_reads_what_the_exact_one_reads() -> None:
-    pytest.importorskip("faiss")
+    requires_extra("faiss", "memory")
     exact, faiss = populated(), populated("model.memory_index=faiss")
     assert type(bank(faiss).index).__name__ == "FaissIndex"
     x = tokens(2, seed=12)

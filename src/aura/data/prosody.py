@@ -30,6 +30,7 @@ from importlib import resources
 import numpy as np
 
 from aura.data.tokenizers import Tokenizer
+from aura.extras import VADER_INSTALL, require
 
 FEATURES = ("punct", "sentence_end", "paragraph", "capital", "word_pos", "sentence_pos",
             "valence", "arousal")
@@ -42,7 +43,8 @@ _PUNCT = set(string.punctuation)
 @cache
 def vader_lexicon() -> dict[str, float]:
     """word -> mean valence in [-4, 4], from the lexicon file vaderSentiment ships (offline)."""
-    text = resources.files("vaderSentiment").joinpath("vader_lexicon.txt").read_text("utf-8")
+    package = require("vaderSentiment", "prosody features (the VADER lexicon)", VADER_INSTALL)
+    text = resources.files(package).joinpath("vader_lexicon.txt").read_text("utf-8")
     out = {}
     for line in text.splitlines():
         word, valence, *_ = line.split("\t")

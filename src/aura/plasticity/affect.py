@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from aura.errors import AuraError, DataError
+from aura.extras import VADER_INSTALL, require
 from aura.plasticity.oja import OjaLayer
 from aura.plasticity.state import load_state, save_state
 from aura.plasticity.whitening import OnlineWhitener
@@ -65,6 +66,7 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 @cache
 def _vader() -> Any:
+    require("vaderSentiment", "affect labels (VADER)", VADER_INSTALL)
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return SentimentIntensityAnalyzer()
