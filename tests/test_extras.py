@@ -86,10 +86,13 @@ def test_metrics_without_tensorboard_are_still_written(tmp_path: Path,
     hide(monkeypatch, "tensorboard")
     for name in [m for m in sys.modules if m.startswith("torch.utils.tensorboard")]:
         monkeypatch.delitem(sys.modules, name)  # imported again, it meets the missing package
-    log = MetricsLog(tmp_path)
+    notes: list[str] = []
+    log = MetricsLog(tmp_path, log=notes.append)
     log.write({"step": 0, "loss": 4.0})
+    log.rewind(0)  # reopening says nothing new
     log.write({"step": 1, "loss": 3.5, "lr": 1e-3})
     log.close()
+    assert len(notes) == 1 and "aura[tensorboard]" in notes[0]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 0, "loss": 4.0}, {"step": 1, "loss": 3.5, "lr": 1e-3}]
     assert not (tmp_path / "tb").exists()

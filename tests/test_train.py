@@ -34,7 +34,7 @@ from aura.train.device import Precision, peak_flops
 from aura.train.metrics import training_flops_per_token
 from aura.train.schedule import Plateau, cosine_factor
 from aura.train.trainer import MAX_ROLLBACKS, Trainer, TrainResult
-from conftest import TINY_TRAIN, losses, read_metrics, tiny_config
+from conftest import TINY_TRAIN, losses, read_metrics, requires_extra, tiny_config
 
 # The shared reference run: dropout 0 so results do not depend on how RNG draws are split.
 BASE = ("train.max_steps=12", "train.eval_interval=4", "train.checkpoint_interval=4")
@@ -240,6 +240,7 @@ def test_repeated_nonfinite_rolls_back_with_half_the_lr(
     saved = json.loads((step_dir(tmp_path / "run", 12) / "train_state.json").read_text())
     assert saved["train_state"]["fault_lr_scale"] == 0.5
     # TensorBoard forgets the rolled-back steps too
+    requires_extra("tensorboard", "tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
@@ -814,6 +815,7 @@ def test_metrics_rows_and_tensorboard(baseline: tuple[TrainResult, Path]) -> Non
     assert val_rows[-1]["val_loss"] == result.val_loss
     assert result.best_val_loss == min(r["val_loss"] for r in val_rows)
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    requires_extra("tensorboard", "tensorboard")
     assert list((run / "tb").glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True,
+                 log: Callable[[str], None] = print):
         self.path = run_dir / METRICS_FILE
         self._tb_dir = run_dir / "tb" if tensorboard else None
+        self._log: Callable[[str], None] | None = log  # None once the TensorBoard note is out
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif self.path.exists():
@@ -45,6 +48,10 @@ class MetricsLog:
                 self._tb = SummaryWriter(str(self._tb_dir), purge_step=purge)
             except ImportError:
                 self._tb = None
+                if self._log is not None:
+                    self._log("note: TensorBoard is not installed (pip install "
+                              "'aura[tensorboard]'): metrics go to metrics.jsonl only")
+                    self._log = None
 
     def rewind(self, step: int) -> None:
         """Forget the rows after ``step``: a rollback runs those steps again."""

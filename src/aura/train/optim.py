@@ -1,5 +1,6 @@
 """Optimizers: AdamW with decay on 2-D weights only (fused where available), or Muon for the
-hidden 2-D matrices with AdamW for the rest (seed 004 C, modded-nanogpt's recipe).
+hidden 2-D matrices with AdamW for the rest (modded-nanogpt's recipe: orthogonalised updates
+train hidden matrices faster per token; embeddings and the head stay on AdamW).
 
 Each param group carries ``base_lr`` so a schedule sets ``lr = base_lr * factor`` on all of them.
 """

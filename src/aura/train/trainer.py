@@ -144,7 +144,8 @@ class Trainer:
         self.flops_per_token = self._flops_per_token() if self.peak_flops else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(config_to_dict(cfg), indent=1))
-        self.metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resumed else None)
+        self.metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resumed else None,
+                                  log=self.log)
 
     def _flops_per_token(self) -> float:
         """Model FLOPs per training token, at the first step's sequence length."""
