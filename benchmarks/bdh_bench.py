@@ -40,6 +40,7 @@ from aura.data.sampler import BatchSampler
 from aura.data.shards import PreparedData
 from aura.models import build_model
 from aura.models.bdh import BDH
+from machine import machine
 
 
 def load_reference(path: Path) -> Any:
@@ -251,7 +252,7 @@ def main() -> None:
         return
     result = {"train": cmd_train, "generate": cmd_generate, "memory": cmd_memory,
               "quality": cmd_quality}[args.cmd](args)
-    print(json.dumps(result, indent=1))
+    print(json.dumps({"machine": machine(), **result}, indent=1))
 
 
 if __name__ == "__main__":

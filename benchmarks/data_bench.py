@@ -19,6 +19,7 @@ from pathlib import Path
 from aura.data.prepare import PrepareOptions, prepare
 from aura.data.sampler import BatchSampler
 from aura.data.shards import PreparedData
+from machine import machine
 
 SHAPES = [(12, 64), (16, 256), (8, 512), (32, 512), (64, 1024)]
 
@@ -78,7 +79,8 @@ def main() -> None:
         tmp = Path(d)
         prep = bench_prepare(args.source, tmp, max(1, args.repeats // 2))
         sampling = bench_sampling(PreparedData.open(tmp / "byte"), args.repeats)
-    print(json.dumps({"source": args.source, "sampling": sampling, "prepare": prep}, indent=1))
+    print(json.dumps({"machine": machine(), "source": args.source, "sampling": sampling,
+                      "prepare": prep}, indent=1))
 
 
 if __name__ == "__main__":

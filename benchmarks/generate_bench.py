@@ -22,6 +22,7 @@ from aura.config import ModelConfig
 from aura.infer.generate import generate
 from aura.infer.sampling import SamplingConfig
 from aura.models import AuraModel, build_model
+from machine import machine
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -66,6 +67,7 @@ def main() -> None:
     uncached, uncached_ids = timed(model, prompt, args.new_tokens, False, args.repeats)
     assert torch.equal(cached_ids, uncached_ids), "cached and uncached decoding disagree"
     print(json.dumps({
+        "machine": machine(),
         "model": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
                   "block_size": cfg.block_size, "vocab_size": cfg.vocab_size},
         "batch": args.batch, "prompt_tokens": args.prompt_tokens,

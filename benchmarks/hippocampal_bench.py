@@ -33,6 +33,7 @@ from aura.eval.perplexity import evaluate_prepared
 from aura.models import build_model
 from aura.models.hippocampal import COMPONENTS
 from aura.train.trainer import Trainer
+from machine import machine
 
 CPU_COMMON = ["model.dropout=0.0", "train.eval_interval=100000", "train.warmup_steps=100",
               "train.lr=1e-3", "train.batch_size=12"]
@@ -191,7 +192,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"quality": cmd_quality, "overhead": cmd_overhead}[args.cmd](args)
-    print(json.dumps(result, indent=1))
+    print(json.dumps({"machine": machine(), **result}, indent=1))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from aura.data.tokenizers import ByteTokenizer
 from aura.learn import LearnOptions, LearnService
 from aura.models import build_model
 from aura.train.checkpoint import TrainState, save_checkpoint
+from machine import machine
 
 QUICK_FILES, QUICK_BYTES = 4, 96 << 10
 
@@ -82,7 +83,7 @@ def main() -> None:
             "tiny_model_train": measure(watch, root / "s3", model=run,
                                         train_steps=args.train_steps),
         }
-    print(json.dumps({"threads": torch.get_num_threads(), "quick": args.quick,
+    print(json.dumps({"machine": machine(), "quick": args.quick,
                       "train_steps": args.train_steps, **results}, indent=2))
 
 

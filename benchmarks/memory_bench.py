@@ -22,6 +22,7 @@ import torch
 from aura.config import ModelConfig, TrainConfig
 from aura.models import build_model
 from aura.train.optim import build_optimizers
+from machine import machine
 
 
 def peak_mb() -> float:
@@ -83,6 +84,7 @@ def main() -> None:
                                                   check=True).stdout)
     plain, ckpt = results["plain"], results["checkpointed"]
     print(json.dumps({
+        "machine": machine(),
         "model": {"n_layer": 8, "n_head": 8, "n_embd": args.n_embd, "block": args.block,
                   "batch": args.batch},
         **results,

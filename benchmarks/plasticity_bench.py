@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from aura.plasticity import OjaLayer, OnlineWhitener, TokenSTDP
+from machine import machine
 
 VOCAB = 50257
 
@@ -235,7 +236,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     q = args.quick
     report = {
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": q,
+        "machine": machine(), "quick": q,
         "token_stdp": bench_stdp(20_000 if q else 1 << 20, 2 if q else 5),
         "oja": bench_oja(4_000 if q else 100_000, 300 if q else 1000, 512 if q else 4096),
         "memory": bench_memory(500 if q else 10_000),

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from aura.memory import EpisodicStore
 from aura.memory.faiss_index import FaissIndex
+from machine import machine
 
 NOISE_COSINES = (0.9, 0.8, 0.7)
 WRITE_BATCH = 1024
@@ -155,6 +156,7 @@ def main() -> None:
             results[str(n)][kind] = bench_bank(kind, keys, args)
             gc.collect()
     print(json.dumps({
+        "machine": machine(),
         "setup": {"dim": args.dim, "dim_value": args.dim_value, "queries": args.queries,
                   "noise_cosines": NOISE_COSINES, "write_batch": WRITE_BATCH,
                   "torch_threads": torch.get_num_threads(), "faiss_threads": args.faiss_threads,

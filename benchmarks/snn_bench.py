@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from aura.nn.spiking import LIF
+from machine import machine
 
 BETA, THRESHOLD, ALPHA = 0.9, 1.0, 2.0
 Run = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -282,7 +283,7 @@ def main() -> None:
         if args.cmd == "ffn":
             args.steps, args.eval_tokens = 20, 5_000
     result = {"lif": cmd_lif, "ffn": cmd_ffn}[args.cmd](args)
-    json.dump(result, sys.stdout, indent=1)
+    json.dump({"machine": machine(), **result}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
 

@@ -42,6 +42,7 @@ from aura.infer.sampling import SamplingConfig
 from aura.models import build_model
 from aura.models.base import AuraModel
 from aura.train.trainer import Trainer
+from machine import machine
 
 
 def recipe(args: argparse.Namespace) -> list[str]:
@@ -146,7 +147,7 @@ def main() -> None:
         for name, cfg in (("snn_rag", rag), ("snn_rag_mlp", rag_mlp),
                           ("snn_rag_minilm", rag_minilm), ("gpt", gpt)):
             out[name] = run_one(name, cfg, data_dir, tmp, args)
-    print(json.dumps(out, indent=1))
+    print(json.dumps({"machine": machine(), **out}, indent=1))
 
 
 if __name__ == "__main__":

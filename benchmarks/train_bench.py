@@ -41,6 +41,7 @@ from aura.config import AuraConfig, load_config
 from aura.data.prepare import PrepareOptions, prepare
 from aura.data.shards import PreparedData
 from aura.train.trainer import Trainer
+from machine import machine
 
 WARMUP = 5
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
@@ -169,7 +170,7 @@ def main() -> None:
                                       WARMUP, [])
         else:
             report = nanogpt_bench(tmp, args.nanogpt, args.iters or 300, args.rounds)
-    print(json.dumps(report, indent=1))
+    print(json.dumps({"machine": machine(), **report}, indent=1))
 
 
 def nanogpt_bench(tmp: Path, nanogpt: Path | None, iters: int, rounds: int) -> dict[str, object]:

@@ -1,0 +1,50 @@
+"""What every benchmark figure is recorded with: the code's commit, the CPU kind, torch, threads.
+
+CPUs of one machine class differ (AVX-512 with native bf16, or AVX2 only, where bf16 is emulated
+and can be 10x slower), so a figure without its CPU cannot be compared. The commit is the one of
+the ``aura`` package actually imported, so a run against another checkout names that checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import aura
+
+
+def _commit() -> str:
+    where = Path(aura.__file__).parent
+    try:
+        sha = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """The facts a figure needs next to it (a JSON object)."""
+    restricted = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                  if k in os.environ}
+    return {"commit": _commit(), "cpu": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            **({"restricted_by": restricted} if restricted else {})}
