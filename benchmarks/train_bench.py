@@ -3,6 +3,7 @@ of Aura's trainer with DataLoader workers.
 
     python benchmarks/train_bench.py --nanogpt /path/to/nanoGPT [--iters 300] [--rounds 3]
     python benchmarks/train_bench.py --loader [--iters 100] [--rounds 2] [--quick]
+    python benchmarks/train_bench.py --demo [--iters 2000]
 
 Aura runs in fp32 (nanoGPT's CPU numerics) and with bf16 autocast (which nanoGPT's train.py never
 uses on CPU). Both train the same character-level tokens (prepared once by Aura; the same ids are
@@ -19,6 +20,10 @@ positions for every batch, the work workers take off the training process), on t
 tokens, dropout as the preset has it, evaluation only after the last step. Runs alternate in the
 same way; the speedup is each worker count's against 0. ``--quick`` shrinks every preset to one
 layer and two sequences and runs 3 steps: it checks the script works and measures nothing.
+
+``--demo``: what `make demo` trains (the ``demo`` preset, 2000 steps, on the char tokens of
+``builtin:shakespeare``), in fp32 and with bf16 autocast: the final val loss, bits per byte, wall
+seconds and tokens/s over the whole run (evaluations and checkpoints included).
 """
 
 from __future__ import annotations
@@ -148,6 +153,8 @@ def main() -> None:
     ap.add_argument("--loader", action="store_true",
                     help="measure data.num_workers 0, 1, 2 at the demo, cpu-small and "
                          "hippocampal-cpu presets instead")
+    ap.add_argument("--demo", action="store_true",
+                    help="train the demo preset in fp32 and bf16: val loss and wall time")
     ap.add_argument("--quick", action="store_true",
                     help="with --loader: a few steps of shrunken models, to check the script")
     ap.add_argument("--source", default="builtin:shakespeare")
@@ -156,12 +163,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick and not args.loader:
         ap.error("--quick goes with --loader")
-    if args.loader and args.nanogpt:
-        ap.error("--loader measures Aura alone; drop --nanogpt")
+    if (args.loader or args.demo) and args.nanogpt:
+        ap.error("--loader and --demo measure Aura alone; drop --nanogpt")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         prepare(PrepareOptions([args.source], "char"), tmp / "data", progress=False)
-        if args.loader:
+        if args.demo:
+            report = demo_bench(tmp / "data", tmp / "run", args.iters or 2000)
+        elif args.loader:
             if args.quick:
                 report = loader_bench(tmp / "data", tmp / "run", iters=3, rounds=1, warmup=1,
                                       overrides=QUICK_OVERRIDES)
@@ -171,6 +180,22 @@ def main() -> None:
         else:
             report = nanogpt_bench(tmp, args.nanogpt, args.iters or 300, args.rounds)
     print(json.dumps({"machine": machine(), **report}, indent=1))
+
+
+def demo_bench(data_dir: Path, out: Path, iters: int) -> dict[str, object]:
+    """The ``demo`` preset as `make demo` trains it, once per precision."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_config(preset="demo", overrides=[f"train.max_steps={iters}",
+                                                    f"train.precision={precision}"])
+        shutil.rmtree(out, ignore_errors=True)
+        result = Trainer(cfg, data_dir, out, progress=False, log=lambda _m: None).run()
+        assert result.val_loss is not None
+        bpb = result.val_loss / np.log(2) / PreparedData.open(data_dir).split("val").bytes_per_token
+        runs[precision] = {"val_loss": round(result.val_loss, 4), "val_bpb": round(float(bpb), 4),
+                           "seconds": round(result.seconds, 1),
+                           "tokens_per_s": round(result.tokens_per_s)}
+    return {"preset": "demo", "steps": iters, "runs": runs}
 
 
 def nanogpt_bench(tmp: Path, nanogpt: Path | None, iters: int, rounds: int) -> dict[str, object]:
