@@ -263,7 +263,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     data_dir = args.data or cfg.data.dir
     cfg.data.dir = data_dir
-    result = Trainer(cfg, data_dir, args.out, resume=args.resume, progress=not args.json).run()
+    result = Trainer(cfg, data_dir, args.out, resume=args.resume,
+                     restart_discarding_checkpoints=args.restart_discarding_checkpoints,
+                     progress=not args.json).run()
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
     if args.json:
         _print_json(summary)
@@ -356,6 +358,10 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--model", metavar="NAME", help="model from the registry (default: gpt)")
     t.add_argument("--out", required=True, metavar="RUN_DIR")
     t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+    t.add_argument("--restart-discarding-checkpoints", action="store_true",
+                   help="when the run's checkpoints cannot be resumed (none verifies, or no "
+                        "--resume), move everything in RUN_DIR into RUN_DIR/discarded-TIME/ and "
+                        "start afresh instead of refusing; nothing is deleted")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--checkpoint-interval", type=int)
     t.add_argument("--keep-checkpoints", type=int)
@@ -450,14 +456,15 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_memory_build(args: argparse.Namespace) -> int:
     from aura.data.shards import PreparedData
-    from aura.train.checkpoint import load_for_inference, replace_memory
+    from aura.train.checkpoint import load_for_inference, lock_run, replace_memory
     from aura.train.device import pick_device
 
-    loaded = load_for_inference(args.run, pick_device(args.device))
-    data = PreparedData.open(args.data, expect_tokenizer_hash=loaded.tokenizer.hash)
-    n = loaded.model.build_memory(data.split(args.split), loaded.tokenizer, args.max_chunks,
-                                  args.batch_size)
-    replace_memory(loaded.path, loaded.model)
+    with lock_run(Path(args.run), "aura memory build"):
+        loaded = load_for_inference(args.run, pick_device(args.device))
+        data = PreparedData.open(args.data, expect_tokenizer_hash=loaded.tokenizer.hash)
+        n = loaded.model.build_memory(data.split(args.split), loaded.tokenizer, args.max_chunks,
+                                      args.batch_size)
+        replace_memory(loaded.path, loaded.model)
     report = {"checkpoint": str(loaded.path), "split": args.split, "entries": n,
               "banks": sorted(loaded.model.writers)}
     if args.json:

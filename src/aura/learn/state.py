@@ -6,7 +6,7 @@
         gen-00000012/        state.json (counters, ledger seq, sha256 of every file) + whatever
                              the learner saves (token statistics, plastic weights, model, memories)
         learn.log            one line per event: files skipped, warmup validation, saves
-        lock                 flock held by the running service
+        lock                 held by the running service (aura.lock), naming it
 
 A generation is written under its own name, every file and directory in it fsynced, and only
 then does CURRENT name it. A crash before that leaves CURRENT on the previous generation and the
@@ -16,7 +16,6 @@ new one is deleted at the next start, so the saved state is always one complete 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -26,7 +25,8 @@ from typing import Any
 
 from aura.atomic import atomic_write_text, fsync_dir
 from aura.data.shards import file_sha256
-from aura.errors import AuraError, DataError
+from aura.errors import DataError
+from aura.lock import DirectoryLock
 
 FORMAT = 1
 CURRENT, STATE_JSON, LOCK = "CURRENT", "state.json", "lock"
@@ -42,17 +42,13 @@ class StateDir:
             raise DataError(f"state directory {self.root} is a file")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.root / LOCK, "a+b")  # noqa: SIM115 - held for the service's life
         except OSError as exc:
             raise DataError(f"cannot use state directory {self.root}: {exc.strerror}") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise AuraError(f"another `aura learn` is using {self.root}") from None
+        self._lock = DirectoryLock(self.root / LOCK, "aura learn",
+                                   f"another `aura learn` is using {self.root}")
 
     def close(self) -> None:
-        self._lock.close()
+        self._lock.release()
 
     def current(self) -> tuple[Path, dict[str, Any]] | None:
         """The committed generation and its state.json, verified; None before the first save."""

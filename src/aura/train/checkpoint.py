@@ -1,24 +1,40 @@
-"""Checkpoints: safetensors + JSON only, written atomically, verified by sha256 on load.
+"""A run's checkpoints: safetensors + JSON only, written atomically, verified by sha256 on load.
 
-    RUN/checkpoints/step-00000500/
-        model.safetensors        weights (all inference needs, with meta.json and the tokenizer)
-        tokenizer.aura.json
-        meta.json                step, config, tokenizer hash, val loss, sha256 of every file
-        train_state.safetensors  optimizer tensors and RNG states       (resume only)
-        train_state.json         optimizer groups, schedule and fault counters (resume only)
-        memory/NAME/             each episodic memory the model keeps (``model.writers``)
+    RUN/
+        lock                         held by the one command writing the run (aura.lock)
+        history.json                 {"history": ID}: the line of training the checkpoints belong to
+        best.json                    {"step": N, "val_loss": L}: the checkpoint to sample from
+        checkpoints/step-00000500/
+            model.safetensors        weights (all inference needs, with meta.json and the tokenizer)
+            tokenizer.aura.json
+            meta.json                step, history, config, tokenizer hash, val loss, sha256 of
+                                     every file (each inside this directory)
+            train_state.safetensors  optimizer tensors and RNG states       (resume only)
+            train_state.json         optimizer groups, schedule and fault counters (resume only)
+            memory/NAME/             each episodic memory the model keeps (``model.writers``)
+        discarded-TIME/              what a fresh start or a save moved aside, never deleted
+                                     (itself a run directory)
 
 A checkpoint directory is built under a temporary name and renamed into place, and meta.json is
 written last inside it, so a crash leaves either no checkpoint or a complete one. Loading never
 unpickles: tensors come from safetensors, everything else from JSON.
+
+A history is one line of training from step 0. Resuming, pruning and sampling use only the
+checkpoints of the run's history (one written before histories existed counts as the run's), so
+a run never resumes from, mixes with or deletes checkpoints it did not write: a fresh start over
+checkpoints moves them into ``discarded-TIME/`` first, and only when asked to.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
+import re
+import secrets
 import shutil
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,20 +42,40 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from aura.atomic import atomic_dir, atomic_write_text
+from aura.atomic import atomic_dir, atomic_write_text, fsync_dir
 from aura.config import AuraConfig, config_from_dict, config_to_dict
 from aura.data.shards import file_sha256
 from aura.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from aura.errors import DataError
+from aura.lock import DirectoryLock
 from aura.models import AuraModel, build_model
 from aura.train.schedule import Every
 
 FORMAT = 1
 CKPT_DIR = "checkpoints"
-BEST_FILE = "best.json"
+BEST_FILE, HISTORY_FILE, LOCK_FILE = "best.json", "history.json", "lock"
+DISCARDED = "discarded-"
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
 MEMORY_DIR = "memory"
+STEP_NAME = re.compile(r"step-([0-9]+)")
+Log = Callable[[str], None]
+
+
+def warn_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class UnusableCheckpoint(DataError):
+    """A checkpoint that fails verification or belongs to another history: which, and why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class NoUsableCheckpoint(DataError):
+    """A run has checkpoints, and none of them can be used."""
 
 
 @dataclass
@@ -114,10 +150,17 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CKPT_DIR / f"step-{step:08d}"
 
 
+def _step_of(name: str) -> int | None:
+    """N of a directory named as ``step_dir`` names it (step-00000500), else None."""
+    match = STEP_NAME.fullmatch(name)
+    return int(match[1]) if match and name == f"step-{int(match[1]):08d}" else None
+
+
 def save_checkpoint(run_dir: Path, model: AuraModel, tokenizer: Tokenizer, config: AuraConfig,
                     state: TrainState, optimizer_states: list[dict[str, Any]] | None,
-                    val_loss: float | None = None) -> Path:
-    """Write checkpoint ``state.step`` atomically; with no optimizer state it is weights-only."""
+                    val_loss: float | None = None, history: str | None = None) -> Path:
+    """Write checkpoint ``state.step`` of ``history`` atomically; with no optimizer state it is
+    weights-only."""
     final = step_dir(run_dir, state.step)
     with atomic_dir(final) as tmp:  # replaces the same step saved again (after a rollback)
         save_model(model, str(tmp / MODEL_FILE))
@@ -133,6 +176,7 @@ def save_checkpoint(run_dir: Path, model: AuraModel, tokenizer: Tokenizer, confi
         meta = {
             "format": FORMAT,
             "step": state.step,
+            "history": history,
             "config": config_to_dict(config),
             "tokenizer_hash": tokenizer.hash,
             "val_loss": val_loss,
@@ -146,17 +190,25 @@ def save_checkpoint(run_dir: Path, model: AuraModel, tokenizer: Tokenizer, confi
 class Checkpointer:
     """A run's checkpoints: due every ``interval`` steps and after the ``last`` step; each save
     records the best val loss and prunes to the newest ``keep`` plus the best, so a long run's
-    disk use stays bounded and its best weights survive."""
+    disk use stays bounded and its best weights survive. Saves carry the run's ``history``."""
 
-    def __init__(self, run_dir: Path, interval: int, last: int, keep: int,
-                 log: Callable[[str], None]):
+    def __init__(self, run_dir: Path, interval: int, last: int, keep: int, log: Log,
+                 history: str | None = None):
         self.run_dir, self.cadence, self.keep, self.log = run_dir, Every(interval, last), keep, log
+        self.history = history
+        self._warned: set[str] = set()
 
     def due(self, step: int) -> bool:
         return self.cadence.due(step)
 
     def saved(self, step: int) -> bool:
         return step_dir(self.run_dir, step).is_dir()
+
+    def _warn_once(self, message: str) -> None:
+        """A problem every save would repeat (a malformed best.json) is said once."""
+        if message not in self._warned:
+            self._warned.add(message)
+            self.log(message)
 
     def save(self, model: AuraModel, tokenizer: Tokenizer, config: AuraConfig,
              state: TrainState, optimizer_states: list[dict[str, Any]],
@@ -165,107 +217,317 @@ class Checkpointer:
                                              or val_loss < state.best_val_loss)
         if improved:
             state.best_val_loss = val_loss
+        existing = step_dir(self.run_dir, state.step)
+        if existing.exists() and not _of_history(existing, self.history):
+            moved = set_aside(self.run_dir, [existing])
+            self.log(f"warning: {existing} is not of this run's history; moved it into {moved}")
         path = save_checkpoint(self.run_dir, model, tokenizer, config, state, optimizer_states,
-                               val_loss)
+                               val_loss, self.history)
         if improved:
             assert val_loss is not None
             mark_best(self.run_dir, state.step, val_loss)
-        prune(self.run_dir, self.keep)
+        prune(self.run_dir, self.keep, self.history, self._warn_once)
         self.log(f"checkpoint: {path}")
         return path
 
 
-def verify_checkpoint(path: Path, need_train_state: bool = False) -> dict[str, Any]:
-    """The checkpoint's meta after checking every file against its sha256; DataError if not."""
-    meta_path = path / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        files = meta["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(f"checkpoint {path}: missing or corrupt {META_FILE}") from None
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+# meta.json's fields: (what it must be, the check, required); an optional one may also be null.
+_META_FIELDS: dict[str, tuple[str, Callable[[Any], bool], bool]] = {
+    "step": ("a non-negative integer", _is_count, True),
+    "files": ("an object of file names and sha256s",
+              lambda v: isinstance(v, dict)
+              and all(isinstance(k, str) and isinstance(d, str) for k, d in v.items()), True),
+    "config": ("an object with a model section",
+               lambda v: isinstance(v, dict) and isinstance(v.get("model"), dict), True),
+    "tokenizer_hash": ("a string", lambda v: isinstance(v, str), True),
+    "val_loss": ("a number", lambda v: v is None or _is_number(v), False),
+    "history": ("a string", lambda v: v is None or isinstance(v, str), False),
+}
+
+
+def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
+    """meta.json's fields as the loaders use them; a field of the wrong type is corruption."""
+    if not isinstance(meta, dict):
+        raise UnusableCheckpoint(path, f"{META_FILE} is not a JSON object")
     if meta.get("format") != FORMAT:
-        raise DataError(f"checkpoint {path}: unknown format {meta.get('format')!r}")
+        raise UnusableCheckpoint(path, f"unknown format {meta.get('format')!r}")
+    for name, (kind, ok, required) in _META_FIELDS.items():
+        if name not in meta:
+            if required:
+                raise UnusableCheckpoint(path, f"{META_FILE} has no {name!r}")
+        elif not ok(meta[name]):
+            raise UnusableCheckpoint(path, f"{META_FILE}: {name!r} is not {kind}")
+    named = _step_of(path.name)
+    if named is not None and named != meta["step"]:
+        raise UnusableCheckpoint(path, f"{META_FILE} says step {meta['step']}")
+    return meta
+
+
+def _inside(path: Path, name: str) -> Path:
+    """The file ``name`` of checkpoint ``path``: a name that is absolute, climbs out with ``..``
+    or leads out through a symlink is corruption, never read."""
+    parts = name.split("/")
+    if "\0" in name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise UnusableCheckpoint(path, f"names a file outside its directory: {name!r}")
+    target = path / name
+    if not target.resolve().is_relative_to(path.resolve()):
+        raise UnusableCheckpoint(path, f"{name} links outside its directory")
+    return target
+
+
+def verify_checkpoint(path: Path, need_train_state: bool = False) -> dict[str, Any]:
+    """The checkpoint's meta after checking its fields, that every file it names lies inside it,
+    and every file against its sha256; UnusableCheckpoint (a DataError) if not."""
+    if not path.is_dir():
+        raise UnusableCheckpoint(path, "is missing")
+    try:
+        meta = _check_meta(path, json.loads((path / META_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        raise UnusableCheckpoint(path, f"missing or corrupt {META_FILE}") from None
+    files = meta["files"]
     needed = [MODEL_FILE, TOKENIZER_FILE] + ([STATE_TENSORS, STATE_JSON] if need_train_state
                                              else [])
     for name in needed:
         if name not in files:
-            raise DataError(f"checkpoint {path}: has no {name}")
+            raise UnusableCheckpoint(path, f"has no {name}")
+    targets = {name: _inside(path, name) for name in files}  # all checked before any is read
     for name, digest in files.items():
-        f = path / name
+        f = targets[name]
         if not f.is_file() or file_sha256(f) != digest:
-            raise DataError(f"checkpoint {path}: {name} is missing, truncated or corrupt")
+            raise UnusableCheckpoint(path, f"{name} is missing, truncated or corrupt")
     return meta
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories of a run, oldest first (temporary ones excluded)."""
+def _of_history(path: Path, history: str | None) -> bool:
+    """Whether checkpoint ``path`` belongs to ``history`` (or predates histories), by its
+    meta.json alone; one whose meta.json cannot be read belongs to no one we know."""
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("history") in (None, history)
+
+
+def _usable(path: Path, need_train_state: bool, history: str | None) -> dict[str, Any]:
+    meta = verify_checkpoint(path, need_train_state)
+    if meta.get("history") not in (None, history):
+        raise UnusableCheckpoint(path, f"belongs to history {meta['history']}, not the run's "
+                                       f"({history})")
+    return meta
+
+
+def list_checkpoints(run_dir: Path, log: Log | None = None) -> list[Path]:
+    """Checkpoint directories of a run, oldest first. Anything else in checkpoints/ is left
+    alone: a save's temporary silently, any other entry with a warning to ``log``."""
     root = run_dir / CKPT_DIR
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")]
-    return sorted(dirs, key=lambda p: int(p.name.removeprefix("step-")))
+    found = []
+    for entry in sorted(root.iterdir()):
+        step = _step_of(entry.name)
+        if step is not None and entry.is_dir():
+            found.append((step, entry))
+        elif log is not None and not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            log(f"warning: ignoring {entry}: not a checkpoint (a directory named step-NNNNNNNN)")
+    return [path for _, path in sorted(found)]
 
 
-def latest_good(run_dir: Path, log: Callable[[str], None], need_train_state: bool = True
+def latest_good(run_dir: Path, log: Log, need_train_state: bool = True,
+                history: str | None = None, skipped: Sequence[UnusableCheckpoint] = ()
                 ) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies; a corrupt newer one is skipped with a warning."""
-    for path in reversed(list_checkpoints(run_dir)):
+    """The newest checkpoint of ``history`` that verifies, with one warning per checkpoint
+    skipped (newer ones, and ``skipped``: those the caller already tried) naming the one used.
+    None when the run has no checkpoints; NoUsableCheckpoint, naming each, when none is usable."""
+    unusable = list(skipped)
+    tried = {exc.path for exc in unusable}
+    for path in reversed(list_checkpoints(run_dir, log)):
+        if path in tried:
+            continue
         try:
-            return path, verify_checkpoint(path, need_train_state)
-        except DataError as exc:
-            log(f"warning: {exc}; falling back to the previous checkpoint")
-    return None
+            meta = _usable(path, need_train_state, history)
+        except UnusableCheckpoint as exc:
+            unusable.append(exc)
+            continue
+        for exc in unusable:
+            log(f"warning: {exc}; falling back to {path}")
+        return path, meta
+    if not unusable:
+        return None
+    reasons = "; ".join(f"{exc.path.name}: {exc.reason}" for exc in unusable)
+    raise NoUsableCheckpoint(f"{run_dir}: no usable checkpoint ({reasons})")
 
 
 def load_train_state(path: Path, model: AuraModel) -> tuple[TrainState, list[dict[str, Any]]]:
     """Load weights into ``model`` and RNG states; return the train state and optimizer states."""
+    try:
+        info = json.loads((path / STATE_JSON).read_text())
+        state, plain = TrainState(**info["train_state"]), info["optimizers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UnusableCheckpoint(path, f"{STATE_JSON} is malformed") from None
     _load_weights(model, path)
     tensors = load_file(str(path / STATE_TENSORS))
-    info = json.loads((path / STATE_JSON).read_text())
     _restore_rng(tensors)
     opt_states = _unpack_optimizer(
-        {k: v for k, v in tensors.items() if not k.startswith("rng.")}, info["optimizers"])
-    return TrainState(**info["train_state"]), opt_states
+        {k: v for k, v in tensors.items() if not k.startswith("rng.")}, plain)
+    return state, opt_states
 
 
 def read_best(run_dir: Path) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((run_dir / BEST_FILE).read_text())
-    return None
+    """best.json, ``{"step": N, "val_loss": L}``; None when there is none, DataError when it is
+    there but malformed."""
+    path = run_dir / BEST_FILE
+    try:
+        best = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        best = None
+    if not (isinstance(best, dict) and _is_count(best.get("step"))
+            and _is_number(best.get("val_loss"))):
+        raise DataError(f"{path} is malformed (not {{\"step\": N, \"val_loss\": L}})")
+    return best
 
 
 def mark_best(run_dir: Path, step: int, val_loss: float) -> None:
     atomic_write_text(run_dir / BEST_FILE, json.dumps({"step": step, "val_loss": val_loss}))
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints plus the best one: a long run's disk use stays
-    bounded, and the weights worth sampling from are never pruned."""
-    best = read_best(run_dir)
-    best_step = best["step"] if best else None
-    checkpoints = list_checkpoints(run_dir)
-    for path in checkpoints[:-keep] if keep > 0 else checkpoints:
-        if int(path.name.removeprefix("step-")) != best_step:
-            shutil.rmtree(path, ignore_errors=True)
-    root = run_dir / CKPT_DIR
-    for stale in root.glob(".step-*.tmp"):  # left by a crash mid-save
+def prune(run_dir: Path, keep: int, history: str | None = None, log: Log | None = None) -> None:
+    """Keep the newest ``keep`` checkpoints of ``history`` plus the best one: a long run's disk
+    use stays bounded, and the weights worth sampling from are never pruned. Only checkpoints
+    whose meta.json names ``history`` (or none) are ever deleted; while best.json is malformed,
+    none is (which one is the best is unknown), with a warning to ``log``."""
+    for stale in (run_dir / CKPT_DIR).glob(".step-*.tmp"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
+    try:
+        best = read_best(run_dir)
+    except DataError as exc:
+        if log is not None:
+            log(f"warning: {exc}; no checkpoint is pruned until a new best is saved")
+        return
+    best_step = best["step"] if best else None
+    ours = [path for path in list_checkpoints(run_dir) if _of_history(path, history)]
+    for path in ours[:-keep] if keep > 0 else ours:
+        if _step_of(path.name) != best_step:
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory's best checkpoint (else its newest good one)."""
+# --- the run directory around the checkpoints --------------------------------------------------
+
+
+def lock_run(path: Path, command: str) -> DirectoryLock:
+    """Lock the run ``path`` (a run directory, or a checkpoint: then the run holding it) for
+    writing, before anything in it is read or written; a second writer gets one line naming
+    this one. A checkpoint outside any run is locked by a ``.NAME.lock`` beside it."""
     path = Path(path)
     if (path / META_FILE).is_file():
-        return path
+        lock_file = (path.parent.parent / LOCK_FILE if path.parent.name == CKPT_DIR
+                     else path.parent / f".{path.name}.lock")
+    elif path.is_dir():
+        lock_file = path / LOCK_FILE
+    else:
+        raise DataError(f"no run or checkpoint at {path}")
+    return DirectoryLock(lock_file, command, f"{path} is being written by another process")
+
+
+def new_history() -> str:
+    return secrets.token_hex(8)
+
+
+def write_history(run_dir: Path, history: str) -> None:
+    atomic_write_text(run_dir / HISTORY_FILE, json.dumps({"history": history}) + "\n")
+
+
+def run_history(run_dir: Path, log: Log) -> str | None:
+    """The history the run continues: history.json's; else (a run older than history.json, or
+    a damaged file, said to ``log``) the one its newest readable checkpoint names; None when
+    neither names one."""
+    path = run_dir / HISTORY_FILE
+    if path.exists():
+        try:
+            history = json.loads(path.read_text(encoding="utf-8"))["history"]
+        except (OSError, ValueError, KeyError, TypeError):
+            history = None
+        if isinstance(history, str):
+            return history
+        log(f"warning: {path} is malformed; the run's history is taken from its newest "
+            "checkpoint")
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            meta = json.loads((ckpt / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("history"), str):
+            return meta["history"]
+    return None
+
+
+def set_aside(run_dir: Path, entries: Sequence[Path] | None = None) -> Path:
+    """Move ``entries`` of the run (default: all but its lock and what was set aside before)
+    into a new ``RUN/discarded-TIME/`` at the same relative paths, which makes it a run
+    directory of its own (``aura generate`` and ``--resume`` take it): nothing is deleted. The
+    checkpoints move last, so a crash midway leaves them where the next start finds them."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = run_dir / f"{DISCARDED}{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / f"{DISCARDED}{stamp}-{n}"
+    if entries is None:
+        entries = sorted((p for p in run_dir.iterdir()
+                          if p.name != LOCK_FILE and not p.name.startswith(DISCARDED)),
+                         key=lambda p: (p.name == CKPT_DIR, p.name))
+    touched = {run_dir}
+    for entry in entries:
+        target = dest / entry.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(entry, target)
+        touched |= {entry.parent, target.parent}
+    for directory in touched:
+        fsync_dir(directory)
+    return dest
+
+
+# --- loading for inference ---------------------------------------------------------------------
+
+
+def _pick(path: Path, log: Log) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint directory as itself; a run's best checkpoint, else its newest good one, with
+    a warning naming any checkpoint skipped (the best too) and the one used instead."""
+    if (path / META_FILE).is_file():
+        return path, verify_checkpoint(path)
     if not path.is_dir():
         raise DataError(f"no run or checkpoint at {path}")
-    best = read_best(path)
-    if best is not None and step_dir(path, best["step"]).is_dir():
-        return step_dir(path, best["step"])
-    found = latest_good(path, log=lambda _m: None, need_train_state=False)
+    history = run_history(path, log)
+    skipped: list[UnusableCheckpoint] = []
+    try:
+        best = read_best(path)
+    except DataError as exc:
+        log(f"warning: {exc}; using the newest good checkpoint")
+        best = None
+    if best is not None:
+        try:
+            best_dir = step_dir(path, best["step"])
+            return best_dir, _usable(best_dir, False, history)
+        except UnusableCheckpoint as exc:
+            skipped.append(exc)
+    found = latest_good(path, log, need_train_state=False, history=history, skipped=skipped)
     if found is None:
         raise DataError(f"{path}: no usable checkpoint (train first, or pass a checkpoint dir)")
-    return found[0]
+    return found
+
+
+def resolve_checkpoint(path: str | Path, log: Log = warn_stderr) -> Path:
+    """A checkpoint directory, or a run directory's best checkpoint (else its newest good one),
+    verified."""
+    return _pick(Path(path), log)[0]
 
 
 @dataclass
@@ -277,10 +539,10 @@ class Loaded:
     path: Path
 
 
-def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> Loaded:
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu",
+                       log: Log = warn_stderr) -> Loaded:
     """Model + tokenizer from a checkpoint (or a run's best), verified, in eval mode."""
-    ckpt = resolve_checkpoint(path)
-    meta = verify_checkpoint(ckpt)
+    ckpt, meta = _pick(Path(path), log)
     config = config_from_dict(meta["config"])
     tokenizer = load_tokenizer(ckpt / TOKENIZER_FILE)
     if tokenizer.hash != meta["tokenizer_hash"]:

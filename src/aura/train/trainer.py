@@ -27,14 +27,20 @@ from aura.config import AuraConfig, config_to_dict
 from aura.data.prosody import token_features
 from aura.data.sampler import BatchSampler, Curriculum, StepBatches
 from aura.data.shards import PreparedData
-from aura.errors import AuraError
+from aura.errors import AuraError, DataError
 from aura.models import AuraModel, build_model
 from aura.train.checkpoint import (
     Checkpointer,
+    NoUsableCheckpoint,
     TrainState,
     latest_good,
     list_checkpoints,
     load_train_state,
+    lock_run,
+    new_history,
+    run_history,
+    set_aside,
+    write_history,
 )
 from aura.train.device import (
     device_peak_flops,
@@ -84,14 +90,17 @@ class _LossScaleOverflow(Exception):
 
 
 class Trainer:
+    """Training of one run directory, which it locks from construction to the end of ``run()``.
+
+    ``resume`` continues from the newest good checkpoint of the run's history. A run whose
+    checkpoints cannot be resumed (none is usable, or ``resume`` is off) is refused, unless
+    ``restart_discarding_checkpoints``: then everything in it is moved into RUN/discarded-TIME/
+    and training starts afresh, so no checkpoint is ever lost or mixed into a new history."""
+
     def __init__(self, cfg: AuraConfig, data_dir: str | Path, run_dir: str | Path, *,
-                 resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = _stderr):
+                 resume: bool = False, restart_discarding_checkpoints: bool = False,
+                 progress: bool = True, log: Callable[[str], None] = _stderr):
         self.cfg, self.run_dir, self.log, self.progress = cfg, Path(run_dir), log, progress
-        t = cfg.train
-        if list_checkpoints(self.run_dir) and not resume:
-            raise AuraError(f"{self.run_dir} already holds checkpoints: pass --resume to continue "
-                            "it, or choose another --out")
         self.data = PreparedData.open(data_dir, verify="full")
         vocab = self.data.vocab_size
         if cfg.model.vocab_size is None:
@@ -99,8 +108,24 @@ class Trainer:
         elif cfg.model.vocab_size != vocab:
             raise AuraError(f"model.vocab_size is {cfg.model.vocab_size} but the data's "
                             f"tokenizer has {vocab}")
-        self.device = pick_device(t.device)
-        self.precision = pick_precision(t.precision, self.device)
+        self.device = pick_device(cfg.train.device)  # settings errors leave no run directory
+        self.precision = pick_precision(cfg.train.precision, self.device)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot create run directory {self.run_dir}: {exc.strerror}"
+                            ) from None
+        self.lock = lock_run(self.run_dir, "aura train --resume" if resume else "aura train")
+        try:
+            self._setup(resume, restart_discarding_checkpoints)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, resume: bool, restart: bool) -> None:
+        """Everything after the lock: where the run starts, the model, optimizers, batches."""
+        cfg, t = self.cfg, self.cfg.train
+        start = self._start(resume, restart)
         self.scaler = self.precision.new_scaler()
         torch.manual_seed(t.seed)
         self.model: AuraModel = build_model(cfg.model).to(self.device)
@@ -133,18 +158,19 @@ class Trainer:
         self.plateau = Plateau(t.plateau_patience, t.early_stop_patience)
         self.evaluation = Every(t.eval_interval, t.max_steps)
         self.checkpointer = Checkpointer(self.run_dir, t.checkpoint_interval, t.max_steps,
-                                         t.keep_checkpoints, self.log)
+                                         t.keep_checkpoints, self.log, self.history)
         self.state = TrainState()
         self._nonfinite_in_a_row = 0
         self._stop_signal: str | None = None
-        resumed = self._resume() if resume else False
-        if not resumed:
+        if start is not None:
+            self._resume(*start)
+        else:
             self.model.on_train_start(self.data)
         self.peak_flops = device_peak_flops(self.device, self.precision.name)
         self.flops_per_token = self._flops_per_token() if self.peak_flops else None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(config_to_dict(cfg), indent=1))
-        self.metrics = MetricsLog(self.run_dir, resume_step=self.state.step if resumed else None,
+        self.metrics = MetricsLog(self.run_dir,
+                                  resume_step=self.state.step if start is not None else None,
                                   log=self.log)
 
     def _flops_per_token(self) -> float:
@@ -155,12 +181,41 @@ class Trainer:
 
     # --- state --------------------------------------------------------------------------------
 
-    def _resume(self) -> bool:
-        found = latest_good(self.run_dir, self.log)
-        if found is None:
-            self.log(f"note: no checkpoint in {self.run_dir} to resume from; starting afresh")
-            return False
-        path, meta = found
+    def _start(self, resume: bool, restart: bool) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from, or None for step 0; sets ``self.history``. A fresh
+        start over checkpoints is refused, or with ``restart`` moves the run aside first."""
+        run = self.run_dir
+        history = run_history(run, self.log)
+        if resume and list_checkpoints(run):
+            try:
+                found = latest_good(run, self.log, history=history)
+            except NoUsableCheckpoint as exc:
+                if not restart:
+                    raise NoUsableCheckpoint(f"{exc}; pass --restart-discarding-checkpoints to "
+                                             "move them aside and start afresh") from None
+                self._set_aside(str(exc))
+            else:
+                self.history = history or new_history()  # a run older than histories gets one
+                write_history(run, self.history)
+                return found
+        elif list_checkpoints(run):
+            if not restart:
+                raise AuraError(f"{run} already holds checkpoints: pass --resume to continue it, "
+                                "--restart-discarding-checkpoints to start afresh (they are "
+                                "moved aside, not deleted), or choose another --out")
+            self._set_aside(f"{run} already holds checkpoints")
+        elif resume:
+            self.log(f"note: no checkpoint in {run} to resume from; starting afresh")
+        self.history = new_history()
+        write_history(run, self.history)
+        return None
+
+    def _set_aside(self, reason: str) -> None:
+        moved = set_aside(self.run_dir)
+        self.log(f"note: {reason}; moved everything of the run so far into {moved}, starting "
+                 "afresh")
+
+    def _resume(self, path: Path, meta: dict[str, Any]) -> None:
         saved, current = meta["config"]["model"], config_to_dict(self.cfg)["model"]
         changed = [f"model.{k} {saved[k]!r} -> {v!r}" for k, v in current.items()
                    if k != "dropout" and k in saved and saved[k] != v]
@@ -169,7 +224,6 @@ class Trainer:
                             "with the run's saved config (omit --preset/--config)")
         self._load(path)
         self.log(f"resumed from {path} at step {self.state.step}")
-        return True
 
     def _load(self, path: Path) -> None:
         self.state, opt_states = load_train_state(path, self.model)
@@ -180,7 +234,7 @@ class Trainer:
 
     def _rollback(self) -> None:
         """K non-finite steps in a row: back to the last good checkpoint with half the LR."""
-        found = latest_good(self.run_dir, self.log)
+        found = latest_good(self.run_dir, self.log, history=self.history)
         if found is None:
             raise AuraError(f"training diverged: {self.cfg.train.max_nonfinite} non-finite steps "
                             "in a row before any checkpoint; lower train.lr")
@@ -337,6 +391,7 @@ class Trainer:
                 signal.signal(sig, handler)
             self.step_batches.close()
             self.metrics.close()
+            self.lock.release()
 
     def _loop(self) -> TrainResult:
         """Each step: train (or recover), then whatever is due after it: a log row, an
