@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -442,6 +443,21 @@ def test_invalid_utf8_and_binary_files_are_skipped_or_replaced(tmp_path: Path,
     assert keep.data.splits["train"].n_docs == 13
     assert "Latin-1 caf\ufffd text.\n".encode() in split_bytes(keep.data, "train")
     assert b"IHDR" not in split_bytes(keep.data, "train")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_prepared_files_follow_the_umask(tmp_path: Path, corpus_dir: Path, umask: int) -> None:
+    """The manifest and tokenizer (written through temporary files) get the same mode as the
+    shards: what the umask allows, not a private 0600 another user cannot read."""
+    old = os.umask(umask)
+    try:
+        run([corpus_dir], tmp_path / "out", val_fraction=0.2)
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == dict.fromkeys(
+        referenced(out), 0o666 & ~umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
 
 
 def test_tokenizer_mismatch_is_detected(tmp_path: Path, corpus_dir: Path) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
 
-from aura.errors import AuraError
+from aura.errors import AuraError, environment_error
 from aura.field_docs import field_docs
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -547,3 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:
+        reason = environment_error(exc)
+        if reason is None:  # not the file system's state: a bug, with its traceback
+            raise
+        print(f"aura: error: {reason}", file=sys.stderr)
+        return EXIT_USAGE

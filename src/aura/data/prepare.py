@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from aura.atomic import atomic_write_text, fsync_dir
+from aura.atomic import atomic_write_text, check_writable_dir, fsync_dir
 from aura.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -341,6 +341,7 @@ def prepare(opts: PrepareOptions, out: str | Path, force: bool = False,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a directory")
+    check_writable_dir(out)  # now, not after scanning and tokenizing everything
     if opts.tokenizer not in BUILTIN_TOKENIZERS and not Path(opts.tokenizer).exists():
         raise DataError(
             f"unknown tokenizer {opts.tokenizer!r}: use byte, char, bpe, gpt2 or a path to a "
