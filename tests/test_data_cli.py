@@ -209,6 +209,9 @@ def test_an_all_bad_corpus(tmp_path: Path, run_cli: Run) -> None:
         (["--tokenizer", "byte", "--shard-tokens", "10"], ["--shard-tokens"]),
         (["--tokenizer", "byte", "--vocab-size", "500"], ["--vocab-size"]),
         (["--tokenizer", "bpe", "--vocab-size", "100"], ["--vocab-size"]),
+        (["--tokenizer", "bpe", "--vocab-size", "0"], ["--vocab-size", "got 0"]),
+        (["--tokenizer", "bpe", "--vocab-size", "-1"], ["--vocab-size", "got -1"]),
+        (["--tokenizer", "char", "--vocab-size", "300"], ["--vocab-size", "bpe only"]),
     ],
 )
 def test_bad_options(tmp_path: Path, corpus_dir: Path, run_cli: Run, extra: list[str],

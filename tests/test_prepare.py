@@ -445,6 +445,17 @@ def test_invalid_utf8_and_binary_files_are_skipped_or_replaced(tmp_path: Path,
     assert b"IHDR" not in split_bytes(keep.data, "train")
 
 
+@given(st.integers())
+def test_bpe_vocab_size_is_checked_before_any_work(n: int) -> None:
+    """0 is not "the default" (it used to mean 8192 while the manifest said 0)."""
+    opts = PrepareOptions(["missing.txt"], "bpe", vocab_size=n)
+    if 257 <= n <= 1 << 20:
+        opts.check()
+    else:
+        with pytest.raises(DataError, match=f"--vocab-size for bpe must be in 257..{1 << 20}"):
+            opts.check()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_prepared_files_follow_the_umask(tmp_path: Path, corpus_dir: Path, umask: int) -> None:
     """The manifest and tokenizer (written through temporary files) get the same mode as the

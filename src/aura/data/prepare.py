@@ -39,9 +39,11 @@ from aura.data.shards import (
 from aura.data.sources import DocBoundary, OnInvalid, Source, TextFiles, open_source
 from aura.data.tokenizers import (
     BUILTIN_TOKENIZERS,
+    DEFAULT_BPE_VOCAB,
     ByteTokenizer,
     CharTokenizer,
     Tokenizer,
+    check_bpe_vocab_size,
     describe_tokenizer_spec,
     gpt2_tokenizer,
     load_tokenizer,
@@ -65,7 +67,7 @@ class PrepareOptions:
     """bpe is trained on the sources; PATH: a tokenizer.json, or a prepared data / run directory
     to reuse its tokenizer."""
     vocab_size: int | None = None
-    """Vocabulary size of a bpe tokenizer (default 8192)."""
+    """Vocabulary size of a bpe tokenizer, 257..1048576 (default 8192)."""
     weights: Sequence[float] | None = field(default=None, metadata={"metavar": "W"})
     """Sampling weight per SOURCE (default: proportional to token count)."""
     val_fraction: float = 0.1
@@ -99,6 +101,10 @@ class PrepareOptions:
                 )
             if any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
                 raise DataError("--weights must be non-negative numbers with a positive sum")
+        if self.vocab_size is not None:  # now, not after scanning every source
+            if self.tokenizer != "bpe":
+                raise DataError(f"--vocab-size applies to bpe only, not {self.tokenizer}")
+            check_bpe_vocab_size(self.vocab_size)
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < 1024:
@@ -259,7 +265,8 @@ def _build_tokenizer(opts: PrepareOptions, docs: _DocStream) -> Tokenizer:
         return CharTokenizer.from_texts(text for _, _, text, _ in docs.iter_pieces())
     if opts.tokenizer == "bpe":
         train_text = (text for _, split, text, _ in docs.iter_pieces() if split == "train")
-        return train_bpe(train_text, opts.vocab_size or 8192)
+        vocab_size = DEFAULT_BPE_VOCAB if opts.vocab_size is None else opts.vocab_size
+        return train_bpe(train_text, vocab_size)
     if opts.tokenizer == "gpt2":
         return gpt2_tokenizer()
     return load_tokenizer(opts.tokenizer)
