@@ -234,6 +234,22 @@ def test_out_is_a_file(tmp_path: Path, corpus_dir: Path, run_cli: Run) -> None:
     assert_usage_error(res, "not a directory")
 
 
+def test_one_bad_paragraph_is_skipped_and_counted(tmp_path: Path, run_cli: Run) -> None:
+    """--on-invalid skip (the default) drops the paragraph holding a bad byte, not the file it
+    is in; the summary counts it."""
+    path = tmp_path / "notes.txt"
+    paragraphs = [f"Paragraph {i} of the notes.\n".encode() for i in range(6)]
+    paragraphs[2] = b"A Latin-1 caf\xe9.\n"
+    path.write_bytes(b"\n".join(paragraphs))
+    report = prepare_ok(run_cli, path, "--tokenizer", "byte", "--out", tmp_path / "out",
+                        "--val-fraction", "0")
+    assert report["skipped"] == {"invalid_utf8": 1}
+    assert report["splits"]["train"]["n_docs"] == 5
+    human = run_cli("data", "prepare", path, "--tokenizer", "byte", "--out", tmp_path / "out",
+                    "--val-fraction", "0")
+    assert "skipped: 1 invalid utf8" in human.out
+
+
 def test_char_tokenizer_file_with_unseen_characters(tmp_path: Path, corpus_dir: Path,
                                                     run_cli: Run) -> None:
     path = tmp_path / "abc.json"

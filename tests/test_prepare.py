@@ -445,6 +445,40 @@ def test_invalid_utf8_and_binary_files_are_skipped_or_replaced(tmp_path: Path,
     assert b"IHDR" not in split_bytes(keep.data, "train")
 
 
+@pytest.mark.parametrize("piece_chars", [1 << 20, 64])
+def test_skip_drops_the_paragraph_with_bad_bytes_not_the_file(
+        tmp_path: Path, docs: list[str], monkeypatch: pytest.MonkeyPatch,
+        piece_chars: int) -> None:
+    """A lone file's documents are its paragraphs: one bad byte skips its paragraph (every piece
+    of it, when it is longer than a piece), the others keep their ids and so their split."""
+    monkeypatch.setattr(sources, "PIECE_CHARS", piece_chars)
+    paragraphs = [d.strip().encode() for d in docs]
+    bad = bytearray(paragraphs[4])
+    bad[len(bad) // 2] = 0xE9  # Latin-1 "é" in the middle of the paragraph
+    path, good = tmp_path / "bad" / "notes.txt", tmp_path / "good" / "notes.txt"
+    path.parent.mkdir()
+    path.write_bytes(b"\n\n".join([*paragraphs[:4], bytes(bad), *paragraphs[5:]]) + b"\n")
+    good.parent.mkdir()  # the same file with the byte made valid: the same document ids
+    good.write_bytes(path.read_bytes().replace(b"\xe9", b"e"))
+    good_docs = good.read_text(encoding="utf-8").strip().split("\n\n")
+
+    res = run([path], tmp_path / "out", val_fraction=0.3)
+    assert res.skipped == {"invalid_utf8": 1}
+    assert manifest(tmp_path / "out")["sources"][0]["skipped"] == {"invalid_utf8": 1}
+    where = assert_each_doc_in_one_split(res.data, [d.strip() for i, d in enumerate(docs)
+                                                    if i != 4])
+    everything = split_bytes(res.data, "train") + split_bytes(res.data, "val")
+    assert paragraphs[4][:40] not in everything and b"\xe9" not in everything
+    ref = assert_each_doc_in_one_split(run([good], tmp_path / "ref", val_fraction=0.3).data,
+                                       good_docs)
+    assert {s: [j + (j >= 4) for j in idx] for s, idx in where.items()} == {
+        s: [i for i in idx if i != 4] for s, idx in ref.items()}
+
+    # Where files are the documents, the file is the document skipped.
+    with pytest.raises(DataError, match="1 invalid_utf8"):
+        run([path], tmp_path / "whole", doc_boundary="file")
+
+
 @given(st.integers())
 def test_bpe_vocab_size_is_checked_before_any_work(n: int) -> None:
     """0 is not "the default" (it used to mean 8192 while the manifest said 0)."""

@@ -81,7 +81,8 @@ class PrepareOptions:
     doc_boundary: DocBoundary = "auto"
     """What one document of a text file is; auto: blank-line for a lone file, else file."""
     on_invalid: OnInvalid = "skip"
-    """Invalid UTF-8: skip the document, or keep it with U+FFFD replacements."""
+    """Invalid UTF-8: skip the document holding it (a file of a directory, a paragraph of a
+    lone file, a JSONL line) and count it, or keep it with U+FFFD replacements."""
     shard_tokens: int = 1 << 27
     """Tokens per shard file."""
     hf_split: str = "train"
