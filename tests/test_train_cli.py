@@ -4,18 +4,23 @@ exit codes and one-line errors."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aura.cli import main
-from aura.train.checkpoint import list_checkpoints, step_dir
+from aura.train.checkpoint import Checkpointer, list_checkpoints, step_dir, verify_checkpoint
+from aura.train.trainer import Trainer
 from conftest import TINY_TRAIN, CliResult, assert_usage_error, losses, requires_extra
+from faults import FsFaults
 
 Run = Callable[..., CliResult]
 SETS = [a for s in (*TINY_TRAIN, "train.eval_interval=100") for a in ("--set", s)]
@@ -144,6 +149,66 @@ def test_missing_data_dir_is_a_usage_error(run_cli: Run, tmp_path: Path) -> None
 def test_unknown_model_is_a_usage_error(run_cli: Run, train_data: Path, tmp_path: Path) -> None:
     res = run_cli(*train_args(train_data, tmp_path / "run", "--model", "mamba", "--max-steps", 2))
     assert_usage_error(res, "unknown model 'mamba'")
+
+
+# --- aura train: the file system and signals -----------------------------------------------
+
+REFUSALS = [errno.EACCES, errno.EROFS, errno.ENOSPC]
+
+
+def test_train_out_that_is_a_file_is_a_usage_error(run_cli: Run, train_data: Path,
+                                                   tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    res = run_cli(*train_args(train_data, tmp_path / "file", "--max-steps", 2))
+    assert_usage_error(res, str(tmp_path / "file"), "not a directory")
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "x"
+
+
+@pytest.mark.parametrize("err", REFUSALS)
+def test_train_out_where_writes_are_refused_fails_at_once(
+        run_cli: Run, train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        err: int) -> None:
+    """A permission denied, a read-only file system or a full disk: one line with the path and
+    the OS's reason, before the data is read or the model built, and nothing left behind."""
+    (tmp_path / "locked").mkdir()
+    FsFaults(monkeypatch).deny(tmp_path / "locked", err)
+    built = []
+    monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: built.append(1))
+    res = run_cli(*train_args(train_data, tmp_path / "locked" / "run", "--max-steps", 2))
+    assert_usage_error(res, str(tmp_path / "locked" / "run"), os.strerror(err))
+    assert built == [] and res.out == ""
+    assert list((tmp_path / "locked").iterdir()) == []
+
+
+@pytest.mark.parametrize("err", REFUSALS)
+def test_a_run_dir_that_refuses_writes_mid_run_keeps_the_last_checkpoint(
+        run_cli: Run, train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        err: int) -> None:
+    """The run directory turns read-only (or full) after the step-4 checkpoint: the step-8 save
+    fails, and the run ends with one clear line naming the intact checkpoint to resume from,
+    without a traceback from the main thread or TensorBoard's writer thread."""
+    run = tmp_path / "run"
+    faults = FsFaults(monkeypatch)
+    save = Checkpointer.save
+
+    def save_then_refuse(self: Checkpointer, *args: Any, **kwargs: Any) -> Path:
+        path = save(self, *args, **kwargs)
+        faults.deny(run, err)
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_refuse)
+    res = run_cli(*train_args(train_data, run, "--max-steps", 8, "--checkpoint-interval", 4))
+    assert res.code == 2, res.err
+    assert "Traceback" not in res.err and "Exception in thread" not in res.err, res.err
+    last = res.err.splitlines()[-1]
+    assert last.startswith("aura: error: training stopped at step 8: "), last
+    assert f"{step_dir(run, 8)}: {os.strerror(err)}" in last
+    assert f"{step_dir(run, 4)}, is intact" in last and "--resume" in last
+    assert res.out == ""
+    assert list_checkpoints(run) == [step_dir(run, 4)]
+    assert not list((run / "checkpoints").glob(".*"))  # no half-written temporary
+    verify_checkpoint(step_dir(run, 4), need_train_state=True)
+    assert sorted(losses(run)) == list(range(1, 9))  # the metrics were kept to the end
 
 
 # --- generate / eval / plot -----------------------------------------------------------------

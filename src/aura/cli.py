@@ -258,8 +258,13 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from aura.atomic import check_writable_dir
     from aura.train.trainer import Trainer
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise AuraError(f"--out {out} exists and is not a directory")
+    check_writable_dir(out)  # now, not after loading the data and building the model
     cfg = _train_config(args)
     data_dir = args.data or cfg.data.dir
     cfg.data.dir = data_dir
