@@ -939,7 +939,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # saved, but not finished
     assert "Traceback" not in err
     report = json.loads(out)
     step = report["step"]

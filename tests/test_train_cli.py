@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,30 @@ def test_a_run_dir_that_refuses_writes_mid_run_keeps_the_last_checkpoint(
     assert not list((run / "checkpoints").glob(".*"))  # no half-written temporary
     verify_checkpoint(step_dir(run, 4), need_train_state=True)
     assert sorted(losses(run)) == list(range(1, 9))  # the metrics were kept to the end
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_run_stopped_by_a_signal_exits_128_plus_its_number(
+        run_cli: Run, train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        sig: signal.Signals, code: int) -> None:
+    """Saved, but not finished: scripts tell it from a finished run by the exit code (as a
+    shell does for a process the signal killed), and --json still prints the summary."""
+    step = Trainer._guarded_step
+
+    def signal_during_step_3(self: Trainer, n: int) -> Any:
+        if n == 2:
+            os.kill(os.getpid(), sig)
+        return step(self, n)
+
+    monkeypatch.setattr(Trainer, "_guarded_step", signal_during_step_3)
+    run = tmp_path / "run"
+    res = run_cli(*train_args(train_data, run, "--max-steps", 50, "--json"))
+    assert res.code == code, res.err
+    report = res.json()
+    assert (report["stopped"], report["stop_signal"], report["step"]) == (
+        "interrupted", sig.name, 3)
+    assert list_checkpoints(run) == [step_dir(run, 3)]
+    verify_checkpoint(step_dir(run, 3), need_train_state=True)
 
 
 # --- generate / eval / plot -----------------------------------------------------------------

@@ -1,6 +1,9 @@
 """`aura` command line: a thin layer over the library.
 
-Exit codes: 0 success, 2 bad input or usage (one line on stderr, no traceback), 1 internal error.
+Exit codes: 0 success; 2 bad input or usage, or a file system that refuses (permission denied,
+read-only, full: `aura.errors.environment_error`), as one line on stderr without a traceback;
+1 internal error; 130 / 143 stopped by SIGINT / SIGTERM (a training run saves a checkpoint
+first).
 Commands that report results take ``--json`` and then print exactly one JSON object on stdout.
 """
 
@@ -258,6 +261,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import signal
+
     from aura.atomic import check_writable_dir
     from aura.train.trainer import Trainer
 
@@ -276,6 +281,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
         print(f"{result.stopped} at step {result.step}: val loss {val}, "
               f"{result.tokens_per_s:,.0f} tokens/s, run in {result.run_dir}")
+    if result.stop_signal is not None:  # saved, but not finished: scripts must see the difference
+        return 128 + signal.Signals[result.stop_signal].value
     return EXIT_OK
 
 

@@ -72,6 +72,7 @@ class TrainResult:
     micro_split: int
     seconds: float
     tokens_per_s: float
+    stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when one stopped the run early
 
 
 class _NonFinite(Exception):
@@ -402,6 +403,7 @@ class Trainer:
             self.run_dir, st.step, stopped, train_loss, val_loss, st.best_val_loss,
             st.nonfinite_skipped, st.rollbacks, st.micro_split, seconds,
             (st.tokens_seen - tokens_at_start) / max(seconds, 1e-9),
+            self._stop_signal if stopped == "interrupted" else None,
         )
 
     def _advance(self, step: int) -> int:
