@@ -259,6 +259,19 @@ def test_generate_streams_the_prompt_and_text(run_cli: Run, trained: Path) -> No
     assert res.out.startswith("The ") and len(res.out.rstrip("\n")) >= 4
 
 
+@pytest.mark.parametrize("extra", [
+    ["--max-new-tokens", "99999999999999999999999"],
+    ["--max-new-tokens", "-5"],
+    ["--stop", ""],
+    ["--prompt", "snow \u2603"],  # not in the char vocabulary
+])
+def test_generate_refuses_bad_input_before_printing_anything(run_cli: Run, trained: Path,
+                                                             extra: list[str]) -> None:
+    res = run_cli("generate", trained, "--prompt", "The ", "--device", "cpu", *extra)
+    assert_usage_error(res)
+    assert res.out == ""
+
+
 def test_eval_text_json(run_cli: Run, trained: Path, tmp_path: Path,
                         corpus_file: Path) -> None:
     res = run_cli("eval", trained, "--text", corpus_file, "--device", "cpu", "--json")

@@ -302,10 +302,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.run, pick_device(args.device))
     sampling = _sampling(args)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    if stream is not None:
-        sys.stdout.write(args.prompt)
+    # The prompt is echoed once every input is validated: bad input leaves stdout empty.
+    on_ready = None if stream is None else (lambda: stream(args.prompt))
     text = generate_text(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens,
-                         sampling, use_cache=not args.no_cache, stop=args.stop, stream=stream)
+                         sampling, use_cache=not args.no_cache, stop=args.stop, stream=stream,
+                         on_ready=on_ready)
     if args.json:
         _print_json({"checkpoint": str(loaded.path), "prompt": args.prompt, "text": text})
     else:
