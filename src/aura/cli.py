@@ -425,12 +425,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         lexicon_labels,
     )
 
-    text = args.text
-    if text == "-":
-        try:
-            text = sys.stdin.buffer.read().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise AuraError(f"standard input is not UTF-8 text: {exc}") from None
+    if args.text == "-":
+        text = _utf8(sys.stdin.buffer.read(), "standard input")
+    else:  # undo the surrogateescape that turned argv's bytes into str, then decode the same way
+        text = _utf8(args.text.encode("utf-8", "surrogateescape"), "TEXT")
     if not text.strip():
         raise AuraError("TEXT is empty: give the text to analyze (or - to read stdin)")
     model = AffectModel.load(args.model) if args.model else default_model()
@@ -443,6 +441,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     else:
         print(f"valence {result.valence:+.3f}  arousal {result.arousal:.3f}  tone {result.tone}")
     return EXIT_OK
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    """``raw`` as strict UTF-8, the one rule for the argument and stdin alike: invalid bytes are
+    text in another encoding, and scoring a guess at it (U+FFFD for each bad byte) would report
+    on text the user never wrote, so it is refused, as `aura eval --text` refuses such a file."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AuraError(f"{what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                        f"{exc.start}): convert it first, e.g. with iconv") from None
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
