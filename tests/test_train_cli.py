@@ -305,5 +305,14 @@ def test_plot_writes_a_png(run_cli: Run, trained: Path, tmp_path: Path) -> None:
     assert out.read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_plot_creates_no_directory_the_user_did_not_make(run_cli: Run, trained: Path,
+                                                         tmp_path: Path) -> None:
+    res = run_cli("plot", trained, "--out", tmp_path / "nonexistent" / "dir" / "x.png")
+    assert_usage_error(res, str(tmp_path / "nonexistent" / "dir"))
+    assert not (tmp_path / "nonexistent").exists()
+    assert_usage_error(run_cli("plot", trained, "--out", tmp_path), "is a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_generate_from_a_missing_run_is_a_usage_error(run_cli: Run, tmp_path: Path) -> None:
     assert_usage_error(run_cli("generate", tmp_path / "nope", "--json"), "nope")
