@@ -849,6 +849,44 @@ def test_a_metrics_file_deleted_mid_run_is_recreated_and_said_once(train_data: P
     assert len(said) == 1 and "deleted or replaced" in said[0] and "step 4" in said[0], said
 
 
+class _FullDisk:
+    """An open metrics file on a disk that has just filled up: every write fails."""
+
+    def __init__(self, file: Any):
+        self.file = file
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def write(self, _text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def test_a_metrics_write_the_disk_refuses_ends_the_run_naming_the_file(
+        train_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+
+    def fill_the_disk_during_step_6(trainer: Trainer) -> None:
+        def hook(call: int, _x: torch.Tensor, _kw: dict[str, Any]) -> None:
+            if call == 5:
+                trainer.metrics._file = _FullDisk(trainer.metrics._file)
+        wrap_forward(trainer, hook)
+
+    with pytest.raises(AuraError) as caught:
+        train(tiny_config(*BASE), train_data, run, setup=fill_the_disk_during_step_6)
+    assert str(caught.value) == (
+        f"training stopped at step 6: {run / 'metrics.jsonl'}: {os.strerror(errno.ENOSPC)}; "
+        f"the newest checkpoint, {step_dir(run, 4)}, is intact: continue with --resume")
+    verify_checkpoint(step_dir(run, 4), need_train_state=True)
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5]
+
+
 def test_tensorboard_that_cannot_write_is_switched_off_quietly(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TensorBoard's writer thread fails (a read-only tb/): one warning, no thread traceback,

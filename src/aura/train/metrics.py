@@ -144,9 +144,12 @@ class MetricsLog:
             self._reopen_if_gone(row.get("step"))
             self._file.write(line)
             self._file.flush()
-        except OSError:
+        except OSError as exc:
             self._broken = True  # the bytes it left in the buffer would fail close() again
-            raise
+            if exc.filename is not None:
+                raise
+            # a write to an open file names no path: say which file the disk refused
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         if self._tb is not None:
             try:
                 for key, value in row.items():
