@@ -3,6 +3,7 @@ features, a model that tracks the lexicon on held-out text, persistence, the CLI
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -157,6 +158,27 @@ def test_analyze_bad_input_is_one_line_exit_2(run_cli, model_dir: Path, tmp_path
 
     monkeypatch.setattr("sys.stdin", Stdin())
     assert_usage_error(run_cli("analyze", "-", "--model", model_dir), "UTF-8")
+
+
+def test_analyze_decodes_the_argument_and_stdin_by_one_rule(
+        run_cli, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strict UTF-8 for both: the argument's bytes (which Python keeps as surrogate escapes)
+    and stdin's bytes are refused alike when invalid, and read alike when valid."""
+
+    def analyze(raw: bytes, via_stdin: bool):
+        if via_stdin:
+            monkeypatch.setattr("sys.stdin", type("Stdin", (), {"buffer": io.BytesIO(raw)})())
+            return run_cli("analyze", "-", "--model", model_dir, "--json")
+        return run_cli("analyze", raw.decode("utf-8", "surrogateescape"), "--model", model_dir,
+                       "--json")
+
+    latin1 = "Caf\u00e9 cr\u00e8me, lovely.".encode("latin-1")
+    arg = assert_usage_error(analyze(latin1, via_stdin=False), "TEXT is not UTF-8")
+    piped = assert_usage_error(analyze(latin1, via_stdin=True), "standard input is not UTF-8")
+    assert "byte 0xe9 at offset 3" in arg
+    assert arg.replace("TEXT", "IN") == piped.replace("standard input", "IN")
+    utf8 = "Caf\u00e9 cr\u00e8me, lovely.".encode()
+    assert analyze(utf8, via_stdin=False).json() == analyze(utf8, via_stdin=True).json()
 
 
 @settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -6,6 +6,7 @@ traceback; ``--json`` prints exactly one JSON object on stdout.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -18,9 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import aura.data.prepare as prepare_mod
 from aura.data.shards import MANIFEST, PreparedData
 from aura.data.tokenizers import CharTokenizer
+from aura.errors import ENVIRONMENT_ERRNOS, environment_error
 from conftest import CliResult, assert_usage_error, make_docs, write_dir
+from faults import FsFaults
 
 Run = Callable[..., CliResult]
 
@@ -205,6 +209,9 @@ def test_an_all_bad_corpus(tmp_path: Path, run_cli: Run) -> None:
         (["--tokenizer", "byte", "--shard-tokens", "10"], ["--shard-tokens"]),
         (["--tokenizer", "byte", "--vocab-size", "500"], ["--vocab-size"]),
         (["--tokenizer", "bpe", "--vocab-size", "100"], ["--vocab-size"]),
+        (["--tokenizer", "bpe", "--vocab-size", "0"], ["--vocab-size", "got 0"]),
+        (["--tokenizer", "bpe", "--vocab-size", "-1"], ["--vocab-size", "got -1"]),
+        (["--tokenizer", "char", "--vocab-size", "300"], ["--vocab-size", "bpe only"]),
     ],
 )
 def test_bad_options(tmp_path: Path, corpus_dir: Path, run_cli: Run, extra: list[str],
@@ -225,6 +232,22 @@ def test_out_is_a_file(tmp_path: Path, corpus_dir: Path, run_cli: Run) -> None:
     (tmp_path / "file").write_text("x", encoding="utf-8")
     res = run_cli("data", "prepare", corpus_dir, "--tokenizer", "byte", "--out", tmp_path / "file")
     assert_usage_error(res, "not a directory")
+
+
+def test_one_bad_paragraph_is_skipped_and_counted(tmp_path: Path, run_cli: Run) -> None:
+    """--on-invalid skip (the default) drops the paragraph holding a bad byte, not the file it
+    is in; the summary counts it."""
+    path = tmp_path / "notes.txt"
+    paragraphs = [f"Paragraph {i} of the notes.\n".encode() for i in range(6)]
+    paragraphs[2] = b"A Latin-1 caf\xe9.\n"
+    path.write_bytes(b"\n".join(paragraphs))
+    report = prepare_ok(run_cli, path, "--tokenizer", "byte", "--out", tmp_path / "out",
+                        "--val-fraction", "0")
+    assert report["skipped"] == {"invalid_utf8": 1}
+    assert report["splits"]["train"]["n_docs"] == 5
+    human = run_cli("data", "prepare", path, "--tokenizer", "byte", "--out", tmp_path / "out",
+                    "--val-fraction", "0")
+    assert "skipped: 1 invalid utf8" in human.out
 
 
 def test_char_tokenizer_file_with_unseen_characters(tmp_path: Path, corpus_dir: Path,
@@ -378,6 +401,57 @@ def test_stats_notices_an_edited_tokenizer_file(prepared: Path, run_cli: Run) ->
     assert_usage_error(run_cli("data", "stats", prepared), "tokenizer")
     tok_file.unlink()
     assert_usage_error(run_cli("data", "stats", prepared), "missing")
+
+
+# --- the file system ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EROFS, errno.ENOSPC])
+def test_out_where_writes_are_refused_fails_before_any_work(
+        tmp_path: Path, corpus_dir: Path, run_cli: Run, monkeypatch: pytest.MonkeyPatch,
+        err: int) -> None:
+    (tmp_path / "locked").mkdir()
+    FsFaults(monkeypatch).deny(tmp_path / "locked", err)
+    monkeypatch.setattr(prepare_mod, "_open_sources", lambda _opts: pytest.fail("sources read"))
+    for out in (tmp_path / "locked", tmp_path / "locked" / "a" / "b"):
+        res = run_cli("data", "prepare", corpus_dir, "--tokenizer", "byte", "--out", out)
+        # the path the OS refused: the directory, or the first one that could not be made
+        assert_usage_error(res, os.strerror(err), str(tmp_path / "locked"))
+    assert list((tmp_path / "locked").iterdir()) == []
+
+
+def test_unreadable_data_is_reported_as_unreadable_not_corrupt(
+        prepared: Path, run_cli: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    faults = FsFaults(monkeypatch)
+    faults.deny(shard_path(prepared), errno.EACCES, reads=True)
+    assert_usage_error(run_cli("data", "stats", prepared), shard_path(prepared).name,
+                       "Permission denied")
+    faults.deny(prepared / MANIFEST, errno.EACCES, reads=True)
+    line = assert_usage_error(run_cli("data", "stats", prepared), MANIFEST, "Permission denied")
+    assert "corrupt" not in line
+
+
+@pytest.mark.parametrize("err", sorted(ENVIRONMENT_ERRNOS))
+def test_file_system_errors_become_one_line_with_path_and_reason(err: int) -> None:
+    assert environment_error(OSError(err, os.strerror(err), "/x/y")) == (
+        f"/x/y: {os.strerror(err)}")
+    assert environment_error(OSError(err, os.strerror(err), "/a", None, "/b")) == (
+        f"/a -> /b: {os.strerror(err)}")
+    assert environment_error(OSError(err, os.strerror(err))) == os.strerror(err)
+
+
+def test_other_errors_keep_their_traceback(tmp_path: Path, corpus_dir: Path, run_cli: Run,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file missing where Aura itself should have made it, or any non-OSError, is a bug."""
+    for exc in (FileNotFoundError(errno.ENOENT, "No such file or directory", "/internal"),
+                ValueError("a bug")):
+        def fail(_opts: object, exc: Exception = exc) -> None:
+            raise exc
+
+        assert environment_error(exc) is None
+        monkeypatch.setattr(prepare_mod, "_open_sources", fail)
+        with pytest.raises(type(exc)):
+            run_cli("data", "prepare", corpus_dir, "--tokenizer", "byte", "--out", tmp_path / "o")
 
 
 # --- the real process --------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aura.config import ModelConfig
-from aura.data.tokenizers import ByteTokenizer
+from aura.data.tokenizers import ByteTokenizer, CharTokenizer
 from aura.errors import AuraError
-from aura.infer.generate import generate, generate_text
+from aura.infer.generate import MAX_NEW_TOKENS, generate, generate_text
 from aura.infer.sampling import SamplingConfig
 from aura.models import AuraModel, ModelOutput, build_model
 
@@ -197,8 +197,9 @@ def test_on_token_returning_true_stops() -> None:
 def test_bad_arguments(gpt: AuraModel) -> None:
     with pytest.raises(AuraError, match="empty prompt"):
         generate(gpt, torch.zeros(1, 0, dtype=torch.long), 5, GREEDY)
-    with pytest.raises(AuraError, match="max_new_tokens"):
-        generate(gpt, tokens(0, 1, 3), -1, GREEDY)
+    for n in (-1, MAX_NEW_TOKENS + 1, 10**23):  # 10**23 would overflow an int64 size
+        with pytest.raises(AuraError, match="max_new_tokens"):
+            generate(gpt, tokens(0, 1, 3), n, GREEDY)
     assert torch.equal(generate(gpt, tokens(0, 1, 3), 0, GREEDY), tokens(0, 1, 3))
 
 
@@ -283,3 +284,30 @@ def test_text_with_cache_equals_without() -> None:
     a = generate_text(model, tok, "Once", 40, cfg)
     assert a
     assert a == generate_text(model, tok, "Once", 40, cfg, use_cache=False)
+
+
+@settings(max_examples=40)
+@given(n=st.one_of(st.integers(max_value=-1), st.integers(0, 5),
+                   st.integers(min_value=MAX_NEW_TOKENS + 1)),
+       stop=st.lists(st.text(max_size=3), max_size=2), prompt=st.text(max_size=4))
+def test_on_ready_runs_only_after_every_argument_is_accepted(n: int, stop: list[str],
+                                                             prompt: str) -> None:
+    """Whatever is refused (a token count out of range, an empty stop string, a prompt the
+    tokenizer cannot encode) is refused before ``on_ready``: a caller echoing the prompt there
+    prints nothing for bad input."""
+    model, tok = ScriptModel([1, 2, 3], vocab=4, after=0), CharTokenizer("abc ")
+    valid = (0 <= n <= MAX_NEW_TOKENS and "" not in stop and prompt != ""
+             and all(c in tok.chars for c in prompt))
+    ready: list[bool] = []
+
+    def run() -> str:
+        return generate_text(model, tok, prompt, n, GREEDY, stop=stop,
+                             on_ready=lambda: ready.append(True))
+
+    if valid:
+        run()
+        assert ready == [True]
+    else:
+        with pytest.raises(AuraError):
+            run()
+        assert ready == []

@@ -86,9 +86,18 @@ def test_plots_a_png_next_to_the_metrics(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("plot_extra")
 def test_explicit_output_path(tmp_path: Path) -> None:
     write_metrics(tmp_path / "run")
+    (tmp_path / "figs").mkdir()
     out = plot_run(tmp_path / "run", tmp_path / "figs" / "a.png")
     assert out == tmp_path / "figs" / "a.png" and out.is_file()
     assert not (tmp_path / "run" / "curves.png").exists()
+
+
+def test_an_output_path_in_a_missing_directory_creates_nothing(tmp_path: Path) -> None:
+    """A mistyped --out fails before drawing rather than making directories where it pointed."""
+    write_metrics(tmp_path / "run")
+    with pytest.raises(DataError, match="no directory"):
+        plot_run(tmp_path / "run", tmp_path / "nonexistent" / "dir" / "a.png")
+    assert not (tmp_path / "nonexistent").exists()
 
 
 @pytest.mark.usefixtures("plot_extra")

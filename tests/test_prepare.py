@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -442,6 +443,66 @@ def test_invalid_utf8_and_binary_files_are_skipped_or_replaced(tmp_path: Path,
     assert keep.data.splits["train"].n_docs == 13
     assert "Latin-1 caf\ufffd text.\n".encode() in split_bytes(keep.data, "train")
     assert b"IHDR" not in split_bytes(keep.data, "train")
+
+
+@pytest.mark.parametrize("piece_chars", [1 << 20, 64])
+def test_skip_drops_the_paragraph_with_bad_bytes_not_the_file(
+        tmp_path: Path, docs: list[str], monkeypatch: pytest.MonkeyPatch,
+        piece_chars: int) -> None:
+    """A lone file's documents are its paragraphs: one bad byte skips its paragraph (every piece
+    of it, when it is longer than a piece), the others keep their ids and so their split."""
+    monkeypatch.setattr(sources, "PIECE_CHARS", piece_chars)
+    paragraphs = [d.strip().encode() for d in docs]
+    bad = bytearray(paragraphs[4])
+    bad[len(bad) // 2] = 0xE9  # Latin-1 "é" in the middle of the paragraph
+    path, good = tmp_path / "bad" / "notes.txt", tmp_path / "good" / "notes.txt"
+    path.parent.mkdir()
+    path.write_bytes(b"\n\n".join([*paragraphs[:4], bytes(bad), *paragraphs[5:]]) + b"\n")
+    good.parent.mkdir()  # the same file with the byte made valid: the same document ids
+    good.write_bytes(path.read_bytes().replace(b"\xe9", b"e"))
+    good_docs = good.read_text(encoding="utf-8").strip().split("\n\n")
+
+    res = run([path], tmp_path / "out", val_fraction=0.3)
+    assert res.skipped == {"invalid_utf8": 1}
+    assert manifest(tmp_path / "out")["sources"][0]["skipped"] == {"invalid_utf8": 1}
+    where = assert_each_doc_in_one_split(res.data, [d.strip() for i, d in enumerate(docs)
+                                                    if i != 4])
+    everything = split_bytes(res.data, "train") + split_bytes(res.data, "val")
+    assert paragraphs[4][:40] not in everything and b"\xe9" not in everything
+    ref = assert_each_doc_in_one_split(run([good], tmp_path / "ref", val_fraction=0.3).data,
+                                       good_docs)
+    assert {s: [j + (j >= 4) for j in idx] for s, idx in where.items()} == {
+        s: [i for i in idx if i != 4] for s, idx in ref.items()}
+
+    # Where files are the documents, the file is the document skipped.
+    with pytest.raises(DataError, match="1 invalid_utf8"):
+        run([path], tmp_path / "whole", doc_boundary="file")
+
+
+@given(st.integers())
+def test_bpe_vocab_size_is_checked_before_any_work(n: int) -> None:
+    """0 is not "the default" (it used to mean 8192 while the manifest said 0)."""
+    opts = PrepareOptions(["missing.txt"], "bpe", vocab_size=n)
+    if 257 <= n <= 1 << 20:
+        opts.check()
+    else:
+        with pytest.raises(DataError, match=f"--vocab-size for bpe must be in 257..{1 << 20}"):
+            opts.check()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_prepared_files_follow_the_umask(tmp_path: Path, corpus_dir: Path, umask: int) -> None:
+    """The manifest and tokenizer (written through temporary files) get the same mode as the
+    shards: what the umask allows, not a private 0600 another user cannot read."""
+    old = os.umask(umask)
+    try:
+        run([corpus_dir], tmp_path / "out", val_fraction=0.2)
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == dict.fromkeys(
+        referenced(out), 0o666 & ~umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
 
 
 def test_tokenizer_mismatch_is_detected(tmp_path: Path, corpus_dir: Path) -> None:

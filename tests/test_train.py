@@ -6,6 +6,7 @@ Every run is a 2-layer, 32-wide GPT on a ~12k-token char corpus, a few steps lon
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -14,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +33,11 @@ from aura.models import ModelOutput
 from aura.train import trainer as trainer_module
 from aura.train.checkpoint import list_checkpoints, step_dir, verify_checkpoint
 from aura.train.device import Precision, peak_flops
-from aura.train.metrics import training_flops_per_token
+from aura.train.metrics import MetricsLog, training_flops_per_token
 from aura.train.schedule import Plateau, cosine_factor
 from aura.train.trainer import MAX_ROLLBACKS, Trainer, TrainResult
 from conftest import TINY_TRAIN, losses, read_metrics, requires_extra, tiny_config
+from faults import FsFaults
 
 # The shared reference run: dropout 0 so results do not depend on how RNG draws are split.
 BASE = ("train.max_steps=12", "train.eval_interval=4", "train.checkpoint_interval=4")
@@ -827,6 +830,89 @@ def test_metrics_rows_and_tensorboard(baseline: tuple[TrainResult, Path]) -> Non
     assert json.loads((run / "config.json").read_text())["model"]["n_embd"] == 32
 
 
+def test_a_metrics_file_deleted_mid_run_is_recreated_and_said_once(train_data: Path,
+                                                                   tmp_path: Path) -> None:
+    """Deleted twice: the rows after each deletion reach a file at the path, not an unlinked
+    inode; the warning comes once."""
+    run = tmp_path / "run"
+
+    def delete_before_steps_4_and_7(trainer: Trainer) -> None:
+        def hook(call: int, _x: torch.Tensor, _kw: dict[str, Any]) -> None:
+            if call in (3, 6):
+                (run / "metrics.jsonl").unlink()
+        wrap_forward(trainer, hook)
+
+    _, log = train(tiny_config(*BASE), train_data, run, setup=delete_before_steps_4_and_7)
+    assert sorted(losses(run)) == list(range(7, 13))
+    assert sorted(losses(run, "val_loss")) == [8, 12]
+    said = [m for m in log if "metrics.jsonl" in m]
+    assert len(said) == 1 and "deleted or replaced" in said[0] and "step 4" in said[0], said
+
+
+class _FullDisk:
+    """An open metrics file on a disk that has just filled up: every write fails."""
+
+    def __init__(self, file: Any):
+        self.file = file
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def write(self, _text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def test_a_metrics_write_the_disk_refuses_ends_the_run_naming_the_file(
+        train_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+
+    def fill_the_disk_during_step_6(trainer: Trainer) -> None:
+        def hook(call: int, _x: torch.Tensor, _kw: dict[str, Any]) -> None:
+            if call == 5:
+                trainer.metrics._file = _FullDisk(trainer.metrics._file)
+        wrap_forward(trainer, hook)
+
+    with pytest.raises(AuraError) as caught:
+        train(tiny_config(*BASE), train_data, run, setup=fill_the_disk_during_step_6)
+    assert str(caught.value) == (
+        f"training stopped at step 6: {run / 'metrics.jsonl'}: {os.strerror(errno.ENOSPC)}; "
+        f"the newest checkpoint, {step_dir(run, 4)}, is intact: continue with --resume")
+    verify_checkpoint(step_dir(run, 4), need_train_state=True)
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5]
+
+
+def test_tensorboard_that_cannot_write_is_switched_off_quietly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard's writer thread fails (a read-only tb/): one warning, no thread traceback,
+    and metrics.jsonl keeps every row."""
+    requires_extra("tensorboard", "tensorboard")
+    reported: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", reported.append)
+    faults = FsFaults(monkeypatch)
+    log: list[str] = []
+    before = set(threading.enumerate())
+    metrics = MetricsLog(tmp_path, log=log.append)
+    writers = set(threading.enumerate()) - before
+    assert writers  # TensorBoard's writer thread, whose errors are under test
+    metrics.write({"step": 1, "loss": 2.0})
+    faults.deny(tmp_path / "tb", errno.EROFS)
+    for step in range(2, 30):
+        metrics.write({"step": step, "loss": 1.0})
+    metrics.close()
+    for thread in writers:  # the thread reports its copy of the error as it ends
+        thread.join(timeout=10)
+    assert reported == []  # the thread's copy of the error was not printed
+    assert len(log) == 1 and "TensorBoard stopped writing" in log[0], log
+    assert os.strerror(errno.EROFS) in log[0]
+    assert sorted(losses(tmp_path)) == list(range(1, 30))
+
+
 def test_existing_run_without_resume_is_refused(baseline: tuple[TrainResult, Path],
                                                 train_data: Path) -> None:
     before = (baseline[1] / "metrics.jsonl").read_bytes()
@@ -891,7 +977,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # saved, but not finished
     assert "Traceback" not in err
     report = json.loads(out)
     step = report["step"]

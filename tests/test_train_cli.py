@@ -4,18 +4,24 @@ exit codes and one-line errors."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
+import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aura.cli import main
-from aura.train.checkpoint import list_checkpoints, step_dir
+from aura.train.checkpoint import Checkpointer, list_checkpoints, step_dir, verify_checkpoint
+from aura.train.trainer import Trainer
 from conftest import TINY_TRAIN, CliResult, assert_usage_error, losses, requires_extra
+from faults import FsFaults
 
 Run = Callable[..., CliResult]
 SETS = [a for s in (*TINY_TRAIN, "train.eval_interval=100") for a in ("--set", s)]
@@ -146,6 +152,90 @@ def test_unknown_model_is_a_usage_error(run_cli: Run, train_data: Path, tmp_path
     assert_usage_error(res, "unknown model 'mamba'")
 
 
+# --- aura train: the file system and signals -----------------------------------------------
+
+REFUSALS = [errno.EACCES, errno.EROFS, errno.ENOSPC]
+
+
+def test_train_out_that_is_a_file_is_a_usage_error(run_cli: Run, train_data: Path,
+                                                   tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    res = run_cli(*train_args(train_data, tmp_path / "file", "--max-steps", 2))
+    assert_usage_error(res, str(tmp_path / "file"), "not a directory")
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "x"
+
+
+@pytest.mark.parametrize("err", REFUSALS)
+def test_train_out_where_writes_are_refused_fails_at_once(
+        run_cli: Run, train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        err: int) -> None:
+    """A permission denied, a read-only file system or a full disk: one line with the path and
+    the OS's reason, before the data is read or the model built, and nothing left behind."""
+    (tmp_path / "locked").mkdir()
+    FsFaults(monkeypatch).deny(tmp_path / "locked", err)
+    built = []
+    monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: built.append(1))
+    res = run_cli(*train_args(train_data, tmp_path / "locked" / "run", "--max-steps", 2))
+    assert_usage_error(res, str(tmp_path / "locked" / "run"), os.strerror(err))
+    assert built == [] and res.out == ""
+    assert list((tmp_path / "locked").iterdir()) == []
+
+
+@pytest.mark.parametrize("err", REFUSALS)
+def test_a_run_dir_that_refuses_writes_mid_run_keeps_the_last_checkpoint(
+        run_cli: Run, train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        err: int) -> None:
+    """The run directory turns read-only (or full) after the step-4 checkpoint: the step-8 save
+    fails, and the run ends with one clear line naming the intact checkpoint to resume from,
+    without a traceback from the main thread or TensorBoard's writer thread."""
+    run = tmp_path / "run"
+    faults = FsFaults(monkeypatch)
+    save = Checkpointer.save
+
+    def save_then_refuse(self: Checkpointer, *args: Any, **kwargs: Any) -> Path:
+        path = save(self, *args, **kwargs)
+        faults.deny(run, err)
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_refuse)
+    res = run_cli(*train_args(train_data, run, "--max-steps", 8, "--checkpoint-interval", 4))
+    assert res.code == 2, res.err
+    assert "Traceback" not in res.err and "Exception in thread" not in res.err, res.err
+    last = res.err.splitlines()[-1]
+    assert last.startswith("aura: error: training stopped at step 8: "), last
+    assert f"{step_dir(run, 8)}: {os.strerror(err)}" in last
+    assert f"{step_dir(run, 4)}, is intact" in last and "--resume" in last
+    assert res.out == ""
+    assert list_checkpoints(run) == [step_dir(run, 4)]
+    assert not list((run / "checkpoints").glob(".*"))  # no half-written temporary
+    verify_checkpoint(step_dir(run, 4), need_train_state=True)
+    assert sorted(losses(run)) == list(range(1, 9))  # the metrics were kept to the end
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_run_stopped_by_a_signal_exits_128_plus_its_number(
+        run_cli: Run, train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        sig: signal.Signals, code: int) -> None:
+    """Saved, but not finished: scripts tell it from a finished run by the exit code (as a
+    shell does for a process the signal killed), and --json still prints the summary."""
+    step = Trainer._guarded_step
+
+    def signal_during_step_3(self: Trainer, n: int) -> Any:
+        if n == 2:
+            os.kill(os.getpid(), sig)
+        return step(self, n)
+
+    monkeypatch.setattr(Trainer, "_guarded_step", signal_during_step_3)
+    run = tmp_path / "run"
+    res = run_cli(*train_args(train_data, run, "--max-steps", 50, "--json"))
+    assert res.code == code, res.err
+    report = res.json()
+    assert (report["stopped"], report["stop_signal"], report["step"]) == (
+        "interrupted", sig.name, 3)
+    assert list_checkpoints(run) == [step_dir(run, 3)]
+    verify_checkpoint(step_dir(run, 3), need_train_state=True)
+
+
 # --- generate / eval / plot -----------------------------------------------------------------
 
 
@@ -167,6 +257,19 @@ def test_generate_streams_the_prompt_and_text(run_cli: Run, trained: Path) -> No
                   "--seed", 3, "--device", "cpu")
     assert res.code == 0, res.err
     assert res.out.startswith("The ") and len(res.out.rstrip("\n")) >= 4
+
+
+@pytest.mark.parametrize("extra", [
+    ["--max-new-tokens", "99999999999999999999999"],
+    ["--max-new-tokens", "-5"],
+    ["--stop", ""],
+    ["--prompt", "snow \u2603"],  # not in the char vocabulary
+])
+def test_generate_refuses_bad_input_before_printing_anything(run_cli: Run, trained: Path,
+                                                             extra: list[str]) -> None:
+    res = run_cli("generate", trained, "--prompt", "The ", "--device", "cpu", *extra)
+    assert_usage_error(res)
+    assert res.out == ""
 
 
 def test_eval_text_json(run_cli: Run, trained: Path, tmp_path: Path,
@@ -200,6 +303,15 @@ def test_plot_writes_a_png(run_cli: Run, trained: Path, tmp_path: Path) -> None:
     assert res.code == 0, res.err
     assert res.out.strip() == str(out)
     assert out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_plot_creates_no_directory_the_user_did_not_make(run_cli: Run, trained: Path,
+                                                         tmp_path: Path) -> None:
+    res = run_cli("plot", trained, "--out", tmp_path / "nonexistent" / "dir" / "x.png")
+    assert_usage_error(res, str(tmp_path / "nonexistent" / "dir"))
+    assert not (tmp_path / "nonexistent").exists()
+    assert_usage_error(run_cli("plot", trained, "--out", tmp_path), "is a directory")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_generate_from_a_missing_run_is_a_usage_error(run_cli: Run, tmp_path: Path) -> None:

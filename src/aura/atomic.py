@@ -2,17 +2,25 @@
 
 A reader sees either the old file or the complete new one, never a torn write, whatever moment
 the process dies at.
+
+Temporary files and directories are created with the modes a plain ``open`` or ``mkdir`` would
+give (0666 / 0777 less the process umask), not ``tempfile``'s private 0600 / 0700: they are
+renamed into place and become the dataset or the run, which others on the machine may need to
+read just like the shards written beside them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
+
+T = TypeVar("T")
+_TEMP_TRIES = 100
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,12 +32,32 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _new_temp(path: Path, create: Callable[[Path], T]) -> tuple[Path, T]:
+    """A fresh ``.NAME.RANDOM.tmp`` sibling of ``path`` and what ``create`` returned making it
+    (``create`` must fail with FileExistsError when the name is taken)."""
+    for _ in range(_TEMP_TRIES):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return tmp, create(tmp)
+        except FileExistsError:
+            continue
+        except OSError as exc:  # the reader knows the file it asked for, not its temporary twin
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
+def _create_file(path: Path) -> int:
+    """A new file's descriptor; the mode is what ``open(path, "w")`` would give it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # 0 off Windows
+    return os.open(path, flags, 0o666)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Open a binary stream that replaces ``path`` only when the block exits without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp, fd = _new_temp(path, _create_file)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -61,7 +89,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp, _ = _new_temp(path, lambda p: os.mkdir(p, 0o777))
     try:
         yield tmp
         for f in sorted(tmp.rglob("*"), reverse=True):  # files before their directories
@@ -77,3 +105,27 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+def check_writable_dir(path: str | os.PathLike[str]) -> None:
+    """Raise the OSError that writing into directory ``path`` would meet, before any long work
+    starts: create it (and missing parents) and a file in it, then remove everything this
+    created, so a check that passes or fails leaves the file system as it found it."""
+    path = Path(path)
+    missing = []
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            probe, fd = _new_temp(path / "probe", _create_file)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
+        os.close(fd)
+        os.unlink(probe)
+    finally:
+        for d in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()

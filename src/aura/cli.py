@@ -1,6 +1,9 @@
 """`aura` command line: a thin layer over the library.
 
-Exit codes: 0 success, 2 bad input or usage (one line on stderr, no traceback), 1 internal error.
+Exit codes: 0 success; 2 bad input or usage, or a file system that refuses (permission denied,
+read-only, full: `aura.errors.environment_error`), as one line on stderr without a traceback;
+1 internal error; 130 / 143 stopped by SIGINT / SIGTERM (a training run saves a checkpoint
+first).
 Commands that report results take ``--json`` and then print exactly one JSON object on stdout.
 """
 
@@ -17,7 +20,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
 
-from aura.errors import AuraError
+from aura.errors import AuraError, environment_error
 from aura.field_docs import field_docs
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -258,8 +261,15 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import signal
+
+    from aura.atomic import check_writable_dir
     from aura.train.trainer import Trainer
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise AuraError(f"--out {out} exists and is not a directory")
+    check_writable_dir(out)  # now, not after loading the data and building the model
     cfg = _train_config(args)
     data_dir = args.data or cfg.data.dir
     cfg.data.dir = data_dir
@@ -273,6 +283,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
         print(f"{result.stopped} at step {result.step}: val loss {val}, "
               f"{result.tokens_per_s:,.0f} tokens/s, run in {result.run_dir}")
+    if result.stop_signal is not None:  # saved, but not finished: scripts must see the difference
+        return 128 + signal.Signals[result.stop_signal].value
     return EXIT_OK
 
 
@@ -292,10 +304,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.run, pick_device(args.device))
     sampling = _sampling(args)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    if stream is not None:
-        sys.stdout.write(args.prompt)
+    # The prompt is echoed once every input is validated: bad input leaves stdout empty.
+    on_ready = None if stream is None else (lambda: stream(args.prompt))
     text = generate_text(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens,
-                         sampling, use_cache=not args.no_cache, stop=args.stop, stream=stream)
+                         sampling, use_cache=not args.no_cache, stop=args.stop, stream=stream,
+                         on_ready=on_ready)
     if args.json:
         _print_json({"checkpoint": str(loaded.path), "prompt": args.prompt, "text": text})
     else:
@@ -418,12 +431,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         lexicon_labels,
     )
 
-    text = args.text
-    if text == "-":
-        try:
-            text = sys.stdin.buffer.read().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise AuraError(f"standard input is not UTF-8 text: {exc}") from None
+    if args.text == "-":
+        text = _utf8(sys.stdin.buffer.read(), "standard input")
+    else:  # undo the surrogateescape that turned argv's bytes into str, then decode the same way
+        text = _utf8(args.text.encode("utf-8", "surrogateescape"), "TEXT")
     if not text.strip():
         raise AuraError("TEXT is empty: give the text to analyze (or - to read stdin)")
     model = AffectModel.load(args.model) if args.model else default_model()
@@ -436,6 +447,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     else:
         print(f"valence {result.valence:+.3f}  arousal {result.arousal:.3f}  tone {result.tone}")
     return EXIT_OK
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    """``raw`` as strict UTF-8, the one rule for the argument and stdin alike: invalid bytes are
+    text in another encoding, and scoring a guess at it (U+FFFD for each bad byte) would report
+    on text the user never wrote, so it is refused, as `aura eval --text` refuses such a file."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AuraError(f"{what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                        f"{exc.start}): convert it first, e.g. with iconv") from None
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -554,3 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:
+        reason = environment_error(exc)
+        if reason is None:  # not the file system's state: a bug, with its traceback
+            raise
+        print(f"aura: error: {reason}", file=sys.stderr)
+        return EXIT_USAGE

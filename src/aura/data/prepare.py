@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from aura.atomic import atomic_write_text, fsync_dir
+from aura.atomic import atomic_write_text, check_writable_dir, fsync_dir
 from aura.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -39,9 +39,11 @@ from aura.data.shards import (
 from aura.data.sources import DocBoundary, OnInvalid, Source, TextFiles, open_source
 from aura.data.tokenizers import (
     BUILTIN_TOKENIZERS,
+    DEFAULT_BPE_VOCAB,
     ByteTokenizer,
     CharTokenizer,
     Tokenizer,
+    check_bpe_vocab_size,
     describe_tokenizer_spec,
     gpt2_tokenizer,
     load_tokenizer,
@@ -65,7 +67,7 @@ class PrepareOptions:
     """bpe is trained on the sources; PATH: a tokenizer.json, or a prepared data / run directory
     to reuse its tokenizer."""
     vocab_size: int | None = None
-    """Vocabulary size of a bpe tokenizer (default 8192)."""
+    """Vocabulary size of a bpe tokenizer, 257..1048576 (default 8192)."""
     weights: Sequence[float] | None = field(default=None, metadata={"metavar": "W"})
     """Sampling weight per SOURCE (default: proportional to token count)."""
     val_fraction: float = 0.1
@@ -79,7 +81,8 @@ class PrepareOptions:
     doc_boundary: DocBoundary = "auto"
     """What one document of a text file is; auto: blank-line for a lone file, else file."""
     on_invalid: OnInvalid = "skip"
-    """Invalid UTF-8: skip the document, or keep it with U+FFFD replacements."""
+    """Invalid UTF-8: skip the document holding it (a file of a directory, a paragraph of a
+    lone file, a JSONL line) and count it, or keep it with U+FFFD replacements."""
     shard_tokens: int = 1 << 27
     """Tokens per shard file."""
     hf_split: str = "train"
@@ -99,6 +102,10 @@ class PrepareOptions:
                 )
             if any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
                 raise DataError("--weights must be non-negative numbers with a positive sum")
+        if self.vocab_size is not None:  # now, not after scanning every source
+            if self.tokenizer != "bpe":
+                raise DataError(f"--vocab-size applies to bpe only, not {self.tokenizer}")
+            check_bpe_vocab_size(self.vocab_size)
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < 1024:
@@ -259,7 +266,8 @@ def _build_tokenizer(opts: PrepareOptions, docs: _DocStream) -> Tokenizer:
         return CharTokenizer.from_texts(text for _, _, text, _ in docs.iter_pieces())
     if opts.tokenizer == "bpe":
         train_text = (text for _, split, text, _ in docs.iter_pieces() if split == "train")
-        return train_bpe(train_text, opts.vocab_size or 8192)
+        vocab_size = DEFAULT_BPE_VOCAB if opts.vocab_size is None else opts.vocab_size
+        return train_bpe(train_text, vocab_size)
     if opts.tokenizer == "gpt2":
         return gpt2_tokenizer()
     return load_tokenizer(opts.tokenizer)
@@ -341,6 +349,7 @@ def prepare(opts: PrepareOptions, out: str | Path, force: bool = False,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a directory")
+    check_writable_dir(out)  # now, not after scanning and tokenizing everything
     if opts.tokenizer not in BUILTIN_TOKENIZERS and not Path(opts.tokenizer).exists():
         raise DataError(
             f"unknown tokenizer {opts.tokenizer!r}: use byte, char, bpe, gpt2 or a path to a "

@@ -195,8 +195,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{root}: {MANIFEST} is missing (run `aura data prepare ... --out {root}`)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:  # a permission problem is not a corrupt file: say which it is
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: corrupt or truncated manifest ({exc})") from None
     required = ("format_version", "cache_key", "tokenizer", "dtype", "sources", "splits")
     if not isinstance(manifest, dict) or any(k not in manifest for k in required):

@@ -32,6 +32,9 @@ DocBoundary = Literal["auto", "file", "blank-line"]
 Piece = tuple[str, str | None]  # (text, doc id when this piece starts a new document)
 
 _PARAGRAPH_START = re.compile(r"(?<=\n\n)(?=[^\n])")
+# What a "surrogateescape" decode turns each invalid byte into; valid UTF-8 never yields one.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+USABLE = ("ok", "replaced", "partial")  # statuses of files that give text
 
 
 @dataclass
@@ -109,12 +112,18 @@ def _read_text(path: Path, errors: str) -> Iterator[str]:
 
 
 class TextFiles(Source):
-    """Plain text files; a document is a whole file or a blank-line separated paragraph."""
+    """Plain text files; a document is a whole file or a blank-line separated paragraph.
+
+    ``--on-invalid skip`` skips documents: a whole file when files are the documents, only the
+    paragraphs with invalid UTF-8 when paragraphs are (status "partial"; the others keep their
+    ids, so their split does not move).
+    """
 
     def __init__(self, spec: str, files: list[Path], root: Path, boundary: DocBoundary, kind: str):
         self.spec, self.files, self.root, self.kind = spec, files, root, kind
         self.boundary = boundary
         self._status: dict[Path, str] = {}
+        self._bad_paragraphs: dict[Path, set[int]] = {}
 
     def identity(self) -> dict[str, Any]:
         return {"kind": self.kind, "doc_boundary": self.boundary}
@@ -126,25 +135,54 @@ class TextFiles(Source):
         h, total, skipped = hashlib.sha256(), 0, Counter[str]()
         for path in self.files:
             status, digest, size = _classify(path, on_invalid)
+            n_skipped = 1  # documents skipped for invalid UTF-8
+            if status == "invalid_utf8" and self.boundary == "blank-line":
+                bad, n_paragraphs = self._find_bad_paragraphs(path)
+                n_skipped = len(bad)
+                if n_skipped < n_paragraphs:
+                    status = "partial"
+                    self._bad_paragraphs[path] = bad
             self._status[path] = status
-            h.update(f"{self.doc_id(path)}\0{digest}\n".encode())
+            # Such a file was once skipped whole: a key of its own, so no old cache is reused.
+            mark = "\0partial" if status == "partial" else ""
+            h.update(f"{self.doc_id(path)}\0{digest}{mark}\n".encode())
             total += size
-            if status not in ("ok", "replaced"):
-                skipped[status] += 1
+            if status in ("invalid_utf8", "partial"):
+                skipped["invalid_utf8"] += n_skipped
             elif status == "replaced":
                 skipped["replaced_invalid_utf8"] += 1
-        n_docs = sum(s in ("ok", "replaced") for s in self._status.values())
+            elif status != "ok":
+                skipped[status] += 1
+        n_docs = sum(s in USABLE for s in self._status.values())
         # No usable file means no paragraph either: say so now, naming what was skipped.
         known = n_docs if self.boundary == "file" or n_docs == 0 else None
         return SourceScan(h.hexdigest(), total, known, skipped)
 
     def usable_files(self) -> list[Path]:
-        return [p for p in self.files if self._status.get(p) in ("ok", "replaced")]
+        return [p for p in self.files if self._status.get(p) in USABLE]
+
+    def _find_bad_paragraphs(self, path: Path) -> tuple[set[int], int]:
+        """(indices of the paragraphs holding invalid UTF-8, number of paragraphs), by the same
+        reading ``pieces`` does, so the indices agree."""
+        bad: set[int] = set()
+        index = -1
+        for text, doc_id in self._paragraphs(path, "", "surrogateescape"):
+            index += doc_id is not None
+            if _ESCAPED_BYTE.search(text):
+                bad.add(index)
+        return bad, index + 1
 
     def pieces(self, on_invalid: OnInvalid, skipped: Counter[str]) -> Iterator[Piece]:
         for path in self.usable_files():
-            errors = "replace" if self._status[path] == "replaced" else "strict"
-            doc = self.doc_id(path)
+            status, doc = self._status[path], self.doc_id(path)
+            if status == "partial":
+                bad, index = self._bad_paragraphs[path], -1
+                for text, doc_id in self._paragraphs(path, doc, "surrogateescape"):
+                    index += doc_id is not None
+                    if index not in bad:
+                        yield text, doc_id
+                continue
+            errors = "replace" if status == "replaced" else "strict"
             if self.boundary == "file":
                 first = True
                 for text in _read_text(path, errors):

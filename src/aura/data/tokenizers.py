@@ -215,13 +215,18 @@ def gpt2_tokenizer() -> HFTokenizer:
     return HFTokenizer(tok, "gpt2")
 
 
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    """The 256 bytes plus end-of-text at least; at most 2**20, far past any useful BPE."""
+    if not 257 <= vocab_size <= 1 << 20:
+        raise DataError(f"--vocab-size for bpe must be in 257..{1 << 20}, got {vocab_size}")
+
+
 def train_bpe(texts: Iterator[str], vocab_size: int = DEFAULT_BPE_VOCAB) -> HFTokenizer:
     """Byte-level BPE trained locally: the 256 bytes are always in, so any text round-trips."""
     from tokenizers import Tokenizer as _HFTok
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257 or vocab_size > 1 << 20:
-        raise DataError(f"--vocab-size for bpe must be in 257..{1 << 20}, got {vocab_size}")
+    check_bpe_vocab_size(vocab_size)
     tok = _HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -277,10 +282,12 @@ BUILTIN_TOKENIZERS = ("byte", "char", "bpe", "gpt2")
 
 def describe_tokenizer_spec(spec: str, vocab_size: int | None) -> dict[str, Any]:
     """What identifies a tokenizer *before* it is built (trained ones are built from the data)."""
-    if spec in ("byte", "char", "gpt2"):
-        if vocab_size is not None:
-            raise DataError(f"--vocab-size applies to bpe only, not {spec}")
-        return {"type": spec}
     if spec == "bpe":
-        return {"type": "bpe", "vocab_size": vocab_size or DEFAULT_BPE_VOCAB}
+        vocab_size = DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size
+        check_bpe_vocab_size(vocab_size)
+        return {"type": "bpe", "vocab_size": vocab_size}
+    if vocab_size is not None:  # a given vocabulary has the size it has
+        raise DataError(f"--vocab-size applies to bpe only, not {spec}")
+    if spec in ("byte", "char", "gpt2"):
+        return {"type": spec}
     return {"type": "file", "hash": load_tokenizer(spec).hash}

@@ -117,10 +117,16 @@ def curves_figure(rows: list[dict[str, Any]], title: str) -> Figure:
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Plot ``run_dir/metrics.jsonl`` to ``out`` (default ``run_dir/curves.png``); returns the
-    path written."""
+    path written. ``out``'s directory must exist: a mistyped path should fail, not leave new
+    directories wherever it pointed."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"no run directory at {run_dir}")
+    out = Path(out) if out is not None else run_dir / CURVES_FILE
+    if out.is_dir():
+        raise DataError(f"--out {out} is a directory: give a file name, e.g. {out / CURVES_FILE}")
+    if not out.parent.is_dir():
+        raise DataError(f"--out {out}: no directory {out.parent} (create it first)")
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise DataError(f"{run_dir}: {METRICS_FILE} is missing (has the run logged anything?)")
@@ -128,7 +134,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         fig = curves_figure(read_metrics(path), run_dir.resolve().name)
     except DataError as exc:
         raise DataError(f"{path}: {exc}") from None
-    out = Path(out) if out is not None else run_dir / CURVES_FILE
     with atomic_open(out) as f:
         fig.savefig(f, format="png")
     return out

@@ -21,6 +21,14 @@ from aura.infer.sampling import SamplingConfig, sample_next
 from aura.models.base import AuraModel
 
 TokenCallback = Callable[[torch.Tensor], bool | None]
+# The output ids are allocated whole before decoding (8 bytes per token and row), so an extra
+# digit typed by mistake would otherwise ask for terabytes, or overflow an int64.
+MAX_NEW_TOKENS = 1 << 24
+
+
+def _check_max_new_tokens(max_new_tokens: int) -> None:
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise AuraError(f"max_new_tokens must be in 0..{MAX_NEW_TOKENS}, got {max_new_tokens}")
 
 
 def _new_cache(model: AuraModel, batch: int, start: int, total: int,
@@ -100,8 +108,7 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
                          f"{tuple(prompt_ids.shape)}")
     if prompt_ids.size(0) == 0 or prompt_ids.size(1) == 0:
         raise AuraError(f"empty prompt: prompt_ids has shape {tuple(prompt_ids.shape)}")
-    if max_new_tokens < 0:
-        raise AuraError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_max_new_tokens(max_new_tokens)
     features = features or {}
     missing = set(model.token_features) - set(features)
     if missing:
@@ -172,15 +179,19 @@ class _TextStream:
 
 def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
                   sampling: SamplingConfig, *, use_cache: bool = True, stop: Sequence[str] = (),
-                  stream: Callable[[str], None] | None = None) -> str:
+                  stream: Callable[[str], None] | None = None,
+                  on_ready: Callable[[], None] | None = None) -> str:
     """The text generated after ``prompt``, ending before the first stop string or eot token.
 
     ``stream`` receives the same text in pieces as it is generated. An empty prompt starts
     from the tokenizer's end-of-text token, which is what a document start looks like in
-    training; without one there is nothing to condition on.
+    training; without one there is nothing to condition on. ``on_ready`` is called once every
+    argument has been checked, before the first token: a caller that echoes the prompt there
+    prints nothing for input that is refused.
     """
     if any(s == "" for s in stop):
         raise AuraError("stop strings must not be empty")
+    _check_max_new_tokens(max_new_tokens)
     ids = tokenizer.encode(prompt)
     if len(ids) == 0:
         if tokenizer.eot_id is None:
@@ -189,8 +200,10 @@ def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_t
         ids = np.array([tokenizer.eot_id])
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     prompt_ids = torch.as_tensor(ids.astype(np.int64), device=device)[None]
+    features = token_features(model.token_features, tokenizer)
+    if on_ready is not None:
+        on_ready()
     text = _TextStream(tokenizer, stop, stream)
     generate(model, prompt_ids, max_new_tokens, sampling, use_cache=use_cache,
-             stop_ids=tokenizer.eot_id, on_token=text.push,
-             features=token_features(model.token_features, tokenizer))
+             stop_ids=tokenizer.eot_id, on_token=text.push, features=features)
     return text.finish()

@@ -2,13 +2,16 @@
 what the train and val rows hold (`TrainLog`).
 
 JSONL is the record (`aura plot` reads it); TensorBoard is a view, skipped with a note when the
-package is missing.
+package is missing and switched off with a warning when it cannot write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 
 from aura.atomic import atomic_write_text
 from aura.config import ModelConfig
+from aura.errors import environment_error
 from aura.eval.energy import count_energy
 from aura.models import build_model
 from aura.train.schedule import Every
@@ -25,33 +29,82 @@ from aura.train.schedule import Every
 METRICS_FILE = "metrics.jsonl"
 
 
+class _QuietTensorBoardThreads:
+    """A ``threading.excepthook`` that drops the second report of a failed TensorBoard write.
+
+    TensorBoard's writer thread keeps a failed write for the main thread, which raises it at the
+    next call (``MetricsLog`` turns that into one warning), and then re-raises it in the thread
+    as well, where Python would print it as a traceback in the middle of training. Every other
+    thread's exception goes to the hook that was there before.
+    """
+
+    def __init__(self, previous: Callable[[threading.ExceptHookArgs], object]):
+        self.previous = previous
+
+    def __call__(self, args: threading.ExceptHookArgs) -> None:
+        if (issubclass(args.exc_type, OSError)
+                and type(args.thread).__module__.startswith("tensorboard.")):
+            return
+        self.previous(args)
+
+    @classmethod
+    def install(cls) -> None:
+        if not isinstance(threading.excepthook, cls):
+            threading.excepthook = cls(threading.excepthook)
+
+
 class MetricsLog:
+    """RUN/metrics.jsonl, flushed after every row, and its TensorBoard mirror.
+
+    A metrics file deleted or replaced during the run is recreated at its path (said once):
+    writing on through the old handle would send every later row to a file nobody can open.
+    A write the file system refuses is raised: the record must not silently stop.
+    """
+
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True,
                  log: Callable[[str], None] = print):
         self.path = run_dir / METRICS_FILE
         self._tb_dir = run_dir / "tb" if tensorboard else None
-        self._log: Callable[[str], None] | None = log  # None once the TensorBoard note is out
+        self._log = log
+        self._said: set[str] = set()
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif self.path.exists():
             self.path.unlink()
         self._open(resume_step)
 
+    def _say_once(self, what: str, message: str) -> None:
+        if what not in self._said:
+            self._said.add(what)
+            self._log(message)
+
     def _open(self, resume_step: int | None) -> None:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._broken = False
         self._tb: Any = None
-        if self._tb_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if self._tb_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self._say_once("no tensorboard", "note: TensorBoard is not installed (pip install "
+                           "'aura[tensorboard]'): metrics go to metrics.jsonl only")
+            return
+        _QuietTensorBoardThreads.install()
+        purge = None if resume_step is None else resume_step + 1
+        try:
+            self._tb = SummaryWriter(str(self._tb_dir), purge_step=purge)
+        except OSError as exc:
+            self._tensorboard_failed(exc)
 
-                purge = None if resume_step is None else resume_step + 1
-                self._tb = SummaryWriter(str(self._tb_dir), purge_step=purge)
-            except ImportError:
-                self._tb = None
-                if self._log is not None:
-                    self._log("note: TensorBoard is not installed (pip install "
-                              "'aura[tensorboard]'): metrics go to metrics.jsonl only")
-                    self._log = None
+    def _tensorboard_failed(self, exc: OSError) -> None:
+        """TensorBoard is only a view: one warning, and the run goes on without it."""
+        tb, self._tb = self._tb, None
+        if tb is not None:
+            with contextlib.suppress(OSError):  # the same failure again
+                tb.close()
+        self._say_once("tensorboard failed", f"warning: TensorBoard stopped writing "
+                       f"({environment_error(exc) or exc}); metrics go on in {self.path}")
 
     def rewind(self, step: int) -> None:
         """Forget the rows after ``step``: a rollback runs those steps again."""
@@ -73,18 +126,50 @@ class MetricsLog:
                 kept.append(line)
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
+    def _reopen_if_gone(self, step: Any) -> None:
+        """Recreate the file if the path no longer names the one this log holds open."""
+        mine = os.fstat(self._file.fileno())
+        with contextlib.suppress(FileNotFoundError):
+            there = os.stat(self.path)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                return
+        self._file.close()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._say_once("recreated", f"warning: {self.path} was deleted or replaced during the "
+                       f"run; rows from step {step} on are written to the file now at that path")
+
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        line = json.dumps(row) + "\n"
+        try:
+            self._reopen_if_gone(row.get("step"))
+            self._file.write(line)
+            self._file.flush()
+        except OSError as exc:
+            self._broken = True  # the bytes it left in the buffer would fail close() again
+            if exc.filename is not None:
+                raise
+            # a write to an open file names no path: say which file the disk refused
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, int | float):
-                    self._tb.add_scalar(key, value, row["step"])
+            try:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, int | float):
+                        self._tb.add_scalar(key, value, row["step"])
+            except OSError as exc:  # raised here for the writer thread's failed write
+                self._tensorboard_failed(exc)
 
     def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self._broken:  # already raised once; the bytes it left would only fail again
+            with contextlib.suppress(OSError):
+                self._file.close()
+        else:
+            self._file.close()
+        tb, self._tb = self._tb, None
+        if tb is not None:
+            try:
+                tb.close()
+            except OSError as exc:  # a write the thread failed, raised at the final flush
+                self._tensorboard_failed(exc)
 
 
 class TrainLog:

@@ -27,7 +27,7 @@ from aura.config import AuraConfig, config_to_dict
 from aura.data.prosody import token_features
 from aura.data.sampler import BatchSampler, Curriculum, StepBatches
 from aura.data.shards import PreparedData
-from aura.errors import AuraError, DataError
+from aura.errors import AuraError, DataError, environment_error
 from aura.models import AuraModel, build_model
 from aura.train.checkpoint import (
     Checkpointer,
@@ -78,6 +78,7 @@ class TrainResult:
     micro_split: int
     seconds: float
     tokens_per_s: float
+    stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when one stopped the run early
 
 
 class _NonFinite(Exception):
@@ -386,12 +387,27 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             return self._loop()
+        except OSError as exc:
+            reason = environment_error(exc)
+            if reason is None:
+                raise
+            raise AuraError(f"training stopped at step {self.state.step}: {reason}; "
+                            f"{self._last_checkpoint_note()}") from None
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.step_batches.close()
             self.metrics.close()
             self.lock.release()
+
+    def _last_checkpoint_note(self) -> str:
+        """Where the run can go on from once the file system lets it: checkpoints are renamed
+        into place whole, so a failed save leaves the newest one as it was."""
+        with contextlib.suppress(OSError):
+            saved = list_checkpoints(self.run_dir)
+            if saved:
+                return f"the newest checkpoint, {saved[-1]}, is intact: continue with --resume"
+        return "no checkpoint to continue from"
 
     def _loop(self) -> TrainResult:
         """Each step: train (or recover), then whatever is due after it: a log row, an
@@ -442,6 +458,7 @@ class Trainer:
             self.run_dir, st.step, stopped, train_loss, val_loss, st.best_val_loss,
             st.nonfinite_skipped, st.rollbacks, st.micro_split, seconds,
             (st.tokens_seen - tokens_at_start) / max(seconds, 1e-9),
+            self._stop_signal if stopped == "interrupted" else None,
         )
 
     def _advance(self, step: int) -> int:
