@@ -45,6 +45,7 @@ from aura.train.device import (
 )
 from aura.train.metrics import MetricsLog, TrainLog, progress_fields, training_flops_per_token
 from aura.train.optim import build_optimizers
+from aura.train.resources import check_training_memory
 from aura.train.schedule import Every, Plateau, lr_factor
 
 CONFIG_FILE = "config.json"
@@ -102,6 +103,8 @@ class Trainer:
         self.device = pick_device(t.device)
         self.precision = pick_precision(t.precision, self.device)
         self.scaler = self.precision.new_scaler()
+        if t.memory_check:  # before anything is built or written: a refusal leaves no run dir
+            check_training_memory(cfg, self.device, self.precision.name)
         torch.manual_seed(t.seed)
         self.model: AuraModel = build_model(cfg.model).to(self.device)
         self.model.grad_checkpoint = t.grad_checkpoint
