@@ -102,6 +102,10 @@ class TrainConfig:
     grad_checkpoint: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory for more
     compute."""
+    memory_check: bool = True
+    """Before building anything, estimate the run's memory (weights, gradients, optimizer
+    state, one micro-batch's activations) and refuse to start when it exceeds what this process
+    may use; false skips the check, e.g. when swap or a better estimate says the run fits."""
     eval_interval: int = 250
     """Steps between evaluations on the validation split."""
     eval_iters: int = 20

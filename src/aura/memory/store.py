@@ -68,10 +68,12 @@ class EpisodicStore:
     ``index`` picks the search: "exact" (torch, ``ExactIndex``), "faiss" (``FaissIndex``: exact
     below ``IVF_MIN_CAPACITY``, IVF above), or "auto": FAISS for CPU stores of at least
     ``IVF_MIN_CAPACITY`` when faiss is installed, where an exact scan gets slow.
+    ``device`` defaults to torch's default device, so a model built under
+    ``with torch.device("meta")`` (to count its memory before allocating it) allocates no store.
     """
 
     def __init__(self, dim_key: int, dim_value: int, capacity: int = 4096, decay: float = 0.03,
-                 device: torch.device | str = "cpu", *, read_boost: float = 0.05,
+                 device: torch.device | str | None = None, *, read_boost: float = 0.05,
                  graph_k: int = 0, index: Literal["exact", "faiss", "auto"] = "exact"):
         if dim_value < 1:
             raise ValueError(f"dim_value must be positive, got {dim_value}")
@@ -83,7 +85,8 @@ class EpisodicStore:
             raise ValueError(f"index must be 'exact', 'faiss' or 'auto', got {index!r}")
         self.dim_key, self.dim_value, self.capacity = dim_key, dim_value, capacity
         self.decay, self.read_boost, self.graph_k = decay, read_boost, graph_k
-        self.device, self.index_kind = torch.device(device), index
+        self.device = torch.get_default_device() if device is None else torch.device(device)
+        self.index_kind = index
         self.index = self._new_index(self.device)
         self.graph = CognitiveMap(self.index, graph_k) if graph_k > 0 else None
 
@@ -100,6 +103,12 @@ class EpisodicStore:
         self.source_pos = slots(dtype=torch.long)
         self.next_id = 0
         self.step = 0
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors the store holds (memories, index, map): what it adds to a
+        model's memory besides the weights."""
+        tensors = [*self._targets().values(), self.index.keys, self.index.valid]
+        return sum(t.nbytes for t in tensors)
 
     def _new_index(self, device: torch.device) -> ExactIndex:
         """An empty index of the kind ``index`` names (see the class docstring)."""

@@ -152,6 +152,17 @@ class AuraModel(nn.Module):
                 writer.to(param.device)
         return self
 
+    def activation_bytes(self, batch: int, seq: int, dtype: torch.dtype = torch.float32,
+                         device_type: str = "cpu") -> int:
+        """Bytes one training forward of ``batch`` sequences of ``seq`` tokens keeps for backward
+        (the loss's log-softmax included; weights and autocast's copies of them not), under
+        autocast to ``dtype`` (fp32: none) on ``device_type``, with ``grad_checkpoint`` as set:
+        what the memory estimate (``aura.train.resources``) counts as activations. A model
+        computes it from its shapes, since only it knows what its layers save; a test holds
+        each model's figure to what torch's saved-tensor hooks measure."""
+        raise NotImplementedError(f"model {self.config.name!r} does not declare its "
+                                  "activation_bytes")
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:

@@ -162,6 +162,22 @@ class BDH(AuraModel):
         y = self._ln(self.drop(xy).reshape(B, 1, T, nh * n) @ dec)
         return self._ln(x + y)
 
+    def activation_bytes(self, batch: int, seq: int, dtype: torch.dtype = torch.float32,
+                         device_type: str = "cpu") -> int:
+        """Per layer and token: the sparse x, its rotation, y and the decoder's input (each
+        mlp_multiplier x n_embd wide, the bulk), the stream broadcast over heads, the per-head
+        readout and its LayerNorm, the (T x T) scores per head, dropout's mask; with
+        ``grad_checkpoint`` each layer's input, plus the layer backward recomputes and the
+        gradients it makes (1.5 layers' worth, measured)."""
+        c, h = self.config, dtype.itemsize
+        d, heads, neurons = c.n_embd, c.n_head, c.n_head * self.n
+        sparse = 4 + (1 if c.dropout > 0 else 0)
+        layer = (sparse * neurons * h + 2 * heads * d * h + heads * seq * h + d * h
+                 + heads * (4 * d + 8) + 2 * (4 * d + 8))
+        kept = 3 * layer // 2 + 4 * d * c.n_layer if self.grad_checkpoint else layer * c.n_layer
+        outside = 8 + (4 * d + 8) + d * h + 4 * c.vocab_size  # type: ignore[operator]
+        return batch * seq * (kept + outside)
+
     def new_cache(self, batch_size: int, max_len: int) -> BDHState:
         p = self.lm_head
         c = self.config

@@ -22,10 +22,16 @@ from torch.utils.checkpoint import checkpoint
 
 from aura.memory.writer import MemoryAccess
 from aura.models.base import AuraModel, ModelConfig
-from aura.nn.attention import CausalSelfAttention, KVCache
+from aura.nn.attention import CausalSelfAttention, KVCache, keeps_attention_weights
 from aura.nn.memory_attention import MemoryCrossAttention
 from aura.nn.mlp import MLP
 from aura.nn.snn_ffn import SNNFeedForward, layer_firing_rates
+
+
+def layer_norm_bytes(width: int) -> int:
+    """What a LayerNorm keeps per row for backward: its input in fp32 (autocast runs it there)
+    and two statistics."""
+    return 4 * width + 8
 
 
 def feed_forward(config: ModelConfig) -> MLP | SNNFeedForward:
@@ -133,6 +139,55 @@ class Decoder(AuraModel):
             cache.pos += x.size(1)
         x = self.ln_f(x)
         return x, self.lm_head(x[:, -1:] if last_only else x)
+
+    def activation_bytes(self, batch: int, seq: int, dtype: torch.dtype = torch.float32,
+                         device_type: str = "cpu") -> int:
+        """The blocks' saved tensors, then the ids, the final LayerNorm, the head's input and
+        the log-softmax. With ``grad_checkpoint`` each block keeps only its input, and backward
+        recomputes one block at a time, whose tensors and the gradients its backward makes
+        measured 1.5 blocks' worth."""
+        c = self.config
+        blocks = [self.block_activation_bytes(i, seq, dtype, device_type)
+                  for i in range(c.n_layer)]
+        kept = (3 * max(blocks) // 2 + 4 * c.n_embd * c.n_layer if self.grad_checkpoint
+                else sum(blocks))
+        embedding_mask = 4 * c.n_embd if c.dropout > 0 else 0
+        outside = (8 + embedding_mask + layer_norm_bytes(c.n_embd) + c.n_embd * dtype.itemsize
+                   + 4 * c.vocab_size)  # type: ignore[operator]
+        return batch * seq * (kept + outside)
+
+    def block_activation_bytes(self, layer: int, seq: int, dtype: torch.dtype,
+                               device_type: str) -> int:
+        """Bytes per token block ``layer`` keeps for backward: LayerNorm inputs, each Linear's
+        input, the attention kernel's tensors (q, k, v and output, or on the math kernel fp32
+        q, k, v and the (T x T) weights), the feed-forward's hidden activations, dropout masks
+        (CPU keeps them in the input's dtype) and a memory layer's retrieved entries."""
+        c, h = self.config, dtype.itemsize
+        width, hidden, drop = c.n_embd, 4 * c.n_embd, c.dropout > 0
+        attention = layer_norm_bytes(width) + 2 * width * h  # the qkv and proj inputs
+        if keeps_attention_weights(device_type, dtype, c.dropout):  # (+ mask, dropped weights)
+            attention += 3 * width * 4 + c.n_head * seq * 4 * (3 if drop else 1)
+        else:
+            attention += 4 * width * h + 4 * c.n_head  # q, k, v, output; logsumexp
+        ffn = layer_norm_bytes(width) + width * h  # the fc input
+        if c.ffn == "mlp":
+            ffn += 2 * hidden * h  # GELU's input and output
+        elif c.neuron == "lif":
+            ffn += 3 * hidden * h  # input current, spike counts, rates (fused kernel)
+        else:
+            ffn += (2 * c.snn_steps + 1) * hidden * h  # GIF keeps two tensors per step
+        masks = 2 * width * h if drop else 0
+        memory = self.blocks[layer].memory
+        if memory is not None:
+            store = memory.writer.store
+            k, dim = memory.top_k, store.dim_key
+            # LayerNorm, the read's input, q, output, projection; the k entries and their keys
+            # and values; a causal mask over the bank
+            memory_bytes = (layer_norm_bytes(width) + 4 * (4 * width + k * dim + 2 * k * width)
+                            + store.capacity + 16 * k)
+        else:
+            memory_bytes = 0
+        return attention + ffn + masks + memory_bytes
 
     def feed_forward_metrics(self) -> dict[str, torch.Tensor]:
         """With spiking feed-forwards, their firing rates of the last forward (mean and per

@@ -243,6 +243,34 @@ class HippocampalTransformer(Decoder):
         return ModelOutput(logits, loss, {"ce": ce.detach(), "entropy": entropy.detach(),
                                           **self.metrics()}, hidden)
 
+    def block_activation_bytes(self, layer: int, seq: int, dtype: torch.dtype,
+                               device_type: str) -> int:
+        """The decoder block's, plus, with prosody, the modulated queries and keys and the
+        gains."""
+        c = self.config
+        modulation = 2 * c.n_embd * dtype.itemsize + 16 * c.n_head if self.prosody else 0
+        return super().block_activation_bytes(layer, seq, dtype, device_type) + modulation
+
+    def activation_bytes(self, batch: int, seq: int, dtype: torch.dtype = torch.float32,
+                         device_type: str = "cpu") -> int:
+        """The decoder's, plus per token what the place, grid and time cells, the prosody
+        features, the memory's recall and the entropy bonus keep."""
+        c = self.config
+        extra = 4 * N_FEATURES if self.token_features else 0
+        if self.place is not None:  # the drives' input, the winners' ids and weights
+            extra += 4 * c.n_embd + 12 * self.place.k_max + 24
+        if self.grid is not None:  # the plane's input, three waves per cell, the code
+            extra += 4 * c.n_embd + 20 * c.grid_modules * c.grid_cells_per_module + 8
+        if self.time is not None:
+            extra += 4 * c.n_time_cells + 40
+        if self.memory is not None:  # the recalled values of top-k and map neighbours
+            recalled = c.memory_top_k + c.memory_graph_k
+            extra += (4 * (5 * c.n_embd + recalled * c.n_embd + 3 * c.memory_dim)
+                      + c.memory_capacity)
+        if c.entropy_reg:  # the entropy of every position's prediction
+            extra += 8 * c.vocab_size  # type: ignore[operator]
+        return super().activation_bytes(batch, seq, dtype, device_type) + batch * seq * extra
+
     def metrics(self) -> dict[str, torch.Tensor]:
         """Place-cell sparsity, memory recall statistics and (``ffn=snn``) the spiking FFNs'
         firing rates of the last forward."""

@@ -22,6 +22,15 @@ def _kernel_for(q: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+def keeps_attention_weights(device_type: str, dtype: torch.dtype, dropout: float) -> bool:
+    """Whether training attention runs on SDPA's math kernel, which keeps every (T x T)
+    attention weight for backward, rather than a fused one, which keeps O(T): on CPU under bf16
+    (``_kernel_for``) or with dropout (CPU's flash kernel has none), and on MPS (assumed)."""
+    if device_type == "cpu":
+        return dtype == torch.bfloat16 or dropout > 0
+    return device_type == "mps"
+
+
 class KVCache:
     """Preallocated keys/values for every layer; ``pos`` tokens are filled so far."""
 

@@ -56,11 +56,22 @@ def _fused_ok(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu", "mps")
 
 
-def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizers:
+def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``optimizer="muon"`` gives to Muon: the hidden 2-D matrices. Embeddings
+    and the output head stay on AdamW, as in modded-nanogpt (a tied head is the embedding, so
+    it is excluded either way). Shared with the memory estimate (Muon keeps one state per
+    parameter, AdamW two)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    matrices = [p for p in params.values() if p.dim() >= 2]
-    others = [p for p in params.values() if p.dim() < 2]
+    heads = {id(p) for name, p in params.items() if name.split(".")[-1] == "lm_head"
+             or name.startswith("lm_head")}
+    return [p for p in params.values() if id(p) not in embeddings | heads and p.dim() == 2]
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizers:
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in params if p.dim() >= 2]
+    others = [p for p in params if p.dim() < 2]
     betas = (cfg.beta1, cfg.beta2)
     fused = _fused_ok(device)
     if cfg.optimizer == "adamw":
@@ -69,11 +80,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
             {"params": others, "weight_decay": 0.0, "base_lr": cfg.lr},
         ]
         return Optimizers([torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)])
-    # Muon for hidden 2-D matrices only: embeddings and the output head stay on AdamW, as in
-    # modded-nanogpt (a tied head is the embedding, so it is excluded either way).
-    heads = {id(p) for name, p in params.items() if name.split(".")[-1] == "lm_head"
-             or name.startswith("lm_head")}
-    hidden = [p for p in matrices if id(p) not in embeddings | heads and p.dim() == 2]
+    hidden = muon_matrices(model)
     hidden_ids = {id(p) for p in hidden}
     rest_matrices = [p for p in matrices if id(p) not in hidden_ids]
     muon = torch.optim.Muon(

@@ -51,6 +51,7 @@ from aura.train.device import (
 )
 from aura.train.metrics import MetricsLog, TrainLog, progress_fields, training_flops_per_token
 from aura.train.optim import build_optimizers
+from aura.train.resources import check_training_memory
 from aura.train.schedule import Every, Plateau, lr_factor
 
 CONFIG_FILE = "config.json"
@@ -111,6 +112,8 @@ class Trainer:
                             f"tokenizer has {vocab}")
         self.device = pick_device(cfg.train.device)  # settings errors leave no run directory
         self.precision = pick_precision(cfg.train.precision, self.device)
+        if cfg.train.memory_check:  # before anything is built or written: a refusal leaves no run
+            check_training_memory(cfg, self.device, self.precision.name)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
