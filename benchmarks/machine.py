@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import aura
+from aura import cpu
 
 
 def _commit() -> str:
@@ -44,7 +45,6 @@ def machine() -> dict[str, Any]:
     restricted = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
                   if k in os.environ}
     return {"commit": _commit(), "cpu": _cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "cpu_capability": cpu.capability(), "native_bf16": cpu.native_bf16(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             **({"restricted_by": restricted} if restricted else {})}

@@ -1,11 +1,16 @@
-"""Device and precision choice, and the free-memory rule of maybe_empty_cuda_cache."""
+"""Device and precision choice (with what the CPU computes natively), and the free-memory rule
+of maybe_empty_cuda_cache."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
+from aura import cpu
 from aura.errors import ConfigError
+from aura.nn import attention
 from aura.train import device as dev
 
 
@@ -73,3 +78,44 @@ def test_cuda_cache_is_emptied_only_below_the_free_ratio(
 def test_no_cuda_means_nothing_to_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert dev.maybe_empty_cuda_cache() is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_auto_precision_stays_fp32_with_or_without_native_bf16(
+        monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    said: list[str] = []
+    assert dev.pick_precision("auto", torch.device("cpu"), said.append).name == "fp32"
+    assert said == []
+
+
+def test_explicit_bf16_without_native_bf16_runs_and_is_said_exactly_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    monkeypatch.setattr(dev, "_said", set())
+    said: list[str] = []
+    for _ in range(3):
+        assert dev.pick_precision("bf16", torch.device("cpu"), said.append).dtype == torch.bfloat16
+    assert len(said) == 1
+    assert "no native bf16" in said[0] and "fp32" in said[0]
+    assert f"{dev.EMULATED_BF16_SLOWDOWN}x slower" in said[0]
+
+
+def test_explicit_bf16_with_native_bf16_says_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
+    monkeypatch.setattr(dev, "_said", set())
+    said: list[str] = []
+    dev.pick_precision("bf16", torch.device("cpu"), said.append)
+    dev.pick_precision("bf16", torch.device("cuda"), said.append)
+    assert said == []
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_attention_takes_the_math_kernel_only_where_bf16_is_native(
+        monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.0) is native
+    assert attention.keeps_attention_weights("cpu", torch.float32, 0.0) is False
+    assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.1) is True
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    assert isinstance(attention._kernel_for(q), contextlib.nullcontext) is not native

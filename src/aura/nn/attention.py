@@ -13,11 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from aura import cpu
+
+
+def _math_kernel_pays(device_type: str, dtype: torch.dtype) -> bool:
+    """On a CPU with native bf16, under bf16 the math kernel runs on bf16 matmuls and was ~1.5x
+    faster than the flash kernel (benchmarks/train_bench.py); where bf16 is emulated its
+    matmuls are the slow path, so PyTorch chooses, as everywhere else."""
+    return device_type == "cpu" and dtype == torch.bfloat16 and cpu.native_bf16()
+
 
 def _kernel_for(q: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-    """On CPU under bf16 the math kernel runs on bf16 matmuls and is ~1.5x faster than the
-    flash kernel (measured in benchmarks/train_bench.py); elsewhere let PyTorch choose."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if _math_kernel_pays(q.device.type, q.dtype):
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 
@@ -25,9 +32,10 @@ def _kernel_for(q: torch.Tensor) -> contextlib.AbstractContextManager[None]:
 def keeps_attention_weights(device_type: str, dtype: torch.dtype, dropout: float) -> bool:
     """Whether training attention runs on SDPA's math kernel, which keeps every (T x T)
     attention weight for backward, rather than a fused one, which keeps O(T): on CPU under bf16
-    (``_kernel_for``) or with dropout (CPU's flash kernel has none), and on MPS (assumed)."""
+    with native bf16 (``_kernel_for``) or with dropout (CPU's flash kernel has none), and on
+    MPS (assumed)."""
     if device_type == "cpu":
-        return dtype == torch.bfloat16 or dropout > 0
+        return _math_kernel_pays(device_type, dtype) or dropout > 0
     return device_type == "mps"
 
 

@@ -1,20 +1,37 @@
 """Device and mixed-precision choice, and the CUDA memory helpers.
 
 Precision is picked by device: bf16 autocast where the hardware has it, fp16 with a GradScaler
-on older GPUs, fp32 on CPU and MPS unless asked (CPU bf16 autocast is correct but often slower).
+on older GPUs, fp32 on CPU and MPS unless asked (CPU bf16 autocast is correct but often slower,
+and on CPUs without native bf16 emulated and far slower: asking for it there is said once).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from aura import cpu
 from aura.errors import ConfigError
+
+EMULATED_BF16_SLOWDOWN = 13  # bf16 / fp32 step time, gpt demo shape, AVX2 EPYC (BENCHMARKS.md)
+_said: set[str] = set()
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def say_once(message: str, log: Callable[[str], None] = _stderr) -> None:
+    """A warning about the machine is worth one line per process, not one per model built."""
+    if message not in _said:
+        _said.add(message)
+        log(message)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -56,7 +73,14 @@ class Precision:
         return None
 
 
-def pick_precision(name: str, device: torch.device) -> Precision:
+def pick_precision(name: str, device: torch.device, log: Callable[[str], None] = _stderr
+                   ) -> Precision:
+    """``auto`` is bf16 (else fp16) on CUDA and fp32 elsewhere; an explicit bf16 on a CPU
+    without native bf16 runs, after one line saying what it costs."""
+    if name == "bf16" and device.type == "cpu" and not cpu.native_bf16():
+        say_once(f"warning: this CPU ({cpu.capability()}) has no native bf16: bf16 autocast is "
+                 f"emulated, about {EMULATED_BF16_SLOWDOWN}x slower than fp32 (measured on an "
+                 "AVX2 CPU); train.precision=fp32 (or auto) is faster here", log)
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

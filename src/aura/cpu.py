@@ -1,0 +1,27 @@
+"""What this CPU computes natively, where that decides how Aura runs on it.
+
+Machines of one class differ: some have AVX-512 with native bf16 (AVX512-BF16, AMX), some only
+AVX2, where oneDNN emulates bf16 and a bf16-autocast training step measured 13x slower than fp32
+(docs/BENCHMARKS.md). Precision and the attention kernel are chosen from this answer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls on bf16 hardware here (False when PyTorch is restricted
+    to AVX2 by ``ONEDNN_MAX_CPU_ISA``, as the benchmarks do to measure the other kind)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def capability() -> str:
+    """The vector instruction set PyTorch's own kernels use: "AVX512", "AVX2", "DEFAULT"..."""
+    return torch.backends.cpu.get_cpu_capability()
