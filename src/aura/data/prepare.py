@@ -368,7 +368,8 @@ def prepare(opts: PrepareOptions, out: str | Path, force: bool = False,
     if not force:
         skipped: dict[str, int] = {}
         reused = _try_reuse(out, key, opts, skipped)
-        if reused is not None:
+        if reused is not None:  # a crash after a build's manifest left its old files behind
+            _remove_unreferenced(out, keep=_referenced(out))
             return PrepareResult(reused, True, time.perf_counter() - t0, skipped)
 
     splitter = _Splitter(opts.seed, opts.val_fraction, sources)
