@@ -36,7 +36,7 @@ from aura.data.shards import (
     read_manifest,
     token_dtype,
 )
-from aura.data.sources import DocBoundary, OnInvalid, Source, TextFiles, open_source
+from aura.data.sources import DocBoundary, OnInvalid, Source, TextFiles, id_bytes, open_source
 from aura.data.tokenizers import (
     BUILTIN_TOKENIZERS,
     DEFAULT_BPE_VOCAB,
@@ -142,7 +142,7 @@ class PrepareResult:
 
 
 def _unit_interval(seed: int, source: int, doc_id: str) -> float:
-    digest = hashlib.blake2b(f"{seed}:{source}:{doc_id}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(id_bytes(f"{seed}:{source}:{doc_id}"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64
 
 
