@@ -178,6 +178,18 @@ def assert_usage_error(res: CliResult, *needles: str) -> str:
     return lines[0]
 
 
+def assert_answered(code: int, err: str, context: str) -> None:
+    """What every command ends with, whatever it was given: exit 0, or 2 with one
+    ``aura: error:`` line, the last on stderr (warnings may come before it); never a traceback,
+    never exit 1 (a bug)."""
+    said = f"{context}\nexit {code}, stderr:\n{err}"
+    assert code in (0, 2) and "Traceback" not in err, said
+    if code == 2:
+        lines = err.splitlines()
+        errors = [line for line in lines if line.startswith("aura: error: ")]
+        assert len(errors) == 1 and lines[-1] == errors[0], said
+
+
 # --- training ----------------------------------------------------------------------------------
 
 # A model small enough that a step takes milliseconds on a CPU; every test adds its own settings.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from aura import atomic
 from aura.atomic import atomic_dir, atomic_write_text, check_writable_dir
 from faults import FsFaults
 
@@ -69,3 +70,37 @@ def test_check_writable_dir_leaves_things_as_they_were(tmp_path: Path,
         check_writable_dir(tmp_path / "other" / "deep" / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert list((tmp_path / "run").iterdir()) == []
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["exchange", "rename-aside"])
+def test_a_directory_replacing_another_leaves_the_new_one_and_nothing_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: bool) -> None:
+    """Where renameat2 cannot swap (another OS or file system), the old directory is renamed
+    aside first; either way only the new directory is left."""
+    if not swap:
+        monkeypatch.setattr(atomic, "_renameat2", None)
+    for content in (b"old", b"new"):
+        with atomic_dir(tmp_path / "ckpt") as tmp:
+            (tmp / "w.bin").write_bytes(content)
+    assert (tmp_path / "ckpt" / "w.bin").read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_a_failed_rename_aside_puts_the_old_directory_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "w.bin").write_bytes(b"old")
+    monkeypatch.setattr(atomic, "_renameat2", None)
+    real_replace = os.replace
+
+    def refuse_the_new(src: str | Path, dst: str | Path) -> None:
+        if Path(src).name.startswith(".ckpt.") and Path(dst) == tmp_path / "ckpt" and \
+                (Path(src) / "w.bin").read_bytes() == b"new":
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_the_new)
+    with pytest.raises(PermissionError), atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "w.bin").write_bytes(b"new")
+    assert (tmp_path / "ckpt" / "w.bin").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

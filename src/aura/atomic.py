@@ -1,7 +1,8 @@
 """Crash-safe file writes: temp file in the same directory, fsync, rename, fsync the directory.
 
 A reader sees either the old file or the complete new one, never a torn write, whatever moment
-the process dies at.
+the process dies at. A directory that replaces another is swapped with it in one step where the
+system can (Linux), and the old one deleted only after.
 
 Temporary files and directories are created with the modes a plain ``open`` or ``mkdir`` would
 give (0666 / 0777 less the process umask), not ``tempfile``'s private 0600 / 0700: they are
@@ -12,6 +13,8 @@ read just like the shards written beside them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import secrets
 import shutil
@@ -80,6 +83,44 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so there is
+    no moment with neither; False, nothing moved, where the C library or file system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Put directory ``tmp`` at ``path`` and delete the directory that was there. Deleting it
+    first would leave neither for as long as that takes (a crash then loses both), so the two
+    are swapped in one step; where the system cannot swap, the old is renamed aside first and
+    only the instant between the two renames has no ``path``."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    if _exchange(tmp, path):
+        old = tmp
+    else:
+        old = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+    shutil.rmtree(old)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``path`` whole when the block exits.
@@ -98,9 +139,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
                 continue
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

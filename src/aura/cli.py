@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import dataclasses
+import io
 import json
 import sys
 import textwrap
@@ -55,7 +56,14 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"aura: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_USAGE, f"aura: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line of visible text: a character that is not printable (a newline or
+    a terminal control in a path the user typed, a byte that was no UTF-8) is shown escaped, as
+    Python writes it in a string literal, so an error stays one line and shows what was typed."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
 
 
 def add_option_flags(parser: argparse.ArgumentParser, options: type,
@@ -301,16 +309,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from aura.train.checkpoint import load_for_inference
     from aura.train.device import pick_device
 
+    prompt = _argv_text(args.prompt, "--prompt")
+    stop = [_argv_text(s, "--stop") for s in args.stop]
     loaded = load_for_inference(args.run, pick_device(args.device))
     sampling = _sampling(args)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     # The prompt is echoed once every input is validated: bad input leaves stdout empty.
-    on_ready = None if stream is None else (lambda: stream(args.prompt))
-    text = generate_text(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens,
-                         sampling, use_cache=not args.no_cache, stop=args.stop, stream=stream,
+    on_ready = None if stream is None else (lambda: stream(prompt))
+    text = generate_text(loaded.model, loaded.tokenizer, prompt, args.max_new_tokens,
+                         sampling, use_cache=not args.no_cache, stop=stop, stream=stream,
                          on_ready=on_ready)
     if args.json:
-        _print_json({"checkpoint": str(loaded.path), "prompt": args.prompt, "text": text})
+        _print_json({"checkpoint": str(loaded.path), "prompt": prompt, "text": text})
     else:
         sys.stdout.write("\n")
     return EXIT_OK
@@ -433,8 +443,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     if args.text == "-":
         text = _utf8(sys.stdin.buffer.read(), "standard input")
-    else:  # undo the surrogateescape that turned argv's bytes into str, then decode the same way
-        text = _utf8(args.text.encode("utf-8", "surrogateescape"), "TEXT")
+    else:
+        text = _argv_text(args.text, "TEXT")
     if not text.strip():
         raise AuraError("TEXT is empty: give the text to analyze (or - to read stdin)")
     model = AffectModel.load(args.model) if args.model else default_model()
@@ -447,6 +457,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     else:
         print(f"valence {result.valence:+.3f}  arousal {result.arousal:.3f}  tone {result.tone}")
     return EXIT_OK
+
+
+def _argv_text(value: str, what: str) -> str:
+    """A text argument by ``_utf8``'s rule: Python decodes argv's bytes that are no UTF-8 to
+    surrogates, which no tokenizer can encode; undone here, they are refused in one line."""
+    return _utf8(value.encode("utf-8", "surrogateescape"), what)
 
 
 def _utf8(raw: bytes, what: str) -> str:
@@ -565,11 +581,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Paths are bytes: one that is no UTF-8 reaches Python as surrogates, and is written back
+        # as the same bytes (as `ls` shows it) instead of failing in the middle of a report.
+        sys.stdout.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except AuraError as exc:
-        print(f"aura: error: {exc}", file=sys.stderr)
+        print(f"aura: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("aura: interrupted", file=sys.stderr)
@@ -580,5 +600,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = environment_error(exc)
         if reason is None:  # not the file system's state: a bug, with its traceback
             raise
-        print(f"aura: error: {reason}", file=sys.stderr)
+        print(f"aura: error: {one_line(reason)}", file=sys.stderr)
         return EXIT_USAGE

@@ -36,7 +36,15 @@ from aura.data.shards import (
     read_manifest,
     token_dtype,
 )
-from aura.data.sources import DocBoundary, OnInvalid, Source, TextFiles, open_source
+from aura.data.sources import (
+    DocBoundary,
+    OnInvalid,
+    Source,
+    TextFiles,
+    check_glob,
+    id_bytes,
+    open_source,
+)
 from aura.data.tokenizers import (
     BUILTIN_TOKENIZERS,
     DEFAULT_BPE_VOCAB,
@@ -110,6 +118,7 @@ class PrepareOptions:
             raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < 1024:
             raise DataError(f"--shard-tokens must be at least 1024, got {self.shard_tokens}")
+        check_glob(self.glob)
 
 
 @dataclass
@@ -142,7 +151,7 @@ class PrepareResult:
 
 
 def _unit_interval(seed: int, source: int, doc_id: str) -> float:
-    digest = hashlib.blake2b(f"{seed}:{source}:{doc_id}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(id_bytes(f"{seed}:{source}:{doc_id}"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64
 
 
@@ -368,7 +377,8 @@ def prepare(opts: PrepareOptions, out: str | Path, force: bool = False,
     if not force:
         skipped: dict[str, int] = {}
         reused = _try_reuse(out, key, opts, skipped)
-        if reused is not None:
+        if reused is not None:  # a crash after a build's manifest left its old files behind
+            _remove_unreferenced(out, keep=_referenced(out))
             return PrepareResult(reused, True, time.perf_counter() - t0, skipped)
 
     splitter = _Splitter(opts.seed, opts.val_fraction, sources)

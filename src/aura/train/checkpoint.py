@@ -27,6 +27,7 @@ checkpoints moves them into ``discarded-TIME/`` first, and only when asked to.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -203,6 +204,19 @@ class Checkpointer:
 
     def saved(self, step: int) -> bool:
         return step_dir(self.run_dir, step).is_dir()
+
+    def finish(self, path: Path, meta: dict[str, Any], state: TrainState) -> None:
+        """Do what the save of ``path``, the checkpoint a run resumes from, may not have done:
+        it is renamed into place first, and a crash before best.json names it (when it was the
+        new best) or before pruning leaves both undone, which nothing redoes before the next
+        save (and a run resumed at its last step makes none)."""
+        val_loss = meta.get("val_loss")
+        if val_loss is not None and val_loss == state.best_val_loss:
+            with contextlib.suppress(DataError):  # malformed: no crash writes that; prune warns
+                best = read_best(self.run_dir)
+                if best is None or best["step"] != meta["step"]:
+                    mark_best(self.run_dir, meta["step"], val_loss)
+        prune(self.run_dir, self.keep, self.history, self._warn_once)
 
     def _warn_once(self, message: str) -> None:
         """A problem every save would repeat (a malformed best.json) is said once."""
@@ -417,7 +431,19 @@ def prune(run_dir: Path, keep: int, history: str | None = None, log: Log | None 
     ours = [path for path in list_checkpoints(run_dir) if _of_history(path, history)]
     for path in ours[:-keep] if keep > 0 else ours:
         if _step_of(path.name) != best_step:
-            shutil.rmtree(path, ignore_errors=True)
+            _delete(path)
+
+
+def _delete(ckpt: Path) -> None:
+    """Remove a checkpoint in one step, then its files: deleted file by file, a crash midway
+    would leave a checkpoint without its meta.json, which no run could then recognise as its own
+    and prune; renamed first, it is a temporary the next prune removes."""
+    trash = ckpt.parent / f".{ckpt.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        os.replace(ckpt, trash)
+    except OSError:  # pruning is housekeeping: a refusal leaves the checkpoint as it was
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # --- the run directory around the checkpoints --------------------------------------------------

@@ -96,6 +96,10 @@ class MetricsLog:
             self._tb = SummaryWriter(str(self._tb_dir), purge_step=purge)
         except OSError as exc:
             self._tensorboard_failed(exc)
+        except UnicodeEncodeError:  # its file layer encodes paths as strict UTF-8
+            self._say_once("tensorboard failed", f"warning: TensorBoard cannot write under "
+                           f"{self._tb_dir}, a path that is no UTF-8; metrics go on in "
+                           f"{self.path}")
 
     def _tensorboard_failed(self, exc: OSError) -> None:
         """TensorBoard is only a view: one warning, and the run goes on without it."""

@@ -227,6 +227,7 @@ class Trainer:
             raise AuraError(f"{path} holds a different model ({', '.join(changed)}); resume "
                             "with the run's saved config (omit --preset/--config)")
         self._load(path)
+        self.checkpointer.finish(path, meta, self.state)
         self.log(f"resumed from {path} at step {self.state.step}")
 
     def _load(self, path: Path) -> None:
