@@ -80,13 +80,20 @@ def test_no_cuda_means_nothing_to_empty(monkeypatch: pytest.MonkeyPatch) -> None
     assert dev.maybe_empty_cuda_cache() is False
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_cpu_auto_precision_stays_fp32_with_or_without_native_bf16(
-        monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+@pytest.mark.parametrize(("native", "width", "picked"), [
+    (False, 768, "fp32"), (False, None, "fp32"), (True, 64, "fp32"), (True, None, "fp32"),
+    (True, dev.AUTO_BF16_MIN_WIDTH, "bf16"), (True, 768, "bf16")])
+def test_cpu_auto_precision_is_bf16_only_where_native_and_wide_enough(
+        monkeypatch: pytest.MonkeyPatch, native: bool, width: int | None, picked: str) -> None:
     monkeypatch.setattr(cpu, "native_bf16", lambda: native)
     said: list[str] = []
-    assert dev.pick_precision("auto", torch.device("cpu"), said.append).name == "fp32"
+    assert dev.pick_precision("auto", torch.device("cpu"), said.append, width=width).name == picked
     assert said == []
+
+
+def test_auto_never_picks_cpu_bf16_for_mps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
+    assert dev.pick_precision("auto", torch.device("mps"), width=768).name == "fp32"
 
 
 def test_explicit_bf16_without_native_bf16_runs_and_is_said_exactly_once(

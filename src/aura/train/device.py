@@ -1,8 +1,9 @@
 """Device and mixed-precision choice, and the CUDA memory helpers.
 
 Precision is picked by device: bf16 autocast where the hardware has it, fp16 with a GradScaler
-on older GPUs, fp32 on CPU and MPS unless asked (CPU bf16 autocast is correct but often slower,
-and on CPUs without native bf16 emulated and far slower: asking for it there is said once).
+on older GPUs; on CPU bf16 only where it is native and the model wide enough for it to pay
+(benchmarks/precision_bench.py), fp32 otherwise and on MPS. On CPUs without native bf16 it is
+emulated and far slower: asking for it there is said once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from aura import cpu
 from aura.errors import ConfigError
 
 EMULATED_BF16_SLOWDOWN = 13  # bf16 / fp32 step time, gpt demo shape, AVX2 EPYC (BENCHMARKS.md)
+# Narrowest model (n_embd) whose CPU training step is clearly faster under native bf16 autocast:
+# 1.40x at 128 but 1.02x at 64 (gpt, 4 layers, B8 x T128), and 1.15-1.61x for every CPU preset.
+AUTO_BF16_MIN_WIDTH = 128
 _said: set[str] = set()
 
 
@@ -73,10 +77,11 @@ class Precision:
         return None
 
 
-def pick_precision(name: str, device: torch.device, log: Callable[[str], None] = _stderr
-                   ) -> Precision:
-    """``auto`` is bf16 (else fp16) on CUDA and fp32 elsewhere; an explicit bf16 on a CPU
-    without native bf16 runs, after one line saying what it costs."""
+def pick_precision(name: str, device: torch.device, log: Callable[[str], None] = _stderr,
+                   width: int | None = None) -> Precision:
+    """``auto`` is bf16 (else fp16) on CUDA; on CPU bf16 where it is native and the model is at
+    least ``AUTO_BF16_MIN_WIDTH`` wide (``width`` = n_embd; unknown counts as narrow), else fp32.
+    An explicit bf16 on a CPU without native bf16 runs, after one line saying what it costs."""
     if name == "bf16" and device.type == "cpu" and not cpu.native_bf16():
         say_once(f"warning: this CPU ({cpu.capability()}) has no native bf16: bf16 autocast is "
                  f"emulated, about {EMULATED_BF16_SLOWDOWN}x slower than fp32 (measured on an "
@@ -84,6 +89,9 @@ def pick_precision(name: str, device: torch.device, log: Callable[[str], None] =
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif (device.type == "cpu" and width is not None and width >= AUTO_BF16_MIN_WIDTH
+              and cpu.native_bf16()):
+            name = "bf16"
         else:
             name = "fp32"
     if name == "fp32":

@@ -132,7 +132,8 @@ def estimate_training_memory(config: AuraConfig, precision: str | None = None,
     if device_type is None:
         device_type = pick_device(t.device).type
     if precision is None:
-        precision = pick_precision(t.precision, torch.device(device_type)).name
+        precision = pick_precision(t.precision, torch.device(device_type),
+                                   width=config.model.n_embd).name
     dtype = DTYPES[precision]
     model = meta_model(config)
     params = list(model.parameters())

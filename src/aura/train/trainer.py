@@ -111,7 +111,8 @@ class Trainer:
             raise AuraError(f"model.vocab_size is {cfg.model.vocab_size} but the data's "
                             f"tokenizer has {vocab}")
         self.device = pick_device(cfg.train.device)  # settings errors leave no run directory
-        self.precision = pick_precision(cfg.train.precision, self.device, self.log)
+        self.precision = pick_precision(cfg.train.precision, self.device, self.log,
+                                        width=cfg.model.n_embd)
         if cfg.train.memory_check:  # before anything is built or written: a refusal leaves no run
             check_training_memory(cfg, self.device, self.precision.name)
         try:
