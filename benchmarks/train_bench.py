@@ -2,6 +2,7 @@
 of Aura's trainer with DataLoader workers.
 
     python benchmarks/train_bench.py --nanogpt /path/to/nanoGPT [--iters 300] [--rounds 3]
+        [--precisions fp32 bf16 auto]
     python benchmarks/train_bench.py --loader [--iters 100] [--rounds 2] [--quick]
     python benchmarks/train_bench.py --demo [--iters 2000]
 
@@ -160,6 +161,10 @@ def main() -> None:
     ap.add_argument("--source", default="builtin:shakespeare")
     ap.add_argument("--iters", type=int, help="steps per run (default 300; 100 with --loader)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+                    choices=["fp32", "bf16", "auto"],
+                    help="Aura's rows (auto: what train.precision=auto picks on this CPU); "
+                         "drop bf16 where it is emulated, 13x slower")
     args = ap.parse_args()
     if args.quick and not args.loader:
         ap.error("--quick goes with --loader")
@@ -178,7 +183,8 @@ def main() -> None:
                 report = loader_bench(tmp / "data", tmp / "run", args.iters or 100, args.rounds,
                                       WARMUP, [])
         else:
-            report = nanogpt_bench(tmp, args.nanogpt, args.iters or 300, args.rounds)
+            report = nanogpt_bench(tmp, args.nanogpt, args.iters or 300, args.rounds,
+                                   args.precisions)
     print(json.dumps({"machine": machine(), **report}, indent=1))
 
 
@@ -198,13 +204,14 @@ def demo_bench(data_dir: Path, out: Path, iters: int) -> dict[str, object]:
     return {"preset": "demo", "steps": iters, "runs": runs}
 
 
-def nanogpt_bench(tmp: Path, nanogpt: Path | None, iters: int, rounds: int) -> dict[str, object]:
+def nanogpt_bench(tmp: Path, nanogpt: Path | None, iters: int, rounds: int,
+                  precisions: list[str]) -> dict[str, object]:
     tokens = SHAPE["batch_size"] * SHAPE["block_size"]
     data = PreparedData.open(tmp / "data")
     dataset = nanogpt_data(data, nanogpt) if nanogpt else ""
-    results: dict[str, list[float]] = {"aura_fp32": [], "aura_bf16": []}
+    results: dict[str, list[float]] = {f"aura_{p}": [] for p in precisions}
     for _ in range(rounds):
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             results[f"aura_{precision}"] += run_aura(tmp / "data", tmp / "run", iters, precision)
         if nanogpt:
             for compile_ in (False, True):
@@ -215,7 +222,7 @@ def nanogpt_bench(tmp: Path, nanogpt: Path | None, iters: int, rounds: int) -> d
     return {"shape": SHAPE, "iters": iters, "rounds": rounds, "systems": systems,
             "speedup": {
                 f"{a} vs {b}": round(systems[b]["ms_per_iter"] / systems[a]["ms_per_iter"], 3)
-                for a in ("aura_fp32", "aura_bf16") for b in systems if b.startswith("nanogpt")
+                for a in systems if a.startswith("aura") for b in systems if b.startswith("nanogpt")
             }}
 
 
