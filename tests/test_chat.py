@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import requires_extra
 from serving import env, tiny_run
 

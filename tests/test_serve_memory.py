@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from serving import Server, request, tiny_run
 
 SNN_RAG = ("model.name=snn_rag", "model.memory_capacity=64", "model.memory_chunk=8")
