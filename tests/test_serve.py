@@ -193,3 +193,21 @@ def test_default_bind_is_loopback(tmp_path: Path) -> None:
     from aura.infer.server import ServeOptions
 
     assert ServeOptions().host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["serve", "@missing"], "missing"),
+    (["serve", "@run", "--port", "70000"], "--port"),
+    (["serve", "@run", "--api-key-file", "@empty"], "is empty"),
+    (["serve", "@run", "--api-key-file", "@missing"], "cannot read --api-key-file"),
+    (["serve", "@run", "--api-key", "a", "--api-key-file", "@empty"], "not allowed with"),
+    (["serve", "@run", "--quantize", "int4"], "invalid choice"),
+])
+def test_bad_serve_arguments_are_one_line_exit_2(run_cli: object, tmp_path: Path,
+                                                argv: list[str], needle: str) -> None:
+    from conftest import assert_usage_error
+
+    paths = {"@run": tiny_run(tmp_path), "@missing": tmp_path / "missing",
+             "@empty": tmp_path / "empty"}
+    (tmp_path / "empty").write_text("\n")
+    assert_usage_error(run_cli(*[paths.get(a, a) for a in argv]), needle)  # type: ignore
