@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
+
 from conftest import REQUIRE_EXTRAS, requires_extra
 from serving import Server, request, tiny_run
 
