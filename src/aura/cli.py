@@ -577,7 +577,7 @@ def _load_quantized(args: argparse.Namespace) -> Any:
     device = pick_device("cpu" if args.quantize != "none" and args.device == "auto"
                          else args.device)
     loaded = load_for_inference(args.run, device)
-    quantize(loaded.model, args.quantize)
+    quantize(loaded.model, args.quantize, loaded.tokenizer)
     return loaded
 
 
