@@ -85,6 +85,11 @@ class Decoder:
             return nxt, True
         return nxt, False
 
+    def needs_refill(self) -> bool:
+        """True when the cache is full, so the next ``advance`` re-prefills it."""
+        return (self.cache is not None and self.max_ctx is not None
+                and self.t - self.start > self.max_ctx)
+
     def advance(self) -> None:
         """Compute the logits after the newest column (the forward of the next ``step``)."""
         model, out, t, max_ctx = self.model, self.out, self.t, self.max_ctx
@@ -93,7 +98,8 @@ class Decoder:
                 self.start = max(0, t - max_ctx)
             self.logits = _last_logits(model, out[:, self.start:t], t - self.start, None,
                                        self.features)
-        elif max_ctx is not None and t - self.start > max_ctx:
+        elif self.needs_refill():
+            assert max_ctx is not None
             # The cache is full. Learned absolute positions cannot slide: every cached key was
             # computed at its old position, so dropping the oldest token would need all of them
             # recomputed anyway. Re-prefill from the last half window instead, which buys

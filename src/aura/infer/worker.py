@@ -1,13 +1,14 @@
 """The model worker behind `aura serve`: one thread owns the model and runs every request.
 
-Requests queue to the worker; each active generation keeps its own KV cache, random generator
-and text stream (``generate.Decoder``, ``generate.TextStream``), and the worker advances all of
-them one token per round, admitting new requests between rounds (continuous batching at the
-scheduling level: a new request starts at the next round, not after the others finish). Each
-sequence computes exactly what ``generate`` computes for it alone, so a concurrent request
-returns what the same request returns sequentially (same seed, same text). The forwards of a
-round run one sequence after another rather than as one stacked matmul: sequences sit at
-different cache positions, and the models' caches hold one position for the whole batch.
+Requests queue to the worker; each active generation keeps its own random generator and text
+stream (``generate.Decoder``, ``generate.TextStream``) and is prefilled alone through its own KV
+cache. Then every round samples one token for each sequence and computes all their next logits
+in one forward, each sequence a row of a cache whose rows sit at their own positions
+(``batching.DecodeBatch``), for models that declare ``batched_decoding``; other models get one
+forward per sequence per round. New requests are admitted between rounds (continuous batching:
+a request starts at the next round, not after the others finish). Each sequence goes through
+the same steps as ``generate`` alone, so a concurrent request returns what the same request
+returns sequentially (same seed, same text; tested).
 
 Work other than generation (embeddings, memory writes, memory reads) is queued as a call and
 runs between rounds on the same thread, so nothing else touches the model concurrently.
@@ -29,6 +30,7 @@ import torch
 from aura.data.prosody import token_features
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
+from aura.infer.batching import DecodeBatch
 from aura.infer.generate import Decoder, TextStream, _check_max_new_tokens
 from aura.infer.sampling import SamplingConfig
 from aura.models.base import AuraModel
@@ -77,13 +79,16 @@ class WorkerStats:
 class Worker:
     """Owns ``model`` on its own thread; ``submit`` generations, ``call`` anything else."""
 
-    def __init__(self, model: AuraModel, tokenizer: Tokenizer):
+    def __init__(self, model: AuraModel, tokenizer: Tokenizer, batched: bool = True):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.features = token_features(model.token_features, tokenizer)
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._inbox: queue.Queue[Job | tuple[Callable[[], Any], Future[Any]] | None] = (
             queue.Queue())
         self._active: list[_Active] = []
+        # One forward for every sequence's next token, where the model can (else one each).
+        self.batch = (DecodeBatch(model) if batched and model.batched_decoding
+                      and model.max_context is not None else None)
         self.stats = WorkerStats()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aura-model-worker", daemon=True)
@@ -187,31 +192,51 @@ class Worker:
             self.stats.failed += 1
             job.emit({"error": str(exc) if isinstance(exc, AuraError) else repr(exc)})
             return
+        if self.batch is not None:
+            self.batch.add(decoder)
         self._active.append(_Active(job, decoder, text, t0))
         self.stats.active = len(self._active)
 
     def _round(self) -> None:
-        """One token for every active sequence."""
+        """One token for every active sequence, then the forward that prepares the next: one
+        for all of them when the model decodes in batches, else one per sequence."""
         still = []
         for a in self._active:
             if a.job.cancelled.is_set():
                 self.stats.cancelled += 1
+                self._drop(a)
                 continue
             try:
                 nxt, over = a.decoder.step()
                 stopped = a.text.push(nxt)
                 if over or stopped:
+                    self._drop(a)
                     reason = "stop" if stopped else "length"
                     self._finish(a.job, a.text, reason, a.t0, a.decoder.t - a.t0)
                     continue
-                a.decoder.advance()
+                if self.batch is None:
+                    a.decoder.advance()
             except Exception as exc:  # one request fails, not the server
                 self.stats.failed += 1
+                self._drop(a)
                 a.job.emit({"error": repr(exc)})
                 continue
             still.append(a)
+        if self.batch is not None and still:
+            try:
+                self.batch.advance()
+            except Exception as exc:  # the batch's forward failed: every request in it
+                for a in still:
+                    self.stats.failed += 1
+                    self._drop(a)
+                    a.job.emit({"error": repr(exc)})
+                still = []
         self._active = still
         self.stats.active = len(still)
+
+    def _drop(self, a: _Active) -> None:
+        if self.batch is not None and a.decoder in self.batch.decoders:
+            self.batch.remove(a.decoder)
 
     def _finish(self, job: Job, text: TextStream, reason: str, t0: int, n_new: int) -> None:
         whole = text.finish()
