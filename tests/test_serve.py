@@ -22,6 +22,7 @@ openai = requires_extra("openai", "dev")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve")
     srv = Server(tiny_run(root), "--api-key", KEY, "--max-tokens-limit", "5000",
+                 "--cors-origin", "http://page.example",
                  log=root / "log")
     yield srv
     code = srv.stop(signal.SIGTERM)
@@ -125,10 +126,26 @@ def test_the_openai_client_sees_400_and_404(client: object) -> None:
             model="gpt-4", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
 
-def test_a_body_over_the_limit_is_413(server: Server) -> None:
+def test_a_body_over_the_limit_is_413_declared_or_chunked(server: Server) -> None:
     status, reply = request(server.port, "POST", "/v1/completions",
                             {"prompt": "x" * (2 << 20), "max_tokens": 1})
     assert status == 413 and "body" in reply["error"]["message"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = json.dumps({"prompt": "x" * (2 << 20), "max_tokens": 1}).encode()
+    conn.request("POST", "/v1/completions", body=iter([body[i:i + 65536] for i in
+                                                      range(0, len(body), 65536)]),
+                 headers={"Content-Type": "application/json",
+                          "Authorization": f"Bearer {KEY}"}, encode_chunked=True)
+    resp = conn.getresponse()
+    answer = resp.read()
+    assert resp.status == 413 and b"body" in answer, answer
+    conn.close()
+
+
+def test_a_prompt_the_tokenizer_cannot_start_from_is_400(server: Server) -> None:
+    status, reply = request(server.port, "POST", "/v1/completions",
+                            {"prompt": "", "max_tokens": 3, "stream": True})
+    assert status == 400 and reply["error"]["param"] == "prompt"
 
 
 def test_a_prompt_longer_than_the_context_is_cut_from_the_left(client: object) -> None:
@@ -182,6 +199,23 @@ def test_embeddings_are_unit_vectors_of_the_hidden_width(client: object) -> None
     norms = [sum(x * x for x in d.embedding) ** 0.5 for d in out.data]
     assert norms == pytest.approx([1.0, 1.0], abs=1e-5)
     assert out.data[0].embedding != out.data[1].embedding
+
+
+def test_cors_lets_the_configured_origin_in_only(server: Server) -> None:
+    def preflight(origin: str) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return resp
+
+    ok = preflight("http://page.example")
+    assert ok.status == 200
+    assert ok.getheader("access-control-allow-origin") == "http://page.example"
+    assert preflight("http://evil.example").getheader("access-control-allow-origin") is None
 
 
 def test_the_chat_page_is_served_without_a_key(server: Server) -> None:

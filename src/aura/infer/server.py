@@ -140,11 +140,12 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-# --- the body limit --------------------------------------------------------------------------
+# --- the body limit and the key --------------------------------------------------------------
 
 
 class BodyLimit:
-    """413 for a request body over ``limit`` bytes, by Content-Length or as it streams in."""
+    """413 for a request body over ``limit`` bytes, by Content-Length or as it streams in
+    (plain ASGI, so the error reaches the app's handlers as itself, in OpenAI's format)."""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
@@ -153,11 +154,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        too_big = error_response(413, f"request body over {self.limit} bytes")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await too_big(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await error_response(413, f"request body over {self.limit} bytes")(
+                scope, receive, send)
             return
         seen = 0
 
@@ -166,11 +166,27 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise OpenAIError(413, f"request body over {self.limit} bytes")
+                if seen > self.limit:  # FastAPI passes an HTTPException through as it is
+                    raise StarletteHTTPException(413, f"request body over {self.limit} bytes")
             return message
 
         await self.app(scope, counted, send)
+
+
+class ApiKey:
+    """401 for a /v1 request without ``Authorization: Bearer KEY`` (plain ASGI)."""
+
+    def __init__(self, app: ASGIApp, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                await error_response(401, "invalid or missing API key (Authorization: Bearer "
+                                     "KEY)", code="invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # --- the app ---------------------------------------------------------------------------------
@@ -195,7 +211,10 @@ class Service:
     def _save_loop(self) -> None:
         assert self.memory is not None
         while not self._saver_stop.wait(self.options.save_interval):
-            self.worker.call(self.memory.save).result()
+            try:
+                self.worker.call(self.memory.save).result()
+            except AuraError:  # the worker stopped first: close() saves
+                return
 
     def close(self) -> None:
         """Stop the worker (cancelling what runs), then persist the memory."""
@@ -229,6 +248,16 @@ class Service:
         except AuraError as exc:
             raise OpenAIError(400, str(exc)) from None
         return cfg, max_tokens, stop
+
+    def check_prompt(self, prompt: str) -> None:
+        """Refuse (400) a prompt the tokenizer cannot encode, before any response starts."""
+        try:
+            ids = self.tokenizer.encode(prompt)
+        except AuraError as exc:
+            raise OpenAIError(400, str(exc), param="prompt") from None
+        if len(ids) == 0 and self.tokenizer.eot_id is None:
+            raise OpenAIError(400, "the prompt is empty and the tokenizer has no end-of-text "
+                              "token to start from", param="prompt")
 
     def chat_prompt(self, req: ChatRequest) -> tuple[str, str]:
         """(prompt, last user message)."""
@@ -302,19 +331,6 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Response:
-        key = options.api_key
-        if key is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return error_response(401, "invalid or missing API key (Authorization: Bearer "
-                                      "KEY)", code="invalid_api_key")
-        try:
-            return await call_next(request)
-        except OpenAIError as exc:  # raised by the body limit while the body streams in
-            return error_response(exc.status, exc.message)
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
         stats = service.worker.stats
@@ -386,6 +402,7 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
     async def _complete(request: Request, req: _Sampling, prompt: str, sampling: SamplingConfig,
                         max_tokens: int, stop: list[str], *, chat: bool,
                         last_user: str | None) -> Response:
+        service.check_prompt(prompt)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         mem = service.memory
@@ -479,6 +496,8 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
                          "finish_reason": event["done"]}],
             "usage": usage(event)})
 
+    if options.api_key is not None:
+        app.add_middleware(ApiKey, key=options.api_key)
     if options.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=options.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])
