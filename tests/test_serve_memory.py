@@ -74,3 +74,33 @@ def test_a_model_without_memory_says_so(tmp_path: Path) -> None:
     mem = ConversationMemory(loaded.model, ByteTokenizer(), tmp_path / "m")
     assert not mem.available and "has no episodic memory" in mem.describe()
     assert mem.remember("hello there") == 0 and not mem.save()
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_stream_in_flight_ends_it_and_exits_143(tmp_path: Path) -> None:
+    import http.client
+    import threading
+
+    server = Server(tiny_run(tmp_path), "--max-tokens-limit", "1000000")
+    got: dict[str, object] = {}
+
+    def stream() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"prompt": "Hi", "max_tokens": 1000000, "stream": True}).encode(),
+            {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        got["first"] = resp.read(5)
+        got["rest"] = resp.read()  # returns once the server ends the stream
+        conn.close()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    deadline = time.monotonic() + 20
+    while "first" not in got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    assert server.stop(signal.SIGTERM) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 15  # cancelled, not run to a million tokens
+    reader.join(30)
+    assert got["first"] == b"data:" and not reader.is_alive()
