@@ -236,12 +236,25 @@ def test_default_bind_is_loopback(tmp_path: Path) -> None:
     (["serve", "@run", "--api-key-file", "@missing"], "cannot read --api-key-file"),
     (["serve", "@run", "--api-key", "a", "--api-key-file", "@empty"], "not allowed with"),
     (["serve", "@run", "--quantize", "int4"], "invalid choice"),
+    (["serve", "@run", "--api-key", "caf\udcff"], "not UTF-8"),
+    (["serve", "@run", "--api-key", "日本"], "printable ASCII"),
+    (["serve", "@run", "--max-tokens-limit", "0"], "--max-tokens-limit"),
+    (["serve", "@run", "--save-interval", "nan"], "--save-interval"),
+    (["serve", "@run", "--host", "no.such.host.invalid"], "cannot listen on"),
+    (["serve", "@run", "--port", "@busy"], "cannot listen on"),
+    (["serve", "@run", "--user-prefix", " "], "must not be empty"),
 ])
 def test_bad_serve_arguments_are_one_line_exit_2(run_cli: object, tmp_path: Path,
                                                 argv: list[str], needle: str) -> None:
+    import socket
+
     from conftest import assert_usage_error
 
     paths = {"@run": tiny_run(tmp_path), "@missing": tmp_path / "missing",
              "@empty": tmp_path / "empty"}
     (tmp_path / "empty").write_text("\n")
-    assert_usage_error(run_cli(*[paths.get(a, a) for a in argv]), needle)  # type: ignore
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        paths["@busy"] = str(busy.getsockname()[1])
+        assert_usage_error(run_cli(*[paths.get(a, a) for a in argv]), needle)  # type: ignore

@@ -581,6 +581,38 @@ def _load_quantized(args: argparse.Namespace) -> Any:
     return loaded
 
 
+def _template(args: argparse.Namespace) -> Any:
+    from aura.infer.template import ChatTemplate
+
+    user = _argv_text(args.user_prefix, "--user-prefix")
+    assistant = _argv_text(args.assistant_prefix, "--assistant-prefix")
+    if not user.strip() or not assistant.strip():
+        raise AuraError("--user-prefix and --assistant-prefix must not be empty")
+    return ChatTemplate(user=user, assistant=assistant)
+
+
+def _add_template(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user-prefix", default="User:", metavar="TEXT",
+                   help="what starts a user turn in the prompt (default: %(default)s)")
+    p.add_argument("--assistant-prefix", default="Assistant:", metavar="TEXT",
+                   help="what starts the model's turn (default: %(default)s)")
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on now, before loading the model."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise AuraError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from aura.extras import require
 
@@ -596,19 +628,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not key:
             raise AuraError(f"--api-key-file {args.api_key_file} is empty")
     else:
-        key = args.api_key
+        key = None if args.api_key is None else _argv_text(args.api_key, "--api-key")
+    if key is not None and not (key.isascii() and key.isprintable() and key.strip()):
+        raise AuraError("the API key must be printable ASCII (an HTTP header carries it)")
     if not 0 <= args.port < 65536:
         raise AuraError(f"--port must be in 0..65535, got {args.port}")
+    if not 1 <= args.max_tokens_limit <= (1 << 24):
+        raise AuraError(f"--max-tokens-limit must be in 1..{1 << 24}, got "
+                        f"{args.max_tokens_limit}")
+    if not 0 < args.save_interval < float("inf"):
+        raise AuraError(f"--save-interval must be a number of seconds > 0, got "
+                        f"{args.save_interval}")
+    _check_listen(args.host, args.port)
     if args.memory is not None:
         from aura.atomic import check_writable_dir
 
         check_writable_dir(args.memory)
+    template = _template(args)
     loaded = _load_quantized(args)
     options = ServeOptions(host=args.host, port=args.port, api_key=key,
                            cors_origins=args.cors_origin, model_name=args.model_name,
                            max_tokens_limit=args.max_tokens_limit,
                            memory_dir=None if args.memory is None else Path(args.memory),
-                           save_interval=args.save_interval)
+                           save_interval=args.save_interval, template=template)
     sig = serve(loaded.model, loaded.tokenizer, options,
                 log=lambda line: print(line, file=sys.stderr, flush=True))
     return EXIT_OK if sig is None else 128 + sig
@@ -617,10 +659,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from aura.infer.chat import ChatOptions, run_chat
 
-    loaded = _load_quantized(args)
     options = ChatOptions(sampling=_sampling(args), max_new_tokens=args.max_new_tokens,
                           memory_dir=None if args.memory is None else Path(args.memory),
-                          system=args.system)
+                          system=_argv_text(args.system, "--system"), template=_template(args))
+    if not 0 < options.max_new_tokens <= (1 << 24):
+        raise AuraError(f"--max-new-tokens must be in 1..{1 << 24}, got {options.max_new_tokens}")
+    loaded = _load_quantized(args)
     run_chat(loaded.model, loaded.tokenizer, options)
     return EXIT_OK
 
@@ -646,14 +690,16 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--save-interval", type=float, default=30.0, metavar="SECONDS",
                    help="how often the memory is saved (and at shutdown)")
     s.add_argument("--device", default="auto")
+    _add_template(s)
     _add_quantize(s)
     s.set_defaults(func=_cmd_serve)
 
     c = sub.add_parser(
         "chat", help="talk to a model in the terminal",
         description="Multi-turn chat through the prompt template of aura.infer.template "
-        "(User: / Assistant: turns). Commands: /reset, /save, /memory, /set NAME VALUE, /help, "
-        "/quit. Ctrl-C stops the reply; Ctrl-D or /quit leaves.")
+        "(User: / Assistant: turns, or --user-prefix / --assistant-prefix). Commands: /reset, "
+        "/save, /memory, /set NAME VALUE, /help, /quit. Ctrl-C stops the reply; Ctrl-D or "
+        "/quit leaves.")
     c.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
     c.add_argument("--max-new-tokens", type=int, default=200)
     c.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -666,6 +712,7 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--memory", metavar="DIR",
                    help="write the conversation into the model's episodic memory, kept in DIR")
     c.add_argument("--device", default="auto")
+    _add_template(c)
     _add_quantize(c)
     c.set_defaults(func=_cmd_chat)
 

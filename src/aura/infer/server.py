@@ -408,18 +408,27 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
         mem = service.memory
 
         def emit(event: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                job.cancel()
 
-        on_done = None
+        job = Job(prompt, max_tokens, sampling, stop, emit)
         if mem is not None and chat and mem.available:
-            await asyncio.wrap_future(service.worker.call(lambda: mem.recall(last_user or "")))
+            try:
+                await asyncio.wrap_future(service.worker.call(
+                    lambda: mem.recall(last_user or "")))
+            except AuraError as exc:  # only when the worker has stopped
+                raise OpenAIError(503, str(exc), "server_error") from None
 
-            def on_done(job: Job, reply: str) -> None:
+            def on_done(_: Job, reply: str) -> None:
                 mem.remember(f"{options.template.user} {last_user}{options.template.turn_end}"
                              f"{options.template.assistant} {reply.strip()}")
 
+            job.on_done = on_done
+
         try:
-            job = service.worker.submit(Job(prompt, max_tokens, sampling, stop, emit, on_done))
+            service.worker.submit(job)
         except AuraError as exc:
             raise OpenAIError(503, str(exc), "server_error") from None
         rid = _new_id("chatcmpl" if chat else "cmpl")
