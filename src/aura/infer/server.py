@@ -515,7 +515,7 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
 
 
 def _asset(name: str) -> str:
-    return resources.files("aura.infer.web").joinpath(name).read_text(encoding="utf-8")
+    return resources.files("aura.infer").joinpath("web", name).read_text(encoding="utf-8")
 
 
 class _Server:
