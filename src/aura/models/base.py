@@ -96,6 +96,10 @@ class AuraModel(nn.Module):
     # True: forward takes ``remember`` (and ``corpus_pos``): asked to, it queues memories of its
     # input, which is how ``aura learn`` has the model remember new text at service positions.
     writes_own_memory: bool = False
+    # True: the model reads its KV cache only through ``KVCache``'s methods (``positions``,
+    # ``attn_mask``, ``append``, ``pos``), so a server may decode many sequences in one forward
+    # with a cache whose rows sit at different positions (``aura.infer.batching``).
+    batched_decoding: bool = False
 
     def __init__(self) -> None:
         super().__init__()

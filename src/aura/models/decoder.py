@@ -120,6 +120,8 @@ class Decoder(AuraModel):
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size "
                              f"{self.config.block_size}")
+        if cache is not None:  # (B, T) for a cache whose rows sit at different positions
+            return cache.positions(idx.size(1), idx.device)
         return torch.arange(start, end, device=idx.device)
 
     def run_block(self, block: Block, x: torch.Tensor, cache: KVCache | None,

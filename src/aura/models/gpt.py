@@ -16,6 +16,8 @@ from aura.nn.attention import KVCache
 
 @register_model("gpt")
 class GPT(Decoder):
+    batched_decoding = True
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, label_smoothing: float = 0.0,
                 last_only: bool = False) -> ModelOutput:

@@ -105,6 +105,7 @@ class SNNRAGConfig(ModelConfig):
 class SNNRAG(Decoder):
     wants_corpus_pos = True
     has_memory_switch = True
+    batched_decoding = True
 
     def __init__(self, config: SNNRAGConfig):
         problems = config.problems()

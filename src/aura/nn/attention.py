@@ -63,6 +63,18 @@ class KVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def positions(self, n: int, device: torch.device) -> torch.Tensor:
+        """The positions of ``n`` new tokens (n,), after what the cache holds."""
+        return torch.arange(self.pos, self.pos + n, device=device)
+
+    def attn_mask(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """Which cached and new keys each of ``n`` new queries sees (None: all of them): with
+        several new tokens each sees the cache and the new ones up to itself."""
+        if n == 1:
+            return None
+        rows = torch.arange(n, device=device)[:, None] + self.pos
+        return torch.arange(self.pos + n, device=device)[None, :] <= rows
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, layer: int):
@@ -89,12 +101,8 @@ class CausalSelfAttention(nn.Module):
             with _kernel_for(q):
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
-            start = cache.pos
+            mask = cache.attn_mask(T, x.device)
             k, v = cache.append(self.layer, k, v)
-            mask = None
-            if T > 1:  # several new tokens: each sees the cache and the new ones up to itself
-                rows = torch.arange(T, device=x.device)[:, None] + start
-                mask = torch.arange(start + T, device=x.device)[None, :] <= rows
             with _kernel_for(q):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))

@@ -1,0 +1,202 @@
+"""`aura serve` under load, fp32 and int8: streaming clients against 127.0.0.1. Prints JSON.
+
+    python benchmarks/serve_bench.py [--run RUN] [--clients 1,8,32] [--requests 2]
+                                     [--max-tokens 64] [--quantize none,int8] [--text FILE]
+                                     [--threads N] [--quick]
+
+For each quantisation and each client count, that many threads each send ``--requests``
+streaming chat completions (the official `openai` client, a distinct seed per request, usage
+included) to one server started for the quantisation, all at once. Reported per setting:
+aggregate completion tokens/s over the wall time, p50/p95 time to first token, p50/p95 time per
+token after the first (per request: (end - first token) / (tokens - 1)), and errors (must be 0).
+``batching_gain`` is the aggregate tokens/s of the largest client count over that of one.
+Also: the model's weight bytes fp32 vs int8 (in memory; the checkpoint's file is fp32) and,
+given ``--text``, bits per byte of the text fp32 vs int8 (quality does not depend on timing).
+Without ``--run`` a randomly initialised `gpt` of the demo preset's shape (byte vocabulary) is
+served. ``--quick`` is a seconds-long smoke run (1 and 2 clients, 8 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from machine import machine
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def demo_run(root: Path) -> Path:
+    from aura.config import load_config
+    from aura.data.tokenizers import ByteTokenizer
+    from aura.models.base import build_model
+    from aura.train.checkpoint import TrainState, save_checkpoint
+
+    cfg = load_config(preset="demo", overrides=["model.vocab_size=256"])
+    torch.manual_seed(0)
+    run = root / "run"
+    save_checkpoint(run, build_model(cfg.model), ByteTokenizer(), cfg, TrainState(step=0), None)
+    return run
+
+
+def start_server(run: Path, quantize: str, port: int, threads: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server; not a pipe,
+    # which would block the server once full
+    proc = subprocess.Popen([sys.executable, "-m", "aura", "serve", str(run), "--port", str(port),
+                             "--quantize", quantize, "--device", "cpu"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(log.read().decode(errors="replace")) from None
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start in 120 s")
+
+
+def one_request(client: Any, seed: int, max_tokens: int) -> dict[str, float]:
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = client.chat.completions.create(
+        model="aura", messages=[{"role": "user", "content": "Tell me about the sea."}],
+        max_tokens=max_tokens, seed=seed, temperature=0.8, stream=True,
+        stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    first = end if first is None else first
+    return {"ttft": first - start, "per_token": (end - first) / max(tokens - 1, 1),
+            "tokens": tokens}
+
+
+def load(base: str, clients: int, requests: int, max_tokens: int, timeout: float
+         ) -> dict[str, Any]:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0,
+                           timeout=timeout)
+    results: list[dict[str, float]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(c: int) -> None:
+        for r in range(requests):
+            try:
+                res = one_request(client, seed=1000 * c + r, max_tokens=max_tokens)
+            except Exception as exc:  # counted, not fatal: errors are a reported figure
+                with lock:
+                    errors.append(repr(exc)[:200])
+                continue
+            with lock:
+                results.append(res)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+
+    def pct(key: str, q: float) -> float | None:
+        values = sorted(r[key] for r in results)
+        if not values:
+            return None
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    tokens = sum(int(r["tokens"]) for r in results)
+    return {"clients": clients, "requests": len(results) + len(errors),
+            "completion_tokens": tokens, "wall_s": round(wall, 3),
+            "aggregate_tokens_per_s": round(tokens / wall, 2),
+            "ttft_p50_s": pct("ttft", 0.5), "ttft_p95_s": pct("ttft", 0.95),
+            "per_token_p50_s": pct("per_token", 0.5), "per_token_p95_s": pct("per_token", 0.95),
+            "errors": len(errors), "error_examples": errors[:3]}
+
+
+def quality(run: Path, text_file: Path | None) -> dict[str, Any]:
+    """Weight bytes fp32 vs int8, and bits per byte of ``text_file`` under each."""
+    from aura.eval.perplexity import evaluate_text
+    from aura.infer.quantize import quantize, weight_bytes
+    from aura.train.checkpoint import load_for_inference
+
+    out: dict[str, Any] = {}
+    for mode in ("none", "int8"):
+        loaded = load_for_inference(run, "cpu")
+        quantize(loaded.model, mode, loaded.tokenizer)  # type: ignore[arg-type]
+        entry: dict[str, Any] = {"weight_bytes": weight_bytes(loaded.model)}
+        if text_file is not None:
+            text = text_file.read_text(encoding="utf-8")
+            entry["bits_per_byte"] = evaluate_text(loaded.model, loaded.tokenizer, text,
+                                                   progress=False).bits_per_byte
+        out["fp32" if mode == "none" else "int8"] = entry
+        out["checkpoint_file_bytes"] = (loaded.path / "model.safetensors").stat().st_size
+    if text_file is not None:
+        fp, q = out["fp32"]["bits_per_byte"], out["int8"]["bits_per_byte"]
+        out["bpb_delta_pct"] = round(100 * (q - fp) / fp, 4)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, help="a run or checkpoint (default: a random demo gpt)")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--quantize", default="none,int8")
+    ap.add_argument("--text", type=Path, help="held-out text for bits per byte fp32 vs int8")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of the server (0: torch's default)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--quick", action="store_true", help="1 and 2 clients, 8 tokens, 1 request")
+    args = ap.parse_args()
+    if args.quick:
+        args.clients, args.max_tokens, args.requests = "1,2", 8, 1
+    clients = [int(c) for c in args.clients.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = args.run or demo_run(Path(tmp))
+        report: dict[str, Any] = {"machine": machine(), "run": str(args.run or "random demo gpt"),
+                                  "max_tokens": args.max_tokens, "requests": args.requests,
+                                  "load": {}}
+        for mode in args.quantize.split(","):
+            proc = start_server(run, mode, args.port, args.threads)
+            try:
+                load(f"http://127.0.0.1:{args.port}", 1, 1, 4, args.timeout)  # warm-up
+                rows = [load(f"http://127.0.0.1:{args.port}", c, args.requests,
+                             args.max_tokens, args.timeout) for c in clients]
+            finally:
+                proc.terminate()
+                proc.wait(60)
+            gain = (rows[-1]["aggregate_tokens_per_s"] / rows[0]["aggregate_tokens_per_s"]
+                    if rows[0]["aggregate_tokens_per_s"] else None)
+            report["load"][mode] = {"rows": rows, "batching_gain": gain}
+        report["int8_vs_fp32"] = quality(run, args.text)
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

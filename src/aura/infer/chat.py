@@ -1,0 +1,217 @@
+"""`aura chat`: a terminal REPL over a model, multi-turn through ``template.ChatTemplate``.
+
+Each line typed is a user turn; the reply streams as it is generated and ends at the model's
+end-of-text token or where it starts the next turn (the template's stop strings). The whole
+conversation is the prompt of every reply (cut from the left to the model's context, as
+`aura generate` cuts). Ctrl-C stops the reply being written (what was written stays in the
+conversation) and, at the prompt, clears the line; Ctrl-D or ``/quit`` leaves.
+
+Commands: ``/reset`` (forget the conversation; the episodic memory stays), ``/save [FILE]``
+(the conversation as JSON, and the memory), ``/memory`` (what it holds, what the last reply
+retrieved), ``/set NAME VALUE`` (a sampling setting or max_new_tokens), ``/help``, ``/quit``.
+With ``--memory DIR`` each exchange is written into the model's episodic memory and saved to
+DIR (``conversation_memory``) after every reply and on leaving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from aura.atomic import atomic_write_text
+from aura.data.tokenizers import Tokenizer
+from aura.errors import AuraError
+from aura.infer.conversation_memory import ConversationMemory
+from aura.infer.generate import MAX_NEW_TOKENS, generate_text
+from aura.infer.sampling import SamplingConfig
+from aura.infer.template import ChatTemplate
+from aura.models.base import AuraModel
+
+PROMPT = "you> "
+HELP = """commands:
+  /reset             forget the conversation (the episodic memory stays)
+  /save [FILE]       write the conversation as JSON (default chat-TIME.json) and the memory
+  /memory            what the episodic memory holds and what the last reply retrieved
+  /set NAME VALUE    temperature, top_k, top_p, typical_p, repetition_penalty, seed,
+                     max_new_tokens (VALUE none clears an optional one)
+  /help              this
+  /quit              leave (so does Ctrl-D); Ctrl-C stops a reply"""
+SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "typical_p": float,
+            "repetition_penalty": float, "seed": int, "max_new_tokens": int}
+
+
+@dataclass
+class ChatOptions:
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_new_tokens: int = 200
+    memory_dir: Path | None = None
+    system: str = ""
+    template: ChatTemplate = field(default_factory=ChatTemplate)
+
+
+class Chat:
+    """The conversation and its settings; ``handle`` takes one line typed."""
+
+    def __init__(self, model: AuraModel, tokenizer: Tokenizer, options: ChatOptions,
+                 out: TextIO):
+        self.model, self.tokenizer, self.options, self.out = model, tokenizer, options, out
+        self.turns: list[tuple[str, str]] = []
+        self.memory = (ConversationMemory(model, tokenizer, options.memory_dir)
+                       if options.memory_dir is not None else None)
+        self.reset()
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def reset(self) -> None:
+        self.turns = [("system", self.options.system)] if self.options.system else []
+
+    def handle(self, line: str) -> bool:
+        """Act on one line; False when the user leaves."""
+        if line.startswith("/"):
+            return self.command(line)
+        if line.strip():
+            self.reply(line)
+        return True
+
+    def reply(self, user: str) -> None:
+        opts, tpl = self.options, self.options.template
+        self.turns.append(("user", user))
+        if self.memory is not None and self.memory.available:
+            self.memory.recall(user)
+        pieces: list[str] = []
+
+        def stream(piece: str) -> None:
+            pieces.append(piece)
+            self.out.write(piece)
+            self.out.flush()
+
+        self.out.write("aura> ")
+        try:
+            generate_text(self.model, self.tokenizer, tpl.render(self.turns),
+                          opts.max_new_tokens, opts.sampling, stop=tpl.stop(), stream=stream)
+            stopped = False
+        except KeyboardInterrupt:
+            stopped = True
+        text = tpl.clean("".join(pieces))
+        self.say(" [stopped]" if stopped else "")
+        self.turns.append(("assistant", text))
+        if self.memory is not None and self.memory.available:
+            self.memory.remember(f"{tpl.user} {user}{tpl.turn_end}{tpl.assistant} {text}")
+            self.memory.save()
+
+    def command(self, line: str) -> bool:
+        name, _, rest = line[1:].strip().partition(" ")
+        rest = rest.strip()
+        if name in ("quit", "exit", "q"):
+            return False
+        if name == "help":
+            self.say(HELP)
+        elif name == "reset":
+            self.reset()
+            self.say("conversation cleared")
+        elif name == "save":
+            self.save(rest)
+        elif name == "memory":
+            self.show_memory()
+        elif name == "set":
+            self.set(rest)
+        else:
+            self.say(f"unknown command /{name}: /help lists them")
+        return True
+
+    def save(self, where: str) -> None:
+        path = Path(where or f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        doc = {"template": dataclasses.asdict(self.options.template),
+               "messages": [{"role": r, "content": c} for r, c in self.turns]}
+        try:
+            atomic_write_text(path, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            self.say(f"cannot save {path}: {exc.strerror or exc}")
+            return
+        saved = self.memory is not None and self.memory.save()
+        self.say(f"saved {len(self.turns)} messages to {path}"
+                 + (" and the memory" if saved else ""))
+
+    def show_memory(self) -> None:
+        if self.memory is None:
+            self.say("no episodic memory in use: start with --memory DIR")
+            return
+        self.say(self.memory.describe())
+        seen: set[str] = set()
+        for hit in self.memory.last_retrieved:
+            text = hit["text"] or f"(memory {hit['id']} of the checkpoint's bank)"
+            if text not in seen:
+                seen.add(text)
+                self.say(f"  {hit['score']:+.3f}  {text!r}")
+        if not self.memory.last_retrieved:
+            self.say("  (nothing retrieved for the last reply)")
+
+    def set(self, rest: str) -> None:
+        name, _, value = rest.partition(" ")
+        value = value.strip()
+        if name not in SETTINGS or not value:
+            self.say(f"usage: /set NAME VALUE, NAME one of {', '.join(SETTINGS)}")
+            return
+        try:
+            parsed = None if value.lower() == "none" else SETTINGS[name](value)
+            if name == "max_new_tokens":
+                if parsed is None or not 0 < parsed <= MAX_NEW_TOKENS:
+                    raise AuraError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}")
+                self.options.max_new_tokens = parsed
+            else:
+                self.options.sampling = dataclasses.replace(self.options.sampling,
+                                                             **{name: parsed})
+        except (ValueError, TypeError, AuraError) as exc:
+            self.say(f"cannot set {name}: {exc}")
+            return
+        self.say(f"{name} = {parsed}")
+
+    def close(self) -> None:
+        if self.memory is not None:
+            self.memory.save()
+
+
+def run_chat(model: AuraModel, tokenizer: Tokenizer, options: ChatOptions,
+             stdin: TextIO | None = None, out: TextIO | None = None) -> None:
+    """The REPL until Ctrl-D or /quit."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    chat = Chat(model, tokenizer, options, out)
+    interactive = stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401 - line editing and history for input()
+    chat.say("aura chat: type a message; /help for commands, Ctrl-D to leave")
+    if chat.memory is not None:
+        chat.say(chat.memory.describe())
+    try:
+        while True:
+            try:
+                line = input(PROMPT) if interactive and stdin is sys.stdin else _read(stdin, out)
+            except KeyboardInterrupt:
+                out.write("\n")
+                continue
+            except EOFError:
+                out.write("\n")
+                break
+            except UnicodeDecodeError:
+                chat.say("(that line is not UTF-8 text; ignored)")
+                continue
+            if not chat.handle(line):
+                break
+    finally:
+        chat.close()
+
+
+def _read(stdin: TextIO, out: TextIO) -> str:
+    out.write(PROMPT)
+    out.flush()
+    line = stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")

@@ -1,0 +1,247 @@
+"""The model worker behind `aura serve`: one thread owns the model and runs every request.
+
+Requests queue to the worker; each active generation keeps its own random generator and text
+stream (``generate.Decoder``, ``generate.TextStream``) and is prefilled alone through its own KV
+cache. Then every round samples one token for each sequence and computes all their next logits
+in one forward, each sequence a row of a cache whose rows sit at their own positions
+(``batching.DecodeBatch``), for models that declare ``batched_decoding``; other models get one
+forward per sequence per round. New requests are admitted between rounds (continuous batching:
+a request starts at the next round, not after the others finish). Each sequence goes through
+the same steps as ``generate`` alone, so a concurrent request returns what the same request
+returns sequentially (same seed, same text; tested).
+
+Work other than generation (embeddings, memory writes, memory reads) is queued as a call and
+runs between rounds on the same thread, so nothing else touches the model concurrently.
+A cancelled request (its client disconnected) is dropped at the next round.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from aura.data.prosody import token_features
+from aura.data.tokenizers import Tokenizer
+from aura.errors import AuraError
+from aura.infer.batching import DecodeBatch
+from aura.infer.generate import Decoder, TextStream, _check_max_new_tokens
+from aura.infer.sampling import SamplingConfig
+from aura.models.base import AuraModel
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Job:
+    """One generation. ``emit`` is called from the worker thread with ``{"text": piece}`` as
+    text settles, then once with ``{"done": finish_reason, "text": whole, "prompt_tokens",
+    "completion_tokens"}`` or ``{"error": message}``; ``on_done(job, text)`` (optional) runs on
+    the worker thread after the reply is complete, before ``done`` is emitted (memory writes)."""
+
+    prompt: str
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop: Sequence[str]
+    emit: Emit
+    on_done: Callable[[Job, str], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Active:
+    job: Job
+    decoder: Decoder
+    text: TextStream
+    t0: int
+
+
+@dataclass
+class WorkerStats:
+    """Counters ``/health`` reports."""
+
+    active: int = 0
+    queued: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+
+
+class Worker:
+    """Owns ``model`` on its own thread; ``submit`` generations, ``call`` anything else."""
+
+    def __init__(self, model: AuraModel, tokenizer: Tokenizer, batched: bool = True):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.features = token_features(model.token_features, tokenizer)
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self._inbox: queue.Queue[Job | tuple[Callable[[], Any], Future[Any]] | None] = (
+            queue.Queue())
+        self._active: list[_Active] = []
+        # One forward for every sequence's next token, where the model can (else one each).
+        self.batch = (DecodeBatch(model) if batched and model.batched_decoding
+                      and model.max_context is not None else None)
+        self.stats = WorkerStats()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="aura-model-worker", daemon=True)
+        self._thread.start()
+
+    # --- the API other threads use ------------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        if self._stopping.is_set():
+            raise AuraError("the server is shutting down")
+        self.stats.queued += 1
+        self._inbox.put(job)
+        return job
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn()`` on the worker thread between rounds; its result or error in a Future."""
+        fut: Future[Any] = Future()
+        if self._stopping.is_set():
+            fut.set_exception(AuraError("the server is shutting down"))
+            return fut
+        self._inbox.put((fn, fut))
+        return fut
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel what is queued or running (each gets an error event) and end the thread."""
+        self._stopping.set()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    # --- the worker thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                if not self._take(block=not self._active):
+                    break
+                self._round()
+        for item in [a.job for a in self._active] + self._drain():
+            if isinstance(item, Job):
+                item.emit({"error": "the server is shutting down"})
+            elif item is not None:
+                item[1].set_exception(AuraError("the server is shutting down"))
+        self._active.clear()
+        self.stats.active = 0
+
+    def _drain(self) -> list[Any]:
+        items = []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _take(self, block: bool) -> bool:
+        """Start what is waiting (blocking for one item when idle); False once told to stop."""
+        while True:
+            try:
+                item = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                if self._stopping.is_set():
+                    return False
+                if block:
+                    continue
+                return True
+            block = False
+            if item is None:
+                return False
+            if isinstance(item, Job):
+                self.stats.queued -= 1
+                self._start(item)
+            else:
+                fn, fut = item
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:  # handed to the caller, who reports it
+                        fut.set_exception(exc)
+
+    def _start(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self.stats.cancelled += 1
+            return
+        try:
+            _check_max_new_tokens(job.max_new_tokens)
+            ids = self.tokenizer.encode(job.prompt)
+            if len(ids) == 0:
+                if self.tokenizer.eot_id is None:
+                    raise AuraError("empty prompt: the tokenizer has no end-of-text token to "
+                                    "start from")
+                ids = np.array([self.tokenizer.eot_id])
+            t0 = len(ids)
+            out = torch.empty(1, t0 + job.max_new_tokens, dtype=torch.long, device=self.device)
+            out[0, :t0] = torch.as_tensor(ids.astype(np.int64), device=self.device)
+            text = TextStream(self.tokenizer, job.stop, lambda s: job.emit({"text": s}))
+            if job.max_new_tokens == 0:
+                self._finish(job, text, "length", t0, 0)
+                return
+            decoder = Decoder(self.model, out, t0, job.sampling, True, self.tokenizer.eot_id,
+                              self.features)
+        except Exception as exc:  # one request fails, not the server
+            self.stats.failed += 1
+            job.emit({"error": str(exc) if isinstance(exc, AuraError) else repr(exc)})
+            return
+        if self.batch is not None:
+            self.batch.add(decoder)
+        self._active.append(_Active(job, decoder, text, t0))
+        self.stats.active = len(self._active)
+
+    def _round(self) -> None:
+        """One token for every active sequence, then the forward that prepares the next: one
+        for all of them when the model decodes in batches, else one per sequence."""
+        still = []
+        for a in self._active:
+            if a.job.cancelled.is_set():
+                self.stats.cancelled += 1
+                self._drop(a)
+                continue
+            try:
+                nxt, over = a.decoder.step()
+                stopped = a.text.push(nxt)
+                if over or stopped:
+                    self._drop(a)
+                    reason = "stop" if stopped else "length"
+                    self._finish(a.job, a.text, reason, a.t0, a.decoder.t - a.t0)
+                    continue
+                if self.batch is None:
+                    a.decoder.advance()
+            except Exception as exc:  # one request fails, not the server
+                self.stats.failed += 1
+                self._drop(a)
+                a.job.emit({"error": repr(exc)})
+                continue
+            still.append(a)
+        if self.batch is not None and still:
+            try:
+                self.batch.advance()
+            except Exception as exc:  # the batch's forward failed: every request in it
+                for a in still:
+                    self.stats.failed += 1
+                    self._drop(a)
+                    a.job.emit({"error": repr(exc)})
+                still = []
+        self._active = still
+        self.stats.active = len(still)
+
+    def _drop(self, a: _Active) -> None:
+        if self.batch is not None and a.decoder in self.batch.decoders:
+            self.batch.remove(a.decoder)
+
+    def _finish(self, job: Job, text: TextStream, reason: str, t0: int, n_new: int) -> None:
+        whole = text.finish()
+        if job.on_done is not None:
+            job.on_done(job, whole)
+        self.stats.completed += 1
+        job.emit({"done": reason, "text": whole, "prompt_tokens": t0,
+                  "completion_tokens": n_new})

@@ -1,0 +1,83 @@
+"""Batched decoding: rows at their own positions give each sequence what it gets alone."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from aura.data.tokenizers import ByteTokenizer
+from aura.infer.batching import RaggedKVCache
+from aura.infer.generate import generate_text
+from aura.infer.sampling import SamplingConfig
+from aura.infer.worker import Job, Worker
+from aura.models.base import build_model
+from conftest import tiny_config
+
+MODELS = {"gpt": (), "snn_rag": ("model.memory_capacity=64", "model.memory_chunk=8"),
+          "hippocampal": ()}
+
+
+def model_of(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(tiny_config(f"model.name={name}", "model.vocab_size=256",
+                                   *MODELS[name]).model).eval()
+
+
+def test_a_ragged_step_equals_each_row_alone() -> None:
+    model = model_of("gpt")
+    prompts = [torch.randint(0, 256, (1, n)) for n in (3, 11, 7)]
+    nxt = torch.randint(0, 256, (3, 1))
+    with torch.inference_mode():
+        alone = []
+        for p, x in zip(prompts, nxt, strict=True):
+            cache = model.new_cache(1, 32)
+            model(p, cache=cache)
+            alone.append(model(x[None], cache=cache, last_only=True).logits[0, -1])
+        k = model.new_cache(1, 32).k[0]
+        ragged = RaggedKVCache(2, 4, k.size(1), 32, k.size(3), k.device, k.dtype)
+        for row, p in enumerate(prompts):
+            cache = model.new_cache(1, 32)
+            model(p, cache=cache)
+            ragged.rows += 1
+            ragged.put(row, cache)
+        batched = model(nxt, cache=ragged, last_only=True).logits[:, -1]
+    assert ragged.lengths[:3].tolist() == [4, 12, 8]
+    torch.testing.assert_close(batched, torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "batched"), [
+    ("gpt", True), ("snn_rag", True), ("gpt", False),
+    pytest.param("hippocampal", True, marks=pytest.mark.slow)])  # no batched_decoding
+def test_concurrent_jobs_return_what_each_returns_alone(name: str, batched: bool) -> None:
+    """Prompts of different lengths, sampled and greedy, a stop string, and 60 new tokens
+    through a context of 32 (so the windows refill at different moments)."""
+    model, tok = model_of(name), ByteTokenizer()
+    jobs = [("Hi", SamplingConfig(seed=1), ()), ("Once upon a time", SamplingConfig(seed=2), ()),
+            ("x" * 40, SamplingConfig(temperature=0), ()),
+            ("The sea", SamplingConfig(seed=4, top_k=20), ("e",)),
+            ("A", SamplingConfig(seed=5, top_p=0.9), ())]
+    alone = [generate_text(model, tok, p, 60, s, stop=stop) for p, s, stop in jobs]
+    worker = Worker(model, tok, batched=batched)
+    assert (worker.batch is not None) == (batched and name != "hippocampal")  # as declared
+    done: dict[int, str] = {}
+    finished = threading.Event()
+
+    def emit_for(i: int) -> Callable[[dict], None]:
+        def emit(event: dict) -> None:
+            if "done" in event or "error" in event:
+                done[i] = event.get("text", event.get("error"))
+                if len(done) == len(jobs):
+                    finished.set()
+        return emit
+
+    for i, (p, s, stop) in enumerate(jobs):
+        worker.submit(Job(p, 60, s, stop, emit_for(i)))
+    assert finished.wait(120)
+    worker.stop()
+    assert [done[i] for i in range(len(jobs))] == alone
+    assert len(set(alone)) == len(alone)
+    assert np.mean([len(t) for t in alone]) > 20  # most ran through a window refill

@@ -1,0 +1,104 @@
+"""`aura chat` driven through a pseudo-terminal, as a person would use it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires_extra
+from serving import env, tiny_run
+
+pexpect = requires_extra("pexpect", "dev")
+
+SNN_RAG = ("model.name=snn_rag", "model.memory_capacity=64", "model.memory_chunk=8")
+
+
+def spawn(run: Path, *args: str, cwd: Path) -> object:
+    child = pexpect.spawn(sys.executable, ["-m", "aura", "chat", str(run), *args], env=env(),
+                          cwd=str(cwd), timeout=60, encoding="utf-8", codec_errors="replace")
+    child.expect_exact("/help for commands")
+    return child
+
+
+@pytest.mark.slow
+def test_a_conversation_commands_and_ctrl_c_that_stops_only_the_reply(tmp_path: Path) -> None:
+    child = spawn(tiny_run(tmp_path), "--seed", "1", "--max-new-tokens", "1000000",
+                  cwd=tmp_path)
+    child.expect_exact("you> ")
+    child.sendline("Tell me a very long story")
+    child.expect_exact("aura> ")
+    child.expect(r".")  # the reply is streaming
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact("you> ")  # still in the REPL
+    child.sendline("/set temperature 0.5")
+    child.expect_exact("temperature = 0.5")
+    child.sendline("/set max_new_tokens 5")
+    child.expect_exact("max_new_tokens = 5")
+    child.sendline("/set temperature hot")
+    child.expect_exact("cannot set temperature")
+    child.sendline("and then?")
+    child.expect_exact("you> ")
+    child.sendline("/save talk.json")
+    child.expect_exact("saved 4 messages to talk.json")
+    child.sendline("/memory")
+    child.expect_exact("start with --memory DIR")
+    child.sendline("/reset")
+    child.expect_exact("conversation cleared")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    messages = json.loads((tmp_path / "talk.json").read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[0]["content"] == "Tell me a very long story"
+    assert messages[1]["content"]  # what was written before Ctrl-C is kept
+
+
+@pytest.mark.slow
+def test_chat_memory_persists_across_sessions(tmp_path: Path) -> None:
+    run, memory = tiny_run(tmp_path, *SNN_RAG), tmp_path / "memory"
+    child = spawn(run, "--seed", "1", "--max-new-tokens", "6", "--memory", str(memory),
+                  cwd=tmp_path)
+    child.expect_exact("0 from conversations")
+    child.expect_exact("you> ")
+    child.sendline("my name is Zed and I like green apples")
+    child.expect_exact("you> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    again = spawn(run, "--seed", "1", "--max-new-tokens", "6", "--memory", str(memory),
+                  cwd=tmp_path)
+    again.expect_exact("4 from conversations")
+    again.sendline("what is my name? I like green apples")
+    again.expect_exact("you> ")
+    again.sendline("/memory")
+    again.expect_exact("Zed")
+    again.sendline("/quit")
+    again.expect(pexpect.EOF)
+
+
+def test_the_repl_in_process(tmp_path: Path) -> None:
+    """The same commands without a terminal (piped input), fast enough for the default suite."""
+    import io
+
+    from aura.infer.chat import ChatOptions, run_chat
+    from aura.infer.sampling import SamplingConfig
+    from aura.train.checkpoint import load_for_inference
+
+    loaded = load_for_inference(tiny_run(tmp_path))
+    out = io.StringIO()
+    typed = "hi\n/set top_k 5\n/set nope 1\n/memory\nand?\n/save {}\n/bogus\n".format(
+        tmp_path / "c.json")
+    options = ChatOptions(SamplingConfig(seed=3), max_new_tokens=4, system="Be kind.")
+    run_chat(loaded.model, loaded.tokenizer, options, io.StringIO(typed), out)
+    text = out.getvalue()
+    assert "top_k = 5" in text and "usage: /set NAME VALUE" in text
+    assert "start with --memory DIR" in text and "unknown command /bogus" in text
+    assert "saved 5 messages" in text and text.count("aura> ") == 2
+    roles = [m["role"] for m in json.loads((tmp_path / "c.json").read_text())["messages"]]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
