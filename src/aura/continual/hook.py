@@ -104,7 +104,7 @@ class ContinualHook:
             return None
         penalty = self.ewc.penalty(self.model)
         scale(penalty).backward()
-        return float(penalty)
+        return penalty.item()
 
     def commit(self) -> None:
         """The step was applied: its windows enter the buffer, replayed priorities update."""

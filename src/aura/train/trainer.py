@@ -245,14 +245,14 @@ class Trainer:
         of another run's newest checkpoint, and with ``init_continual`` its EWC anchor and
         Fisher and its replay buffer."""
         path, meta = newest_checkpoint(source, self.log)
+        if meta["tokenizer_hash"] != self.data.tokenizer.hash:
+            raise AuraError(f"--init-from {path} was trained with another tokenizer than "
+                            f"{self.data.root}'s; prepare the data with the same tokenizer")
         saved, current = meta["config"]["model"], config_to_dict(self.cfg)["model"]
         changed = [f"model.{k} {saved[k]!r} -> {v!r}" for k, v in current.items()
                    if k != "dropout" and k in saved and saved[k] != v]
         if changed:
             raise AuraError(f"--init-from {path} holds a different model ({', '.join(changed)})")
-        if meta["tokenizer_hash"] != self.data.tokenizer.hash:
-            raise AuraError(f"--init-from {path} was trained with another tokenizer than "
-                            f"{self.data.root}'s; prepare the data with the same tokenizer")
         load_weights(self.model, path, self.device)
         if self.init_continual and not self.continual.load(path, resume=False):
             self.log(f"note: {path} holds no Fisher or replay state; starting without")
