@@ -6,19 +6,30 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from aura.continual.ewc import EWC, diagonal_fisher, sequence_log_likelihood
 from aura.continual.hook import STATE_JSON, STATE_TENSORS
+from aura.continual.metrics import cl_metrics, markdown_table
 from aura.continual.replay import ReplayBuffer, keyed_generator
 from aura.errors import AuraError
 from aura.train.checkpoint import list_checkpoints, step_dir
 from aura.train.trainer import Trainer
-from conftest import losses, make_docs, read_metrics, tiny_config, write_dir
+from conftest import (
+    TINY_TRAIN,
+    assert_usage_error,
+    losses,
+    make_docs,
+    read_metrics,
+    tiny_config,
+    write_dir,
+)
 
 
 class TinyLM(nn.Module):
@@ -255,3 +266,77 @@ def test_a_plain_run_writes_no_continual_state(train_data: Path, tmp_path: Path)
     Trainer(tiny_config("train.max_steps=2"), train_data, tmp_path / "r", progress=False,
             log=lambda _m: None).run()
     assert not (step_dir(tmp_path / "r", 2) / STATE_JSON).exists()
+
+
+# --- metrics and `aura cl` ---------------------------------------------------------------------
+
+
+def test_cl_metrics_against_a_hand_computed_matrix() -> None:
+    initial = [5.0, 6.0, 7.0]
+    matrix = [[2.0, 5.0, 6.5],
+              [3.0, 2.5, 6.0],
+              [3.5, 3.0, 1.0]]
+    m = cl_metrics(matrix, initial)
+    assert m["acc"] == pytest.approx((3.5 + 3.0 + 1.0) / 3)
+    assert m["forgetting_per_domain"] == pytest.approx([1.5, 0.5])  # 3.5-2.0, 3.0-2.5
+    assert m["forgetting"] == pytest.approx(1.0)
+    assert m["bwt"] == pytest.approx(-1.0)
+    assert m["fwt"] == pytest.approx(((6.0 - 5.0) + (7.0 - 6.0)) / 2)  # b_j - L[j-1][j]
+    assert m["relative_forgetting_per_domain"] == pytest.approx([1.5 / 3.0, 0.5 / 3.5])
+    table = markdown_table(["a", "b", "c"], matrix, initial, m, "naive")
+    assert "| untrained | 5.0000 | 6.0000 | 7.0000 |" in table
+    assert "| b | 3.0000 | 2.5000 | 6.0000 |" in table
+    with pytest.raises(ValueError):
+        cl_metrics([[1.0, 2.0]], [1.0])
+
+
+def write_experiment(path: Path, domains: list[Path], strategy: str = "replay+ewc",
+                     **extra: object) -> Path:
+    spec = {"domains": [{"name": f"d{i}", "data": str(d)} for i, d in enumerate(domains)],
+            "strategy": strategy, "steps": 2, "preset": "demo", "eval_tokens": 64,
+            "set": [*TINY_TRAIN, "model.block_size=16", "model.n_layer=1",
+                    "continual.fisher_samples=2", "continual.replay_tokens=500",
+                    "continual.sleep_steps=2"], **extra}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("change, needle", [
+    ("strategy: [", "invalid YAML"),
+    ("strategy: forget", "strategy must be one of"),
+    ("steps: -1", "steps must be a positive integer"),
+    ("colour: blue", "unknown key(s) colour"),
+])
+def test_cl_bad_experiment_is_one_line_exit_2(change: str, needle: str, domains: list[Path],
+                                             tmp_path: Path, run_cli: Any) -> None:
+    path = write_experiment(tmp_path / "exp.yaml", domains)
+    key = change.split(":")[0]
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith(f"{key}:")]
+    path.write_text("\n".join([*lines, change]) + "\n")
+    assert_usage_error(run_cli("cl", path, "--out", tmp_path / "out"), needle)
+    assert not (tmp_path / "out" / "stage-0-d0").exists()
+
+
+def test_cl_missing_dataset_is_one_line_exit_2(domains: list[Path], tmp_path: Path,
+                                               run_cli: Any) -> None:
+    path = write_experiment(tmp_path / "exp.yaml", [domains[0], tmp_path / "nowhere"])
+    assert_usage_error(run_cli("cl", path, "--out", tmp_path / "out"), "nowhere")
+
+
+@pytest.mark.parametrize("strategy", ["sleep", pytest.param("joint", marks=pytest.mark.slow)])
+def test_cl_runs_every_stage_and_writes_the_matrix(strategy: str, domains: list[Path],
+                                                   tmp_path: Path, run_cli: Any) -> None:
+    path = write_experiment(tmp_path / "exp.yaml", domains, strategy)
+    res = run_cli("cl", path, "--out", tmp_path / "out", "--json")
+    assert res.code == 0, res.err
+    result = res.json()
+    assert len(result["matrix"]) == 2 and all(len(r) == 2 for r in result["matrix"])
+    assert result["metrics"] == cl_metrics(result["matrix"], result["initial"])
+    out = tmp_path / "out"
+    for name in ("cl.json", "cl.md", "cl.png"):
+        assert (out / name).is_file()
+    assert (out / "cl.png").read_bytes()[:4] == b"\x89PNG"
+    again = run_cli("cl", path, "--out", out, "--json")  # continued: nothing retrained
+    assert again.code == 0 and again.json()["matrix"] == result["matrix"]
+    other = write_experiment(tmp_path / "other.yaml", domains, "naive")
+    assert_usage_error(run_cli("cl", other, "--out", out), "another experiment")
