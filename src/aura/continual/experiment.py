@@ -137,7 +137,7 @@ def strategy_overrides(exp: Experiment) -> list[str]:
         "ewc": ["continual.ewc=true"],
         "replay": replay,
         "replay+ewc": [*replay, "continual.ewc=true"],
-        "sleep": [*replay, f"continual.sleep_interval={max(1, exp.steps // 8)}"],
+        "sleep": [*replay, f"continual.sleep_interval={max(1, exp.steps // 4)}"],
     }[exp.strategy]
 
 
