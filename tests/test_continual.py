@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -340,3 +341,47 @@ def test_cl_runs_every_stage_and_writes_the_matrix(strategy: str, domains: list[
     assert again.code == 0 and again.json()["matrix"] == result["matrix"]
     other = write_experiment(tmp_path / "other.yaml", domains, "naive")
     assert_usage_error(run_cli("cl", other, "--out", out), "another experiment")
+
+
+# --- aura learn ----------------------------------------------------------------------------------
+
+
+def test_learn_gradient_steps_replay_windows_prioritised_by_salience(tmp_path: Path) -> None:
+    """`aura learn --train-steps` keeps a replay buffer in its state: the windows of learned
+    texts enter with their mean plasticity salience as priority, replayed ones take their loss,
+    and a later session continues the same buffer."""
+    from aura.data.tokenizers import ByteTokenizer
+    from aura.learn import LearnOptions, LearnService
+    from aura.learn.learner import REPLAY_FILE, REPLAY_JSON
+    from aura.learn.state import CURRENT
+    from aura.models import build_model
+    from aura.train.checkpoint import TrainState, save_checkpoint
+
+    cfg = tiny_config("model.vocab_size=256", "model.block_size=16", "model.n_layer=1")
+    torch.manual_seed(0)
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir, build_model(cfg.model), ByteTokenizer(), cfg, TrainState(step=1),
+                    None)
+    watch, state = tmp_path / "inbox", tmp_path / "state"
+    write_dir(watch, make_docs(3, seed=5, words=(40, 80)))
+
+    def learn() -> Path:
+        LearnService(LearnOptions(watch, state=state, model=run_dir, once=True, progress=False,
+                                  train_steps=2, replay_tokens=17 * 200),
+                     log=lambda _m: None).run()
+        return state / json.loads((state / CURRENT).read_text())["generation"]
+
+    gen = learn()
+    info = json.loads((gen / REPLAY_JSON).read_text())
+    tensors = load_file(str(gen / REPLAY_FILE))
+    assert info["filled"] == info["seen"] > 0 and info["length"] == 17
+    priority = tensors["replay.priority"]
+    assert len(set(priority.tolist())) > 3  # salience (and losses), not one default
+    text = b"".join(p.read_bytes() for p in sorted(watch.rglob("*.txt")))
+    first = bytes(tensors["replay.windows"][0].tolist())
+    assert first in text
+    write_dir(tmp_path / "more", make_docs(2, seed=9, words=(40, 80)))
+    for i, p in enumerate(sorted((tmp_path / "more").rglob("*.txt"))):
+        shutil.copy(p, watch / f"new{i}.txt")
+    again = json.loads((learn() / REPLAY_JSON).read_text())
+    assert again["seen"] > info["seen"]
