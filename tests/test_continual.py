@@ -385,3 +385,34 @@ def test_learn_gradient_steps_replay_windows_prioritised_by_salience(tmp_path: P
         shutil.copy(p, watch / f"new{i}.txt")
     again = json.loads((learn() / REPLAY_JSON).read_text())
     assert again["seen"] > info["seen"]
+
+
+def test_learn_export_makes_a_run_generate_and_eval_load(tmp_path: Path, run_cli: Any) -> None:
+    from aura.data.tokenizers import ByteTokenizer
+    from aura.models import build_model
+    from aura.train.checkpoint import TrainState, load_for_inference, save_checkpoint
+
+    cfg = tiny_config("model.vocab_size=256", "model.block_size=16", "model.n_layer=1")
+    torch.manual_seed(0)
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir, build_model(cfg.model), ByteTokenizer(), cfg, TrainState(step=1),
+                    None)
+    watch, state = tmp_path / "inbox", tmp_path / "state"
+    write_dir(watch, make_docs(2, seed=5, words=(40, 80)))
+    res = run_cli("learn", "--watch", watch, "--state", state, "--model", run_dir, "--once",
+                  "--train-steps", "1", "--json")
+    assert res.code == 0, res.err
+    assert_usage_error(run_cli("learn-export", tmp_path / "nothing", "--out", tmp_path / "x"),
+                       "no saved learn state")
+    assert not (tmp_path / "nothing").exists()
+    res = run_cli("learn-export", state, "--out", tmp_path / "exported")
+    assert res.code == 0, res.err
+    exported = load_for_inference(tmp_path / "exported")
+    original = load_for_inference(run_dir)
+    changed = [k for k, v in exported.model.state_dict().items()
+               if not torch.equal(v, original.model.state_dict()[k])]
+    assert changed  # the gradient steps, not the run's weights
+    gen = run_cli("generate", tmp_path / "exported", "--prompt", "The", "--max-new-tokens", "4")
+    assert gen.code == 0, gen.err
+    assert_usage_error(run_cli("learn-export", state, "--out", tmp_path / "exported"),
+                       "already holds checkpoints")

@@ -578,6 +578,26 @@ def _add_learn(sub: argparse._SubParsersAction) -> None:
     ).set_defaults(func=_cmd_learn)
 
 
+def _cmd_learn_export(args: argparse.Namespace) -> int:
+    from aura.learn.export import export_state
+
+    path = export_state(Path(args.state), Path(args.out),
+                        Path(args.model) if args.model else None,
+                        log=lambda m: print(m, file=sys.stderr))
+    print(f"exported {args.state} to {path}")
+    return EXIT_OK
+
+
+def _add_learn_export(sub: argparse._SubParsersAction) -> None:
+    x = sub.add_parser("learn-export", help="write a learn state's model as a run that aura "
+                                            "generate / eval / train --init-from load")
+    x.add_argument("state", metavar="STATE_DIR")
+    x.add_argument("--out", required=True, metavar="RUN_DIR")
+    x.add_argument("--model", metavar="RUN_DIR",
+                   help="the run the state learned from (default: the one it recorded)")
+    x.set_defaults(func=_cmd_learn_export)
+
+
 # --- aura cl ---------------------------------------------------------------------------------
 
 
@@ -627,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory(sub)
     _add_learn(sub)
     _add_cl(sub)
+    _add_learn_export(sub)
     return parser
 
 

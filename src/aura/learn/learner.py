@@ -169,6 +169,7 @@ class PlasticLearner:
         self.model_changed = False  # weights differ from the run's: saved with the state
         self.optim_tensors: dict[str, torch.Tensor] = {}  # kept across a session not training
         self.replay: ReplayBuffer | None = None
+        self.source: str | None = None  # the run the model came from (learn-export reads it)
         self.ewc: EWC | None = None
         if model is not None and self.cfg.train_steps > 0:
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr)
@@ -442,7 +443,8 @@ class PlasticLearner:
         save_file({k: v.contiguous() for k, v in self.state_tensors().items()},
                   str(directory / LEARNER_FILE))
         (directory / "learner.json").write_text(json.dumps(
-            {"config": asdict(self.cfg), "identity": self.identity()}, indent=1))
+            {"config": asdict(self.cfg), "identity": self.identity(), "model_path": self.source},
+            indent=1))
         self.stdp.save(directory / STDP_DIR)
         self.whitener.save(directory / WHITENER_DIR)
         self.oja.save(directory / OJA_DIR)
@@ -517,6 +519,7 @@ def build_learner(model: Path | None, device: str, cfg: LearnerConfig) -> Plasti
     model_id = {"name": loaded.config.model.name, "step": loaded.meta.get("step"),
                 "weights_sha256": loaded.meta["files"][CKPT_MODEL]}
     learner = PlasticLearner(loaded.tokenizer, loaded.model, model_id, cfg, dev)
+    learner.source = str(Path(model).resolve())
     if cfg.train_steps and cfg.ewc_lambda > 0:
         from aura.continual.hook import STATE_TENSORS
 
