@@ -376,7 +376,8 @@ class PlasticLearner:
         k = 0 if buf is None or not len(buf) else min(
             round(self.cfg.replay_fraction * x.size(0)), x.size(0) - 1)
         n = x.size(0) - k
-        out = self.model(x[:n], y[:n], **{name: v[:n] for name, v in kw.items()})
+        out = self.model(x[:n], y[:n], **{name: v[:n] if torch.is_tensor(v) else v
+                                          for name, v in kw.items()})
         if not k:
             return out.loss
         assert buf is not None
