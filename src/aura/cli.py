@@ -611,6 +611,12 @@ def _cmd_cl(args: argparse.Namespace) -> int:
         raise AuraError(f"--out {out} exists and is not a directory")
     check_writable_dir(out)
     result = run_experiment(exp, out, progress=not args.json)
+    if "stopped" in result:
+        import signal
+
+        print(f"stopped in stage {result['stage']}; run the same command to continue",
+              file=sys.stderr)
+        return 128 + signal.Signals[result["stopped"]].value
     if args.json:
         _print_json(result)
     else:

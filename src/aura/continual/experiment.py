@@ -209,7 +209,8 @@ def _spec(exp: Experiment) -> dict[str, Any]:
 
 def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True,
                    log: Log = _stderr) -> dict[str, Any]:
-    """Train the stages (or continue them), evaluate, write cl.json, cl.md and cl.png."""
+    """Train the stages (or continue them), evaluate, write cl.json, cl.md and cl.png. A
+    signal that stops a stage returns ``{"stopped": SIGNAL, "stage": I}`` at once."""
     out = Path(out)
     cfg = stage_config(exp)  # config errors before anything is read or written
     datas = _open_domains(exp)
@@ -238,8 +239,11 @@ def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True,
         stage_cfg = stage_config(exp)
         stage_cfg.data.dir = str(data)
         resume = bool(list_checkpoints(run))
-        Trainer(stage_cfg, data, run, resume=resume, progress=False, log=log,
-                init_from=previous, init_continual=True).run()
+        trained = Trainer(stage_cfg, data, run, resume=resume, progress=False, log=log,
+                          init_from=previous, init_continual=True).run()
+        if trained.stop_signal is not None:  # saved mid-stage: the next `aura cl` continues
+            bar.close()
+            return {"stopped": trained.stop_signal, "stage": i}
         previous = newest_checkpoint(run, log)[0]  # the last weights, not the best
         matrix.append(_evaluate_all(load_for_inference(previous, log=log).model, datas, exp))
         stages.append({"stage": i, "domain": name, "run": str(run), "data": str(data)})
