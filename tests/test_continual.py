@@ -416,3 +416,19 @@ def test_learn_export_makes_a_run_generate_and_eval_load(tmp_path: Path, run_cli
     assert gen.code == 0, gen.err
     assert_usage_error(run_cli("learn-export", state, "--out", tmp_path / "exported"),
                        "already holds checkpoints")
+
+
+def test_train_init_from_on_the_command_line(domains: list[Path], tmp_path: Path,
+                                             run_cli: Any) -> None:
+    """--init-from without --preset takes the source run's config; --init-continual alone is
+    refused in one line."""
+    first = tmp_path / "first"
+    run(domains[0], first, "train.max_steps=2")
+    res = run_cli("train", "--init-from", first, "--data", domains[1], "--out", tmp_path / "next",
+                  "--max-steps", "1", "--set", "continual.ewc=false", "--json")
+    assert res.code == 0, res.err
+    assert "initialised from" in res.err
+    saved = json.loads((tmp_path / "next" / "config.json").read_text())
+    assert saved["model"]["block_size"] == 16 and saved["continual"]["ewc"] is False
+    assert_usage_error(run_cli("train", "--preset", "demo", "--init-continual", "--out",
+                               tmp_path / "x"), "--init-continual needs --init-from")
