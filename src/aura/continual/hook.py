@@ -91,7 +91,9 @@ class ContinualHook:
             idx, windows, weights = buf.sample(k, keyed_generator(self.cfg.train.seed, step,
                                                                    micro, REPLAY))
             xr, yr = windows[:, :-1].to(x.device), windows[:, 1:].to(x.device)
-            switches = {name: v for name, v in kwargs.items() if name == "use_memory"}
+            # Replayed windows neither read nor form episodic memories: a second forward that
+            # wrote the store would change what the first saved for its backward.
+            switches = {"use_memory": False} if "use_memory" in kwargs else {}
             replayed = forward(xr, None, **switches, **self._inputs(xr))
             per_seq = token_losses(replayed.logits, yr)
             self._updates.append((idx, per_seq.detach()))

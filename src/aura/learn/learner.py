@@ -383,9 +383,11 @@ class PlasticLearner:
         assert buf is not None
         idx, windows, weights = buf.sample(k, keyed_generator(*key))
         xr, yr = windows[:, :-1].to(self.device), windows[:, 1:].to(self.device)
-        rkw = compute_features(self.features, xr)
+        rkw: dict[str, Any] = compute_features(self.features, xr)
         if self.own_writer:
             rkw["remember"] = False
+        if self.model.has_memory_switch:  # see aura.continual.hook: no second store write
+            rkw["use_memory"] = False
         per_seq = token_losses(self.model(xr, **rkw).logits, yr)
         buf.update(idx, per_seq)
         return (out.loss * n + (per_seq * weights.to(per_seq.device)).sum()) / (n + k)
