@@ -432,3 +432,18 @@ def test_train_init_from_on_the_command_line(domains: list[Path], tmp_path: Path
     assert saved["model"]["block_size"] == 16 and saved["continual"]["ewc"] is False
     assert_usage_error(run_cli("train", "--preset", "demo", "--init-continual", "--out",
                                tmp_path / "x"), "--init-continual needs --init-from")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt", "bdh", "hippocampal", "snn_rag"])
+def test_every_model_trains_with_replay_ewc_and_sleep(model: str, domains: list[Path],
+                                                      tmp_path: Path) -> None:
+    """Replay, the EWC penalty, sleep and the Fisher through each registered model, with
+    gradient accumulation; hippocampal's memory writes must not break the step's backward."""
+    extra = (f"model.name={model}", "train.max_steps=2", "train.grad_accum=2",
+             "continual.sleep_interval=1", "continual.sleep_steps=1")
+    run(domains[0], tmp_path / "a", *extra)
+    run(domains[1], tmp_path / "b", *extra, init_from=tmp_path / "a", init_continual=True)
+    rows = read_metrics(tmp_path / "b")
+    assert [r["aux/ewc"] for r in rows if "aux/ewc" in r][-1] > 0
+    assert any(r.get("phase") == "sleep" for r in rows)

@@ -78,26 +78,26 @@ class ContinualHook:
         k = 0 if buf is None or len(buf) == 0 else round(self.c.replay_fraction * x.size(0))
         k = min(k, x.size(0) - 1)
         n = x.size(0) - k
-        if k:
-            x, y = x[:n], y[:n]
-            feats = {name: f[:n] for name, f in feats.items()}
-        out = forward(x, y, **kwargs, **feats)
-        loss = out.loss
-        if buf is not None:
-            self._offers.append((torch.cat([x, y[:, -1:]], 1).cpu(),
-                                 (self.cfg.train.seed, step, micro, OFFER)))
+        replayed = None
         if k:
             assert buf is not None
+            x, y = x[:n], y[:n]
+            feats = {name: f[:n] for name, f in feats.items()}
             idx, windows, weights = buf.sample(k, keyed_generator(self.cfg.train.seed, step,
                                                                    micro, REPLAY))
             xr, yr = windows[:, :-1].to(x.device), windows[:, 1:].to(x.device)
-            # Replayed windows neither read nor form episodic memories: a second forward that
-            # wrote the store would change what the first saved for its backward.
+            # Replayed windows run first and neither read nor form episodic memories: a model
+            # applies queued memory writes as a forward starts, which must not change a store
+            # an earlier forward of this micro-batch read (its backward needs it as it was).
             switches = {"use_memory": False} if "use_memory" in kwargs else {}
-            replayed = forward(xr, None, **switches, **self._inputs(xr))
-            per_seq = token_losses(replayed.logits, yr)
+            per_seq = token_losses(forward(xr, None, **switches, **self._inputs(xr)).logits, yr)
             self._updates.append((idx, per_seq.detach()))
-            loss = (loss * n + (per_seq * weights.to(per_seq.device)).sum()) / (n + k)
+            replayed = (per_seq * weights.to(per_seq.device)).sum()
+        out = forward(x, y, **kwargs, **feats)
+        loss = out.loss if replayed is None else (out.loss * n + replayed) / (n + k)
+        if buf is not None:
+            self._offers.append((torch.cat([x, y[:, -1:]], 1).cpu(),
+                                 (self.cfg.train.seed, step, micro, OFFER)))
         return out, loss
 
     def penalty_backward(self, scale: Callable[[torch.Tensor], torch.Tensor]) -> float | None:

@@ -376,21 +376,22 @@ class PlasticLearner:
         k = 0 if buf is None or not len(buf) else min(
             round(self.cfg.replay_fraction * x.size(0)), x.size(0) - 1)
         n = x.size(0) - k
+        replayed = None
+        if k:  # first, reading no memories: see aura.continual.hook.ContinualHook.forward
+            assert buf is not None
+            idx, windows, weights = buf.sample(k, keyed_generator(*key))
+            xr, yr = windows[:, :-1].to(self.device), windows[:, 1:].to(self.device)
+            rkw: dict[str, Any] = compute_features(self.features, xr)
+            if self.own_writer:
+                rkw["remember"] = False
+            if self.model.has_memory_switch:
+                rkw["use_memory"] = False
+            per_seq = token_losses(self.model(xr, **rkw).logits, yr)
+            buf.update(idx, per_seq)
+            replayed = (per_seq * weights.to(per_seq.device)).sum()
         out = self.model(x[:n], y[:n], **{name: v[:n] if torch.is_tensor(v) else v
                                           for name, v in kw.items()})
-        if not k:
-            return out.loss
-        assert buf is not None
-        idx, windows, weights = buf.sample(k, keyed_generator(*key))
-        xr, yr = windows[:, :-1].to(self.device), windows[:, 1:].to(self.device)
-        rkw: dict[str, Any] = compute_features(self.features, xr)
-        if self.own_writer:
-            rkw["remember"] = False
-        if self.model.has_memory_switch:  # see aura.continual.hook: no second store write
-            rkw["use_memory"] = False
-        per_seq = token_losses(self.model(xr, **rkw).logits, yr)
-        buf.update(idx, per_seq)
-        return (out.loss * n + (per_seq * weights.to(per_seq.device)).sum()) / (n + k)
+        return out.loss if replayed is None else (out.loss * n + replayed) / (n + k)
 
     # --- evaluation ----------------------------------------------------------------------------
 
