@@ -324,7 +324,8 @@ def test_cl_missing_dataset_is_one_line_exit_2(domains: list[Path], tmp_path: Pa
     assert_usage_error(run_cli("cl", path, "--out", tmp_path / "out"), "nowhere")
 
 
-@pytest.mark.parametrize("strategy", ["sleep", pytest.param("joint", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["sleep", "joint"])
 def test_cl_runs_every_stage_and_writes_the_matrix(strategy: str, domains: list[Path],
                                                    tmp_path: Path, run_cli: Any) -> None:
     path = write_experiment(tmp_path / "exp.yaml", domains, strategy)
@@ -346,6 +347,7 @@ def test_cl_runs_every_stage_and_writes_the_matrix(strategy: str, domains: list[
 # --- aura learn ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_learn_gradient_steps_replay_windows_prioritised_by_salience(tmp_path: Path) -> None:
     """`aura learn --train-steps` keeps a replay buffer in its state: the windows of learned
     texts enter with their mean plasticity salience as priority, replayed ones take their loss,
@@ -418,6 +420,7 @@ def test_learn_export_makes_a_run_generate_and_eval_load(tmp_path: Path, run_cli
                        "already holds checkpoints")
 
 
+@pytest.mark.slow
 def test_train_init_from_on_the_command_line(domains: list[Path], tmp_path: Path,
                                              run_cli: Any) -> None:
     """--init-from without --preset takes the source run's config; --init-continual alone is
