@@ -263,6 +263,12 @@ def _train_config(args: argparse.Namespace) -> Any:
 
         cfg = config_from_dict(json.loads(saved.read_text()))
         return apply_overrides(cfg, dict(parse_override(o) for o in overrides))
+    if args.init_from is not None and args.preset is None and args.config is None:
+        from aura.config import apply_overrides, parse_override
+        from aura.train.checkpoint import newest_checkpoint
+
+        cfg = config_from_dict(newest_checkpoint(Path(args.init_from))[1]["config"])
+        return apply_overrides(cfg, dict(parse_override(o) for o in overrides))
     if args.preset is None and args.config is None:
         raise AuraError("give --preset NAME or --config FILE (`aura config list` shows presets)")
     return load_config(preset=args.preset, config_file=args.config, overrides=overrides)
@@ -278,12 +284,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise AuraError(f"--out {out} exists and is not a directory")
     check_writable_dir(out)  # now, not after loading the data and building the model
+    if args.init_continual and args.init_from is None:
+        raise AuraError("--init-continual needs --init-from RUN")
     cfg = _train_config(args)
     data_dir = args.data or cfg.data.dir
     cfg.data.dir = data_dir
     result = Trainer(cfg, data_dir, args.out, resume=args.resume,
                      restart_discarding_checkpoints=args.restart_discarding_checkpoints,
-                     progress=not args.json).run()
+                     progress=not args.json, init_from=args.init_from,
+                     init_continual=args.init_continual).run()
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
     if args.json:
         _print_json(summary)
@@ -381,6 +390,13 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                    help="when the run's checkpoints cannot be resumed (none verifies, or no "
                         "--resume), move everything in RUN_DIR into RUN_DIR/discarded-TIME/ and "
                         "start afresh instead of refusing; nothing is deleted")
+    t.add_argument("--init-from", metavar="RUN",
+                   help="start this new run (step 0: the LR warms up and decays again) from the "
+                        "weights of RUN's newest checkpoint; without --preset/--config, with "
+                        "RUN's config too (--set still applies)")
+    t.add_argument("--init-continual", action="store_true",
+                   help="with --init-from: also take RUN's EWC anchor and Fisher and its replay "
+                        "buffer (continual.*)")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--checkpoint-interval", type=int)
     t.add_argument("--keep-checkpoints", type=int)
@@ -717,6 +733,65 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_cmd_chat)
 
 
+def _cmd_learn_export(args: argparse.Namespace) -> int:
+    from aura.learn.export import export_state
+
+    path = export_state(Path(args.state), Path(args.out),
+                        Path(args.model) if args.model else None,
+                        log=lambda m: print(m, file=sys.stderr))
+    print(f"exported {args.state} to {path}")
+    return EXIT_OK
+
+
+def _add_learn_export(sub: argparse._SubParsersAction) -> None:
+    x = sub.add_parser("learn-export", help="write a learn state's model as a run that aura "
+                                            "generate / eval / train --init-from load")
+    x.add_argument("state", metavar="STATE_DIR")
+    x.add_argument("--out", required=True, metavar="RUN_DIR")
+    x.add_argument("--model", metavar="RUN_DIR",
+                   help="the run the state learned from (default: the one it recorded)")
+    x.set_defaults(func=_cmd_learn_export)
+
+
+# --- aura cl ---------------------------------------------------------------------------------
+
+
+def _cmd_cl(args: argparse.Namespace) -> int:
+    from aura.atomic import check_writable_dir
+    from aura.continual.experiment import RESULT_MD, load_experiment, run_experiment
+
+    exp = load_experiment(args.experiment)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise AuraError(f"--out {out} exists and is not a directory")
+    check_writable_dir(out)
+    result = run_experiment(exp, out, progress=not args.json)
+    if "stopped" in result:
+        import signal
+
+        print(f"stopped in stage {result['stage']}; run the same command to continue",
+              file=sys.stderr)
+        return 128 + signal.Signals[result["stopped"]].value
+    if args.json:
+        _print_json(result)
+    else:
+        print((out / RESULT_MD).read_text(encoding="utf-8"), end="")
+        print(f"results in {out}")
+    return EXIT_OK
+
+
+def _add_cl(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("cl", help="run a continual-learning experiment: domains in sequence, "
+                                  "the loss matrix and forgetting")
+    c.add_argument("experiment", metavar="EXPERIMENT.yaml",
+                   help="domains (prepared datasets), strategy (naive, ewc, replay, replay+ewc, "
+                        "sleep, joint), steps per domain, preset or config, --set overrides")
+    c.add_argument("--out", required=True, metavar="DIR",
+                   help="one run per stage and cl.json, cl.md, cl.png; run again to continue")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_cl)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -733,6 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory(sub)
     _add_learn(sub)
     _add_talk(sub)
+    _add_cl(sub)
+    _add_learn_export(sub)
     return parser
 
 

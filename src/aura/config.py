@@ -127,6 +127,56 @@ class TrainConfig:
     """Seed of the initial weights and of the batch order, in [0, 2**32)."""
 
 
+ReplayPriority = Literal["uniform", "loss"]
+FisherKind = Literal["empirical", "sampled"]
+SleepOptimizer = Literal["sgd", "main"]
+
+
+@dataclass
+class ContinualConfig:
+    """Learning a new domain without forgetting the old ones (aura.continual): EWC, a replay
+    buffer and sleep consolidation. All off by default, so a plain run is unchanged."""
+
+    ewc: bool = False
+    """Elastic weight consolidation: penalise moving away from the anchored weights (those of
+    the run this one started from with --init-from, weighted by their Fisher), and at the end of
+    the run estimate this run's Fisher and fold it into the anchor for the next one."""
+    ewc_lambda: float = 0.4
+    """EWC strength: the penalty is ewc_lambda/2 x sum F (theta - theta*)^2."""
+    fisher: FisherKind = "empirical"
+    """Diagonal Fisher of the sequence log-likelihood: "empirical" (gradients at the data's own
+    next tokens) or "sampled" (at tokens sampled from the model, the true Fisher)."""
+    fisher_samples: int = 32
+    """Sequences the Fisher is averaged over at the end of a run."""
+    fisher_decay: float = 1.0
+    """Online EWC: F = fisher_decay x F_old + F_new at each consolidation (1: plain sum)."""
+    replay_tokens: int = 0
+    """Replay buffer size in tokens (whole windows of block_size + 1); 0: no replay. Every
+    training window is offered to it (reservoir sampling: a uniform sample of all seen)."""
+    replay_fraction: float = 0.25
+    """Share of each micro-batch's sequences taken from the replay buffer once it holds any."""
+    replay_priority: ReplayPriority = "uniform"
+    """Which stored windows are replayed: "uniform", or "loss" (prioritised by their last
+    loss, with importance-sampling weights correcting the bias)."""
+    replay_alpha: float = 0.6
+    """Prioritised replay: P(i) ~ priority_i ** replay_alpha."""
+    replay_beta: float = 0.4
+    """Prioritised replay: importance weights (N P(i)) ** -replay_beta, normalised by their
+    maximum."""
+    sleep_interval: int = 0
+    """Every this many steps a sleep phase runs; 0: never."""
+    sleep_steps: int = 25
+    """Steps of replay-only training per sleep phase."""
+    sleep_lr_scale: float = 0.1
+    """Sleep learning rate as a fraction of train.lr."""
+    sleep_distill: float = 0.0
+    """Weight of the KL divergence toward the pre-sleep model's outputs on the replayed windows;
+    0: plain replay."""
+    sleep_optimizer: SleepOptimizer = "sgd"
+    """"sgd": sleep steps are plain SGD and leave the main optimizer's state untouched; "main":
+    they go through the main optimizer (its moments see them)."""
+
+
 @dataclass
 class AuraConfig:
     """One experiment: every setting a run needs besides its data and output paths."""
@@ -134,6 +184,7 @@ class AuraConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
 
 @dataclass(frozen=True)
@@ -380,6 +431,7 @@ def validate_config(cfg: AuraConfig) -> None:
             0 < t.block_size <= m.block_size,
             f"train.block_size must be in [1, model.block_size={m.block_size}], got {t.block_size}",
         )
+    _validate_continual(cfg.continual)
     previous = -1
     for i, stage in enumerate(d.curriculum):
         _check(
@@ -397,6 +449,21 @@ def validate_config(cfg: AuraConfig) -> None:
             f"got {block}",
         )
         previous = start
+
+
+def _validate_continual(c: ContinualConfig) -> None:
+    for key, value in {"ewc_lambda": c.ewc_lambda, "fisher_decay": c.fisher_decay,
+                       "replay_tokens": c.replay_tokens, "replay_alpha": c.replay_alpha,
+                       "replay_beta": c.replay_beta, "sleep_interval": c.sleep_interval,
+                       "sleep_distill": c.sleep_distill}.items():
+        _check(value >= 0, f"continual.{key} must be >= 0, got {value!r}")
+    for key, value in {"fisher_samples": c.fisher_samples, "sleep_steps": c.sleep_steps,
+                       "sleep_lr_scale": c.sleep_lr_scale}.items():
+        _check(value > 0, f"continual.{key} must be > 0, got {value!r}")
+    _check(0 <= c.replay_fraction < 1,
+           f"continual.replay_fraction must be in [0, 1), got {c.replay_fraction!r}")
+    _check(c.sleep_interval == 0 or c.replay_tokens > 0,
+           "continual.sleep_interval needs a replay buffer: set continual.replay_tokens")
 
 
 def apply_overrides(cfg: AuraConfig, overrides: Mapping[str, Any]) -> AuraConfig:

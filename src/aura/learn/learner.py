@@ -32,7 +32,12 @@ everything a chunk learns is in place before the next chunk is measured:
   is only written by the model's training forwards, i.e. with ``--train-steps``; the service
   says so once at start.
 * **Gradient steps** (``train_steps > 0``): AdamW (clip 1.0) on random windows of the text,
-  seeded by its content hash, so a text learned again after a crash gets the same steps.
+  seeded by its content hash, so a text learned again after a crash gets the same steps. A
+  replay buffer (``aura.continual.replay``) keeps a reservoir of past windows, each entering
+  with its mean salience as priority (the plasticity layer decides what is rehearsed) and
+  re-prioritised by its loss when replayed; ``replay_fraction`` of each step's windows come from
+  it. With ``ewc_lambda`` the steps are held toward the run's weights by the Fisher its
+  checkpoint carries (``continual.ewc``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from aura.continual.ewc import EWC
+from aura.continual.replay import ReplayBuffer, keyed_generator
+from aura.continual.sleep import token_losses
 from aura.data.prosody import FEATURES, PARAGRAPH, SENTENCE_END, Prosody, token_features
 from aura.data.sampler import compute_features
 from aura.data.tokenizers import ByteTokenizer, Tokenizer, split_pieces
@@ -62,6 +70,7 @@ from aura.plasticity import OjaLayer, OnlineWhitener, TokenSTDP
 PIECE_CHARS = 1 << 20  # text tokenised at once: bounds the tokenizer's memory
 LEARNER_FILE, MODEL_FILE, OPTIM_FILE = (
     "learner.safetensors", "model.safetensors", "optimizer.safetensors")
+REPLAY_FILE, REPLAY_JSON = "replay.safetensors", "replay.json"
 STDP_DIR, WHITENER_DIR, OJA_DIR, MEMORY_DIR = "stdp", "whitener", "oja", "memory"
 EMA_BETA = 0.05  # weight of one window's mean surprise in the running mean (the spike threshold)
 HASH_DIM = 64  # hashed token-bigram features per window: Oja's input without a model
@@ -107,6 +116,9 @@ class LearnerConfig:
     train_batch: int = 4
     lr: float = 1e-4
     seed: int = 1337
+    replay_tokens: int = 0
+    replay_fraction: float = 0.25
+    ewc_lambda: float = 0.0
 
 
 def _key_seed(key: str, seed: int) -> int:
@@ -156,8 +168,13 @@ class PlasticLearner:
         self.optimizer: torch.optim.Optimizer | None = None
         self.model_changed = False  # weights differ from the run's: saved with the state
         self.optim_tensors: dict[str, torch.Tensor] = {}  # kept across a session not training
+        self.replay: ReplayBuffer | None = None
+        self.source: str | None = None  # the run the model came from (learn-export reads it)
+        self.ewc: EWC | None = None
         if model is not None and self.cfg.train_steps > 0:
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr)
+            if self.cfg.replay_tokens > 0:
+                self.replay = ReplayBuffer(self.cfg.replay_tokens, self.window + 1, "loss")
 
     def _notes(self, hidden_dim: int | None) -> list[str]:
         notes = []
@@ -194,6 +211,7 @@ class PlasticLearner:
             raise DataError(f"token id {int(ids.max())} is outside the model's vocabulary")
         chunk = self.window * self.cfg.chunk_windows
         bits_sum, spiked, residual, windows, grew, oja_skipped = 0.0, 0, 0.0, 0, 0, 0
+        saliences = []
         written = self._memories_written()
         for start in range(0, n, chunk):
             part = ids[start:start + chunk]
@@ -201,6 +219,7 @@ class PlasticLearner:
             spikes = self._spikes(part, bits)
             self.stdp.update(part, spikes)
             salience = self.stdp.modulate((bits / self.surprise_ema).float(), part)
+            saliences.append(salience)
             feats = self._window_features(part, hidden)
             out = self._oja_step(feats)
             if hidden is not None and self.stores and not warmup and not self.own_writer:
@@ -223,7 +242,7 @@ class PlasticLearner:
         if self.stores and not warmup:
             stats["memories"] = float(self._memories_written() - written)
         if self.optimizer is not None and not warmup and n >= 2:
-            stats["train_loss"] = self._train(ids, key)
+            stats["train_loss"] = self._train(ids, key, torch.cat(saliences))
         return stats
 
     def _update_ema(self, bits: torch.Tensor) -> None:
@@ -312,8 +331,10 @@ class PlasticLearner:
                 store.write(hidden[top], hidden[top], salience[top], step=base + off,
                             source_pos=base + top)
 
-    def _train(self, ids: torch.Tensor, key: str) -> float:
-        """``train_steps`` AdamW steps on random windows of this text, seeded by ``key``."""
+    def _train(self, ids: torch.Tensor, key: str, salience: torch.Tensor) -> float:
+        """``train_steps`` AdamW steps on random windows of this text, seeded by ``key``, with
+        replayed windows mixed in and the EWC penalty added when configured; the text's windows
+        then enter the replay buffer with their mean salience as priority."""
         assert self.model is not None and self.optimizer is not None
         gen = torch.Generator().manual_seed(_key_seed(key, self.cfg.seed))
         torch.manual_seed(_key_seed(key, self.cfg.seed + 1))  # dropout
@@ -327,15 +348,50 @@ class PlasticLearner:
             kw = compute_features(self.features, x)
             if self.own_writer:  # the surprise pass already wrote this text's memories
                 kw["remember"] = False
-            out = self.model(x, y, **kw)
+            step_key = (_key_seed(key, self.cfg.seed), len(losses))
+            loss = self._replay_loss(x, y, kw, step_key)
+            if self.ewc is not None and self.ewc.active:
+                loss = loss + self.ewc.penalty(self.model)
             self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
-            losses.append(out.loss.item())
+            losses.append(loss.item())
+        if self.replay is not None and size + 1 == self.replay.length:
+            starts = torch.arange(0, ids.numel() - size, size)
+            windows = torch.stack([ids[s:s + size + 1] for s in starts.tolist()])
+            priority = torch.stack([salience[s:s + size + 1].mean() for s in starts.tolist()])
+            self.replay.offer(windows, keyed_generator(_key_seed(key, self.cfg.seed), -1),
+                              priority)
         self.model_changed = True
         self.model.eval()
         return sum(losses) / len(losses)
+
+    def _replay_loss(self, x: torch.Tensor, y: torch.Tensor, kw: dict[str, Any],
+                     key: tuple[int, int]) -> torch.Tensor:
+        """The step's loss: the text's windows, and with a non-empty buffer ``replay_fraction``
+        of the rows replayed (importance-weighted; their priorities become their losses)."""
+        assert self.model is not None
+        buf = self.replay
+        k = 0 if buf is None or not len(buf) else min(
+            round(self.cfg.replay_fraction * x.size(0)), x.size(0) - 1)
+        n = x.size(0) - k
+        replayed = None
+        if k:  # first, reading no memories: see aura.continual.hook.ContinualHook.forward
+            assert buf is not None
+            idx, windows, weights = buf.sample(k, keyed_generator(*key))
+            xr, yr = windows[:, :-1].to(self.device), windows[:, 1:].to(self.device)
+            rkw: dict[str, Any] = compute_features(self.features, xr)
+            if self.own_writer:
+                rkw["remember"] = False
+            if self.model.has_memory_switch:
+                rkw["use_memory"] = False
+            per_seq = token_losses(self.model(xr, **rkw).logits, yr)
+            buf.update(idx, per_seq)
+            replayed = (per_seq * weights.to(per_seq.device)).sum()
+        out = self.model(x[:n], y[:n], **{name: v[:n] if torch.is_tensor(v) else v
+                                          for name, v in kw.items()})
+        return out.loss if replayed is None else (out.loss * n + replayed) / (n + k)
 
     # --- evaluation ----------------------------------------------------------------------------
 
@@ -391,7 +447,8 @@ class PlasticLearner:
         save_file({k: v.contiguous() for k, v in self.state_tensors().items()},
                   str(directory / LEARNER_FILE))
         (directory / "learner.json").write_text(json.dumps(
-            {"config": asdict(self.cfg), "identity": self.identity()}, indent=1))
+            {"config": asdict(self.cfg), "identity": self.identity(), "model_path": self.source},
+            indent=1))
         self.stdp.save(directory / STDP_DIR)
         self.whitener.save(directory / WHITENER_DIR)
         self.oja.save(directory / OJA_DIR)
@@ -403,6 +460,9 @@ class PlasticLearner:
             save_file(optim, str(directory / OPTIM_FILE))
         for name, store in self._stores().items():  # with a model's queued writes applied
             store.save(directory / MEMORY_DIR / name)
+        if self.replay is not None and len(self.replay):
+            save_file(self.replay.tensors(), str(directory / REPLAY_FILE))
+            (directory / REPLAY_JSON).write_text(json.dumps(self.replay.state()))
 
     def load(self, directory: Path) -> None:
         try:
@@ -420,6 +480,9 @@ class PlasticLearner:
                 self.optim_tensors = load_file(str(directory / OPTIM_FILE))
                 if self.optimizer is not None:
                     _load_optimizer(self.optimizer, self.optim_tensors)
+            if self.replay is not None and (directory / REPLAY_FILE).is_file():
+                self.replay.load(load_file(str(directory / REPLAY_FILE)),
+                                 json.loads((directory / REPLAY_JSON).read_text()))
         except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as exc:
             raise DataError(f"state {directory}: cannot load the learner ({exc})") from None
         self.stdp = TokenSTDP.load(directory / STDP_DIR)
@@ -459,4 +522,15 @@ def build_learner(model: Path | None, device: str, cfg: LearnerConfig) -> Plasti
     loaded = load_for_inference(model, dev)
     model_id = {"name": loaded.config.model.name, "step": loaded.meta.get("step"),
                 "weights_sha256": loaded.meta["files"][CKPT_MODEL]}
-    return PlasticLearner(loaded.tokenizer, loaded.model, model_id, cfg, dev)
+    learner = PlasticLearner(loaded.tokenizer, loaded.model, model_id, cfg, dev)
+    learner.source = str(Path(model).resolve())
+    if cfg.train_steps and cfg.ewc_lambda > 0:
+        from aura.continual.hook import STATE_TENSORS
+
+        if not (loaded.path / STATE_TENSORS).is_file():
+            raise ConfigError(f"--ewc-lambda needs a Fisher: {loaded.path} was not trained "
+                              "with continual.ewc=true")
+        learner.ewc = EWC(cfg.ewc_lambda)
+        learner.ewc.load_tensors({k: v.to(dev) for k, v in
+                                  load_file(str(loaded.path / STATE_TENSORS)).items()})
+    return learner

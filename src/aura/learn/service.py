@@ -93,6 +93,15 @@ class LearnOptions:
     """Gradient steps on each file (needs --model)."""
     lr: float = 1e-4
     """AdamW learning rate of those steps."""
+    replay_tokens: int = 65536
+    """Replay buffer of those steps, in tokens: a share of each step's windows come from texts
+    learned before (reservoir-sampled, replayed by priority: first their plasticity salience,
+    then their loss), so new files do not wipe out old ones; 0: no replay."""
+    replay_fraction: float = 0.25
+    """Share of each gradient step's windows replayed from the buffer, in [0, 1)."""
+    ewc_lambda: float = 0.0
+    """EWC strength toward the --model run's weights, weighted by the Fisher that run saved
+    (trained with continual.ewc=true); 0: off."""
     device: str = "cpu"
     """Torch device of the model."""
     seed: int = 1337
@@ -143,7 +152,9 @@ def _check(opts: LearnOptions) -> None:
     for name in ("save_every", "warmup_samples", "max_file_mb"):
         if getattr(opts, name) <= 0:
             raise AuraError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("warmup_sweeps", "train_steps"):
+    if not 0 <= opts.replay_fraction < 1:
+        raise AuraError(f"--replay-fraction must be in [0, 1), got {opts.replay_fraction}")
+    for name in ("warmup_sweeps", "train_steps", "replay_tokens", "ewc_lambda"):
         if getattr(opts, name) < 0:
             raise AuraError(f"--{name.replace('_', '-')} must be >= 0")
     check_glob(opts.glob)
@@ -164,7 +175,10 @@ class LearnService:
         try:
             self._logfile = open(self.state.root / LOG, "a", encoding="utf-8")  # noqa: SIM115
             self.ledger = Ledger(self.state.root / LEDGER)
-            cfg = LearnerConfig(train_steps=opts.train_steps, lr=opts.lr, seed=opts.seed)
+            cfg = LearnerConfig(train_steps=opts.train_steps, lr=opts.lr, seed=opts.seed,
+                                replay_tokens=opts.replay_tokens,
+                                replay_fraction=opts.replay_fraction,
+                                ewc_lambda=opts.ewc_lambda)
             self.learner = learner or build_learner(opts.model, opts.device, cfg)
             for note in self.learner.notes:
                 self.log(f"note: {note}")

@@ -147,6 +147,22 @@ def _load_weights(model: AuraModel, path: Path, device: torch.device | str = "cp
         writer.restore(path / MEMORY_DIR / name)
 
 
+load_weights = _load_weights
+
+
+def newest_checkpoint(path: Path, log: Log = warn_stderr) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint directory as itself, or a run's newest good checkpoint (its last weights,
+    where ``--init-from`` continues, rather than its best), verified."""
+    if (path / META_FILE).is_file():
+        return path, verify_checkpoint(path)
+    if not path.is_dir():
+        raise DataError(f"no run or checkpoint at {path}")
+    found = latest_good(path, log, need_train_state=False, history=run_history(path, log))
+    if found is None:
+        raise DataError(f"{path}: no usable checkpoint")
+    return found
+
+
 def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CKPT_DIR / f"step-{step:08d}"
 
@@ -159,9 +175,11 @@ def _step_of(name: str) -> int | None:
 
 def save_checkpoint(run_dir: Path, model: AuraModel, tokenizer: Tokenizer, config: AuraConfig,
                     state: TrainState, optimizer_states: list[dict[str, Any]] | None,
-                    val_loss: float | None = None, history: str | None = None) -> Path:
+                    val_loss: float | None = None, history: str | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint ``state.step`` of ``history`` atomically; with no optimizer state it is
-    weights-only."""
+    weights-only. ``extra`` writes further files into it (continual-learning state), hashed
+    and verified like the rest."""
     final = step_dir(run_dir, state.step)
     with atomic_dir(final) as tmp:  # replaces the same step saved again (after a rollback)
         save_model(model, str(tmp / MODEL_FILE))
@@ -173,6 +191,8 @@ def save_checkpoint(run_dir: Path, model: AuraModel, tokenizer: Tokenizer, confi
             save_file({**tensors, **_rng_tensors()}, str(tmp / STATE_TENSORS))
             (tmp / STATE_JSON).write_text(json.dumps(
                 {"optimizers": plain, "train_state": state.__dict__}))
+        if extra is not None:
+            extra(tmp)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         meta = {
             "format": FORMAT,
@@ -226,7 +246,7 @@ class Checkpointer:
 
     def save(self, model: AuraModel, tokenizer: Tokenizer, config: AuraConfig,
              state: TrainState, optimizer_states: list[dict[str, Any]],
-             val_loss: float | None) -> Path:
+             val_loss: float | None, extra: Callable[[Path], None] | None = None) -> Path:
         improved = val_loss is not None and (state.best_val_loss is None
                                              or val_loss < state.best_val_loss)
         if improved:
@@ -236,7 +256,7 @@ class Checkpointer:
             moved = set_aside(self.run_dir, [existing])
             self.log(f"warning: {existing} is not of this run's history; moved it into {moved}")
         path = save_checkpoint(self.run_dir, model, tokenizer, config, state, optimizer_states,
-                               val_loss, self.history)
+                               val_loss, self.history, extra)
         if improved:
             assert val_loss is not None
             mark_best(self.run_dir, state.step, val_loss)

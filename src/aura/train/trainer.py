@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from aura.atomic import atomic_write_text
 from aura.config import AuraConfig, config_to_dict
+from aura.continual.hook import ContinualHook
 from aura.data.prosody import token_features
 from aura.data.sampler import BatchSampler, Curriculum, StepBatches
 from aura.data.shards import PreparedData
@@ -36,8 +37,10 @@ from aura.train.checkpoint import (
     latest_good,
     list_checkpoints,
     load_train_state,
+    load_weights,
     lock_run,
     new_history,
+    newest_checkpoint,
     run_history,
     set_aside,
     write_history,
@@ -101,8 +104,10 @@ class Trainer:
 
     def __init__(self, cfg: AuraConfig, data_dir: str | Path, run_dir: str | Path, *,
                  resume: bool = False, restart_discarding_checkpoints: bool = False,
-                 progress: bool = True, log: Callable[[str], None] = _stderr):
+                 progress: bool = True, log: Callable[[str], None] = _stderr,
+                 init_from: str | Path | None = None, init_continual: bool = False):
         self.cfg, self.run_dir, self.log, self.progress = cfg, Path(run_dir), log, progress
+        self.init_from, self.init_continual = init_from, init_continual
         self.data = PreparedData.open(data_dir, verify="full")
         vocab = self.data.vocab_size
         if cfg.model.vocab_size is None:
@@ -167,10 +172,15 @@ class Trainer:
         self.state = TrainState()
         self._nonfinite_in_a_row = 0
         self._stop_signal: str | None = None
+        self.continual = ContinualHook(cfg, self.model, self.data.split("train"), self.block,
+                                       features, self.model.wants_corpus_pos,
+                                       self.precision.autocast)
         if start is not None:
             self._resume(*start)
         else:
             self.model.on_train_start(self.data)
+            if self.init_from is not None:
+                self._init_from(Path(self.init_from))
         self.peak_flops = device_peak_flops(self.device, self.precision.name)
         self.flops_per_token = self._flops_per_token() if self.peak_flops else None
         atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(config_to_dict(cfg), indent=1))
@@ -231,10 +241,29 @@ class Trainer:
         self.checkpointer.finish(path, meta, self.state)
         self.log(f"resumed from {path} at step {self.state.step}")
 
+    def _init_from(self, source: Path) -> None:
+        """A fresh run (step 0, so the LR warms up and decays again) starting from the weights
+        of another run's newest checkpoint, and with ``init_continual`` its EWC anchor and
+        Fisher and its replay buffer."""
+        path, meta = newest_checkpoint(source, self.log)
+        if meta["tokenizer_hash"] != self.data.tokenizer.hash:
+            raise AuraError(f"--init-from {path} was trained with another tokenizer than "
+                            f"{self.data.root}'s; prepare the data with the same tokenizer")
+        saved, current = meta["config"]["model"], config_to_dict(self.cfg)["model"]
+        changed = [f"model.{k} {saved[k]!r} -> {v!r}" for k, v in current.items()
+                   if k != "dropout" and k in saved and saved[k] != v]
+        if changed:
+            raise AuraError(f"--init-from {path} holds a different model ({', '.join(changed)})")
+        load_weights(self.model, path, self.device)
+        if self.init_continual and not self.continual.load(path, resume=False):
+            self.log(f"note: {path} holds no Fisher or replay state; starting without")
+        self.log(f"initialised from {path}")
+
     def _load(self, path: Path) -> None:
         self.state, opt_states = load_train_state(path, self.model)
         self.opt.load_state_dict(opt_states)
         self.plateau = Plateau(**self.state.plateau) if self.state.plateau else self.plateau
+        self.continual.load(path)
         if self.scaler is not None and self.state.grad_scaler:
             self.scaler.load_state_dict(self.state.grad_scaler)
 
@@ -285,13 +314,19 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
         switches = self._switches(step)
-        for x, y, feats, weight in self._micro_batches(step):
+        self.continual.begin_step()
+        for i, (x, y, feats, weight) in enumerate(self._micro_batches(step)):
             with self.precision.autocast():
-                out = self.forward(x, y, label_smoothing=t.label_smoothing, **switches, **feats)
-            loss = out.loss * weight
+                out, loss = self.continual.forward(self.forward, step, i, x, y, feats,
+                                                   label_smoothing=t.label_smoothing, **switches)
+            loss = loss * weight
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
             aux = out.aux
+        penalty = self.continual.penalty_backward(self.scaler.scale if self.scaler else
+                                                  lambda v: v)
+        if penalty is not None:
+            aux = {**aux, "ewc": torch.tensor(penalty)}
         if self.scaler is not None:
             self.opt.unscale_(self.scaler)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
@@ -303,6 +338,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         self.opt.zero_grad()
+        self.continual.commit()
         return loss_value, norm_value, {k: float(v) for k, v in aux.items() if k != "ce"}
 
     def _nonfinite_error(self, loss: float) -> Exception:
@@ -438,6 +474,8 @@ class Trainer:
             train_log.count(self._advance(step))
             bar.update(1)
             completed = self.state.step
+            if self.continual.sleep_due(completed):
+                self._sleep(completed)
             if train_log.due(completed):
                 row = train_log.write(completed, train_loss, self.opt.param_groups[0]["lr"],
                                       grad_norm, self.state.tokens_seen, memory_mb(self.device),
@@ -491,10 +529,24 @@ class Trainer:
             return self.plateau.observe(val_loss)
         return False
 
+    def _sleep(self, step: int) -> None:
+        """A sleep phase after ``step``, logged as its own row (``phase: sleep``)."""
+        def main_step() -> None:
+            self.opt.set_lr_factor(lr_factor(self.cfg.train, step, self.plateau)
+                                   * self.state.fault_lr_scale * self.cfg.continual.sleep_lr_scale)
+            self.opt.step(None)
+
+        lr = self.cfg.train.lr * lr_factor(self.cfg.train, step, self.plateau)
+        row = self.continual.sleep(step, lr, main_step, self._switches(step))
+        self.metrics.write({"step": step, "phase": "sleep", **row})
+
     def _checkpoint(self, val_loss: float | None) -> None:
-        """Save now, with the state only the trainer holds (plateau, loss scale)."""
+        """Save now, with the state only the trainer holds (plateau, loss scale); the last
+        step's checkpoint carries this run's Fisher (``continual.ewc``)."""
         st = self.state
+        if st.step >= self.cfg.train.max_steps:
+            self.continual.consolidate(st.step, self._switches(st.step))
         st.plateau = self.plateau.state()
         st.grad_scaler = self.scaler.state_dict() if self.scaler is not None else {}
         self.checkpointer.save(self.model, self.data.tokenizer, self.cfg, st,
-                               self.opt.state_dict(), val_loss)
+                               self.opt.state_dict(), val_loss, extra=self.continual.save)

@@ -1,0 +1,198 @@
+"""The trainer's one continual-learning object: it mixes replayed windows into each
+micro-batch, adds the EWC penalty's gradient, runs sleep phases, estimates the Fisher at the
+end of a run, and saves and restores all of it with the run's checkpoints.
+
+With the default config every method is a pass-through and nothing is written, so a plain run is
+exactly what it was. Every random draw is keyed by (seed, step, micro-batch), so a resumed run
+continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from aura.config import AuraConfig
+from aura.continual.ewc import EWC, diagonal_fisher
+from aura.continual.replay import ReplayBuffer, keyed_generator
+from aura.continual.sleep import sleep_phase, token_losses
+from aura.data.sampler import BatchSampler, compute_features
+from aura.data.shards import SplitData
+
+STATE_TENSORS, STATE_JSON = "continual.safetensors", "continual.json"
+FORMAT = 1
+# purposes of keyed draws, so no two share a stream
+OFFER, REPLAY, SLEEP, FISHER = 1, 2, 3, 4
+
+Forward = Callable[..., Any]
+
+
+class ContinualHook:
+    """Continual-learning state of one training run (``cfg.continual``)."""
+
+    def __init__(self, cfg: AuraConfig, model: nn.Module, train_split: SplitData, block: int,
+                 features: dict[str, Any], corpus_pos: bool, autocast: Callable[[], Any]):
+        self.cfg, self.c, self.model = cfg, cfg.continual, model
+        self.split, self.block, self.features = train_split, block, features
+        self.corpus_pos, self.autocast = corpus_pos, autocast
+        c = self.c
+        self.ewc = EWC(c.ewc_lambda if c.ewc else 0.0, c.fisher_decay)
+        self.buffer = (ReplayBuffer(c.replay_tokens, block + 1, c.replay_priority,
+                                    c.replay_alpha, c.replay_beta)
+                       if c.replay_tokens > 0 else None)
+        self.consolidated_at: int | None = None
+        self._offers: list[tuple[torch.Tensor, tuple[int, ...]]] = []
+        self._updates: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.c.ewc or self.buffer is not None
+
+    # --- a training step ---------------------------------------------------------------------
+
+    def begin_step(self) -> None:
+        """Forget what an attempt of the step that failed (OOM, non-finite) had queued."""
+        self._offers, self._updates = [], []
+
+    def _inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-token features the model declared, for windows not from the sampler; a
+        replayed window's corpus position is unknown, so it is 0 (a memory of the corpus then
+        shows it nothing)."""
+        feats = compute_features(self.features, x)
+        if self.corpus_pos:
+            feats["corpus_pos"] = torch.zeros(x.size(0), dtype=torch.int64, device=x.device)
+        return feats
+
+    def forward(self, forward: Forward, step: int, micro: int, x: torch.Tensor, y: torch.Tensor,
+                feats: dict[str, torch.Tensor], **kwargs: Any) -> tuple[Any, torch.Tensor]:
+        """The micro-batch's model output and loss: with a non-empty buffer, the last
+        round(replay_fraction x B) rows are replayed windows (their per-sequence losses weighted
+        by importance), the rest new data; every new window is offered to the buffer."""
+        buf = self.buffer
+        k = 0 if buf is None or len(buf) == 0 else round(self.c.replay_fraction * x.size(0))
+        k = min(k, x.size(0) - 1)
+        n = x.size(0) - k
+        replayed = None
+        if k:
+            assert buf is not None
+            x, y = x[:n], y[:n]
+            feats = {name: f[:n] for name, f in feats.items()}
+            idx, windows, weights = buf.sample(k, keyed_generator(self.cfg.train.seed, step,
+                                                                   micro, REPLAY))
+            xr, yr = windows[:, :-1].to(x.device), windows[:, 1:].to(x.device)
+            # Replayed windows run first and neither read nor form episodic memories: a model
+            # applies queued memory writes as a forward starts, which must not change a store
+            # an earlier forward of this micro-batch read (its backward needs it as it was).
+            switches = {"use_memory": False} if "use_memory" in kwargs else {}
+            per_seq = token_losses(forward(xr, None, **switches, **self._inputs(xr)).logits, yr)
+            self._updates.append((idx, per_seq.detach()))
+            replayed = (per_seq * weights.to(per_seq.device)).sum()
+        out = forward(x, y, **kwargs, **feats)
+        loss = out.loss if replayed is None else (out.loss * n + replayed) / (n + k)
+        if buf is not None:
+            self._offers.append((torch.cat([x, y[:, -1:]], 1).cpu(),
+                                 (self.cfg.train.seed, step, micro, OFFER)))
+        return out, loss
+
+    def penalty_backward(self, scale: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
+        """Backpropagate the EWC penalty once per step; its value, or None when EWC is off."""
+        if not self.ewc.active:
+            return None
+        penalty = self.ewc.penalty(self.model)
+        scale(penalty).backward()
+        return penalty.item()
+
+    def commit(self) -> None:
+        """The step was applied: its windows enter the buffer, replayed priorities update."""
+        if self.buffer is not None:
+            for windows, key in self._offers:
+                self.buffer.offer(windows, keyed_generator(*key))
+            for idx, losses in self._updates:
+                self.buffer.update(idx, losses)
+        self.begin_step()
+
+    def sleep_due(self, step: int) -> bool:
+        return (self.buffer is not None and self.c.sleep_interval > 0 and len(self.buffer) > 0
+                and step % self.c.sleep_interval == 0)
+
+    def sleep(self, step: int, lr: float, optimizer_step: Callable[[], None] | None,
+              switches: dict[str, bool]) -> dict[str, float]:
+        """One sleep phase after ``step`` (see ``aura.continual.sleep``)."""
+        assert self.buffer is not None
+
+        def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return model(x, **switches, **self._inputs(x)).logits
+
+        t = self.cfg.train
+        return sleep_phase(self.model, logits, self.buffer, steps=self.c.sleep_steps,
+                           batch_size=t.batch_size, lr=lr * self.c.sleep_lr_scale,
+                           distill=self.c.sleep_distill, grad_clip=t.grad_clip,
+                           key=(t.seed, step, SLEEP),
+                           optimizer_step=optimizer_step if self.c.sleep_optimizer == "main"
+                           else None)
+
+    # --- the end of a run: consolidate --------------------------------------------------------
+
+    def _fisher_windows(self) -> Iterator[torch.Tensor]:
+        t = self.cfg.train
+        sampler = BatchSampler(self.split, t.batch_size, self.block, t.seed + 2)
+        left, i = self.c.fisher_samples, 0
+        while left > 0:
+            window = torch.from_numpy(sampler.sample(i).astype("int64"))[:left]
+            left, i = left - window.size(0), i + 1
+            yield window.to(next(self.model.parameters()).device)
+
+    def consolidate(self, step: int, switches: dict[str, bool]) -> None:
+        """Estimate this run's Fisher at the weights now and fold it into the anchor (once)."""
+        if not self.c.ewc or self.consolidated_at == step:
+            return
+        was_training = self.model.training
+        self.model.eval()
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return self.model(x, **switches, **self._inputs(x)).logits
+
+        fisher = diagonal_fisher(self.model, logits, self._fisher_windows(), self.c.fisher,
+                                 keyed_generator(self.cfg.train.seed, step, FISHER))
+        self.ewc.consolidate(self.model, fisher)
+        self.consolidated_at = step
+        self.model.train(was_training)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        """Write continual.safetensors + continual.json into a checkpoint being built."""
+        if not (self.enabled or self.ewc.fisher):
+            return
+        tensors = self.ewc.tensors()
+        info: dict[str, Any] = {"format": FORMAT, "consolidated_at": self.consolidated_at,
+                                "fisher": sorted(self.ewc.fisher)}
+        if self.buffer is not None:
+            tensors |= self.buffer.tensors()
+            info["replay"] = self.buffer.state()
+        save_file(tensors, str(directory / STATE_TENSORS))
+        (directory / STATE_JSON).write_text(json.dumps(info))
+
+    def load(self, checkpoint: Path, *, fisher: bool = True, replay: bool = True,
+             resume: bool = True) -> bool:
+        """Restore what ``save`` wrote (nothing there: False). An --init-from start takes the
+        Fisher and anchor and the buffer, not the consolidation mark (``resume=False``)."""
+        if not (checkpoint / STATE_JSON).is_file():
+            return False
+        info = json.loads((checkpoint / STATE_JSON).read_text())
+        tensors = load_file(str(checkpoint / STATE_TENSORS))
+        if fisher:
+            self.ewc.load_tensors(tensors)
+        if replay and self.buffer is not None and "replay" in info:
+            self.buffer.load(tensors, info["replay"])
+        if resume:
+            self.consolidated_at = info.get("consolidated_at")
+        return True
