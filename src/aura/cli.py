@@ -253,10 +253,13 @@ def _train_config(args: argparse.Namespace) -> Any:
     overrides = list(args.set)
     for flag, key in (("max_steps", "train.max_steps"),
                       ("checkpoint_interval", "train.checkpoint_interval"),
-                      ("keep_checkpoints", "train.keep_checkpoints"), ("model", "model.name")):
+                      ("keep_checkpoints", "train.keep_checkpoints"), ("model", "model.name"),
+                      ("viz_interval", "train.viz_interval")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.strict_sanity:
+        overrides.append("train.strict_sanity=true")
     saved = Path(args.out) / CONFIG_FILE
     if args.resume and args.preset is None and args.config is None and saved.is_file():
         from aura.config import apply_overrides, parse_override
@@ -291,6 +294,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
         print(f"{result.stopped} at step {result.step}: val loss {val}, "
               f"{result.tokens_per_s:,.0f} tokens/s, run in {result.run_dir}")
+    if result.stopped == "sanity":
+        raise AuraError(f"stopped by --strict-sanity: {result.sanity_warnings[0]}; the run is "
+                        "saved (continue with --resume)")
     if result.stop_signal is not None:  # saved, but not finished: scripts must see the difference
         return 128 + signal.Signals[result.stop_signal].value
     return EXIT_OK
@@ -374,6 +380,40 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_viz(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from aura.eval.viz import INDEX, probe_state, render
+    from aura.train.checkpoint import load_for_inference
+    from aura.train.device import pick_device
+
+    text = _argv_text(args.text, "--text")
+    run = Path(args.run)
+    if args.out is None and (run / "meta.json").is_file():
+        raise AuraError(f"{run} is a checkpoint: give --out DIR for the pictures")
+    out = Path(args.out) if args.out is not None else (
+        run / "viz" / f"text-{hashlib.sha256(text.encode()).hexdigest()[:8]}")
+    if out.exists() and not out.is_dir():
+        raise AuraError(f"--out {out} exists and is not a directory")
+    loaded = load_for_inference(run, pick_device(args.device))
+    ids = loaded.tokenizer.encode(text)
+    if len(ids) == 0:
+        raise AuraError("--text is empty: give the text to look at")
+    limit = loaded.model.max_context
+    if limit is not None and len(ids) > limit:
+        print(f"aura: note: --text is {len(ids)} tokens; looking at the first {limit}",
+              file=sys.stderr)
+        ids = ids[:limit]
+    state, tokens = probe_state(loaded.model, loaded.tokenizer, ids)
+    pictures = render(state, tokens, out, f"{loaded.path}: {len(tokens)} tokens")
+    if args.json:
+        _print_json({"checkpoint": str(loaded.path), "out": str(out),
+                     "pictures": [str(p.png) for p in pictures]})
+    else:
+        print(out / INDEX)
+    return EXIT_OK
+
+
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model on prepared data")
     add_config_arguments(t)
@@ -388,6 +428,10 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-steps", type=int)
     t.add_argument("--checkpoint-interval", type=int)
     t.add_argument("--keep-checkpoints", type=int)
+    t.add_argument("--viz-interval", type=int, metavar="N",
+                   help="every N steps, pictures of the model's insides under RUN/viz/")
+    t.add_argument("--strict-sanity", action="store_true",
+                   help="stop (saved, exit 2) at the first sanity warning")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_cmd_train)
 
@@ -427,6 +471,14 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("--out", metavar="PNG", help="default: RUN_DIR/curves.png")
     p.set_defaults(func=_cmd_plot)
+
+    v = sub.add_parser("viz", help="pictures of what a model does inside on a text")
+    v.add_argument("run", metavar="RUN", help="a run directory or a checkpoint")
+    v.add_argument("--text", required=True, help="the text to look at")
+    v.add_argument("--out", metavar="DIR", help="default: RUN/viz/text-HASH")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_cmd_viz)
 
 
 # --- aura analyze ----------------------------------------------------------------------------
