@@ -374,9 +374,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from aura.eval.plots import plot_run
+    from aura.eval.plots import plot_runs
 
-    print(plot_run(args.run, args.out))
+    print(plot_runs(args.run, args.out))
     return EXIT_OK
 
 
@@ -467,9 +467,10 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("plot", help="write a PNG of a run's curves")
-    p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--out", metavar="PNG", help="default: RUN_DIR/curves.png")
+    p = sub.add_parser("plot", help="write a PNG of a run's curves (several runs: overlaid)")
+    p.add_argument("run", metavar="RUN_DIR", nargs="+")
+    p.add_argument("--out", metavar="PNG",
+                   help="default: RUN_DIR/curves.png (several runs: the first's compare.png)")
     p.set_defaults(func=_cmd_plot)
 
     v = sub.add_parser("viz", help="pictures of what a model does inside on a text")
