@@ -414,6 +414,64 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _plan_value(opts: dict[str, Any], key: str, flag: Any, kind: type, default: Any = None
+                ) -> Any:
+    """A flag given on the command line, else the --plan's value of ``key`` (of type ``kind``),
+    else ``default``."""
+    if flag is not None and flag != []:
+        return flag
+    value = opts.get(key, default)
+    if value is None:
+        return None
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise AuraError(f"--plan: {key} must be an integer, got {value!r}")
+    if kind is list and (not isinstance(value, list)
+                         or not all(isinstance(v, str) for v in value)):
+        raise AuraError(f"--plan: {key} must be a list of strings, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise AuraError(f"--plan: {key} must be a string, got {value!r}")
+    return value
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from aura.config import load_config
+    from aura.eval.ablate import TABLE, AblationPlan, plan_options_from_yaml, run_ablation
+    from aura.eval.ablate import markdown_table as table
+    from aura.train.ablation import train_and_evaluate
+
+    opts = plan_options_from_yaml(Path(args.plan)) if args.plan is not None else {}
+    preset, config = args.preset, args.config
+    if preset is None and config is None:
+        preset, config = _plan_value(opts, "preset", None, str), _plan_value(opts, "config",
+                                                                             None, str)
+    if (preset is None) == (config is None):
+        raise AuraError("give one of --preset NAME or --config FILE (or either in --plan)")
+    steps = _plan_value(opts, "steps", args.steps, int)
+    seeds = _plan_value(opts, "seeds", args.seeds, int, 3)
+    eval_tokens = _plan_value(opts, "eval_tokens", args.eval_tokens, int, 20_000)
+    data, out = _plan_value(opts, "data", args.data, str), _plan_value(opts, "out", args.out, str)
+    for name, value in (("--steps", steps), ("--data", data), ("--out", out)):
+        if value is None:
+            raise AuraError(f"give {name} (or its key in --plan)")
+    if steps < 1 or seeds < 1:
+        raise AuraError(f"--steps and --seeds must be >= 1, got {steps} and {seeds}")
+    sets = [*_plan_value(opts, "set", None, list, []), *args.set]
+    full = load_config(preset=preset, config_file=config,
+                       overrides=[*sets, f"train.max_steps={steps}"])
+    switches = _plan_value(opts, "switch", args.switch, list, [])
+    plan = AblationPlan(full, Path(data), switches,
+                        [full.train.seed + i for i in range(seeds)], Path(out), eval_tokens)
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    summaries = run_ablation(plan, lambda cfg, d, run: train_and_evaluate(
+        cfg, d, run, eval_tokens=plan.eval_tokens, progress=not args.json), log)
+    if args.json:
+        _print_json({"out": str(plan.out), "variants": [vars(v) for v in summaries]})
+    else:
+        print(table(summaries), end="")
+        print(plan.out / TABLE)
+    return EXIT_OK
+
+
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model on prepared data")
     add_config_arguments(t)
@@ -472,6 +530,22 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="PNG",
                    help="default: RUN_DIR/curves.png (several runs: the first's compare.png)")
     p.set_defaults(func=_cmd_plot)
+
+    a = sub.add_parser("ablate", help="train the full model and each switch off, over seeds; "
+                       "a table of what each part is worth")
+    a.add_argument("--plan", metavar="YAML", help="the options below as a YAML mapping "
+                   "(preset, config, set, data, switch, steps, seeds, out, eval_tokens)")
+    add_config_arguments(a)
+    a.add_argument("--data", metavar="DIR", help="prepared data with a val split")
+    a.add_argument("--switch", action="append", default=[], metavar="KEY",
+                   help="a boolean config key to turn off, e.g. model.place_cells (repeatable)")
+    a.add_argument("--steps", type=int, help="training steps of every run")
+    a.add_argument("--seeds", type=int, help="seeds per variant (default 3)")
+    a.add_argument("--eval-tokens", type=int,
+                   help="val tokens each run is scored on (default 20000)")
+    a.add_argument("--out", metavar="DIR", help="the ablation's directory (resumable)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=_cmd_ablate)
 
     v = sub.add_parser("viz", help="pictures of what a model does inside on a text")
     v.add_argument("run", metavar="RUN", help="a run directory or a checkpoint")
