@@ -82,6 +82,18 @@ def test_a_bad_switch_is_one_line_exit_2(run_cli, tmp_path: Path, switch: str,
     assert not (tmp_path / "a").exists()
 
 
+def test_key_value_switches(tmp_path: Path) -> None:
+    full = load_config(preset="snn-rag-cpu", overrides=["train.max_steps=3"])
+    p = AblationPlan(full, tmp_path, ["model.ffn=mlp", "model.memory_layers=[]"], [1], tmp_path)
+    (_, f), (ffn, mlp), (mem, none) = p.variants()
+    assert (ffn, mlp.model.ffn, f.model.ffn) == ("ffn=mlp", "mlp", "snn")
+    assert (mem, none.model.memory_layers) == ("memory_layers=__", [])
+    with pytest.raises(ConfigError, match="already has"):
+        AblationPlan(full, tmp_path, ["model.ffn=snn"], [1], tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.ffn"):
+        AblationPlan(full, tmp_path, ["model.ffn=lstm"], [1], tmp_path)
+
+
 def test_a_yaml_plan_with_a_bad_value_is_one_line(run_cli, tmp_path: Path) -> None:
     path = tmp_path / "plan.yaml"
     path.write_text("preset: demo\nsteps: many\ndata: d\nout: o\nswitch: [train.compile]\n")

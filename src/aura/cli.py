@@ -538,7 +538,8 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(a)
     a.add_argument("--data", metavar="DIR", help="prepared data with a val split")
     a.add_argument("--switch", action="append", default=[], metavar="KEY",
-                   help="a boolean config key to turn off, e.g. model.place_cells (repeatable)")
+                   help="a boolean config key to turn off, e.g. model.place_cells, or "
+                   "KEY=VALUE for another value, e.g. model.ffn=mlp (repeatable)")
     a.add_argument("--steps", type=int, help="training steps of every run")
     a.add_argument("--seeds", type=int, help="seeds per variant (default 3)")
     a.add_argument("--eval-tokens", type=int,

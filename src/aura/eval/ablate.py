@@ -36,19 +36,35 @@ PLAN_KEYS = {"preset", "config", "set", "data", "switch", "steps", "seeds", "out
 Runner = Callable[[AuraConfig, Path, Path], dict[str, float]]
 
 
-def check_switch(cfg: AuraConfig, key: str) -> None:
-    """``key`` must name a boolean field of ``cfg`` that is on in the full model."""
+def check_switch(cfg: AuraConfig, switch: str) -> tuple[str, str]:
+    """``switch`` as (key, value of the variant): ``KEY`` names a boolean field of ``cfg`` that
+    is on in the full model (the variant turns it off); ``KEY=VALUE`` sets any field to another
+    value (``model.ffn=mlp``, ``model.memory_layers=[]``), checked like ``--set``."""
+    key, sep, value = switch.partition("=")
     section, _, name = key.partition(".")
     part = getattr(cfg, section, None) if section in ("model", "data", "train") else None
     if part is None or not name or not hasattr(part, name):
-        raise ConfigError(f"--switch {key}: no such config key (switches are boolean keys such "
-                          f"as model.place_cells; `aura config show --explain` lists them)")
-    value = getattr(part, name)
-    if not isinstance(value, bool):
-        raise ConfigError(f"--switch {key}: not a boolean switch (it is "
-                          f"{type(value).__name__} {value!r})")
-    if not value:
-        raise ConfigError(f"--switch {key}: already false in the full model; nothing to ablate")
+        raise ConfigError(f"--switch {switch}: no such config key (switches are boolean keys "
+                          "such as model.place_cells, or KEY=VALUE; `aura config show "
+                          "--explain` lists the keys)")
+    current = getattr(part, name)
+    if sep:
+        changed = apply_overrides(cfg, {key: value})  # a bad value is the config's one line
+        if getattr(getattr(changed, section), name) == current:
+            raise ConfigError(f"--switch {switch}: the full model already has {key}={value}")
+        return key, value
+    if not isinstance(current, bool):
+        raise ConfigError(f"--switch {switch}: not a boolean switch (it is "
+                          f"{type(current).__name__} {current!r}; give KEY=VALUE for another "
+                          "value)")
+    if not current:
+        raise ConfigError(f"--switch {switch}: already false in the full model; nothing to "
+                          "ablate")
+    return key, "false"
+
+
+def _dir_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_.=-" else "_" for c in text)
 
 
 @dataclass
@@ -75,12 +91,15 @@ class AblationPlan:
             raise ConfigError(f"--eval-tokens must be >= 2, got {self.eval_tokens}")
 
     def variants(self) -> list[tuple[str, AuraConfig]]:
-        """("full", the config), then per switch ("no-NAME", the config with it false)."""
-        names = [k.partition(".")[2] for k in self.switches]
+        """("full", the config), then per switch ("no-NAME", the config with it false, or
+        "NAME=VALUE"); NAME is the key without its section unless two switches share it."""
+        parsed = [check_switch(self.full, s) for s in self.switches]
+        names = [k.partition(".")[2] for k, _ in parsed]
         out = [(FULL, self.full)]
-        for key, name in zip(self.switches, names, strict=True):
+        for (key, value), switch, name in zip(parsed, self.switches, names, strict=True):
             label = name if names.count(name) == 1 else key
-            out.append((f"no-{label}", apply_overrides(self.full, {key: "false"})))
+            variant = f"no-{label}" if "=" not in switch else f"{label}={value}"
+            out.append((_dir_name(variant), apply_overrides(self.full, {key: value})))
         return out
 
     def runs(self) -> list[tuple[str, int, AuraConfig, Path]]:
