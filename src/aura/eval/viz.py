@@ -133,6 +133,8 @@ def bdh_data(x: np.ndarray, y: np.ndarray, shown: int = BDH_NEURONS_SHOWN
 
 
 def _draw_attention(w: np.ndarray, tokens: list[str], title: str) -> Figure:
+    from matplotlib.colors import PowerNorm
+
     heads = w.shape[0]
     cols = min(heads, 4)
     rows = -(-heads // cols)
@@ -142,7 +144,9 @@ def _draw_attention(w: np.ndarray, tokens: list[str], title: str) -> Figure:
         if h >= heads:
             ax.axis("off")
             continue
-        ax.imshow(w[h], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        # a square-root scale: late rows spread their weight over many keys
+        ax.imshow(w[h], cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1),
+                  interpolation="nearest")
         ax.set_title(f"head {h}", fontsize=9)
         _token_axis(ax, tokens, "x")
         _token_axis(ax, tokens, "y")
