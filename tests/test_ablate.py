@@ -87,7 +87,8 @@ def test_key_value_switches(tmp_path: Path) -> None:
     p = AblationPlan(full, tmp_path, ["model.ffn=mlp", "model.memory_layers=[]"], [1], tmp_path)
     (_, f), (ffn, mlp), (mem, none) = p.variants()
     assert (ffn, mlp.model.ffn, f.model.ffn) == ("ffn=mlp", "mlp", "snn")
-    assert (mem, none.model.memory_layers) == ("memory_layers=__", [])
+    assert (mem, none.model.memory_layers) == ("memory_layers=[]", [])
+    assert [r[3].parent.name for r in p.runs()] == ["full", "ffn=mlp", "memory_layers=__"]
     with pytest.raises(ConfigError, match="already has"):
         AblationPlan(full, tmp_path, ["model.ffn=snn"], [1], tmp_path)
     with pytest.raises(ConfigError, match=r"model\.ffn"):

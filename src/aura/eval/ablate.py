@@ -92,21 +92,22 @@ class AblationPlan:
 
     def variants(self) -> list[tuple[str, AuraConfig]]:
         """("full", the config), then per switch ("no-NAME", the config with it false, or
-        "NAME=VALUE"); NAME is the key without its section unless two switches share it."""
+        "NAME=VALUE"); NAME is the key without its section unless two switches share it. A
+        run's directory is the name with anything but letters, digits and ``_.=-`` as ``_``."""
         parsed = [check_switch(self.full, s) for s in self.switches]
         names = [k.partition(".")[2] for k, _ in parsed]
         out = [(FULL, self.full)]
         for (key, value), switch, name in zip(parsed, self.switches, names, strict=True):
             label = name if names.count(name) == 1 else key
             variant = f"no-{label}" if "=" not in switch else f"{label}={value}"
-            out.append((_dir_name(variant), apply_overrides(self.full, {key: value})))
+            out.append((variant, apply_overrides(self.full, {key: value})))
         return out
 
     def runs(self) -> list[tuple[str, int, AuraConfig, Path]]:
         """Every (variant, seed, config, run dir), seed by seed: a partial ablation already
         has every variant of its first seeds."""
         return [(name, seed, apply_overrides(cfg, {"train.seed": str(seed)}),
-                 self.out / name / f"seed-{seed}")
+                 self.out / _dir_name(name) / f"seed-{seed}")
                 for seed in self.seeds for name, cfg in self.variants()]
 
 
@@ -237,7 +238,7 @@ def chart(summaries: list[VariantSummary], path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
     parts = [v for v in summaries if v.name != FULL]
-    fig = Figure(figsize=(max(5.0, 1.2 * len(parts) + 2), 6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(max(7.0, 1.2 * len(parts) + 2), 6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 1, sharex=True)
     x = range(len(parts))
@@ -250,6 +251,6 @@ def chart(summaries: list[VariantSummary], path: Path, title: str) -> None:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(list(x), [v.name for v in parts], rotation=30, ha="right")
-    fig.suptitle(f"{title}: variant minus full (higher: the part helps)")
+    fig.suptitle(f"{title}\nvariant minus full (higher: the full model is better)")
     with atomic_open(path) as f:
         fig.savefig(f, format="png")
