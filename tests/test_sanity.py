@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from aura.train.sanity import (
     FLAT_WINDOW,
@@ -80,6 +81,15 @@ def test_lr_mismatch_dead_saturated_gate_router_and_val() -> None:
 
 # --- in the trainer ---------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These runs are tiny: one thread computes them without waiting on a second."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def trainer(train_data: Path, run: Path, *sets: str) -> tuple[Trainer, list[str]]:
     said: list[str] = []
     cfg = tiny_config("train.eval_interval=1000", "train.checkpoint_interval=1000",
@@ -92,7 +102,8 @@ def sanity_rows(run: Path) -> list[dict]:
 
 
 def test_a_healthy_run_is_silent(train_data: Path, tmp_path: Path) -> None:
-    t, said = trainer(train_data, tmp_path / "run", f"train.max_steps={LOSS_CHECK_STEP + 2}")
+    t, said = trainer(train_data, tmp_path / "run", f"train.max_steps={LOSS_CHECK_STEP + 2}",
+                      "model.n_layer=1", "train.log_interval=10")
     result = t.run()
     assert result.sanity_warnings == [] and sanity_rows(tmp_path / "run") == []
     assert not any("sanity" in line for line in said)

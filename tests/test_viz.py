@@ -24,6 +24,15 @@ from conftest import TINY_TRAIN, assert_usage_error, requires_extra
 VOCAB, T = 40, 24
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread computes them without waiting on a second."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(name: str, **kw: object) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = model_config_class(name)(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=2,
