@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from aura.errors import DataError
-from aura.eval.plots import curves_figure, ema, plot_run, read_metrics
+from aura.eval.plots import curves_figure, ema, plot_run, plot_runs, read_metrics, runs_figure
 from conftest import requires_extra
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -189,3 +189,39 @@ def test_ema_is_unbiased_at_the_start_and_smooths() -> None:
     smooth = ema(noisy)
     assert smooth[0] == 2.0
     assert max(abs(v - 1.0) for v in smooth[200:]) < 0.1
+
+
+# --- the model's aux metrics, and several runs overlaid -----------------------------------------
+
+def write_aux_run(run: Path, gate: float, layers: int = 2) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    rows = [{"step": s, "loss": loss_at(s), "aux/firing_rate": 0.05,
+             **{f"aux/firing_rate_{i}": 0.04 + 0.01 * i for i in range(layers)},
+             "aux/memory_gate": gate, "aux/x_active/0": 0.1} for s in range(50)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+@pytest.mark.usefixtures("plot_extra")
+def test_aux_metrics_get_a_panel_per_family_a_line_per_layer(tmp_path: Path) -> None:
+    panels = drawn(write_aux_run(tmp_path / "run", 0.1) / "metrics.jsonl")
+    assert list(panels) == [LOSS, "firing_rate", "memory_gate", "x_active"]
+    assert set(panels["firing_rate"]) == {"mean", "layer 0", "layer 1"}
+    assert panels["firing_rate"]["layer 1"][1] == pytest.approx([0.05] * 50)
+    assert set(panels["x_active"]) == {"layer 0"}
+
+
+@pytest.mark.usefixtures("plot_extra")
+def test_several_runs_are_overlaid(tmp_path: Path) -> None:
+    a, b = write_aux_run(tmp_path / "a", 0.1), write_aux_run(tmp_path / "b", 0.3, layers=1)
+    out = plot_runs([a, b])
+    assert out == a / "compare.png" and out.read_bytes().startswith(PNG_SIGNATURE)
+    fig = runs_figure([("a", read_metrics(a / "metrics.jsonl")),
+                       ("b", read_metrics(b / "metrics.jsonl"))], "a vs b")
+    lines = {ax.get_ylabel(): {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+             for ax in fig.axes}
+    assert set(lines[LOSS]) == {"a train (EMA)", "b train (EMA)"}
+    assert set(lines["firing_rate"]) == {"a mean", "b mean"}  # the family mean per run
+    assert lines["memory_gate"]["b mean"] == pytest.approx([0.3] * 50)
+    with pytest.raises(DataError, match="no run directory"):
+        plot_runs([a, tmp_path / "missing"])

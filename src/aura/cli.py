@@ -253,10 +253,13 @@ def _train_config(args: argparse.Namespace) -> Any:
     overrides = list(args.set)
     for flag, key in (("max_steps", "train.max_steps"),
                       ("checkpoint_interval", "train.checkpoint_interval"),
-                      ("keep_checkpoints", "train.keep_checkpoints"), ("model", "model.name")):
+                      ("keep_checkpoints", "train.keep_checkpoints"), ("model", "model.name"),
+                      ("viz_interval", "train.viz_interval")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.strict_sanity:
+        overrides.append("train.strict_sanity=true")
     saved = Path(args.out) / CONFIG_FILE
     if args.resume and args.preset is None and args.config is None and saved.is_file():
         from aura.config import apply_overrides, parse_override
@@ -300,6 +303,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
         print(f"{result.stopped} at step {result.step}: val loss {val}, "
               f"{result.tokens_per_s:,.0f} tokens/s, run in {result.run_dir}")
+    if result.stopped == "sanity":
+        raise AuraError(f"stopped by --strict-sanity: {result.sanity_warnings[0]}; the run is "
+                        "saved (continue with --resume)")
     if result.stop_signal is not None:  # saved, but not finished: scripts must see the difference
         return 128 + signal.Signals[result.stop_signal].value
     return EXIT_OK
@@ -373,9 +379,101 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from aura.eval.plots import plot_run
+    from aura.eval.plots import plot_runs
 
-    print(plot_run(args.run, args.out))
+    print(plot_runs(args.run, args.out))
+    return EXIT_OK
+
+
+def _cmd_viz(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from aura.eval.viz import INDEX, probe_state, render
+    from aura.train.checkpoint import load_for_inference
+    from aura.train.device import pick_device
+
+    text = _argv_text(args.text, "--text")
+    run = Path(args.run)
+    if args.out is None and (run / "meta.json").is_file():
+        raise AuraError(f"{run} is a checkpoint: give --out DIR for the pictures")
+    out = Path(args.out) if args.out is not None else (
+        run / "viz" / f"text-{hashlib.sha256(text.encode()).hexdigest()[:8]}")
+    if out.exists() and not out.is_dir():
+        raise AuraError(f"--out {out} exists and is not a directory")
+    loaded = load_for_inference(run, pick_device(args.device))
+    ids = loaded.tokenizer.encode(text)
+    if len(ids) == 0:
+        raise AuraError("--text is empty: give the text to look at")
+    limit = loaded.model.max_context
+    if limit is not None and len(ids) > limit:
+        print(f"aura: note: --text is {len(ids)} tokens; looking at the first {limit}",
+              file=sys.stderr)
+        ids = ids[:limit]
+    state, tokens = probe_state(loaded.model, loaded.tokenizer, ids)
+    pictures = render(state, tokens, out, f"{loaded.path}: {len(tokens)} tokens")
+    if args.json:
+        _print_json({"checkpoint": str(loaded.path), "out": str(out),
+                     "pictures": [str(p.png) for p in pictures]})
+    else:
+        print(out / INDEX)
+    return EXIT_OK
+
+
+def _plan_value(opts: dict[str, Any], key: str, flag: Any, kind: type, default: Any = None
+                ) -> Any:
+    """A flag given on the command line, else the --plan's value of ``key`` (of type ``kind``),
+    else ``default``."""
+    if flag is not None and flag != []:
+        return flag
+    value = opts.get(key, default)
+    if value is None:
+        return None
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise AuraError(f"--plan: {key} must be an integer, got {value!r}")
+    if kind is list and (not isinstance(value, list)
+                         or not all(isinstance(v, str) for v in value)):
+        raise AuraError(f"--plan: {key} must be a list of strings, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise AuraError(f"--plan: {key} must be a string, got {value!r}")
+    return value
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from aura.config import load_config
+    from aura.eval.ablate import TABLE, AblationPlan, plan_options_from_yaml, run_ablation
+    from aura.eval.ablate import markdown_table as table
+    from aura.train.ablation import train_and_evaluate
+
+    opts = plan_options_from_yaml(Path(args.plan)) if args.plan is not None else {}
+    preset, config = args.preset, args.config
+    if preset is None and config is None:
+        preset, config = _plan_value(opts, "preset", None, str), _plan_value(opts, "config",
+                                                                             None, str)
+    if (preset is None) == (config is None):
+        raise AuraError("give one of --preset NAME or --config FILE (or either in --plan)")
+    steps = _plan_value(opts, "steps", args.steps, int)
+    seeds = _plan_value(opts, "seeds", args.seeds, int, 3)
+    eval_tokens = _plan_value(opts, "eval_tokens", args.eval_tokens, int, 20_000)
+    data, out = _plan_value(opts, "data", args.data, str), _plan_value(opts, "out", args.out, str)
+    for name, value in (("--steps", steps), ("--data", data), ("--out", out)):
+        if value is None:
+            raise AuraError(f"give {name} (or its key in --plan)")
+    if steps < 1 or seeds < 1:
+        raise AuraError(f"--steps and --seeds must be >= 1, got {steps} and {seeds}")
+    sets = [*_plan_value(opts, "set", None, list, []), *args.set]
+    full = load_config(preset=preset, config_file=config,
+                       overrides=[*sets, f"train.max_steps={steps}"])
+    switches = _plan_value(opts, "switch", args.switch, list, [])
+    plan = AblationPlan(full, Path(data), switches,
+                        [full.train.seed + i for i in range(seeds)], Path(out), eval_tokens)
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    summaries = run_ablation(plan, lambda cfg, d, run: train_and_evaluate(
+        cfg, d, run, eval_tokens=plan.eval_tokens, progress=not args.json), log)
+    if args.json:
+        _print_json({"out": str(plan.out), "variants": [vars(v) for v in summaries]})
+    else:
+        print(table(summaries), end="")
+        print(plan.out / TABLE)
     return EXIT_OK
 
 
@@ -400,6 +498,10 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-steps", type=int)
     t.add_argument("--checkpoint-interval", type=int)
     t.add_argument("--keep-checkpoints", type=int)
+    t.add_argument("--viz-interval", type=int, metavar="N",
+                   help="every N steps, pictures of the model's insides under RUN/viz/")
+    t.add_argument("--strict-sanity", action="store_true",
+                   help="stop (saved, exit 2) at the first sanity warning")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_cmd_train)
 
@@ -437,10 +539,36 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("plot", help="write a PNG of a run's curves")
-    p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--out", metavar="PNG", help="default: RUN_DIR/curves.png")
+    p = sub.add_parser("plot", help="write a PNG of a run's curves (several runs: overlaid)")
+    p.add_argument("run", metavar="RUN_DIR", nargs="+")
+    p.add_argument("--out", metavar="PNG",
+                   help="default: RUN_DIR/curves.png (several runs: the first's compare.png)")
     p.set_defaults(func=_cmd_plot)
+
+    a = sub.add_parser("ablate", help="train the full model and each switch off, over seeds; "
+                       "a table of what each part is worth")
+    a.add_argument("--plan", metavar="YAML", help="the options below as a YAML mapping "
+                   "(preset, config, set, data, switch, steps, seeds, out, eval_tokens)")
+    add_config_arguments(a)
+    a.add_argument("--data", metavar="DIR", help="prepared data with a val split")
+    a.add_argument("--switch", action="append", default=[], metavar="KEY",
+                   help="a boolean config key to turn off, e.g. model.place_cells, or "
+                   "KEY=VALUE for another value, e.g. model.ffn=mlp (repeatable)")
+    a.add_argument("--steps", type=int, help="training steps of every run")
+    a.add_argument("--seeds", type=int, help="seeds per variant (default 3)")
+    a.add_argument("--eval-tokens", type=int,
+                   help="val tokens each run is scored on (default 20000)")
+    a.add_argument("--out", metavar="DIR", help="the ablation's directory (resumable)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=_cmd_ablate)
+
+    v = sub.add_parser("viz", help="pictures of what a model does inside on a text")
+    v.add_argument("run", metavar="RUN", help="a run directory or a checkpoint")
+    v.add_argument("--text", required=True, help="the text to look at")
+    v.add_argument("--out", metavar="DIR", help="default: RUN/viz/text-HASH")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_cmd_viz)
 
 
 # --- aura analyze ----------------------------------------------------------------------------

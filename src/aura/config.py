@@ -125,6 +125,14 @@ class TrainConfig:
     hippocampal forms none), so it learns language before leaning on recall."""
     seed: int = 1337
     """Seed of the initial weights and of the batch order, in [0, 2**32)."""
+    viz_interval: int = 0
+    """Steps between pictures of the model's insides (as `aura viz` draws them) on a fixed
+    held-out probe, under RUN/viz/step-XXXXXXX/; 0: none."""
+    sanity: bool = True
+    """Watch the run for the usual failures (loss stuck near ln(vocab), gradient norm out of
+    [0.1, 10], LR not reaching the optimizer, dead spiking layers, ...) and warn, once each."""
+    strict_sanity: bool = False
+    """Stop the run (a checkpoint saved, exit 2) at the first sanity warning."""
 
 
 ReplayPriority = Literal["uniform", "loss"]
@@ -405,6 +413,7 @@ def validate_config(cfg: AuraConfig) -> None:
         "train.weight_decay": t.weight_decay,
         "train.grad_clip": t.grad_clip,
         "train.memory_warmup_steps": t.memory_warmup_steps,
+        "train.viz_interval": t.viz_interval,
     }
     for key, value in non_negative.items():
         _check(value >= 0, f"{key} must be >= 0, got {value!r}")

@@ -167,6 +167,21 @@ class AuraModel(nn.Module):
         raise NotImplementedError(f"model {self.config.name!r} does not declare its "
                                   "activation_bytes")
 
+    def inspected_parts(self) -> dict[str, nn.Module]:
+        """The parts ``brain_state`` looks inside, by the name their arrays take (see
+        ``aura.models.inspect``): none by default."""
+        return {}
+
+    def brain_state(self, idx: torch.Tensor, **inputs: Any) -> dict[str, torch.Tensor]:
+        """What one forward of ``idx`` (1, T) does inside, as named CPU arrays (spike trains,
+        attention weights, place codes, memory reads, ... named as ``aura.models.inspect``
+        lists), for ``aura viz`` and ``aura train --viz-interval``; ``inputs`` are the ones the
+        model declares. The declared capability: a model shows what it has by naming its parts
+        (``inspected_parts``), and callers draw whatever comes back."""
+        from aura.models.inspect import brain_state_of  # models/ imports it, not vice versa
+
+        return brain_state_of(self, self.inspected_parts(), idx, inputs)
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:

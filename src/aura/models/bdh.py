@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,8 @@ class BDH(AuraModel):
         cos, sin = rope_tables(torch.arange(config.block_size), freqs)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # (x_sparse, gated y) of each layer while ``brain_state`` records, else None
+        self._probe: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @staticmethod
     def _params(sets: int, *shape: int) -> nn.ParameterList:
@@ -159,6 +162,8 @@ class BDH(AuraModel):
         y_sparse = F.relu(torch.bmm(a, enc_v)).view(nh, B, T, n).permute(1, 2, 0, 3)
         xy = x_sparse * y_sparse  # the paper's y: gated, sparse; B, T, nh, N
         stats.append(torch.stack([(x_sparse > 0).float().mean(), (xy > 0).float().mean()]))
+        if self._probe is not None:
+            self._probe.append(((x_sparse > 0).detach(), (xy > 0).detach()))
         y = self._ln(self.drop(xy).reshape(B, 1, T, nh * n) @ dec)
         return self._ln(x + y)
 
@@ -205,6 +210,20 @@ class BDH(AuraModel):
             return ModelOutput(logits, None, aux, hidden)
         loss = lm_loss(logits, targets, label_smoothing)
         return ModelOutput(logits, loss, {"ce": loss.detach(), **aux}, hidden)
+
+    @torch.no_grad()
+    def brain_state(self, idx: torch.Tensor, **inputs: Any) -> dict[str, torch.Tensor]:
+        """The base's (aux metrics), plus which x and y neurons fire: ``bdh_x/L``, ``bdh_y/L``
+        (T, heads, N) booleans per layer, the paper's sparsity and "concept neuron" pictures."""
+        self._probe = []
+        try:
+            state = super().brain_state(idx, **inputs)
+            probe = self._probe
+        finally:
+            self._probe = None
+        for i, (x, y) in enumerate(probe):
+            state[f"bdh_x/{i}"], state[f"bdh_y/{i}"] = x[0].cpu(), y[0].cpu()
+        return state
 
     def _sparsity(self, stats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fraction of non-zero x and y neurons per layer (the paper reports about 5% of y)."""

@@ -191,6 +191,17 @@ class Decoder(AuraModel):
             memory_bytes = 0
         return attention + ffn + masks + memory_bytes
 
+    def inspected_parts(self) -> dict[str, nn.Module]:
+        """Every block's attention, its spiking feed-forward (``ffn=snn``) and its memory read."""
+        parts: dict[str, nn.Module] = {}
+        for i, block in enumerate(self.blocks):
+            parts[f"attention/{i}"] = block.attn
+            if isinstance(block.mlp, SNNFeedForward):
+                parts[f"spikes/{i}"] = block.mlp
+            if block.memory is not None:
+                parts[f"memory/layer{i}"] = block.memory
+        return parts
+
     def feed_forward_metrics(self) -> dict[str, torch.Tensor]:
         """With spiking feed-forwards, their firing rates of the last forward (mean and per
         layer), so a layer that falls silent or saturates shows up in the logs."""

@@ -271,6 +271,13 @@ class HippocampalTransformer(Decoder):
             extra += 8 * c.vocab_size  # type: ignore[operator]
         return super().activation_bytes(batch, seq, dtype, device_type) + batch * seq * extra
 
+    def inspected_parts(self) -> dict[str, nn.Module]:
+        """The decoder's, plus each hippocampal mechanism that is switched on."""
+        parts = super().inspected_parts()
+        named = {"theta_gamma": self.theta_gamma, "place": self.place, "grid": self.grid,
+                 "time": self.time, "memory/hippocampus": self.memory}
+        return parts | {name: m for name, m in named.items() if m is not None}
+
     def metrics(self) -> dict[str, torch.Tensor]:
         """Place-cell sparsity, memory recall statistics and (``ffn=snn``) the spiking FFNs'
         firing rates of the last forward."""

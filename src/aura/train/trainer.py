@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from aura.train.device import (
 from aura.train.metrics import MetricsLog, TrainLog, progress_fields, training_flops_per_token
 from aura.train.optim import build_optimizers
 from aura.train.resources import check_training_memory
+from aura.train.sanity import SanityMonitor, SanityWarning
 from aura.train.schedule import Every, Plateau, lr_factor
 
 CONFIG_FILE = "config.json"
@@ -73,7 +74,7 @@ def _stderr(message: str) -> None:
 class TrainResult:
     run_dir: Path
     step: int
-    stopped: str  # "max_steps", "early_stop" or "interrupted"
+    stopped: str  # "max_steps", "early_stop", "interrupted" or "sanity" (train.strict_sanity)
     train_loss: float | None
     val_loss: float | None
     best_val_loss: float | None
@@ -83,6 +84,7 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when one stopped the run early
+    sanity_warnings: list[str] = field(default_factory=list)  # aura.train.sanity's, one line each
 
 
 class _NonFinite(Exception):
@@ -187,6 +189,13 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir,
                                   resume_step=self.state.step if start is not None else None,
                                   log=self.log)
+        self.sanity = SanityMonitor(cfg.model.vocab_size, t.max_steps) if t.sanity else None
+        self.snapshots = None
+        if t.viz_interval:
+            from aura.eval.viz import Snapshots  # matplotlib only for runs that draw
+
+            self.snapshots = Snapshots.for_run(self.run_dir, t.viz_interval, self.data,
+                                               self.block)
 
     def _flops_per_token(self) -> float:
         """Model FLOPs per training token, at the first step's sequence length."""
@@ -480,10 +489,19 @@ class Trainer:
                 row = train_log.write(completed, train_loss, self.opt.param_groups[0]["lr"],
                                       grad_norm, self.state.tokens_seen, memory_mb(self.device),
                                       aux)
-                bar.set_postfix(progress_fields(row))
+                bar.set_postfix(progress_fields(row) | self._sanity_field())
+            warned = self._watch(step, train_loss, grad_norm, aux)
             evaluated = None
             if self.evaluation.due(completed):
                 evaluated = val_loss = self._evaluate_and_log(train_log, train_loss)
+                if evaluated is not None and self.sanity is not None:
+                    warned += self._said(self.sanity.after_eval(completed, evaluated))
+            if self.snapshots is not None and self.snapshots.due(completed):
+                self.snapshots.take(self.model, completed)
+            if warned and t.strict_sanity:
+                stopped = "sanity"
+                self.log(f"stopping at step {completed} (train.strict_sanity); the run is saved")
+                break
             early_stop = evaluated is not None and self._plateau_says_stop(evaluated)
             if self.checkpointer.due(completed) or early_stop:
                 self._checkpoint(evaluated)
@@ -496,13 +514,43 @@ class Trainer:
         if stopped == "interrupted":
             self.log(f"stopped at step {self.state.step}; continue with --resume")
         bar.close()
+        summary = self.sanity.summary() if self.sanity is not None else []
+        if summary:
+            self.log(f"sanity: {len(summary)} warning(s) in this run:")
+            for line in summary:
+                self.log(f"  {line}")
         st, seconds = self.state, time.perf_counter() - started
         return TrainResult(
             self.run_dir, st.step, stopped, train_loss, val_loss, st.best_val_loss,
             st.nonfinite_skipped, st.rollbacks, st.micro_split, seconds,
             (st.tokens_seen - tokens_at_start) / max(seconds, 1e-9),
-            self._stop_signal if stopped == "interrupted" else None,
+            self._stop_signal if stopped == "interrupted" else None, summary,
         )
+
+    def _watch(self, step: int, loss: float, grad_norm: float, aux: dict[str, float]
+               ) -> list[SanityWarning]:
+        """The sanity monitor's look at step ``step`` (just done): the schedule's LR of each
+        parameter group against what the optimizer holds, the loss, the norm, the aux."""
+        if self.sanity is None:
+            return []
+        factor = lr_factor(self.cfg.train, step, self.plateau) * self.state.fault_lr_scale
+        groups = self.opt.param_groups
+        return self._said(self.sanity.after_step(
+            step + 1, loss, grad_norm, [g["base_lr"] * factor for g in groups],
+            [g["lr"] for g in groups], aux))
+
+    def _said(self, warnings: list[SanityWarning]) -> list[SanityWarning]:
+        """Each new warning on stderr (above the progress bar) and in metrics.jsonl."""
+        for w in warnings:
+            self.log(w.line())
+            self.metrics.write({"step": w.step, "event": "sanity", "check": w.check,
+                                "message": w.message})
+        return warnings
+
+    def _sanity_field(self) -> dict[str, str]:
+        """The progress bar's count of sanity warnings so far, when there are any."""
+        n = len(self.sanity.warnings) if self.sanity is not None else 0
+        return {"sanity": f"{n} warning(s)"} if n else {}
 
     def _advance(self, step: int) -> int:
         """Count ``step`` done; returns its tokens."""
