@@ -272,12 +272,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import signal
 
     from aura.atomic import check_writable_dir
+    from aura.train.distributed import env_rank
     from aura.train.trainer import Trainer
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AuraError(f"--out {out} exists and is not a directory")
-    check_writable_dir(out)  # now, not after loading the data and building the model
+    main_rank = env_rank() == 0  # under torchrun, rank 0 alone writes the run and reports
+    if main_rank:
+        check_writable_dir(out)  # now, not after loading the data and building the model
     cfg = _train_config(args)
     data_dir = args.data or cfg.data.dir
     cfg.data.dir = data_dir
@@ -285,9 +288,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      restart_discarding_checkpoints=args.restart_discarding_checkpoints,
                      progress=not args.json).run()
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
-    if args.json:
+    if main_rank and args.json:
         _print_json(summary)
-    else:
+    elif main_rank:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
         print(f"{result.stopped} at step {result.step}: val loss {val}, "
               f"{result.tokens_per_s:,.0f} tokens/s, run in {result.run_dir}")
@@ -589,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except AuraError as exc:
-        print(f"aura: error: {one_line(str(exc))}", file=sys.stderr)
+        if not getattr(exc, "said_elsewhere", False):  # another rank of the job printed it
+            print(f"aura: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("aura: interrupted", file=sys.stderr)

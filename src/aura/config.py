@@ -32,6 +32,7 @@ from aura.models import ModelConfig, model_config_class
 Schedule = Literal["cosine", "plateau", "constant"]
 Optimizer = Literal["adamw", "muon"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Parallel = Literal["ddp", "fsdp"]
 
 
 @dataclass
@@ -58,7 +59,7 @@ class TrainConfig:
     """The optimisation loop: batch, schedule, optimiser, precision, bookkeeping."""
 
     batch_size: int = 12
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (of all ranks together under torchrun)."""
     block_size: int | None = None
     """Training sequence length; None: model.block_size."""
     grad_accum: int = 1
@@ -125,6 +126,11 @@ class TrainConfig:
     hippocampal forms none), so it learns language before leaning on recall."""
     seed: int = 1337
     """Seed of the initial weights and of the batch order, in [0, 2**32)."""
+    parallel: Parallel = "ddp"
+    """Under torchrun: "ddp" (every rank holds the whole model, gradients are averaged) or
+    "fsdp" (FSDP2: parameters, gradients and optimizer state sharded block by block over the
+    ranks). batch_size is the global micro-batch, split evenly over the ranks; without torchrun
+    this is ignored."""
 
 
 @dataclass
