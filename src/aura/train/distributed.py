@@ -343,8 +343,15 @@ class Parallel:
             return model
         with torch.device("meta"):
             twin = build_model(model.config)
+        shared: dict[int, list[str]] = {}  # tied weights (a head tied to the embedding)
+        for name, p in twin.named_parameters(remove_duplicate=False):
+            shared.setdefault(id(p), []).append(name)
         twin.writers = {}
         twin.to_empty(device="cpu")
+        for first, *others in (names for names in shared.values() if len(names) > 1):
+            for name in others:  # to_empty allocates each name anew: tie them again
+                owner, _, leaf = name.rpartition(".")
+                setattr(twin.get_submodule(owner), leaf, twin.get_parameter(first))
         twin.writers = model.writers
         return twin
 
