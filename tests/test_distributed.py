@@ -138,3 +138,38 @@ def test_a_killed_rank_stops_the_job_in_one_line_and_the_checkpoint_resumes(
     assert "step-00000003" in out.stderr and "continue with --resume" in out.stderr
     assert run_cli("train", "--out", str(run), "--data", str(train_data), "--resume").code == 0
     assert_close(losses(run), losses(single))
+
+
+def test_export_writes_a_verified_weights_only_checkpoint(
+        tmp_path: Path, train_data: Path, run_cli: Any) -> None:
+    from aura.train.checkpoint import load_for_inference, verify_checkpoint
+
+    run = tmp_path / "run"
+    assert run_cli("train", *train_args(train_data, run, 3)).code == 0
+    out = tmp_path / "exported"
+    assert run_cli("export", str(run), "--out", str(out)).code == 0
+    assert sorted(verify_checkpoint(out)["files"]) == ["model.safetensors", "tokenizer.aura.json"]
+    loaded = load_for_inference(out)
+    trained = load_for_inference(run)
+    for (name, a), b in zip(loaded.model.state_dict().items(),
+                            trained.model.state_dict().values(), strict=True):
+        assert a.equal(b), name
+    again = run_cli("export", str(run), "--out", str(out))
+    assert again.code == 2 and "already exists" in again.err
+
+
+@pytest.mark.slow
+def test_two_rank_resume_is_bit_exact(tmp_path: Path, train_data: Path) -> None:
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert torchrun(tmp_path, train_args(train_data, whole, 6), whole)[0].returncode == 0
+    assert torchrun(tmp_path, train_args(train_data, halves, 3), halves)[0].returncode == 0
+    out, _ = torchrun(tmp_path, ["--out", str(halves), "--data", str(train_data), "--resume",
+                                 "--max-steps", "6"], halves)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(halves) == losses(whole)
+
+    def digests(run: Path) -> dict[str, str]:
+        meta = json.loads((run / "checkpoints/step-00000006/meta.json").read_text())
+        return {k: v for k, v in meta["files"].items() if k != "train_state.json"}
+
+    assert digests(halves) == digests(whole)  # weights, optimizer state and RNG, bit for bit

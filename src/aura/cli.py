@@ -432,6 +432,28 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_plot)
 
 
+# --- aura export -----------------------------------------------------------------------------
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from aura.train.export import export_checkpoint
+
+    print(export_checkpoint(args.run, args.out))
+    return EXIT_OK
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    x = sub.add_parser("export", help="copy a run's best checkpoint as a weights-only one",
+                       description="Write the best (else newest good) checkpoint of RUN_DIR, "
+                       "verified, to a new directory without what only resuming needs "
+                       "(optimizer and RNG state): model.safetensors, tokenizer, memories, "
+                       "meta.json, which `aura generate` and `aura eval` take as it is. "
+                       "Checkpoints of data-parallel and FSDP2 runs are consolidated already.")
+    x.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    x.add_argument("--out", required=True, metavar="DIR", help="a directory that does not exist")
+    x.set_defaults(func=_cmd_export)
+
+
 # --- aura analyze ----------------------------------------------------------------------------
 
 
@@ -580,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_memory(sub)
     _add_learn(sub)
+    _add_export(sub)
     return parser
 
 
