@@ -83,3 +83,58 @@ def test_colab_puts_a_relative_run_on_the_mounted_drive(monkeypatch: pytest.Monk
     drive.mkdir()
     assert gpu.colab_run_dir(Path("runs/a"), drive) == drive / "aura" / "runs/a"
     assert gpu.colab_run_dir(tmp_path / "x", drive) == tmp_path / "x"  # absolute: as given
+
+
+# --- resource adaptivity -----------------------------------------------------------------------
+
+
+def test_initial_split_is_the_fewest_power_of_two_chunks_that_fit() -> None:
+    def need(rows: int) -> int:
+        return 100 + 10 * rows  # fixed state + activations per row
+
+    assert gpu.initial_split(8, need, free=1000) == 1
+    assert gpu.initial_split(8, need, free=150) == 4  # 100 + 20 <= 135 < 100 + 40
+    assert gpu.initial_split(8, need, free=50) == 8  # not even one row: the OOM split decides
+    assert gpu.initial_split(6, need, free=150) == 2  # 6 rows in chunks of 3: 130 <= 135
+
+
+def test_probe_split_reads_free_gpu_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aura.train.resources import MemoryEstimate
+
+    asked: list[int] = []
+
+    def estimate(cfg: Any, precision: str, device_type: str) -> MemoryEstimate:
+        asked.append(cfg.train.batch_size)  # activations: 1 GiB per row; state: 8 GiB
+        rows = cfg.train.batch_size
+        return MemoryEstimate(params=1, param_bytes=0, grad_bytes=4 * GiB,
+                              optimizer_bytes=4 * GiB, buffer_bytes=0,
+                              activation_bytes=rows * GiB, checkpoint_bytes=0, batch=rows,
+                              seq=1, precision=precision)
+
+    free = [40 * GiB]
+    monkeypatch.setattr(gpu, "estimate_training_memory", estimate)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d=None: (free[0], 80 * GiB))
+    cfg = load_config(preset="demo", overrides=["train.batch_size=16"])
+    cuda = torch.device("cuda", 0)
+    assert gpu.probe_split(cfg, cuda, "bf16") == 1  # 8 + 16 <= 36
+    free[0] = 20 * GiB
+    assert gpu.probe_split(cfg, cuda, "bf16") == 2  # 8 + 8 <= 18 < 8 + 16
+    free[0] = 14 * GiB  # 8 rows per rank on 2 ranks
+    assert gpu.probe_split(cfg, cuda, "bf16", world=2) == 2  # DDP: 8 + 4 <= 12.6 < 8 + 8
+    fsdp = load_config(preset="demo", overrides=["train.batch_size=16", "train.parallel=fsdp"])
+    assert gpu.probe_split(fsdp, cuda, "bf16", world=2) == 1  # state sharded: 4 + 8 <= 12.6
+    assert asked == [16, 16, 8, 8]
+
+
+def test_the_trainer_checks_the_cuda_cache_periodically(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, train_data: Path) -> None:
+    from aura.train import trainer as trainer_module
+    from conftest import tiny_config
+
+    calls: list[str] = []
+    monkeypatch.setattr(trainer_module, "maybe_empty_cuda_cache",
+                        lambda reason="", **_kw: calls.append(reason) or False)
+    cfg = tiny_config("train.max_steps=5", "train.empty_cache_interval=2",
+                      "train.checkpoint_interval=5", "train.eval_interval=5")
+    trainer_module.Trainer(cfg, train_data, tmp_path / "run", progress=False).run()
+    assert calls == ["periodic", "periodic"]  # after steps 2 and 4, not after every step

@@ -126,6 +126,14 @@ class TrainConfig:
     hippocampal forms none), so it learns language before leaning on recall."""
     seed: int = 1337
     """Seed of the initial weights and of the batch order, in [0, 2**32)."""
+    empty_cache_interval: int = 100
+    """Steps between checks of free CUDA memory: below 12% free the cache is emptied (never
+    on every step, which thrashes the allocator); 0: only after an out-of-memory. Ignored off
+    CUDA."""
+    auto_micro_batch: bool = True
+    """On CUDA, split each micro-batch at the start into as many chunks as the GPU's free
+    memory needs (estimated; the first step's out-of-memory split is the backstop); the
+    effective batch and the data are unchanged."""
     parallel: Parallel = "ddp"
     """Under torchrun: "ddp" (every rank holds the whole model, gradients are averaged) or
     "fsdp" (FSDP2: parameters, gradients and optimizer state sharded block by block over the

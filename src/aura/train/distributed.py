@@ -114,6 +114,14 @@ class Group:
         dist.all_reduce(t)
         return (t / self.world).tolist()
 
+    def max(self, value: int) -> int:
+        """The largest ``value`` of any rank."""
+        if self.world == 1:
+            return value
+        t = self._tensor([float(value)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank."""
         if self.world == 1:

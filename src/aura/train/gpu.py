@@ -1,5 +1,6 @@
 """GPU sizing: what a preset needs per GPU (``aura config show --estimate``), which preset fits
-the device at hand (``--preset auto``), and where a run lives on Colab.
+the device at hand (``--preset auto``), where a run lives on Colab, and the micro-batch split
+a GPU's free memory calls for at the start of a run.
 
 The GPU presets (``l4-24gb``, ``a100-40gb``, ``a100-80gb`` in presets.yaml) follow seed 001's
 table: about 0.5-1B, 1-3B and 3-7B parameters. Their peak is estimated by
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +120,32 @@ def colab_run_dir(out: Path, drive: Path = COLAB_DRIVE) -> Path:
     if out.is_absolute() or not in_colab() or not drive.is_dir():
         return out
     return drive / "aura" / out
+
+
+# --- the micro-batch a GPU's free memory allows ----------------------------------------------
+
+
+def initial_split(rows: int, need: Callable[[int], int], free: int, headroom: float = 0.9
+                  ) -> int:
+    """The fewest chunks (a power of two, at most ``rows``) a micro-batch of ``rows``
+    sequences must run in for ``need(rows per chunk)`` bytes to fit in ``headroom`` of
+    ``free``; ``rows`` when even one row does not (the OOM split stays the backstop)."""
+    split = 1
+    while split < rows and need(-(-rows // split)) > headroom * free:
+        split *= 2
+    return min(split, rows)
+
+
+def probe_split(cfg: AuraConfig, device: torch.device, precision: str, world: int = 1) -> int:
+    """The split of each rank's micro-batch (``train.batch_size / world`` rows) the free memory
+    of ``device`` calls for now, with the model on it but no gradient or optimizer state yet:
+    those, sharded under FSDP2, plus one chunk's activations (the estimate's, per row) must
+    fit. The first step is the probe that checks it: an OOM there splits further."""
+    rows = cfg.train.batch_size // world
+    sized = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=rows))
+    parts = estimate_training_memory(sized, precision=precision, device_type=device.type)
+    share = world if cfg.train.parallel == "fsdp" and world > 1 else 1
+    pending = (parts.grad_bytes + parts.optimizer_bytes) // share
+    per_row = parts.activation_bytes / rows
+    free, _total = torch.cuda.mem_get_info(device)
+    return initial_split(rows, lambda b: int(pending + per_row * b), free)

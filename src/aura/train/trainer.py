@@ -29,7 +29,7 @@ from aura.data.sampler import BatchSampler, Curriculum, StepBatches
 from aura.data.shards import PreparedData
 from aura.errors import AuraError, DataError, environment_error
 from aura.models import AuraModel, build_model
-from aura.train import distributed
+from aura.train import distributed, gpu
 from aura.train.checkpoint import (
     Checkpointer,
     NoUsableCheckpoint,
@@ -190,7 +190,12 @@ class Trainer:
         else:
             self.model.on_train_start(self.data)
         distributed.share_memories(self.group, self.model)
+        if self.device.type == "cuda" and t.auto_micro_batch:  # never fewer chunks than saved
+            split = gpu.probe_split(cfg, self.device, self.precision.name, self.group.world)
+            self.state.micro_split = self.group.max(max(self.state.micro_split, split))
         self.peak_flops = device_peak_flops(self.device, self.precision.name)
+        if self.peak_flops is not None:  # the job's peak: its tokens/s counts every rank's
+            self.peak_flops *= self.group.world
         self.flops_per_token = self._flops_per_token() if self.peak_flops else None
         self.metrics: Any = distributed.NO_METRICS
         if self.group.main:
@@ -389,7 +394,7 @@ class Trainer:
         except torch.OutOfMemoryError:
             self.opt.zero_grad()
             maybe_empty_cuda_cache("out of memory", min_free_ratio=1.0, log=self.log)
-            if self.state.micro_split >= self.cfg.train.batch_size:
+            if self.state.micro_split >= self.cfg.train.batch_size // self.group.world:
                 raise
             self.state.micro_split *= 2
             self.log(f"warning: out of memory; each micro-batch now runs in "
@@ -490,6 +495,8 @@ class Trainer:
             train_log.count(self._advance(step))
             bar.update(1)
             completed = self.state.step
+            if t.empty_cache_interval and completed % t.empty_cache_interval == 0:
+                maybe_empty_cuda_cache("periodic", log=self.log)
             if train_log.due(completed):
                 row = train_log.write(completed, train_loss, self.opt.param_groups[0]["lr"],
                                       grad_norm, self.state.tokens_seen, memory_mb(self.device),
