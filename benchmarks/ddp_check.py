@@ -4,8 +4,8 @@
     python benchmarks/ddp_check.py [--steps 50] [--models gpt bdh hippocampal] [--parallel ddp]
     python benchmarks/ddp_check.py --quick        # 3 steps of tiny models: checks the script
 
-Each model trains at its CPU preset (``demo``, ``bdh-cpu``, ``hippocampal-cpu``; dropout 0, as
-each rank draws its own dropout masks) on ``builtin:shakespeare`` (chars, bytes for bdh), with
+Each model trains at its CPU preset (``demo``, ``bdh-cpu``, ``hippocampal-cpu``; fp32; dropout
+0, as each rank draws its own dropout masks) on ``builtin:shakespeare`` (chars, bytes for bdh), with
 a loss row every step and one evaluation at the end; hippocampal reads and writes its memory
 from step 10. Prints JSON: per model the largest absolute difference of the per-step training
 loss and of the final val loss between the two runs, both curves, and the tokens/s each run's
@@ -70,6 +70,7 @@ def main() -> None:
                       str(steps), "--checkpoint-interval", str(steps),
                       "--set", "model.dropout=0.0", "--set", "train.log_interval=1",
                       "--set", f"train.eval_interval={steps}", "--set", "train.device=cpu",
+                      "--set", "train.precision=fp32",
                       "--set", f"train.parallel={args.parallel}",
                       *(["--set", "train.memory_warmup_steps=10"] if name == "hippocampal"
                         else []), *(TINY if args.quick else [])]

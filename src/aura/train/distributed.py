@@ -145,14 +145,15 @@ class Group:
 
     def share(self, decide: Callable[[], Any]) -> Any:
         """Rank 0 runs ``decide`` (which may write) and every rank gets its JSON result; an
-        AuraError on rank 0 stops the others with ``FollowerError``."""
+        exception on rank 0 stops the others with ``FollowerError``."""
         if self.world == 1:
             return decide()
         if self.main:
             try:
                 result = decide()
-            except AuraError as exc:
-                self.broadcast_json({"error": str(exc)})
+            except Exception as exc:  # the others must not wait for an answer that never comes
+                self.broadcast_json({"error": str(exc) if isinstance(exc, AuraError)
+                                     else f"rank 0 failed: {type(exc).__name__}: {exc}"})
                 raise
             return self.broadcast_json({"ok": result})["ok"]
         got = self.broadcast_json(None)
