@@ -173,3 +173,16 @@ def test_two_rank_resume_is_bit_exact(tmp_path: Path, train_data: Path) -> None:
         return meta["files"]
 
     assert digests(halves) == digests(whole)  # weights, optimizer state and RNG, bit for bit
+
+
+@pytest.mark.slow
+def test_a_run_rank0_refuses_stops_every_rank_with_one_line(tmp_path: Path, train_data: Path,
+                                                            run_cli: Any) -> None:
+    run = tmp_path / "run"
+    assert run_cli("train", *train_args(train_data, run, 3)).code == 0
+    out, reports = torchrun(tmp_path, train_args(train_data, run, 3), run)  # no --resume
+    assert out.returncode != 0
+    assert [r["code"] for r in reports] == [2, 2]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("aura: error")]
+    assert len(errors) == 1 and "already holds checkpoints" in errors[0], out.stderr[-2000:]
+    assert reports[1]["writes"] == []
