@@ -150,16 +150,17 @@ def test_every_data_file_of_the_package_ships_in_a_wheel() -> None:
         assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
 
 
-def test_large_gpu_presets_share_the_model_and_an_effective_batch_of_128() -> None:
+def test_large_gpu_presets_grow_with_the_gpu_and_keep_an_effective_batch_of_128() -> None:
     l4, a40, a80 = (load_config(preset=n) for n in ("l4-24gb", "a100-40gb", "a100-80gb"))
-    assert (l4.model.n_layer, l4.model.n_head, l4.model.n_embd, l4.model.block_size) == (
-        12, 12, 768, 512,
-    )
-    assert l4.model == a40.model == a80.model
-    for cfg, micro in ((l4, 8), (a40, 16), (a80, 32)):
+    shapes = [(c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size)
+              for c in (l4, a40, a80)]
+    assert shapes == [(24, 12, 1536, 1024), (24, 16, 2048, 1024), (40, 20, 2560, 1024)]
+    for cfg, micro in ((l4, 4), (a40, 8), (a80, 8)):
         assert cfg.train.batch_size == micro
         assert cfg.train.batch_size * cfg.train.grad_accum == 128
         assert (cfg.train.precision, cfg.train.compile, cfg.train.lr) == ("bf16", True, 1e-4)
+        assert cfg.train.grad_checkpoint
+    assert a80.train.parallel == "fsdp"  # under torchrun with several GPUs
 
 
 def test_m1_preset_uses_fp32_and_checkpointing() -> None:

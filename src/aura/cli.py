@@ -183,8 +183,18 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from aura.config import config_to_dict, config_to_yaml, explain_config, load_config
 
-    cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.set)
-    if args.explain and args.json:
+    cfg = load_config(preset=_preset(args.preset), config_file=args.config, overrides=args.set)
+    if args.estimate:
+        from aura.train.gpu import describe, estimate_gpu
+
+        if args.nproc < 1:
+            raise AuraError(f"--nproc must be at least 1, got {args.nproc}")
+        est = estimate_gpu(cfg, args.nproc)
+        if args.json:
+            _print_json(est.as_dict())
+        else:
+            sys.stdout.write(describe(est))
+    elif args.explain and args.json:
         _print_json(explain_config(cfg))
     elif args.explain:
         _print_explained(explain_config(cfg))
@@ -193,6 +203,17 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(config_to_yaml(cfg))
     return EXIT_OK
+
+
+def _preset(name: str | None) -> str | None:
+    """``auto`` is the preset for this machine's device and memory (aura.train.gpu)."""
+    if name != "auto":
+        return name
+    from aura.train.gpu import auto_preset
+
+    chosen = auto_preset()
+    print(f"note: --preset auto chose {chosen}", file=sys.stderr)
+    return chosen
 
 
 def _print_explained(explained: dict[str, dict[str, Any]]) -> None:
@@ -220,7 +241,9 @@ def _cmd_config_list(args: argparse.Namespace) -> int:
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """The config flags every command that builds a config shares."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", metavar="NAME", help="a named preset (`aura config list`)")
+    src.add_argument("--preset", metavar="NAME",
+                     help="a named preset (`aura config list`); auto: the one for this "
+                          "machine's GPU and its memory")
     src.add_argument("--config", metavar="FILE", help="a YAML config file")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -236,6 +259,12 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--explain", action="store_true",
                       help="every key as KEY=VALUE with what it means (with --json: an object "
                            "KEY -> {value, doc})")
+    show.add_argument("--estimate", action="store_true",
+                      help="print the parameter count and the estimated peak GPU memory "
+                           "(bf16 unless the config says otherwise) instead of the config")
+    show.add_argument("--nproc", type=int, default=1, metavar="N",
+                      help="with --estimate: per GPU of N (train.parallel=fsdp shards the "
+                           "weights, gradients and optimizer state over them)")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_cmd_config_show)
     lst = csub.add_parser("list", help="list the named presets")
@@ -274,19 +303,28 @@ def _train_config(args: argparse.Namespace) -> Any:
         return apply_overrides(cfg, dict(parse_override(o) for o in overrides))
     if args.preset is None and args.config is None:
         raise AuraError("give --preset NAME or --config FILE (`aura config list` shows presets)")
-    return load_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    return load_config(preset=_preset(args.preset), config_file=args.config,
+                       overrides=overrides)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import signal
 
     from aura.atomic import check_writable_dir
+    from aura.train.distributed import env_rank
+    from aura.train.gpu import colab_run_dir
     from aura.train.trainer import Trainer
 
-    out = Path(args.out)
+    out = colab_run_dir(Path(args.out))  # on Colab a relative run goes to the mounted Drive
+    if out != Path(args.out):
+        print(f"note: Colab: the run is {out} on your Drive (it outlives the session; "
+              "--resume continues it after a disconnect)", file=sys.stderr)
+        args.out = str(out)
     if out.exists() and not out.is_dir():
         raise AuraError(f"--out {out} exists and is not a directory")
-    check_writable_dir(out)  # now, not after loading the data and building the model
+    main_rank = env_rank() == 0  # under torchrun, rank 0 alone writes the run and reports
+    if main_rank:
+        check_writable_dir(out)  # now, not after loading the data and building the model
     if args.init_continual and args.init_from is None:
         raise AuraError("--init-continual needs --init-from RUN")
     cfg = _train_config(args)
@@ -297,9 +335,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      progress=not args.json, init_from=args.init_from,
                      init_continual=args.init_continual).run()
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
-    if args.json:
+    if main_rank and args.json:
         _print_json(summary)
-    else:
+    elif main_rank:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
         print(f"{result.stopped} at step {result.step}: val loss {val}, "
               f"{result.tokens_per_s:,.0f} tokens/s, run in {result.run_dir}")
@@ -569,6 +607,28 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--device", default="auto")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_cmd_viz)
+
+
+# --- aura export -----------------------------------------------------------------------------
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from aura.train.export import export_checkpoint
+
+    print(export_checkpoint(args.run, args.out))
+    return EXIT_OK
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    x = sub.add_parser("export", help="copy a run's best checkpoint as a weights-only one",
+                       description="Write the best (else newest good) checkpoint of RUN_DIR, "
+                       "verified, to a new directory without what only resuming needs "
+                       "(optimizer and RNG state): model.safetensors, tokenizer, memories, "
+                       "meta.json, which `aura generate` and `aura eval` take as it is. "
+                       "Checkpoints of data-parallel and FSDP2 runs are consolidated already.")
+    x.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    x.add_argument("--out", required=True, metavar="DIR", help="a directory that does not exist")
+    x.set_defaults(func=_cmd_export)
 
 
 # --- aura analyze ----------------------------------------------------------------------------
@@ -938,6 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_talk(sub)
     _add_cl(sub)
     _add_learn_export(sub)
+    _add_export(sub)
     return parser
 
 
@@ -950,7 +1011,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except AuraError as exc:
-        print(f"aura: error: {one_line(str(exc))}", file=sys.stderr)
+        if not getattr(exc, "said_elsewhere", False):  # another rank of the job printed it
+            print(f"aura: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("aura: interrupted", file=sys.stderr)

@@ -32,6 +32,7 @@ from aura.models import ModelConfig, model_config_class
 Schedule = Literal["cosine", "plateau", "constant"]
 Optimizer = Literal["adamw", "muon"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Parallel = Literal["ddp", "fsdp"]
 
 
 @dataclass
@@ -58,7 +59,7 @@ class TrainConfig:
     """The optimisation loop: batch, schedule, optimiser, precision, bookkeeping."""
 
     batch_size: int = 12
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (of all ranks together under torchrun)."""
     block_size: int | None = None
     """Training sequence length; None: model.block_size."""
     grad_accum: int = 1
@@ -133,6 +134,19 @@ class TrainConfig:
     [0.1, 10], LR not reaching the optimizer, dead spiking layers, ...) and warn, once each."""
     strict_sanity: bool = False
     """Stop the run (a checkpoint saved, exit 2) at the first sanity warning."""
+    empty_cache_interval: int = 100
+    """Steps between checks of free CUDA memory: below 12% free the cache is emptied (never
+    on every step, which thrashes the allocator); 0: only after an out-of-memory. Ignored off
+    CUDA."""
+    auto_micro_batch: bool = True
+    """On CUDA, split each micro-batch at the start into as many chunks as the GPU's free
+    memory needs (estimated; the first step's out-of-memory split is the backstop); the
+    effective batch and the data are unchanged."""
+    parallel: Parallel = "ddp"
+    """Under torchrun: "ddp" (every rank holds the whole model, gradients are averaged) or
+    "fsdp" (FSDP2: parameters, gradients and optimizer state sharded block by block over the
+    ranks). batch_size is the global micro-batch, split evenly over the ranks; without torchrun
+    this is ignored."""
 
 
 ReplayPriority = Literal["uniform", "loss"]

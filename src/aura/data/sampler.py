@@ -64,10 +64,18 @@ class BatchSampler:
     """
 
     def __init__(self, split: SplitData, batch_size: int, block_size: BlockSize, seed: int,
-                 rank: int = 0, features: TokenFeatures | None = None, corpus_pos: bool = False):
+                 rank: int = 0, features: TokenFeatures | None = None, corpus_pos: bool = False,
+                 part: tuple[int, int] = (0, 1)):
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
+        index, parts = part
+        if batch_size % parts or not 0 <= index < parts:
+            raise DataError(f"batch size {batch_size} does not split into {parts} equal parts")
         self.split, self.batch_size, self.seed, self.rank = split, batch_size, seed, rank
+        # ``part=(i, n)``: only rows [i*B/n, (i+1)*B/n) of each batch (one data-parallel rank's
+        # share), drawn from the same uniforms, so the n parts together are the whole batch.
+        rows = batch_size // parts
+        self._rows = slice(index * rows, (index + 1) * rows)
         self.features, self.corpus_pos = features or {}, corpus_pos
         self._shard_starts = np.cumsum([0] + [s.n_tokens for s in split.shards])[:-1]
         self.block_size = block_size if callable(block_size) else FixedBlock(block_size)
@@ -126,13 +134,14 @@ class BatchSampler:
         cum, windows = self._table(block)
         u = self._uniforms(step, 2 * self.batch_size)
         span = np.arange(block + 1, dtype=np.int64)
-        maps = self.split.maps
+        maps, rows = self.split.maps, self._rows
         if len(maps) == 1:
-            offsets = (u[: self.batch_size] * windows[0]).astype(np.int64)
+            offsets = (u[: self.batch_size] * windows[0]).astype(np.int64)[rows]
             return maps[0][offsets[:, None] + span], offsets
         shard = np.searchsorted(cum, u[self.batch_size :], side="right")
-        offsets = (u[: self.batch_size] * windows[shard]).astype(np.int64)
-        out = np.empty((self.batch_size, block + 1), dtype=self.split.dtype)
+        offsets = (u[: self.batch_size] * windows[shard]).astype(np.int64)[rows]
+        shard = shard[rows]
+        out = np.empty((offsets.size, block + 1), dtype=self.split.dtype)
         for k in np.unique(shard):
             rows = shard == k
             out[rows] = maps[k][offsets[rows, None] + span]

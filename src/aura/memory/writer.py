@@ -17,6 +17,7 @@ earlier batch's overlapping window cannot hand it text that comes after it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,10 @@ class MemoryWriter:
     def __init__(self, store: EpisodicStore):
         self.store = store
         self._queued: _Queued | None = None
+        # Applied to the queue (None when empty) as ``flush`` starts. Under data parallelism
+        # (aura.train.distributed) it returns the union of every rank's queue, in rank order, so
+        # every rank writes the same memories and the stores stay identical.
+        self.gather: Callable[[_Queued | None], _Queued | None] | None = None
 
     @property
     def queued(self) -> torch.Tensor | None:
@@ -84,6 +89,8 @@ class MemoryWriter:
         cannot poison the store, and at most the newest ``capacity`` are kept. The store's
         arithmetic runs in fp32 outside autocast.
         """
+        if self.gather is not None:
+            self._queued = self.gather(self._queued)
         if self._queued is None:
             return 0
         q, self._queued = self._queued, None

@@ -30,6 +30,7 @@ from aura.data.sampler import BatchSampler, Curriculum, StepBatches
 from aura.data.shards import PreparedData
 from aura.errors import AuraError, DataError, environment_error
 from aura.models import AuraModel, build_model
+from aura.train import distributed, gpu
 from aura.train.checkpoint import (
     Checkpointer,
     NoUsableCheckpoint,
@@ -49,7 +50,6 @@ from aura.train.device import (
     device_peak_flops,
     maybe_empty_cuda_cache,
     memory_mb,
-    pick_device,
     pick_precision,
 )
 from aura.train.metrics import MetricsLog, TrainLog, progress_fields, training_flops_per_token
@@ -117,36 +117,53 @@ class Trainer:
         elif cfg.model.vocab_size != vocab:
             raise AuraError(f"model.vocab_size is {cfg.model.vocab_size} but the data's "
                             f"tokenizer has {vocab}")
-        self.device = pick_device(cfg.train.device)  # settings errors leave no run directory
-        self.precision = pick_precision(cfg.train.precision, self.device, self.log,
-                                        width=cfg.model.n_embd)
-        if cfg.train.memory_check:  # before anything is built or written: a refusal leaves no run
-            check_training_memory(cfg, self.device, self.precision.name)
+        # settings errors leave no run directory; under torchrun, rank 0 alone speaks and writes
+        self.group = distributed.init(cfg.train.device)
+        self.device = self.group.device
+        if not self.group.main:
+            self.log, self.progress = distributed.quiet, False
+        try:
+            distributed.check_batch(self.group, cfg.train.batch_size)
+            self.precision = pick_precision(cfg.train.precision, self.device, self.log,
+                                            width=cfg.model.n_embd)
+            if cfg.train.memory_check:  # before anything is built or written: no run on refusal
+                check_training_memory(cfg, self.device, self.precision.name)
+            self.lock: Any = distributed.NO_LOCK
+            self.group.share(lambda: self._lock(resume))
+        except BaseException:
+            self.group.close()
+            raise
+        try:
+            self._setup(resume, restart_discarding_checkpoints)
+        except BaseException:
+            self.lock.release()
+            self.group.close()
+            raise
+
+    def _lock(self, resume: bool) -> None:
+        """Create and lock the run directory (rank 0)."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DataError(f"cannot create run directory {self.run_dir}: {exc.strerror}"
                             ) from None
         self.lock = lock_run(self.run_dir, "aura train --resume" if resume else "aura train")
-        try:
-            self._setup(resume, restart_discarding_checkpoints)
-        except BaseException:
-            self.lock.release()
-            raise
 
     def _setup(self, resume: bool, restart: bool) -> None:
         """Everything after the lock: where the run starts, the model, optimizers, batches."""
         cfg, t = self.cfg, self.cfg.train
-        start = self._start(resume, restart)
+        start = self._shared_start(resume, restart)
+        self.parallel = distributed.Parallel(self.group, t.parallel)
         self.scaler = self.precision.new_scaler()
         torch.manual_seed(t.seed)
         self.model: AuraModel = build_model(cfg.model).to(self.device)
         self.model.grad_checkpoint = t.grad_checkpoint
-        self.forward: Callable[..., Any] = self.model
+        self.wrapped = self.parallel.wrap(self.model, self.precision, t.grad_checkpoint)
+        self.forward: Callable[..., Any] = self.wrapped
         self._compiled = False
         if t.compile:
             try:
-                self.forward, self._compiled = torch.compile(self.model), True
+                self.forward, self._compiled = torch.compile(self.wrapped), True
             except Exception as exc:  # any backend failure: eager still trains correctly
                 self.log(f"warning: torch.compile unavailable ({exc}); training eagerly")
         self.opt = build_optimizers(self.model, t, self.device)
@@ -154,12 +171,13 @@ class Trainer:
         stages = cfg.data.curriculum
         block_fn = Curriculum(stages, self.block) if stages else self.block
         features = token_features(self.model.token_features, self.data.tokenizer)
+        part = (self.group.rank, self.group.world)  # this rank's rows of each global batch
         self.train_batches = BatchSampler(self.data.split("train"), t.batch_size, block_fn, t.seed,
                                           features=features,
-                                          corpus_pos=self.model.wants_corpus_pos)
+                                          corpus_pos=self.model.wants_corpus_pos, part=part)
         val = self.data.splits.get("val")
         self.val_batches = (BatchSampler(val, t.batch_size, self.block, t.seed + 1,
-                                         features=features)
+                                         features=features, part=part)
                             if val is not None and val.n_tokens > self.block else None)
         d = cfg.data
         self.step_batches = StepBatches(self.train_batches, t.grad_accum, t.max_steps,
@@ -183,15 +201,27 @@ class Trainer:
             self.model.on_train_start(self.data)
             if self.init_from is not None:
                 self._init_from(Path(self.init_from))
+        distributed.share_memories(self.group, self.model)
+        if self.device.type == "cuda" and t.auto_micro_batch:  # never fewer chunks than saved
+            split = gpu.probe_split(cfg, self.device, self.precision.name, self.group.world)
+            self.state.micro_split = self.group.max(max(self.state.micro_split, split))
         self.peak_flops = device_peak_flops(self.device, self.precision.name)
+        if self.peak_flops is not None:  # the job's peak: its tokens/s counts every rank's
+            self.peak_flops *= self.group.world
         self.flops_per_token = self._flops_per_token() if self.peak_flops else None
-        atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(config_to_dict(cfg), indent=1))
-        self.metrics = MetricsLog(self.run_dir,
-                                  resume_step=self.state.step if start is not None else None,
-                                  log=self.log)
+        self.metrics: Any = distributed.NO_METRICS
+        if self.group.main:
+            atomic_write_text(self.run_dir / CONFIG_FILE,
+                              json.dumps(config_to_dict(cfg), indent=1))
+            self.metrics = MetricsLog(self.run_dir,
+                                      resume_step=self.state.step if start is not None else None,
+                                      log=self.log)
         self.sanity = SanityMonitor(cfg.model.vocab_size, t.max_steps) if t.sanity else None
         self.snapshots = None
-        if t.viz_interval:
+        if t.viz_interval and t.parallel == "fsdp" and self.group.world > 1:
+            raise AuraError("train.viz_interval draws on rank 0 alone, which FSDP2's sharded "
+                            "forward cannot do: use train.parallel=ddp or `aura viz` afterwards")
+        if t.viz_interval and self.group.main:
             from aura.eval.viz import Snapshots  # matplotlib only for runs that draw
 
             self.snapshots = Snapshots.for_run(self.run_dir, t.viz_interval, self.data,
@@ -204,6 +234,18 @@ class Trainer:
                                         {name: f[:1] for name, f in feats.items()})
 
     # --- state --------------------------------------------------------------------------------
+
+    def _shared_start(self, resume: bool, restart: bool) -> tuple[Path, dict[str, Any]] | None:
+        """``_start`` on rank 0, its answer (and the history) on every rank."""
+        def decide() -> dict[str, Any]:
+            found = self._start(resume, restart)
+            return {"history": self.history,
+                    "start": None if found is None else [str(found[0]), found[1]]}
+
+        shared = self.group.share(decide)
+        self.history = shared["history"]
+        return None if shared["start"] is None else (Path(shared["start"][0]),
+                                                     shared["start"][1])
 
     def _start(self, resume: bool, restart: bool) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint to resume from, or None for step 0; sets ``self.history``. A fresh
@@ -247,7 +289,8 @@ class Trainer:
             raise AuraError(f"{path} holds a different model ({', '.join(changed)}); resume "
                             "with the run's saved config (omit --preset/--config)")
         self._load(path)
-        self.checkpointer.finish(path, meta, self.state)
+        if self.group.main:
+            self.checkpointer.finish(path, meta, self.state)
         self.log(f"resumed from {path} at step {self.state.step}")
 
     def _init_from(self, source: Path) -> None:
@@ -269,8 +312,9 @@ class Trainer:
         self.log(f"initialised from {path}")
 
     def _load(self, path: Path) -> None:
-        self.state, opt_states = load_train_state(path, self.model)
-        self.opt.load_state_dict(opt_states)
+        weights = self.parallel.io_model(self.model)
+        self.state, opt_states = load_train_state(path, weights)
+        self.parallel.load_full(self.model, weights, self.opt, opt_states)
         self.plateau = Plateau(**self.state.plateau) if self.state.plateau else self.plateau
         self.continual.load(path)
         if self.scaler is not None and self.state.grad_scaler:
@@ -324,8 +368,10 @@ class Trainer:
         aux: dict[str, torch.Tensor] = {}
         switches = self._switches(step)
         self.continual.begin_step()
-        for i, (x, y, feats, weight) in enumerate(self._micro_batches(step)):
-            with self.precision.autocast():
+        micro = list(self._micro_batches(step))
+        for i, (x, y, feats, weight) in enumerate(micro):
+            with (self.parallel.sync_gradients(self.wrapped, i == len(micro) - 1),
+                  self.precision.autocast()):
                 out, loss = self.continual.forward(self.forward, step, i, x, y, feats,
                                                    label_smoothing=t.label_smoothing, **switches)
             loss = loss * weight
@@ -338,8 +384,13 @@ class Trainer:
             aux = {**aux, "ewc": torch.tensor(penalty)}
         if self.scaler is not None:
             self.opt.unscale_(self.scaler)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
+        norm = self.parallel.local(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf))
         loss_value, norm_value = torch.stack([total, norm.to(total)]).tolist()
+        aux_values = {k: float(v) for k, v in aux.items() if k != "ce"}
+        # every rank sees the global mean loss (its norm is global already): same decisions
+        loss_value, *means = self.group.mean([loss_value, *aux_values.values()])
+        aux_values = dict(zip(aux_values, means, strict=True))
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.opt.zero_grad()
             raise self._nonfinite_error(loss_value)
@@ -348,7 +399,7 @@ class Trainer:
             self.scaler.update()
         self.opt.zero_grad()
         self.continual.commit()
-        return loss_value, norm_value, {k: float(v) for k, v in aux.items() if k != "ce"}
+        return loss_value, norm_value, aux_values
 
     def _nonfinite_error(self, loss: float) -> Exception:
         """The one policy for non-finite steps in every precision: count, skip, roll back after
@@ -391,7 +442,7 @@ class Trainer:
         except torch.OutOfMemoryError:
             self.opt.zero_grad()
             maybe_empty_cuda_cache("out of memory", min_free_ratio=1.0, log=self.log)
-            if self.state.micro_split >= self.cfg.train.batch_size:
+            if self.state.micro_split >= self.cfg.train.batch_size // self.group.world:
                 raise
             self.state.micro_split *= 2
             self.log(f"warning: out of memory; each micro-batch now runs in "
@@ -422,7 +473,7 @@ class Trainer:
                 out = self.model(x.to(self.device), y.to(self.device), **switches, **feats)
             losses.append(out.loss.float())
         self.model.train()
-        return torch.stack(losses).mean().item()
+        return self.group.mean([torch.stack(losses).mean().item()])[0]  # rows split over ranks
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -443,12 +494,20 @@ class Trainer:
                 raise
             raise AuraError(f"training stopped at step {self.state.step}: {reason}; "
                             f"{self._last_checkpoint_note()}") from None
+        except Exception as exc:
+            if not distributed.collective_failure(exc):
+                raise
+            raise distributed.RankLost(
+                f"rank {self.group.rank} lost the other ranks of the job at step "
+                f"{self.state.step} ({type(exc).__name__}); {self._last_checkpoint_note()}"
+            ) from None
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.step_batches.close()
             self.metrics.close()
             self.lock.release()
+            self.group.close()
 
     def _last_checkpoint_note(self) -> str:
         """Where the run can go on from once the file system lets it: checkpoints are renamed
@@ -471,7 +530,8 @@ class Trainer:
         train_loss = val_loss = None
         stopped = "max_steps"
         while self.state.step < t.max_steps:
-            if self._stop_signal:
+            if self.group.any(self._stop_signal is not None):  # a signal to one rank stops all
+                self._stop_signal = self._stop_signal or "SIGTERM"
                 stopped = "interrupted"
                 break
             step = self.state.step
@@ -485,6 +545,8 @@ class Trainer:
             completed = self.state.step
             if self.continual.sleep_due(completed):
                 self._sleep(completed)
+            if t.empty_cache_interval and completed % t.empty_cache_interval == 0:
+                maybe_empty_cuda_cache("periodic", log=self.log)
             if train_log.due(completed):
                 row = train_log.write(completed, train_loss, self.opt.param_groups[0]["lr"],
                                       grad_norm, self.state.tokens_seen, memory_mb(self.device),
@@ -509,7 +571,8 @@ class Trainer:
                 stopped = "early_stop"
                 self.log(f"early stop: no val improvement in {t.early_stop_patience} evaluations")
                 break
-        if stopped == "interrupted" or not self.checkpointer.saved(self.state.step):
+        saved = self.group.broadcast_json(self.checkpointer.saved(self.state.step))
+        if stopped == "interrupted" or not saved:
             self._checkpoint(None)  # also when the last step was skipped as non-finite
         if stopped == "interrupted":
             self.log(f"stopped at step {self.state.step}; continue with --resume")
@@ -596,5 +659,14 @@ class Trainer:
             self.continual.consolidate(st.step, self._switches(st.step))
         st.plateau = self.plateau.state()
         st.grad_scaler = self.scaler.state_dict() if self.scaler is not None else {}
-        self.checkpointer.save(self.model, self.data.tokenizer, self.cfg, st,
-                               self.opt.state_dict(), val_loss, extra=self.continual.save)
+        self.model.flush_memory()  # every rank: a flush gathers all ranks' queued memories
+        model, opt_states = self.parallel.full_state(self.model, self.opt)
+        if model is not None and opt_states is not None:  # rank 0
+            with distributed.local_memories(model):
+                self.checkpointer.save(model, self.data.tokenizer, self.cfg, st, opt_states,
+                                       val_loss, extra=self.continual.save)
+        else:  # the others follow rank 0's best val loss
+            improved = val_loss is not None and (st.best_val_loss is None
+                                                 or val_loss < st.best_val_loss)
+            st.best_val_loss = val_loss if improved else st.best_val_loss
+        self.group.barrier()  # nobody reads the run's checkpoints while rank 0 writes them
