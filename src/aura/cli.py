@@ -318,7 +318,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     on_ready = None if stream is None else (lambda: stream(prompt))
     text = generate_text(loaded.model, loaded.tokenizer, prompt, args.max_new_tokens,
                          sampling, use_cache=not args.no_cache, stop=stop, stream=stream,
-                         on_ready=on_ready)
+                         on_ready=on_ready, memory=args.memory or "read")
     if args.json:
         _print_json({"checkpoint": str(loaded.path), "prompt": prompt, "text": text})
     else:
@@ -333,7 +333,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from aura.train.device import pick_device
 
     loaded = load_for_inference(args.run, pick_device(args.device))
-    kw = {"batch_size": args.batch_size, "max_tokens": args.max_tokens, "progress": not args.json}
+    if args.stream:
+        return _eval_stream(args, loaded)
+    kw = {"batch_size": args.batch_size, "max_tokens": args.max_tokens, "progress": not args.json,
+          "memory": args.memory or "read"}
     if args.text is not None:
         path = Path(args.text)
         try:
@@ -367,11 +370,44 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _eval_stream(args: argparse.Namespace, loaded: Any) -> int:
+    """``aura eval --stream``: consecutive windows with memory carried (aura.eval.stream)."""
+    from aura.eval.stream import evaluate_stream, window_buckets
+
+    if args.text is None or args.energy:
+        raise AuraError("--stream reads one document: give --text FILE (and no --energy)")
+    path = Path(args.text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuraError(f"cannot read {path}: {exc}") from None
+    result = evaluate_stream(loaded.model, loaded.tokenizer, text, memory=args.memory,
+                             max_tokens=args.max_tokens, progress=not args.json)
+    if args.json:
+        _print_json({"checkpoint": str(loaded.path), **result.to_dict()})
+        return EXIT_OK
+    later = ("-" if result.later_windows_bpb is None else f"{result.later_windows_bpb:.4f}")
+    print(f"{loaded.path}: memory {result.memory}  loss {result.loss:.4f}  bits/byte "
+          f"{result.bits_per_byte:.4f}  first window {result.first_window_bpb:.4f}  later "
+          f"windows {later}  ({len(result.windows):,} windows, {result.n_tokens:,} tokens)")
+    for label, bpb, tokens in window_buckets(result.windows):
+        print(f"  windows {label}: bits/byte {bpb:.4f} ({tokens:,} tokens)")
+    return EXIT_OK
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from aura.eval.plots import plot_run
 
     print(plot_run(args.run, args.out))
     return EXIT_OK
+
+
+def _memory_argument(p: argparse.ArgumentParser) -> None:
+    """The inference memory switch eval and generate share (aura.models.memory_mode)."""
+    p.add_argument("--memory", choices=["off", "read", "write"],
+                   help="the episodic memory: off (no reads), read (the checkpoint's, the "
+                        "default), write (also remember what is read; a token reads only "
+                        "memories of earlier forwards)")
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
@@ -406,6 +442,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-cache", action="store_true", help="re-run the prefix for every token")
     g.add_argument("--device", default="auto")
     g.add_argument("--json", action="store_true")
+    _memory_argument(g)
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")
@@ -421,6 +458,11 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                    help="also count MACs and spike-driven ACs per layer over the first batch and "
                         "estimate its energy (45 nm: MAC 4.6 pJ, AC 0.9 pJ)")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--stream", action="store_true",
+                   help="read --text as one document in consecutive windows, carrying the "
+                        "memory (and a recurrent state) across them; loss and bits/byte per "
+                        "window (--memory defaults to write where the model can)")
+    _memory_argument(e)
     e.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("plot", help="write a PNG of a run's curves")

@@ -19,6 +19,7 @@ from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
 from aura.infer.sampling import SamplingConfig, sample_next
 from aura.models.base import AuraModel
+from aura.models.memory_mode import memory_kwargs
 
 TokenCallback = Callable[[torch.Tensor], bool | None]
 # The output ids are allocated whole before decoding (8 bytes per token and row), so an extra
@@ -39,17 +40,18 @@ def _new_cache(model: AuraModel, batch: int, start: int, total: int,
 
 
 def _last_logits(model: AuraModel, window: torch.Tensor, n_new: int, cache: Any,
-                 features: TokenFeatures) -> torch.Tensor:
+                 features: TokenFeatures, memory: dict[str, bool]) -> torch.Tensor:
     """Logits after ``window``, feeding the model its last ``n_new`` tokens (the rest are in
     the cache). Token features are computed over the whole window, since e.g. a word's valence
     depends on the tokens before it, then cut to the tokens fed."""
     feats = {name: f[:, -n_new:] for name, f in compute_features(features, window).items()}
-    return model(window[:, -n_new:], cache=cache, last_only=True, **feats).logits[:, -1]
+    return model(window[:, -n_new:], cache=cache, last_only=True, **memory,
+                 **feats).logits[:, -1]
 
 
 def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
             use_cache: bool, stop_ids: int | None, on_token: TokenCallback | None,
-            features: TokenFeatures) -> int:
+            features: TokenFeatures, memory: dict[str, bool]) -> int:
     """Fill ``out[:, t:]`` one column per step; return how many columns are filled."""
     batch, total = out.shape
     max_ctx = model.max_context
@@ -61,7 +63,7 @@ def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfi
     done = torch.zeros(batch, dtype=torch.bool, device=out.device)
     start = 0 if max_ctx is None else max(0, t - max_ctx)  # first token the model sees
     cache = _new_cache(model, batch, start, total, max_ctx) if use_cache else None
-    logits = _last_logits(model, out[:, start:t], t - start, cache, features)
+    logits = _last_logits(model, out[:, start:t], t - start, cache, features, memory)
     while True:
         nxt = sample_next(logits, out[:, :t], sampling, generator)
         if stop_ids is not None:
@@ -75,7 +77,7 @@ def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfi
         if cache is None:
             if max_ctx is not None:
                 start = max(0, t - max_ctx)
-            logits = _last_logits(model, out[:, start:t], t - start, None, features)
+            logits = _last_logits(model, out[:, start:t], t - start, None, features, memory)
         elif max_ctx is not None and t - start > max_ctx:
             # The cache is full. Learned absolute positions cannot slide: every cached key was
             # computed at its old position, so dropping the oldest token would need all of them
@@ -83,15 +85,15 @@ def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfi
             # max_ctx // 2 cheap steps per prefill (a sliding window would prefill every step).
             start = t - max(1, max_ctx // 2)
             cache = _new_cache(model, batch, start, total, max_ctx)
-            logits = _last_logits(model, out[:, start:t], t - start, cache, features)
+            logits = _last_logits(model, out[:, start:t], t - start, cache, features, memory)
         else:
-            logits = _last_logits(model, out[:, start:t], 1, cache, features)
+            logits = _last_logits(model, out[:, start:t], 1, cache, features, memory)
 
 
 def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
              sampling: SamplingConfig, *, use_cache: bool = True, stop_ids: int | None = None,
-             on_token: TokenCallback | None = None, features: TokenFeatures | None = None
-             ) -> torch.Tensor:
+             on_token: TokenCallback | None = None, features: TokenFeatures | None = None,
+             memory: str = "read") -> torch.Tensor:
     """(B, T0 + n) ids: the prompt followed by n <= max_new_tokens generated tokens.
 
     Context beyond ``model.max_context`` is cropped to its last max_context tokens (uncached:
@@ -101,7 +103,9 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     returns True. A model whose ``new_cache`` returns None is always decoded uncached. The
     model runs in eval mode under inference_mode; its previous mode is restored afterwards.
     ``features`` builds the per-token inputs the model asks for (``model.token_features``);
-    ``generate_text`` makes them from the tokenizer.
+    ``generate_text`` makes them from the tokenizer. ``memory`` is the inference memory
+    switch (aura.models.memory_mode): with ``write`` every forward also queues memories of
+    what it read, written as the next forward starts, so a token never reads its own.
     """
     if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long:
         raise ValueError(f"prompt_ids must be a (B, T) long tensor, got {prompt_ids.dtype} "
@@ -109,6 +113,7 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     if prompt_ids.size(0) == 0 or prompt_ids.size(1) == 0:
         raise AuraError(f"empty prompt: prompt_ids has shape {tuple(prompt_ids.shape)}")
     _check_max_new_tokens(max_new_tokens)
+    memory_args = memory_kwargs(model, memory)
     features = features or {}
     missing = set(model.token_features) - set(features)
     if missing:
@@ -125,7 +130,8 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     model.eval()
     try:
         with torch.inference_mode():
-            n = _decode(model, out, t0, sampling, use_cache, stop_ids, on_token, features)
+            n = _decode(model, out, t0, sampling, use_cache, stop_ids, on_token, features,
+                        memory_args)
     finally:
         model.train(was_training)
     return out[:, :n]
@@ -180,17 +186,18 @@ class _TextStream:
 def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
                   sampling: SamplingConfig, *, use_cache: bool = True, stop: Sequence[str] = (),
                   stream: Callable[[str], None] | None = None,
-                  on_ready: Callable[[], None] | None = None) -> str:
+                  on_ready: Callable[[], None] | None = None, memory: str = "read") -> str:
     """The text generated after ``prompt``, ending before the first stop string or eot token.
 
     ``stream`` receives the same text in pieces as it is generated. An empty prompt starts
     from the tokenizer's end-of-text token, which is what a document start looks like in
     training; without one there is nothing to condition on. ``on_ready`` is called once every
     argument has been checked, before the first token: a caller that echoes the prompt there
-    prints nothing for input that is refused.
+    prints nothing for input that is refused. ``memory`` as for ``generate``.
     """
     if any(s == "" for s in stop):
         raise AuraError("stop strings must not be empty")
+    memory_kwargs(model, memory)  # a mode the model cannot honour is refused before the echo
     _check_max_new_tokens(max_new_tokens)
     ids = tokenizer.encode(prompt)
     if len(ids) == 0:
@@ -205,5 +212,5 @@ def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_t
         on_ready()
     text = _TextStream(tokenizer, stop, stream)
     generate(model, prompt_ids, max_new_tokens, sampling, use_cache=use_cache,
-             stop_ids=tokenizer.eot_id, on_token=text.push, features=features)
+             stop_ids=tokenizer.eot_id, on_token=text.push, features=features, memory=memory)
     return text.finish()

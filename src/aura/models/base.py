@@ -96,6 +96,10 @@ class AuraModel(nn.Module):
     # True: forward takes ``remember`` (and ``corpus_pos``): asked to, it queues memories of its
     # input, which is how ``aura learn`` has the model remember new text at service positions.
     writes_own_memory: bool = False
+    # True: forward takes ``remember``, and asked to, an *inference* forward (eval, generation)
+    # queues memories of its input too, written as the next forward starts, so later windows or
+    # tokens read them and none reads its own (``aura eval --memory write``, aura.eval.stream).
+    remembers_at_inference: bool = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -161,6 +161,7 @@ class HippocampalTransformer(Decoder):
         super().__init__(c, learned_positions=not c.theta_gamma)
         self.token_features = ("prosody",) if c.prosody or c.time_cells else ()
         self.wants_corpus_pos = c.memory  # memories then hide text after each token
+        self.remembers_at_inference = c.memory
         self.theta_gamma = (ThetaGammaEncoding(c.n_embd, c.theta_period, c.gammas_per_theta)
                             if c.theta_gamma else None)
         self.place = (PlaceCellEncoder(c.n_embd, c.n_place_cells, c.place_active_fraction,
@@ -205,13 +206,13 @@ class HippocampalTransformer(Decoder):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: HippocampalCache | None = None, label_smoothing: float = 0.0,
                 last_only: bool = False, prosody: torch.Tensor | None = None,
-                use_memory: bool = True, corpus_pos: torch.Tensor | None = None
-                ) -> ModelOutput:
+                use_memory: bool = True, corpus_pos: torch.Tensor | None = None,
+                remember: bool | None = None) -> ModelOutput:
         """``prosody`` (B, T, N_FEATURES) comes from the data pipeline; with a cache it is the
         new tokens' rows, and the cache remembers the last boundary the time cells count from.
         ``corpus_pos`` (B,), the windows' corpus offsets (training), keeps memory reads to text
-        before each token. Training forms memories; they are written as the next forward
-        starts.
+        before each token. Training forms memories (``remember``, default: training without a
+        cache; True also at inference); they are written as the next forward starts.
         """
         B, T = idx.shape
         self.flush_memory()
@@ -220,7 +221,9 @@ class HippocampalTransformer(Decoder):
             raise ValueError(f"the hippocampal model needs prosody of shape {(B, T, N_FEATURES)}"
                              f" from the data pipeline, got "
                              f"{None if prosody is None else tuple(prosody.shape)}")
-        access = MemoryAccess(read=use_memory, write=self.training and cache is None,
+        if remember is None:
+            remember = self.training and cache is None
+        access = MemoryAccess(read=use_memory, write=remember and self.memory is not None,
                               positions=token_positions(corpus_pos, pos))
         x = self._encode(idx, pos, cache, prosody)
         for i, block in enumerate(self.blocks):

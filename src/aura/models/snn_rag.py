@@ -124,6 +124,7 @@ class SNNRAG(Decoder):
         self.writers = {f"layer{i}": writers[i] for i in layers}
         # a MiniLM bank needs the text, which a forward does not see: only build_memory fills it
         self.writes_own_memory = config.memory_encoder == "self"
+        self.remembers_at_inference = self.writes_own_memory
         for memory in memories.values():  # the GPT-2 init overwrote their identity query
             memory.reset_memory_parameters()
 
