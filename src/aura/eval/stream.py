@@ -46,9 +46,11 @@ class ReadOut(Protocol):
     """What turns a window's logits and hidden states into next-token log-probabilities, and
     learns from the window once it is scored (a kNN-LM datastore)."""
 
-    def log_probs(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor: ...
+    def log_probs(self, logits: torch.Tensor, hidden: torch.Tensor, x: torch.Tensor,
+                  carry: bool = False) -> torch.Tensor: ...
 
-    def observe(self, hidden: torch.Tensor, targets: torch.Tensor) -> None: ...
+    def observe(self, hidden: torch.Tensor, x: torch.Tensor, targets: torch.Tensor
+                ) -> None: ...
 
 
 @dataclass
@@ -111,8 +113,8 @@ def stream_steps(model: AuraModel, tokens: np.ndarray, *, memory: str,
         y = torch.from_numpy(window[1:]).to(device)[None]
         out = model(x, cache=cache, **kwargs, **compute_features(features or {}, x))
         if readout is not None and out.hidden is not None:
-            log_probs = readout.log_probs(out.logits, out.hidden)
-            readout.observe(out.hidden, y)
+            log_probs = readout.log_probs(out.logits, out.hidden, x, carry=True)
+            readout.observe(out.hidden, x, y)
         else:
             log_probs = F.log_softmax(out.logits.float(), dim=-1)
         yield StreamStep(index, x, y, out.hidden, log_probs)
