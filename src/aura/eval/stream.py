@@ -105,7 +105,7 @@ def stream_steps(model: AuraModel, tokens: np.ndarray, *, memory: str,
     bs = block_size if block_size is not None else limit or UNBOUNDED_WINDOW
     if bs < 1 or (limit is not None and bs > limit):
         raise ConfigError(f"block_size must be in 1..{limit or 'inf'}, got {bs}")
-    kwargs = memory_kwargs(model, memory)
+    kwargs = memory_kwargs(model, memory, other_memory=readout is not None)
     device = _device(model)
     cache = model.new_cache(1, bs) if limit is None else None
     for index, window in enumerate(_windows([tokens], len(tokens), bs + 1)):
@@ -134,7 +134,7 @@ def evaluate_stream(model: AuraModel, tokenizer: Tokenizer, text: str, *,
     if n < 2:
         raise DataError(f"nothing to evaluate: {n} token(s), need at least 2")
     bytes_per_token = len(text.encode("utf-8")) / len(tokens)
-    mode = memory or default_memory_mode(model, streaming=True)
+    mode = memory or default_memory_mode(model, streaming=True, knn=readout is not None)
     features = _features(model, tokenizer)
     windows: list[WindowScore] = []
     total = 0.0

@@ -23,17 +23,20 @@ MemoryMode = Literal["off", "read", "write"]
 MEMORY_MODES: tuple[str, ...] = ("off", "read", "write")
 
 
-def default_memory_mode(model: AuraModel, streaming: bool) -> MemoryMode:
+def default_memory_mode(model: AuraModel, streaming: bool, knn: bool = False) -> MemoryMode:
     """``write`` when reading a long document in a stream with a model that can remember at
-    inference (the point of a memory), else ``read``."""
-    return "write" if streaming and model.remembers_at_inference else "read"
+    inference, or with a kNN datastore to fill (the point of a memory), else ``read``."""
+    return "write" if streaming and (model.remembers_at_inference or knn) else "read"
 
 
-def memory_kwargs(model: AuraModel, mode: str) -> dict[str, bool]:
+def memory_kwargs(model: AuraModel, mode: str, other_memory: bool = False) -> dict[str, bool]:
     """The forward keywords for ``mode``; a mode the model cannot honour is a one-line error
-    (``off`` and ``read`` are no-ops for a model without memory)."""
+    (``off`` and ``read`` are no-ops for a model without memory; ``write`` too when
+    ``other_memory``, e.g. a kNN datastore, is what gets written)."""
     if mode not in MEMORY_MODES:
         raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {mode!r}")
+    if mode == "write" and other_memory and not model.remembers_at_inference:
+        return {}
     if mode == "write":
         if not model.remembers_at_inference:
             raise ConfigError(f"model {model.config.name!r} cannot write memories at inference "
