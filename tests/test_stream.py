@@ -19,7 +19,7 @@ from aura.infer.sampling import SamplingConfig
 from aura.models import build_model
 from aura.models.base import AuraModel
 from aura.models.memory_mode import memory_kwargs
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, assert_usage_error
 
 TEXT = ("First Citizen: We are accounted poor citizens, the patricians good! What authority "
         "surfeits on would relieve us? If they would yield us but the superfluity, while it "
@@ -160,7 +160,7 @@ def test_cli_stream_reports_every_window(run_cli, tmp_path: Path) -> None:  # ty
     text_out = run_cli("eval", tmp_path / "run", "--text", doc, "--stream", "--memory", "off")
     assert "windows 0:" in text_out.out and "memory off" in text_out.out
     bad = run_cli("eval", tmp_path / "run", "--data", tmp_path, "--stream")
-    assert bad.code == 2 and "--stream reads one document" in bad.err
+    assert_usage_error(bad, "read one document")
 
 
 @pytest.mark.parametrize("overrides", [HIPPO, SNN_RAG, GPT], ids=["hippocampal", "snn_rag",
