@@ -173,7 +173,7 @@ def stream(args: argparse.Namespace) -> dict[str, Any]:
         for name, text in works.items():
             text = text[:args.max_chars] if args.max_chars else text
             rows: dict[str, Any] = {}
-            for condition in CONDITIONS:
+            for condition in args.conditions.split(","):
                 if condition in ("model", "both") and not model.remembers_at_inference:
                     continue
                 m = copy.deepcopy(model)
@@ -220,6 +220,7 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=0)
     sub.choices["stream"].add_argument("--max-chars", type=int,
                                        help="read only the first N characters of each work")
+    sub.choices["stream"].add_argument("--conditions", default=",".join(CONDITIONS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     result = recall(args) if args.cmd == "recall" else stream(args)
