@@ -172,3 +172,19 @@ def test_a_model_that_remembers_at_inference_takes_remember(overrides: tuple[str
     takes = "remember" in inspect.signature(model.forward).parameters
     assert model.remembers_at_inference == bool(model.writers)
     assert takes or not model.remembers_at_inference
+
+
+def test_a_faiss_hippocampal_store_streams_what_the_exact_one_streams() -> None:
+    pytest.importorskip("faiss")
+    exact, faiss = build(HIPPO), build((*HIPPO, "model.memory_index=faiss"))
+    assert type(faiss.memory_stores()["hippocampus"].index).__name__ == "FaissIndex"
+    populate(exact)
+    populate(faiss)
+    tokens = TOK.encode(TEXT * 2).astype(np.int64)[:3 * BLOCK + 1]
+
+    def run(model: AuraModel) -> torch.Tensor:  # a FAISS index cannot be deep-copied
+        with torch.inference_mode():
+            return torch.cat([s.log_probs[0] for s in stream_steps(
+                model, tokens, memory="write", features=_features(model, TOK))])
+
+    torch.testing.assert_close(run(exact), run(faiss), atol=1e-5, rtol=1e-4)

@@ -16,6 +16,7 @@ event boundaries the time cells count from come with the batch from the data pip
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,9 @@ class HippocampalConfig(ModelConfig):
     """Memories each token recalls, by cosine similarity of keys."""
     memory_decay: float = 0.03
     """Strength each memory loses per training step, in [0, 1)."""
+    memory_index: Literal["exact", "faiss", "auto"] = "exact"
+    """The store's search: "exact" (torch's exact scan), "faiss" (needs faiss-cpu; IVF for
+    big stores), or "auto" (FAISS for big CPU stores only), as snn_rag's banks."""
     memory_graph_k: int = 4
     """Cognitive-map neighbours of a token's best match that join its recall (spreading
     activation); 0: no map."""
@@ -175,7 +179,7 @@ class HippocampalTransformer(Decoder):
         self.memory = None
         if c.memory:
             store = EpisodicStore(c.memory_dim, c.n_embd, c.memory_capacity, c.memory_decay,
-                                  graph_k=c.memory_graph_k)
+                                  graph_k=c.memory_graph_k, index=c.memory_index)
             self.writers = {"hippocampus": MemoryWriter(store)}
             self.memory = HippocampalMemory(c.n_embd, self.writers["hippocampus"],
                                             c.memory_top_k, c.memory_writes)
