@@ -61,9 +61,9 @@ class KNNConfig:
             raise ConfigError(f"knn lambda must be in [0, 1], got {self.lam}")
         if not self.temperature > 0 or not math.isfinite(self.temperature):
             raise ConfigError(f"knn temperature must be > 0, got {self.temperature}")
-        if self.k < 1 or self.span < 1 or self.proj_dim < 1:
-            raise ConfigError(f"knn k, span and proj_dim must be >= 1, got {self.k}, "
-                              f"{self.span}, {self.proj_dim}")
+        if self.k < 1 or not 1 <= self.span <= 64 or not 1 <= self.proj_dim <= 1024:
+            raise ConfigError(f"knn k must be >= 1, span in 1..64 and proj_dim in 1..1024, "
+                              f"got {self.k}, {self.span}, {self.proj_dim}")
         if not self.token_weight >= 0:
             raise ConfigError(f"knn token_weight must be >= 0, got {self.token_weight}")
 
