@@ -4,6 +4,7 @@
         [--distractor 5] [--lam 0.5] [--temperature 0.05] [--k 16]
     python benchmarks/memory_quality_bench.py stream RUN [RUN ...] [--max-chars N]
         [--lam 0.25] [--temperature 0.05]
+    python benchmarks/memory_quality_bench.py cost RUN [RUN ...] [--max-chars 20000]
 
 recall: text-like synthetic episodes. Each states ``--facts`` facts once ("The key of room 417
 is amber."), then ``--distractor`` x block_size characters of held-out Shakespeare (distinct
@@ -17,6 +18,9 @@ datastore of the episode filled while reading, the model's memory off), ``both``
 stream: each held-out work of builtin:shakespeare read with ``aura eval --stream`` semantics,
 bits per byte per window for memory off, the model's memory written, and the kNN datastore of
 the document; the mean past the first window is what the issue's 3% target is about.
+
+cost: tokens per second of the stream per condition over the first ``--max-chars`` of the
+held-out works (a timing: run it on an idle machine).
 
 Each run is a checkpoint trained on char-level builtin Shakespeare (e.g. `aura train --preset
 hippocampal-cpu`); the held-out works are those its data split put in val (found by content).
@@ -199,11 +203,38 @@ def stream(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Tokens per second of a stream per condition (the lead's machine measures this)."""
+    import time
+
+    out: dict[str, Any] = {}
+    knn = KNNConfig(args.lam, args.temperature, args.k, args.span, args.token_weight)
+    for run in args.runs:
+        loaded = load_for_inference(run)
+        model, tok = loaded.model, loaded.tokenizer
+        text = "\n".join(held_out_works(_val_text(args.data)).values())[:args.max_chars]
+        rows: dict[str, Any] = {}
+        for condition in args.conditions.split(","):
+            if condition in ("model", "both") and not model.remembers_at_inference:
+                continue
+            m = copy.deepcopy(model)
+            readout = (KNNLM(new_datastore(knn.key_dim(m.hidden_size), args.capacity),
+                             m.config.vocab_size, m.hidden_size, knn, learn=True)
+                       if condition in ("knn", "both") else None)
+            start = time.perf_counter()
+            r = evaluate_stream(m, tok, text, memory="write" if condition in ("model", "both")
+                                else "off", readout=readout)
+            rows[condition] = {"tokens_per_s": r.n_tokens / (time.perf_counter() - start),
+                               "tokens": r.n_tokens}
+        out[str(loaded.path)] = rows
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("recall", "stream"):
+    for name in ("recall", "stream", "cost"):
         s = sub.add_parser(name)
         s.add_argument("runs", nargs="+")
         s.add_argument("--data", help="the runs' prepared data (finds the held-out works)")
@@ -220,10 +251,12 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=0)
     sub.choices["stream"].add_argument("--max-chars", type=int,
                                        help="read only the first N characters of each work")
-    sub.choices["stream"].add_argument("--conditions", default=",".join(CONDITIONS))
+    sub.choices["cost"].add_argument("--max-chars", type=int, default=20000)
+    for name in ("stream", "cost"):
+        sub.choices[name].add_argument("--conditions", default=",".join(CONDITIONS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    result = recall(args) if args.cmd == "recall" else stream(args)
+    result = {"recall": recall, "stream": stream, "cost": cost}[args.cmd](args)
     settings = {k: v for k, v in vars(args).items() if k != "runs"}
     print(json.dumps({"machine": machine(), "settings": settings, "results": result},
                      indent=1))
