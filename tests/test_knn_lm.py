@@ -149,3 +149,22 @@ def test_cli_memory_build_knn_then_eval_knn(run_cli, run_dir: Path, train_data: 
     assert streamed.code == 0 and streamed.json()["memory"] == "write"
     bad = run_cli("eval", run_dir, "--text", doc, "--knn", "0.3", "--knn-span", "4")
     assert_usage_error(bad, "--knn-span")
+
+
+def test_a_mixture_of_one_datastore_is_that_datastore_and_shares_are_bounded() -> None:
+    from aura.memory.knn_lm import KNNMixture
+
+    model = gpt()
+    tokens = TOK.encode(random_text(33, seed=3)).astype(np.int64)
+    x = torch.from_numpy(tokens[:-1])[None]
+    part = KNNLM(new_datastore(12 * 64, 1024), TOK.vocab_size, model.hidden_size,
+                 KNNConfig(lam=0.4, span=12, token_weight=1.0), learn=True)
+    with torch.inference_mode():
+        out = model(x)
+        part.observe(out.hidden, x, torch.from_numpy(tokens[1:])[None])
+        single = part.log_probs(out.logits, out.hidden, x)
+        mixed = KNNMixture([part]).log_probs(out.logits, out.hidden, x)
+    torch.testing.assert_close(mixed, single, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(single, torch.log_softmax(out.logits, -1), atol=1e-3)
+    with pytest.raises(ConfigError, match="sum to at most 1"):
+        KNNMixture([part, part, part])

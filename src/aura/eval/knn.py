@@ -21,7 +21,14 @@ from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError, ConfigError
 from aura.eval.perplexity import _device, _features
 from aura.memory.build import corpus_windows
-from aura.memory.knn_lm import KNNLM, STREAM_KEYS, KNNConfig, load_datastore, new_datastore
+from aura.memory.knn_lm import (
+    KNNLM,
+    STREAM_KEYS,
+    KNNConfig,
+    KNNMixture,
+    load_datastore,
+    new_datastore,
+)
 from aura.memory.store import EpisodicStore
 from aura.models.base import AuraModel
 
@@ -60,11 +67,13 @@ def build_datastore(model: AuraModel, split: SplitData, tokenizer: Tokenizer, *,
 
 
 def knn_readout(model: AuraModel, checkpoint: Path, *, lam: float, temperature: float, k: int,
-                span: int | None, stream: bool, learn: bool, capacity: int = 65536) -> KNNLM:
+                span: int | None, stream: bool, learn: bool, capacity: int = 65536
+                ) -> KNNLM | KNNMixture:
     """The read-out ``aura eval --knn`` uses: the checkpoint's corpus datastore (plain keys),
     or, reading a stream, a datastore of the document itself (``span`` > 1 keys by default,
-    see knn_lm.STREAM_KEYS) that ``learn`` fills window by window; a stream with ``span`` 1
-    starts from a copy of the corpus datastore when the checkpoint has one."""
+    see knn_lm.STREAM_KEYS) that ``learn`` fills window by window, mixed with the corpus
+    datastore when the checkpoint has one (each at weight ``lam``); a stream with ``span`` 1
+    adds the document to a copy of the corpus datastore instead."""
     vocab, width = int(model.config.vocab_size or 0), model.hidden_size
     corpus = load_datastore(checkpoint, _device(model))
     config = KNNConfig(lam=lam, temperature=temperature, k=k)
@@ -80,7 +89,13 @@ def knn_readout(model: AuraModel, checkpoint: Path, *, lam: float, temperature: 
     if span > 1:
         config = replace(config, span=span, token_weight=STREAM_KEYS["token_weight"])
     if span == 1 and corpus is not None:
-        store = corpus
-    else:
-        store = new_datastore(config.key_dim(width), capacity)
-    return KNNLM(store, vocab, width, config, learn=learn)
+        return KNNLM(corpus, vocab, width, config, learn=learn)
+    document = KNNLM(new_datastore(config.key_dim(width), capacity), vocab, width, config,
+                     learn=learn)
+    if corpus is None:
+        return document
+    if 2 * lam > 1:
+        raise ConfigError(f"--knn {lam} with a corpus datastore and the document's: each gets "
+                          "lambda, so it must be at most 0.5")
+    return KNNMixture([KNNLM(corpus, vocab, width, KNNConfig(lam=lam, temperature=temperature,
+                                                             k=k)), document])

@@ -194,3 +194,31 @@ def load_datastore(checkpoint: Path, device: torch.device | str = "cpu"
 def describe(store: EpisodicStore) -> dict[str, Any]:
     """Size facts for reports."""
     return {"entries": len(store), "capacity": store.capacity, "dim": store.dim_key}
+
+
+class KNNMixture:
+    """Several datastores at once (a corpus's and the document's): ``p = (1 - sum lambda_i)
+    p_model + sum lambda_i p_i``, each store's share going back to the model where it has no
+    neighbour. Reads and learns like one ``KNNLM``."""
+
+    def __init__(self, parts: list[KNNLM]):
+        if sum(p.config.lam for p in parts) > 1.0:
+            raise ConfigError("the kNN lambdas must sum to at most 1")
+        self.parts = parts
+
+    def log_probs(self, logits: torch.Tensor, hidden: torch.Tensor, x: torch.Tensor,
+                  carry: bool = False) -> torch.Tensor:
+        log_lm = F.log_softmax(logits.float(), dim=-1)
+        flat = log_lm.reshape(-1, log_lm.size(-1))
+        mixed = flat.exp()
+        for part in self.parts:
+            lam = part.config.lam
+            if lam == 0.0 or len(part.store) == 0:
+                continue
+            probs, found = part.knn_probs(part.keys(hidden, x, carry))
+            mixed = mixed + lam * found[:, None] * (probs - flat.exp())
+        return mixed.clamp(min=1e-30).log().reshape(log_lm.shape)
+
+    def observe(self, hidden: torch.Tensor, x: torch.Tensor, targets: torch.Tensor) -> None:
+        for part in self.parts:
+            part.observe(hidden, x, targets)
