@@ -145,7 +145,7 @@ def recall(args: argparse.Namespace) -> dict[str, Any]:
         episodes = [episode(rng, distractor, args.facts, args.distractor * block)
                     for _ in range(args.episodes)]
         rows: dict[str, Any] = {}
-        for condition in CONDITIONS:
+        for condition in args.conditions.split(","):
             if condition in ("model", "both") and not model.remembers_at_inference:
                 continue
             exact = choice = 0
@@ -252,7 +252,7 @@ def main() -> None:
     sub.choices["stream"].add_argument("--max-chars", type=int,
                                        help="read only the first N characters of each work")
     sub.choices["cost"].add_argument("--max-chars", type=int, default=20000)
-    for name in ("stream", "cost"):
+    for name in ("recall", "stream", "cost"):
         sub.choices[name].add_argument("--conditions", default=",".join(CONDITIONS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
