@@ -188,3 +188,22 @@ def test_a_faiss_hippocampal_store_streams_what_the_exact_one_streams() -> None:
                 model, tokens, memory="write", features=_features(model, TOK))])
 
     torch.testing.assert_close(run(exact), run(faiss), atol=1e-5, rtol=1e-4)
+
+
+def test_a_recurrent_model_streams_as_one_sequence() -> None:
+    """BDH has no context limit: its state is carried across windows, so a stream in windows
+    of 16 scores every token as one forward over the whole text does."""
+    torch.manual_seed(0)
+    cfg = load_config(overrides=["model.name=bdh", f"model.vocab_size={TOK.vocab_size}",
+                                 "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+                                 "model.block_size=64", "model.mlp_multiplier=4",
+                                 "model.dropout=0.0"])
+    model = build_model(cfg.model).eval()
+    tokens = TOK.encode(TEXT).astype(np.int64)[:61]
+    with torch.inference_mode():
+        streamed = torch.cat([s.log_probs[0] for s in stream_steps(model, tokens, memory="read",
+                                                                     block_size=16)])
+        whole = torch.log_softmax(model(torch.from_numpy(tokens[:-1])[None]).logits[0], -1)
+        windowed = torch.log_softmax(model(torch.from_numpy(tokens[16:32])[None]).logits[0], -1)
+    torch.testing.assert_close(streamed, whole, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(streamed[16:32], windowed, atol=1e-3)  # the state did carry
