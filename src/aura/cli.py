@@ -369,7 +369,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     on_ready = None if stream is None else (lambda: stream(prompt))
     text = generate_text(loaded.model, loaded.tokenizer, prompt, args.max_new_tokens,
                          sampling, use_cache=not args.no_cache, stop=stop, stream=stream,
-                         on_ready=on_ready)
+                         on_ready=on_ready, memory=args.memory or "read")
     if args.json:
         _print_json({"checkpoint": str(loaded.path), "prompt": prompt, "text": text})
     else:
@@ -382,7 +382,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from aura.eval.perplexity import evaluate_prepared, evaluate_text
 
     loaded = _load_quantized(args)
-    kw = {"batch_size": args.batch_size, "max_tokens": args.max_tokens, "progress": not args.json}
+    if args.stream or args.knn is not None:
+        return _eval_stream(args, loaded)
+    kw = {"batch_size": args.batch_size, "max_tokens": args.max_tokens, "progress": not args.json,
+          "memory": args.memory or "read"}
     if args.text is not None:
         path = Path(args.text)
         try:
@@ -413,6 +416,45 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 print(f"  {name}: {value:.4f}")
         if energy is not None:
             print(energy.describe())
+    return EXIT_OK
+
+
+def _eval_stream(args: argparse.Namespace, loaded: Any) -> int:
+    """``aura eval --stream`` (consecutive windows with memory carried, aura.eval.stream) and
+    ``--knn`` (the kNN-LM read-out; without --stream, the windowed evaluation one window at a
+    time, which the stream with memory read equals)."""
+    from aura.eval.knn import knn_readout
+    from aura.eval.stream import evaluate_stream, window_buckets
+    from aura.models.memory_mode import default_memory_mode
+
+    if args.text is None or args.energy:
+        raise AuraError("--stream and --knn read one document: give --text FILE (and no "
+                        "--energy)")
+    mode = args.memory or (default_memory_mode(loaded.model, streaming=True,
+                                               knn=args.knn is not None)
+                           if args.stream else "read")
+    readout = None
+    if args.knn is not None:
+        readout = knn_readout(loaded.model, loaded.path, lam=args.knn,
+                              temperature=args.knn_temperature, k=args.knn_k,
+                              span=args.knn_span, stream=args.stream, learn=mode == "write")
+    path = Path(args.text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuraError(f"cannot read {path}: {exc}") from None
+    result = evaluate_stream(loaded.model, loaded.tokenizer, text, memory=mode,
+                             max_tokens=args.max_tokens, progress=not args.json,
+                             readout=readout)
+    if args.json:
+        _print_json({"checkpoint": str(loaded.path), **result.to_dict()})
+        return EXIT_OK
+    later = ("-" if result.later_windows_bpb is None else f"{result.later_windows_bpb:.4f}")
+    print(f"{loaded.path}: memory {result.memory}  loss {result.loss:.4f}  bits/byte "
+          f"{result.bits_per_byte:.4f}  first window {result.first_window_bpb:.4f}  later "
+          f"windows {later}  ({len(result.windows):,} windows, {result.n_tokens:,} tokens)")
+    for label, bpb, tokens in window_buckets(result.windows):
+        print(f"  windows {label}: bits/byte {bpb:.4f} ({tokens:,} tokens)")
     return EXIT_OK
 
 
@@ -515,6 +557,14 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _memory_argument(p: argparse.ArgumentParser) -> None:
+    """The inference memory switch eval and generate share (aura.models.memory_mode)."""
+    p.add_argument("--memory", choices=["off", "read", "write"],
+                   help="the episodic memory: off (no reads), read (the checkpoint's, the "
+                        "default), write (also remember what is read; a token reads only "
+                        "memories of earlier forwards)")
+
+
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model on prepared data")
     add_config_arguments(t)
@@ -559,6 +609,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="auto")
     _add_quantize(g)
     g.add_argument("--json", action="store_true")
+    _memory_argument(g)
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")
@@ -575,6 +626,21 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                    help="also count MACs and spike-driven ACs per layer over the first batch and "
                         "estimate its energy (45 nm: MAC 4.6 pJ, AC 0.9 pJ)")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--stream", action="store_true",
+                   help="read --text as one document in consecutive windows, carrying the "
+                        "memory (and a recurrent state) across them; loss and bits/byte per "
+                        "window (--memory defaults to write where the model can)")
+    _memory_argument(e)
+    e.add_argument("--knn", type=float, metavar="LAMBDA",
+                   help="mix the next-token distribution with a kNN-LM datastore's, weight "
+                        "LAMBDA in [0, 1]: the checkpoint's (aura memory build --knn), or with "
+                        "--stream the document's own, filled as it is read (--memory write)")
+    e.add_argument("--knn-temperature", type=float, default=0.05,
+                   help="softmax temperature over the neighbours' cosines (default 0.05)")
+    e.add_argument("--knn-k", type=int, default=16, help="neighbours per token (default 16)")
+    e.add_argument("--knn-span", type=int,
+                   help="with --stream: positions (states and tokens) a key spans (default 12;"
+                        " 1: the hidden state alone, starting from the corpus datastore)")
     e.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("plot", help="write a PNG of a run's curves (several runs: overlaid)")
@@ -702,8 +768,24 @@ def _cmd_memory_build(args: argparse.Namespace) -> int:
     with lock_run(Path(args.run), "aura memory build"):
         loaded = load_for_inference(args.run, pick_device(args.device))
         data = PreparedData.open(args.data, expect_tokenizer_hash=loaded.tokenizer.hash)
-        n = loaded.model.build_memory(data.split(args.split), loaded.tokenizer, args.max_chunks,
-                                      args.batch_size)
+        if args.knn:
+            from aura.eval.knn import build_datastore
+
+            store = build_datastore(loaded.model, data.split(args.split), loaded.tokenizer,
+                                    capacity=args.max_chunks or 65536,
+                                    batch_size=args.batch_size)
+            n = len(store)
+        else:
+            n = loaded.model.build_memory(data.split(args.split), loaded.tokenizer,
+                                          args.max_chunks, args.batch_size)
+            from aura.memory.knn_lm import load_datastore
+
+            store = load_datastore(loaded.path)  # kept: it is not what this build replaces
+        if store is not None:
+            from aura.memory.knn_lm import KNN_NAME
+            from aura.memory.writer import MemoryWriter
+
+            loaded.model.writers[KNN_NAME] = MemoryWriter(store)
         replace_memory(loaded.path, loaded.model)
     report = {"checkpoint": str(loaded.path), "split": args.split, "entries": n,
               "banks": sorted(loaded.model.writers)}
@@ -726,7 +808,12 @@ def _add_memory(sub: argparse._SubParsersAction) -> None:
     b.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
     b.add_argument("--data", required=True, metavar="DIR", help="prepared data (same tokenizer)")
     b.add_argument("--split", default="train", choices=["train", "val"])
-    b.add_argument("--max-chunks", type=int, help="entries per bank (default: its capacity)")
+    b.add_argument("--max-chunks", type=int, help="entries per bank (default: its capacity; "
+                   "with --knn 65536)")
+    b.add_argument("--knn", action="store_true",
+                   help="build a kNN-LM datastore instead (any model: each position's final "
+                        "hidden state and the token after it), saved as the checkpoint's "
+                        "memory/knn for aura eval --knn")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", action="store_true")

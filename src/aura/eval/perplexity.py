@@ -30,6 +30,7 @@ from aura.data.shards import PreparedData
 from aura.data.tokenizers import Tokenizer
 from aura.errors import ConfigError, DataError
 from aura.models.base import AuraModel
+from aura.models.memory_mode import memory_kwargs
 
 UNBOUNDED_WINDOW = 1024  # window for models without a context limit (recurrent ones)
 
@@ -53,10 +54,12 @@ class EvalResult:
 def evaluate_tokens(model: AuraModel, tokens: np.ndarray | torch.Tensor, n_bytes: int, *,
                     block_size: int | None = None, batch_size: int = 8,
                     max_tokens: int | None = None, progress: bool = False,
-                    tokenizer: Tokenizer | None = None) -> EvalResult:
+                    tokenizer: Tokenizer | None = None, memory: str = "read") -> EvalResult:
     """Exact NLL of a 1-D token stream (or its first ``max_tokens``).
 
     ``tokenizer`` is needed only by models that read token features (e.g. prosody).
+    ``memory`` is the inference memory switch (aura.models.memory_mode); with ``write`` each
+    batch of windows reads what the batches before it wrote.
 
     ``n_bytes`` is the UTF-8 size of the text ``tokens`` encode. The first token is never
     scored and ``max_tokens`` may drop a tail, so the bytes are pro-rated to the scored tokens
@@ -73,7 +76,7 @@ def evaluate_tokens(model: AuraModel, tokens: np.ndarray | torch.Tensor, n_bytes
         raise DataError(f"n_bytes must be positive, got {n_bytes}")
     return _evaluate(model, [tokens], n, n_bytes / len(tokens), block_size=block_size,
                      batch_size=batch_size, progress=progress,
-                     features=_features(model, tokenizer))
+                     features=_features(model, tokenizer), memory=memory)
 
 
 def evaluate_text(model: AuraModel, tokenizer: Tokenizer, text: str, **kw: Any) -> EvalResult:
@@ -89,7 +92,8 @@ def evaluate_text(model: AuraModel, tokenizer: Tokenizer, text: str, **kw: Any) 
 
 def evaluate_prepared(model: AuraModel, data: PreparedData, split: str = "val", *,
                       block_size: int | None = None, batch_size: int = 8,
-                      max_tokens: int | None = None, progress: bool = False) -> EvalResult:
+                      max_tokens: int | None = None, progress: bool = False,
+                      memory: str = "read") -> EvalResult:
     """Evaluate a prepared split as one stream: its shards in order, read window by window.
 
     The shards are never loaded whole. Prepared data keeps only the split's total text size, so
@@ -103,7 +107,7 @@ def evaluate_prepared(model: AuraModel, data: PreparedData, split: str = "val", 
         raise DataError(f"nothing to evaluate: the {split} split has {n} token(s), need 2")
     return _evaluate(model, s.maps, n, s.bytes_per_token, block_size=block_size,
                      batch_size=batch_size, progress=progress,
-                     features=_features(model, data.tokenizer))
+                     features=_features(model, data.tokenizer), memory=memory)
 
 
 def _features(model: AuraModel, tokenizer: Tokenizer | None) -> TokenFeatures:
@@ -173,7 +177,7 @@ def _device(model: AuraModel) -> torch.device:
 
 def _evaluate(model: AuraModel, chunks: Iterable[np.ndarray], n: int, bytes_per_token: float, *,
               block_size: int | None, batch_size: int, progress: bool,
-              features: TokenFeatures) -> EvalResult:
+              features: TokenFeatures, memory: str = "read") -> EvalResult:
     """Sum the NLL of tokens 2..n of the chunks' stream; ``bytes_per_token`` prices a token."""
     limit = model.max_context
     bs = block_size if block_size is not None else limit or UNBOUNDED_WINDOW
@@ -181,6 +185,7 @@ def _evaluate(model: AuraModel, chunks: Iterable[np.ndarray], n: int, bytes_per_
         raise ConfigError(f"block_size must be in 1..{limit or 'inf'}, got {bs}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    memory_args = memory_kwargs(model, memory)
     device = _device(model)
     total, scored = 0.0, 0
     aux_sums: dict[str, float] = defaultdict(float)
@@ -192,7 +197,7 @@ def _evaluate(model: AuraModel, chunks: Iterable[np.ndarray], n: int, bytes_per_
                                            file=sys.stderr) as bar:
             for x, y in _batches(_windows(chunks, n, bs + 1), batch_size):
                 xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-                out = model(xt, **compute_features(features, xt))
+                out = model(xt, **memory_args, **compute_features(features, xt))
                 logits = out.logits
                 nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                       yt.reshape(-1), reduction="sum", ignore_index=-1)

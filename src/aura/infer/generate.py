@@ -19,6 +19,7 @@ from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
 from aura.infer.sampling import SamplingConfig, sample_next
 from aura.models.base import AuraModel
+from aura.models.memory_mode import memory_kwargs
 
 TokenCallback = Callable[[torch.Tensor], bool | None]
 # The output ids are allocated whole before decoding (8 bytes per token and row), so an extra
@@ -39,12 +40,13 @@ def _new_cache(model: AuraModel, batch: int, start: int, total: int,
 
 
 def _last_logits(model: AuraModel, window: torch.Tensor, n_new: int, cache: Any,
-                 features: TokenFeatures) -> torch.Tensor:
+                 features: TokenFeatures, memory: dict[str, bool] | None = None) -> torch.Tensor:
     """Logits after ``window``, feeding the model its last ``n_new`` tokens (the rest are in
     the cache). Token features are computed over the whole window, since e.g. a word's valence
     depends on the tokens before it, then cut to the tokens fed."""
     feats = {name: f[:, -n_new:] for name, f in compute_features(features, window).items()}
-    return model(window[:, -n_new:], cache=cache, last_only=True, **feats).logits[:, -1]
+    return model(window[:, -n_new:], cache=cache, last_only=True, **(memory or {}),
+                 **feats).logits[:, -1]
 
 
 class Decoder:
@@ -53,9 +55,10 @@ class Decoder:
     generator) and still produce exactly what ``generate`` produces for each alone."""
 
     def __init__(self, model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
-                 use_cache: bool, stop_ids: int | None, features: TokenFeatures):
+                 use_cache: bool, stop_ids: int | None, features: TokenFeatures,
+                 memory: dict[str, bool] | None = None):
         self.model, self.out, self.t, self.sampling = model, out, t, sampling
-        self.stop_ids, self.features = stop_ids, features
+        self.stop_ids, self.features, self.memory = stop_ids, features, memory
         batch, self.total = out.shape
         self.max_ctx = model.max_context
         self.generator = torch.Generator(device=out.device)
@@ -69,7 +72,7 @@ class Decoder:
         self.cache = (_new_cache(model, batch, self.start, self.total, self.max_ctx)
                       if use_cache else None)
         self.logits = _last_logits(model, out[:, self.start:t], t - self.start, self.cache,
-                                   features)
+                                   features, memory)
 
     def step(self) -> tuple[torch.Tensor, bool]:
         """Sample one column; returns its (B,) ids and whether decoding is over (the output is
@@ -97,7 +100,7 @@ class Decoder:
             if max_ctx is not None:
                 self.start = max(0, t - max_ctx)
             self.logits = _last_logits(model, out[:, self.start:t], t - self.start, None,
-                                       self.features)
+                                       self.features, self.memory)
         elif self.needs_refill():
             assert max_ctx is not None
             # The cache is full. Learned absolute positions cannot slide: every cached key was
@@ -107,16 +110,17 @@ class Decoder:
             self.start = t - max(1, max_ctx // 2)
             self.cache = _new_cache(model, out.size(0), self.start, self.total, max_ctx)
             self.logits = _last_logits(model, out[:, self.start:t], t - self.start, self.cache,
-                                       self.features)
+                                       self.features, self.memory)
         else:
-            self.logits = _last_logits(model, out[:, self.start:t], 1, self.cache, self.features)
+            self.logits = _last_logits(model, out[:, self.start:t], 1, self.cache, self.features,
+                                       self.memory)
 
 
 def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
             use_cache: bool, stop_ids: int | None, on_token: TokenCallback | None,
-            features: TokenFeatures) -> int:
+            features: TokenFeatures, memory: dict[str, bool]) -> int:
     """Fill ``out[:, t:]`` one column per step; return how many columns are filled."""
-    decoder = Decoder(model, out, t, sampling, use_cache, stop_ids, features)
+    decoder = Decoder(model, out, t, sampling, use_cache, stop_ids, features, memory)
     while True:
         nxt, over = decoder.step()
         stop_asked = on_token is not None and on_token(nxt)
@@ -127,8 +131,8 @@ def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfi
 
 def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
              sampling: SamplingConfig, *, use_cache: bool = True, stop_ids: int | None = None,
-             on_token: TokenCallback | None = None, features: TokenFeatures | None = None
-             ) -> torch.Tensor:
+             on_token: TokenCallback | None = None, features: TokenFeatures | None = None,
+             memory: str = "read") -> torch.Tensor:
     """(B, T0 + n) ids: the prompt followed by n <= max_new_tokens generated tokens.
 
     Context beyond ``model.max_context`` is cropped to its last max_context tokens (uncached:
@@ -138,7 +142,9 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     returns True. A model whose ``new_cache`` returns None is always decoded uncached. The
     model runs in eval mode under inference_mode; its previous mode is restored afterwards.
     ``features`` builds the per-token inputs the model asks for (``model.token_features``);
-    ``generate_text`` makes them from the tokenizer.
+    ``generate_text`` makes them from the tokenizer. ``memory`` is the inference memory
+    switch (aura.models.memory_mode): with ``write`` every forward also queues memories of
+    what it read, written as the next forward starts, so a token never reads its own.
     """
     if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long:
         raise ValueError(f"prompt_ids must be a (B, T) long tensor, got {prompt_ids.dtype} "
@@ -146,6 +152,7 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     if prompt_ids.size(0) == 0 or prompt_ids.size(1) == 0:
         raise AuraError(f"empty prompt: prompt_ids has shape {tuple(prompt_ids.shape)}")
     _check_max_new_tokens(max_new_tokens)
+    memory_args = memory_kwargs(model, memory)
     features = features or {}
     missing = set(model.token_features) - set(features)
     if missing:
@@ -162,7 +169,8 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     model.eval()
     try:
         with torch.inference_mode():
-            n = _decode(model, out, t0, sampling, use_cache, stop_ids, on_token, features)
+            n = _decode(model, out, t0, sampling, use_cache, stop_ids, on_token, features,
+                        memory_args)
     finally:
         model.train(was_training)
     return out[:, :n]
@@ -217,17 +225,18 @@ class TextStream:
 def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
                   sampling: SamplingConfig, *, use_cache: bool = True, stop: Sequence[str] = (),
                   stream: Callable[[str], None] | None = None,
-                  on_ready: Callable[[], None] | None = None) -> str:
+                  on_ready: Callable[[], None] | None = None, memory: str = "read") -> str:
     """The text generated after ``prompt``, ending before the first stop string or eot token.
 
     ``stream`` receives the same text in pieces as it is generated. An empty prompt starts
     from the tokenizer's end-of-text token, which is what a document start looks like in
     training; without one there is nothing to condition on. ``on_ready`` is called once every
     argument has been checked, before the first token: a caller that echoes the prompt there
-    prints nothing for input that is refused.
+    prints nothing for input that is refused. ``memory`` as for ``generate``.
     """
     if any(s == "" for s in stop):
         raise AuraError("stop strings must not be empty")
+    memory_kwargs(model, memory)  # a mode the model cannot honour is refused before the echo
     _check_max_new_tokens(max_new_tokens)
     ids = tokenizer.encode(prompt)
     if len(ids) == 0:
@@ -242,5 +251,5 @@ def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_t
         on_ready()
     text = TextStream(tokenizer, stop, stream)
     generate(model, prompt_ids, max_new_tokens, sampling, use_cache=use_cache,
-             stop_ids=tokenizer.eot_id, on_token=text.push, features=features)
+             stop_ids=tokenizer.eot_id, on_token=text.push, features=features, memory=memory)
     return text.finish()

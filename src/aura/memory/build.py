@@ -11,6 +11,7 @@ uses, so reads limited to text before each token stay causal.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,6 +25,12 @@ from aura.memory.writer import MemoryWriter
 # Runs the model over windows (B, window) at corpus offsets (B,), queuing its own chunk
 # encodings with its writers.
 EncodeWindows = Callable[[torch.Tensor, torch.Tensor], object]
+
+
+class TextEncoder(Protocol):
+    """Texts -> (N, dim) embeddings (MiniLM, an HTTP provider)."""
+
+    def encode(self, texts: list[str]) -> torch.Tensor: ...
 
 
 def corpus_windows(split: SplitData, window: int, count: int) -> list[tuple[int, int, int]]:
@@ -44,13 +51,14 @@ def corpus_windows(split: SplitData, window: int, count: int) -> list[tuple[int,
 def fill_chunk_memory(writers: list[MemoryWriter], split: SplitData, *, window: int, chunk: int,
                       device: torch.device, encode: EncodeWindows | None,
                       tokenizer: Tokenizer | None = None, max_chunks: int | None = None,
-                      batch_size: int = 8) -> int:
+                      batch_size: int = 8, text_encoder: TextEncoder | None = None) -> int:
     """Empty the stores of ``writers`` and refill them from ``split``; returns the entries each
     holds now.
 
     An entry is one ``chunk``-token piece of a window: ``encode`` (the model itself) queues its
-    encodings, or without it MiniLM embeds the chunk's text, decoded by ``tokenizer``, into
-    every store. ``max_chunks`` (default and at most: the stores' capacity) bounds the entries.
+    encodings, or without it ``text_encoder`` (default MiniLM) embeds the chunk's text,
+    decoded by ``tokenizer``, into every store. ``max_chunks`` (default and at most: the
+    stores' capacity) bounds the entries.
     """
     if (max_chunks is not None and max_chunks < 1) or batch_size < 1:
         raise AuraError(f"max_chunks and batch_size must be >= 1, got {max_chunks}, {batch_size}")
@@ -63,7 +71,8 @@ def fill_chunk_memory(writers: list[MemoryWriter], split: SplitData, *, window: 
     per_window = window // chunk
     budget = min(max_chunks or capacity, capacity)
     windows = corpus_windows(split, window, max(1, budget // per_window))
-    text_encoder = MiniLMEncoder() if encode is None else None
+    if encode is None and text_encoder is None:
+        text_encoder = MiniLMEncoder()
     for writer in writers:
         writer.discard()
         writer.store.clear()

@@ -100,6 +100,10 @@ class AuraModel(nn.Module):
     # ``attn_mask``, ``append``, ``pos``), so a server may decode many sequences in one forward
     # with a cache whose rows sit at different positions (``aura.infer.batching``).
     batched_decoding: bool = False
+    # True: forward takes ``remember``, and asked to, an *inference* forward (eval, generation)
+    # queues memories of its input too, written as the next forward starts, so later windows or
+    # tokens read them and none reads its own (``aura eval --memory write``, aura.eval.stream).
+    remembers_at_inference: bool = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ event boundaries the time cells count from come with the batch from the data pip
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,9 @@ class HippocampalConfig(ModelConfig):
     """Memories each token recalls, by cosine similarity of keys."""
     memory_decay: float = 0.03
     """Strength each memory loses per training step, in [0, 1)."""
+    memory_index: Literal["exact", "faiss", "auto"] = "exact"
+    """The store's search: "exact" (torch's exact scan), "faiss" (needs faiss-cpu; IVF for
+    big stores), or "auto" (FAISS for big CPU stores only), as snn_rag's banks."""
     memory_graph_k: int = 4
     """Cognitive-map neighbours of a token's best match that join its recall (spreading
     activation); 0: no map."""
@@ -161,6 +165,7 @@ class HippocampalTransformer(Decoder):
         super().__init__(c, learned_positions=not c.theta_gamma)
         self.token_features = ("prosody",) if c.prosody or c.time_cells else ()
         self.wants_corpus_pos = c.memory  # memories then hide text after each token
+        self.remembers_at_inference = c.memory
         self.theta_gamma = (ThetaGammaEncoding(c.n_embd, c.theta_period, c.gammas_per_theta)
                             if c.theta_gamma else None)
         self.place = (PlaceCellEncoder(c.n_embd, c.n_place_cells, c.place_active_fraction,
@@ -174,7 +179,7 @@ class HippocampalTransformer(Decoder):
         self.memory = None
         if c.memory:
             store = EpisodicStore(c.memory_dim, c.n_embd, c.memory_capacity, c.memory_decay,
-                                  graph_k=c.memory_graph_k)
+                                  graph_k=c.memory_graph_k, index=c.memory_index)
             self.writers = {"hippocampus": MemoryWriter(store)}
             self.memory = HippocampalMemory(c.n_embd, self.writers["hippocampus"],
                                             c.memory_top_k, c.memory_writes)
@@ -205,13 +210,13 @@ class HippocampalTransformer(Decoder):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: HippocampalCache | None = None, label_smoothing: float = 0.0,
                 last_only: bool = False, prosody: torch.Tensor | None = None,
-                use_memory: bool = True, corpus_pos: torch.Tensor | None = None
-                ) -> ModelOutput:
+                use_memory: bool = True, corpus_pos: torch.Tensor | None = None,
+                remember: bool | None = None) -> ModelOutput:
         """``prosody`` (B, T, N_FEATURES) comes from the data pipeline; with a cache it is the
         new tokens' rows, and the cache remembers the last boundary the time cells count from.
         ``corpus_pos`` (B,), the windows' corpus offsets (training), keeps memory reads to text
-        before each token. Training forms memories; they are written as the next forward
-        starts.
+        before each token. Training forms memories (``remember``, default: training without a
+        cache; True also at inference); they are written as the next forward starts.
         """
         B, T = idx.shape
         self.flush_memory()
@@ -220,7 +225,9 @@ class HippocampalTransformer(Decoder):
             raise ValueError(f"the hippocampal model needs prosody of shape {(B, T, N_FEATURES)}"
                              f" from the data pipeline, got "
                              f"{None if prosody is None else tuple(prosody.shape)}")
-        access = MemoryAccess(read=use_memory, write=self.training and cache is None,
+        if remember is None:
+            remember = self.training and cache is None
+        access = MemoryAccess(read=use_memory, write=remember and self.memory is not None,
                               positions=token_positions(corpus_pos, pos))
         x = self._encode(idx, pos, cache, prosody)
         for i, block in enumerate(self.blocks):

@@ -48,6 +48,7 @@ from aura.data.shards import PreparedData, SplitData
 from aura.data.tokenizers import Tokenizer
 from aura.errors import ConfigError
 from aura.memory.build import fill_chunk_memory
+from aura.memory.http_encoder import HTTPEncoder
 from aura.memory.store import EpisodicStore
 from aura.memory.text_encoder import MINILM_DIM
 from aura.memory.writer import MemoryAccess, MemoryWriter, token_positions
@@ -78,9 +79,18 @@ class SNNRAGConfig(ModelConfig):
     memory_index: Literal["exact", "faiss", "auto"] = "exact"
     """The bank's search: "exact" (torch's exact scan), "faiss" (needs faiss-cpu), or "auto"
     (FAISS for big CPU banks only)."""
-    memory_encoder: Literal["self", "minilm"] = "self"
-    """What an entry holds: "self" (the layer's own encoding of the chunk) or "minilm"
-    (all-MiniLM-L6-v2's embedding of its text, filled from the corpus)."""
+    memory_encoder: Literal["self", "minilm", "http"] = "self"
+    """What an entry holds: "self" (the layer's own encoding of the chunk), "minilm"
+    (all-MiniLM-L6-v2's embedding of its text, filled from the corpus) or "http" (an
+    OpenAI-compatible embeddings endpoint's, cached on disk; the key comes from
+    AURA_EMBEDDINGS_KEY)."""
+    memory_encoder_url: str = ""
+    """The "http" encoder's base URL (e.g. https://openrouter.ai/api/v1); empty: the
+    AURA_EMBEDDINGS_URL environment variable."""
+    memory_encoder_model: str = ""
+    """The "http" encoder's model name; empty: AURA_EMBEDDINGS_MODEL."""
+    memory_encoder_dim: int = 1536
+    """Width of the "http" encoder's embeddings (1536 for text-embedding-3-small)."""
 
     def problems(self) -> list[str]:
         n, out = self.n_layer, []
@@ -112,7 +122,8 @@ class SNNRAG(Decoder):
         if problems:
             raise ConfigError(problems[0])
         layers = config.memory_layer_indices()
-        dim = MINILM_DIM if config.memory_encoder == "minilm" else config.n_embd
+        dim = {"minilm": MINILM_DIM, "http": config.memory_encoder_dim}.get(
+            config.memory_encoder, config.n_embd)
         writers = {i: MemoryWriter(EpisodicStore(dim, dim, config.memory_capacity,
                                                  config.memory_decay, index=config.memory_index))
                    for i in layers}
@@ -125,13 +136,14 @@ class SNNRAG(Decoder):
         self.writers = {f"layer{i}": writers[i] for i in layers}
         # a MiniLM bank needs the text, which a forward does not see: only build_memory fills it
         self.writes_own_memory = config.memory_encoder == "self"
+        self.remembers_at_inference = self.writes_own_memory
         for memory in memories.values():  # the GPT-2 init overwrote their identity query
             memory.reset_memory_parameters()
 
     def on_train_start(self, data: PreparedData) -> None:
         """A MiniLM bank is built from the train split before the first step (a forward has
         only token ids, not the text MiniLM reads)."""
-        if self.config.memory_encoder == "minilm":
+        if self.config.memory_encoder != "self":
             self.build_memory(data.split("train"), data.tokenizer)
 
     def build_memory(self, split: SplitData, tokenizer: Tokenizer | None = None,
@@ -149,9 +161,18 @@ class SNNRAG(Decoder):
                 list(self.writers.values()), split, window=self.config.block_size,
                 chunk=self.config.memory_chunk, device=self.wte.weight.device,
                 encode=encode if self.writes_own_memory else None, tokenizer=tokenizer,
+                text_encoder=self._text_encoder(),
                 max_chunks=max_chunks, batch_size=batch_size)
         finally:
             self.train(was_training)
+
+    def _text_encoder(self) -> HTTPEncoder | None:
+        """The "http" encoder (MiniLM is fill_chunk_memory's default), None otherwise."""
+        c = self.config
+        if c.memory_encoder != "http":
+            return None
+        return HTTPEncoder(c.memory_encoder_dim, c.memory_encoder_url or None,
+                           c.memory_encoder_model or None)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, label_smoothing: float = 0.0,

@@ -1,0 +1,266 @@
+"""Does memory help where it must: past the context window? Prints JSON.
+
+    python benchmarks/memory_quality_bench.py recall RUN [RUN ...] [--episodes 60] [--facts 4]
+        [--distractor 5] [--lam 0.5] [--temperature 0.05] [--k 16]
+    python benchmarks/memory_quality_bench.py stream RUN [RUN ...] [--max-chars N]
+        [--lam 0.25] [--temperature 0.05]
+    python benchmarks/memory_quality_bench.py cost RUN [RUN ...] [--max-chars 20000]
+
+recall: text-like synthetic episodes. Each states ``--facts`` facts once ("The key of room 417
+is amber."), then ``--distractor`` x block_size characters of held-out Shakespeare (distinct
+works from training, different slice per episode), then the query "The key of room 417 is ".
+The answer is outside the context window by construction. Per condition: exact match of the
+greedy continuation with the answer, and choice accuracy (the answer's log-likelihood beats the
+other colours'; chance is 1 / colours). Conditions: ``none`` (memory off), ``model`` (the
+model's own episodic memory written while reading, ``--memory write``), ``knn`` (a kNN-LM
+datastore of the episode filled while reading, the model's memory off), ``both``.
+
+stream: each held-out work of builtin:shakespeare read with ``aura eval --stream`` semantics,
+bits per byte per window for memory off, the model's memory written, and the kNN datastore of
+the document; the mean past the first window is what the issue's 3% target is about.
+
+cost: tokens per second of the stream per condition over the first ``--max-chars`` of the
+held-out works (a timing: run it on an idle machine).
+
+Each run is a checkpoint trained on char-level builtin Shakespeare (e.g. `aura train --preset
+hippocampal-cpu`); the held-out works are those its data split put in val (found by content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aura.data.sources import shakespeare_files
+from aura.data.tokenizers import Tokenizer
+from aura.eval.perplexity import _features
+from aura.eval.stream import evaluate_stream, stream_steps
+from aura.memory.knn_lm import KNNLM, STREAM_KEYS, KNNConfig, new_datastore
+from aura.models.base import AuraModel
+from aura.models.memory_mode import memory_kwargs
+from aura.train.checkpoint import load_for_inference
+from machine import machine
+
+# five letters each, so no answer is likelier for being short
+COLOURS = ("amber", "azure", "coral", "ivory", "olive", "umber", "slate", "sable", "mauve",
+           "khaki", "lilac", "peach")
+CONDITIONS = ("none", "model", "knn", "both")
+
+
+def held_out_works(val_text: str | None = None) -> dict[str, str]:
+    """The works of builtin:shakespeare the run never trained on: given its prepared val text,
+    the works found in it; else the last three works."""
+    works = {f.stem: f.read_text(encoding="utf-8") for f in shakespeare_files()}
+    if val_text is not None:
+        return {k: v for k, v in works.items() if v[:2000] in val_text}
+    return dict(list(works.items())[-3:])
+
+
+def _val_text(data: str | None) -> str | None:
+    if data is None:
+        return None
+    from aura.data.shards import PreparedData
+
+    d = PreparedData.open(data)
+    s = d.split("val")
+    return d.tokenizer.decode(np.concatenate([np.asarray(m) for m in s.maps]).tolist())
+
+
+def episode(rng: random.Random, distractor_text: str, n_facts: int, distractor_chars: int
+            ) -> tuple[str, str, int]:
+    """(prompt, answer, index of the asked fact): facts, distractor, query."""
+    rooms = rng.sample(range(100, 1000), n_facts)
+    colours = rng.sample(COLOURS, n_facts)
+    facts = " ".join(f"The key of room {r} is {c}." for r, c in zip(rooms, colours, strict=True))
+    start = rng.randrange(0, len(distractor_text) - distractor_chars)
+    distractor = distractor_text[start:start + distractor_chars]
+    asked = rng.randrange(n_facts)
+    prompt = f"{facts}\n\n{distractor}\n\nThe key of room {rooms[asked]} is "
+    return prompt, colours[asked], asked
+
+
+class Reader:
+    """A model reading one episode: its memory (per condition) filled by streaming the prompt,
+    then scoring continuations with at most ``block_size`` tokens of context."""
+
+    def __init__(self, model: AuraModel, tokenizer: Tokenizer, condition: str, knn: KNNConfig,
+                 capacity: int):
+        self.model = copy.deepcopy(model)  # the model's own memory is written per episode
+        self.tok, self.condition = tokenizer, condition
+        self.features = _features(model, tokenizer)
+        own = condition in ("model", "both") and model.remembers_at_inference
+        self.mode = "write" if own else "off"
+        self.read_mode = "read" if own else "off"
+        self.knn = (KNNLM(new_datastore(knn.key_dim(model.hidden_size), capacity),
+                          model.config.vocab_size, model.hidden_size, knn, learn=True)
+                    if condition in ("knn", "both") else None)
+        self.block = model.max_context or 1024
+
+    def read(self, prompt: str) -> None:
+        tokens = self.tok.encode(prompt).astype(np.int64)
+        for _ in stream_steps(self.model, tokens, memory=self.mode, features=self.features,
+                              readout=self.knn):
+            pass
+
+    def log_probs(self, ids: list[int]) -> torch.Tensor:
+        x = torch.tensor(ids[-self.block:], dtype=torch.long)[None]
+        feats = {k: torch.from_numpy(f(x.numpy())) for k, f in self.features.items()}
+        out = self.model(x, **memory_kwargs(self.model, self.read_mode), **feats)
+        if self.knn is None or out.hidden is None:
+            return F.log_softmax(out.logits.float(), -1)[0]
+        return self.knn.log_probs(out.logits, out.hidden, x)[0]
+
+    def greedy(self, prompt: str, n: int) -> str:
+        ids = self.tok.encode(prompt).tolist()
+        for _ in range(n):
+            ids.append(int(self.log_probs(ids)[-1].argmax()))
+        return self.tok.decode(ids[-n:])
+
+    def score(self, prompt: str, answer: str) -> float:
+        p = self.tok.encode(prompt).tolist()
+        a = self.tok.encode(answer).tolist()
+        lp = self.log_probs(p + a)
+        t = lp.size(0)
+        return float(sum(lp[t - len(a) - 1 + i, tok] for i, tok in enumerate(a)))
+
+
+def recall(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    knn = KNNConfig(args.lam, args.temperature, args.k, args.span, args.token_weight)
+    for run in args.runs:
+        loaded = load_for_inference(run)
+        model, tok = loaded.model, loaded.tokenizer
+        block = model.max_context or 1024
+        works = held_out_works(_val_text(args.data))
+        distractor = "\n".join(works.values())
+        rng = random.Random(args.seed)
+        episodes = [episode(rng, distractor, args.facts, args.distractor * block)
+                    for _ in range(args.episodes)]
+        rows: dict[str, Any] = {}
+        for condition in args.conditions.split(","):
+            if condition in ("model", "both") and not model.remembers_at_inference:
+                continue
+            exact = choice = 0
+            for prompt, answer, _ in episodes:
+                with torch.inference_mode():
+                    reader = Reader(model, tok, condition, knn, args.capacity)
+                    reader.read(prompt)
+                    exact += reader.greedy(prompt, len(answer)) == answer
+                    scores = {c: reader.score(prompt, c) for c in COLOURS}
+                    choice += max(scores, key=scores.__getitem__) == answer
+            rows[condition] = {"exact_match": exact / len(episodes),
+                               "choice_accuracy": choice / len(episodes)}
+            print(f"{run} {condition}: {rows[condition]}", file=sys.stderr)
+        out[str(loaded.path)] = {"model": model.config.name, "block_size": block,
+                                 "episodes": len(episodes), "chance": 1 / len(COLOURS),
+                                 "distractor_chars": args.distractor * block,
+                                 "conditions": rows}
+    return out
+
+
+def stream(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    knn = KNNConfig(args.lam, args.temperature, args.k, args.span, args.token_weight)
+    for run in args.runs:
+        loaded = load_for_inference(run)
+        model, tok = loaded.model, loaded.tokenizer
+        works = held_out_works(_val_text(args.data))
+        per_work: dict[str, Any] = {}
+        for name, text in works.items():
+            text = text[:args.max_chars] if args.max_chars else text
+            rows: dict[str, Any] = {}
+            for condition in args.conditions.split(","):
+                if condition in ("model", "both") and not model.remembers_at_inference:
+                    continue
+                m = copy.deepcopy(model)
+                own = condition in ("model", "both")
+                readout = (KNNLM(new_datastore(knn.key_dim(m.hidden_size), args.capacity),
+                                 m.config.vocab_size, m.hidden_size, knn, learn=True)
+                           if condition in ("knn", "both") else None)
+                r = evaluate_stream(m, tok, text, memory="write" if own else "off",
+                                    readout=readout)
+                rows[condition] = {"bits_per_byte": r.bits_per_byte,
+                                   "first_window_bpb": r.first_window_bpb,
+                                   "later_windows_bpb": r.later_windows_bpb,
+                                   "windows": len(r.windows),
+                                   "per_window_bpb": [round(w.bits_per_byte, 4)
+                                                      for w in r.windows]}
+                print(f"{run} {name} {condition}: later {r.later_windows_bpb:.4f}",
+                      file=sys.stderr)
+            base = rows["none"]["later_windows_bpb"]
+            for row in rows.values():
+                row["later_vs_none"] = row["later_windows_bpb"] / base - 1
+            per_work[name] = rows
+        out[str(loaded.path)] = {"model": model.config.name, "works": per_work}
+    return out
+
+
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Tokens per second of a stream per condition (the lead's machine measures this)."""
+    import time
+
+    out: dict[str, Any] = {}
+    knn = KNNConfig(args.lam, args.temperature, args.k, args.span, args.token_weight)
+    for run in args.runs:
+        loaded = load_for_inference(run)
+        model, tok = loaded.model, loaded.tokenizer
+        text = "\n".join(held_out_works(_val_text(args.data)).values())[:args.max_chars]
+        rows: dict[str, Any] = {}
+        for condition in args.conditions.split(","):
+            if condition in ("model", "both") and not model.remembers_at_inference:
+                continue
+            m = copy.deepcopy(model)
+            readout = (KNNLM(new_datastore(knn.key_dim(m.hidden_size), args.capacity),
+                             m.config.vocab_size, m.hidden_size, knn, learn=True)
+                       if condition in ("knn", "both") else None)
+            start = time.perf_counter()
+            r = evaluate_stream(m, tok, text, memory="write" if condition in ("model", "both")
+                                else "off", readout=readout)
+            rows[condition] = {"tokens_per_s": r.n_tokens / (time.perf_counter() - start),
+                               "tokens": r.n_tokens}
+        out[str(loaded.path)] = rows
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("recall", "stream", "cost"):
+        s = sub.add_parser(name)
+        s.add_argument("runs", nargs="+")
+        s.add_argument("--data", help="the runs' prepared data (finds the held-out works)")
+        s.add_argument("--lam", type=float, default=0.5 if name == "recall" else 0.25)
+        s.add_argument("--temperature", type=float, default=0.05)
+        s.add_argument("--k", type=int, default=16)
+        s.add_argument("--capacity", type=int, default=32768)
+        s.add_argument("--span", type=int, default=STREAM_KEYS["span"])
+        s.add_argument("--token-weight", type=float, default=STREAM_KEYS["token_weight"])
+    r = sub.choices["recall"]
+    r.add_argument("--episodes", type=int, default=60)
+    r.add_argument("--facts", type=int, default=4)
+    r.add_argument("--distractor", type=int, default=5, help="x block_size characters")
+    r.add_argument("--seed", type=int, default=0)
+    sub.choices["stream"].add_argument("--max-chars", type=int,
+                                       help="read only the first N characters of each work")
+    sub.choices["cost"].add_argument("--max-chars", type=int, default=20000)
+    for name in ("recall", "stream", "cost"):
+        sub.choices[name].add_argument("--conditions", default=",".join(CONDITIONS))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    result = {"recall": recall, "stream": stream, "cost": cost}[args.cmd](args)
+    settings = {k: v for k, v in vars(args).items() if k != "runs"}
+    print(json.dumps({"machine": machine(), "settings": settings, "results": result},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
