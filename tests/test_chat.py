@@ -102,3 +102,17 @@ def test_the_repl_in_process(tmp_path: Path) -> None:
     assert "saved 5 messages" in text and text.count("aura> ") == 2
     roles = [m["role"] for m in json.loads((tmp_path / "c.json").read_text())["messages"]]
     assert roles == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_a_line_that_is_not_utf8_is_refused_once_and_the_chat_goes_on() -> None:
+    import io
+
+    from aura.infer.chat import _read
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\xfe bad\nhello\n"), encoding="utf-8")
+    out = io.StringIO()
+    with pytest.raises(UnicodeDecodeError):
+        _read(stdin, out)
+    assert _read(stdin, out) == "hello"
+    with pytest.raises(EOFError):
+        _read(stdin, out)

@@ -209,9 +209,12 @@ def run_chat(model: AuraModel, tokenizer: Tokenizer, options: ChatOptions,
 
 
 def _read(stdin: TextIO, out: TextIO) -> str:
+    """One line of ``stdin``, read as bytes where it has them: a line that is not UTF-8 is
+    consumed before it is refused (a text stream's decoder would fail on it forever)."""
     out.write(PROMPT)
     out.flush()
-    line = stdin.readline()
+    raw = getattr(stdin, "buffer", None)
+    line = stdin.readline() if raw is None else raw.readline().decode("utf-8")
     if not line:
         raise EOFError
     return line.rstrip("\n")
