@@ -126,6 +126,16 @@ class AuraModel(nn.Module):
         """Called by the trainer once before the first step of a fresh (not resumed) run, with
         the prepared corpus: e.g. to fill a memory bank from text. Nothing by default."""
 
+    def on_step(self, step: int) -> None:
+        """Called by the trainer before each training step with its number (resumed runs
+        included): for state that follows the schedule, e.g. a warmup or training phases.
+        Nothing by default."""
+
+    def lr_scale(self) -> float:
+        """A factor the trainer applies to this step's learning rate (after ``on_step``), e.g.
+        a neuromodulator's; 1 by default."""
+        return 1.0
+
     def build_memory(self, split: SplitData, tokenizer: Tokenizer | None = None,
                      max_chunks: int | None = None, batch_size: int = 8) -> int:
         """Refill the memories from a prepared split (``aura memory build``); returns the

@@ -280,7 +280,9 @@ class Trainer:
 
     def _step(self, step: int) -> tuple[float, float, dict[str, float]]:
         t = self.cfg.train
-        self.opt.set_lr_factor(lr_factor(t, step, self.plateau) * self.state.fault_lr_scale)
+        self.model.on_step(step)
+        self.opt.set_lr_factor(lr_factor(t, step, self.plateau) * self.state.fault_lr_scale
+                               * self.model.lr_scale())
         self.model.train()
         total = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
