@@ -184,6 +184,8 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     from aura.config import config_to_dict, config_to_yaml, explain_config, load_config
 
     cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.set)
+    if args.estimate:
+        return _print_estimate(cfg, args.json)
     if args.explain and args.json:
         _print_json(explain_config(cfg))
     elif args.explain:
@@ -192,6 +194,34 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
         _print_json(config_to_dict(cfg))
     else:
         sys.stdout.write(config_to_yaml(cfg))
+    return EXIT_OK
+
+
+def _print_estimate(cfg: Any, as_json: bool) -> int:
+    """Parameters and the training memory estimate on the run's accelerator (CUDA unless
+    train.device names another), with its parts."""
+    from aura.train.resources import estimate_training_memory, format_bytes
+
+    if cfg.model.vocab_size is None:
+        raise AuraError("--estimate needs model.vocab_size (it normally comes from the data): "
+                        "add --set model.vocab_size=N")
+    t = cfg.train
+    device = "cuda" if t.device in ("auto", "cuda") or t.device.startswith("cuda") else t.device
+    precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    est = estimate_training_memory(cfg, precision, device.split(":")[0])
+    parts = {"params": est.params, "weights": est.param_bytes, "gradients": est.grad_bytes,
+             "optimizer": est.optimizer_bytes, "buffers": est.buffer_bytes,
+             "activations": est.activation_bytes, "overhead": est.overhead_bytes,
+             "total": est.total}
+    if as_json:
+        _print_json({"device": device, "precision": precision, "batch": est.batch,
+                     "seq": est.seq, **parts})
+        return EXIT_OK
+    print(f"params: {est.params:,}")
+    print(f"estimated {device} training memory: {format_bytes(est.total)} "
+          f"({est.total:,} bytes; {precision}, micro-batch {est.batch} x {est.seq} tokens)")
+    for key in ("weights", "gradients", "optimizer", "buffers", "activations", "overhead"):
+        print(f"  {key:<12}{format_bytes(parts[key]):>12}")
     return EXIT_OK
 
 
@@ -237,6 +267,9 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
                       help="every key as KEY=VALUE with what it means (with --json: an object "
                            "KEY -> {value, doc})")
     show.add_argument("--json", action="store_true")
+    show.add_argument("--estimate", action="store_true",
+                      help="print the parameter count and the training memory estimate "
+                           "(weights, gradients, optimizer state, activations) instead")
     show.set_defaults(func=_cmd_config_show)
     lst = csub.add_parser("list", help="list the named presets")
     lst.add_argument("--json", action="store_true")
