@@ -1,4 +1,4 @@
-"""`natural_brain` (`brain-cpu`) against a parameter-matched `gpt`: does the brain learn? Prints JSON.
+"""`natural_brain` (`brain-cpu`) vs a parameter-matched `gpt`: does the brain learn? Prints JSON.
 
     python benchmarks/brain_bench.py [--threads 1] quality [--steps 1000] [--seeds 0,1,2]
         [--only brain,gpt] [--ablations] [--png curves.png]
@@ -85,7 +85,7 @@ def cmd_quality(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         data = char_data(Path(d))
         for seed in seeds:
-            common = ["train.eval_interval=%d" % args.eval_every, "train.eval_iters=10",
+            common = [f"train.eval_interval={args.eval_every}", "train.eval_iters=10",
                       f"train.max_steps={args.steps}", f"train.checkpoint_interval={args.steps}",
                       f"train.seed={seed}", *args.set]
             configs = runs(args, common)

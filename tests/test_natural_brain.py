@@ -3,20 +3,25 @@ trainer run that logs every region's activity."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from aura.config import load_config
 from aura.data.prosody import FEATURES, N_FEATURES
 from aura.models import build_model
 from aura.models.natural_brain import SWITCHES, NaturalBrain, NaturalBrainConfig
 from aura.nn.brain.limbic import MODULATED, NEUTRAL, LimbicSystem
 from aura.nn.brain.pfc import PrefrontalCortex
+from aura.train.resources import estimate_training_memory
 from aura.train.trainer import Trainer
-from conftest import assert_causal, read_metrics, tiny_config
+from conftest import CliResult, assert_causal, assert_usage_error, read_metrics, tiny_config
 
+Run = Callable[..., CliResult]
 V, BLOCK = 50, 24
 SMALL = {"vocab_size": V, "block_size": BLOCK, "n_layer": 2, "n_head": 2, "n_embd": 32,
          "pfc_dim": 16, "pfc_heads": 2, "moe_hidden": 16, "memory_capacity": 64,
@@ -56,7 +61,7 @@ class WithProsody(torch.nn.Module):
         super().__init__()
         self.model, self.feats = model, feats
 
-    def forward(self, x: torch.Tensor):  # noqa: ANN201
+    def forward(self, x: torch.Tensor):
         return self.model(x, prosody=self.feats)
 
 
@@ -280,3 +285,30 @@ def test_it_trains_and_logs_every_region(train_data: Path, tmp_path: Path) -> No
                 "bg_nogo", "broca_active", "memory_size"):
         assert f"aux/{key}" in rows[-1], key
     assert rows[0]["aux/limbic_lr_x"] == 1.0  # neutral during the warmup
+
+
+# --- presets and the estimate -----------------------------------------------------------------
+
+
+def test_neurogen_preset_has_seed_003_s_numbers_and_an_estimate(run_cli: Run) -> None:
+    res = run_cli("config", "show", "--preset", "neurogen-4gb", "--estimate", "--json")
+    assert res.code == 0, res.err
+    est = json.loads(res.out)
+    cfg = load_config(preset="neurogen-4gb")
+    assert (cfg.model.n_embd, cfg.model.broca_dim, cfg.model.vocab_size) == (1024, 8192, 32000)
+    assert est["params"] == estimate_training_memory(cfg, "fp16", "cuda").params
+    assert est["params"] > 32000 * 8192  # Broca's head alone
+    assert est["device"] == "cuda" and est["precision"] == "fp16"
+    # weights, gradients and AdamW's two moments at least: 16 bytes a parameter
+    assert est["total"] >= est["weights"] + est["gradients"] + est["optimizer"] >= 16 * est[
+        "params"]
+    text = run_cli("config", "show", "--preset", "neurogen-4gb", "--estimate")
+    assert text.code == 0 and "params: " in text.out and "training memory" in text.out
+
+
+def test_estimate_without_a_vocabulary_is_one_line(run_cli: Run) -> None:
+    res = run_cli("config", "show", "--preset", "brain-cpu", "--estimate")
+    assert_usage_error(res, "model.vocab_size")
+    ok = run_cli("config", "show", "--preset", "brain-cpu", "--estimate",
+                 "--set", "model.vocab_size=65")
+    assert ok.code == 0 and "params: " in ok.out
