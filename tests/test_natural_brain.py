@@ -14,7 +14,7 @@ import torch
 from aura.config import load_config
 from aura.data.prosody import FEATURES, N_FEATURES
 from aura.models import build_model
-from aura.models.natural_brain import SWITCHES, NaturalBrain, NaturalBrainConfig
+from aura.models.natural_brain import PHASES, SWITCHES, NaturalBrain, NaturalBrainConfig
 from aura.nn.brain.limbic import MODULATED, NEUTRAL, LimbicSystem
 from aura.nn.brain.pfc import PrefrontalCortex
 from aura.train.resources import estimate_training_memory
@@ -166,7 +166,7 @@ def test_moe_balance_loss_is_in_the_training_loss() -> None:
     x = tokens(2, 8)
     feats = prosody(2, 8)
     out = brain(moe_balance=1.0).train()(x, x, prosody=feats)
-    assert float(out.loss) == pytest.approx(float(out.aux["ce"]) + float(
+    assert float(out.loss.detach()) == pytest.approx(float(out.aux["ce"]) + float(
         out.aux["moe_balance_loss"]), rel=1e-5)
 
 
@@ -272,11 +272,15 @@ def test_the_pfc_carries_its_state_across_windows() -> None:
 # --- with the trainer -------------------------------------------------------------------------
 
 
+BRAIN_TRAIN = ("model.name=natural_brain", "model.pfc_dim=16", "model.pfc_heads=2",
+               "model.moe_hidden=16", "model.memory_capacity=64", "model.memory_dim=8",
+               "model.memory_writes=8", "model.broca_dim=48", "model.limbic_warmup=2")
+
+
+@pytest.mark.slow
 def test_it_trains_and_logs_every_region(train_data: Path, tmp_path: Path) -> None:
-    cfg = tiny_config("model.name=natural_brain", "model.pfc_dim=16", "model.pfc_heads=2",
-                      "model.moe_hidden=16", "model.memory_capacity=64", "model.memory_dim=8",
-                      "model.memory_writes=8", "model.broca_dim=48", "model.limbic_warmup=2",
-                      "train.max_steps=4", "train.eval_interval=4", "train.checkpoint_interval=4")
+    cfg = tiny_config(*BRAIN_TRAIN, "train.max_steps=4", "train.eval_interval=4",
+                      "train.checkpoint_interval=4")
     result = Trainer(cfg, train_data, tmp_path / "run", progress=False, log=lambda _m: None).run()
     assert result.step == 4 and math.isfinite(result.val_loss or math.nan)
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
@@ -312,3 +316,79 @@ def test_estimate_without_a_vocabulary_is_one_line(run_cli: Run) -> None:
     ok = run_cli("config", "show", "--preset", "brain-cpu", "--estimate",
                  "--set", "model.vocab_size=65")
     assert ok.code == 0 and "params: " in ok.out
+
+
+# --- training phases --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", range(len(PHASES)))
+def test_phases_freeze_and_bypass_exactly_what_they_say(phase: int) -> None:
+    model = brain().train()
+    model.on_step(0, phase)
+    for switch in SWITCHES:
+        module = model.module_of(switch)
+        for p in (module.parameters() if module is not None else ()):
+            assert p.requires_grad == (switch in PHASES[phase]), switch
+    x = tokens(2, 8)
+    out = model(x, x, prosody=prosody(2, 8))
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        switch = next((s for s in SWITCHES for prefix in MODULES[s] if name.startswith(prefix)),
+                      None)
+        if switch is None or switch in PHASES[phase]:
+            assert p.requires_grad, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    assert model.wte.weight.grad is not None and model.wte.weight.grad.abs().sum() > 0
+    assert float(out.aux["phase"]) == phase + 1
+    assert ("moe_usage/0" in out.aux) == ("liquid_moe" in PHASES[phase])
+    assert ("pfc_retention" in out.aux) == ("pfc" in PHASES[phase])
+
+
+def test_a_bypassed_module_changes_nothing_and_the_phase_is_saved() -> None:
+    model = brain().eval()
+    model.on_step(0, 0)
+    x, feats = tokens(2, 8), prosody(2, 8)
+    with torch.no_grad():
+        before = model(x, prosody=feats).logits
+        assert model.moe is not None and model.pfc is not None
+        for p in [*model.moe.parameters(), *model.pfc.parameters()]:
+            p.add_(1.0)
+        torch.testing.assert_close(model(x, prosody=feats).logits, before)
+    other = brain()
+    assert other.active("pfc")
+    other.load_state_dict(model.state_dict())
+    assert not other.active("pfc") and other.active("hippocampus")
+    assert not any(p.requires_grad for p in other.pfc.parameters())  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("name", "phases", "says"), [
+    ("natural_brain", "[5]", "train.phases needs 2"),
+    ("natural_brain", "[5, 5]", "increasing"),
+    ("gpt", "[5]", "has no training phases"),
+])
+def test_bad_phases_are_one_line(run_cli: Run, name: str, phases: str, says: str) -> None:
+    res = run_cli("config", "show", "--preset", "demo", "--set", f"model.name={name}",
+                  "--set", f"train.phases={phases}")
+    assert_usage_error(res, says)
+
+
+@pytest.mark.slow
+def test_resume_inside_a_phase_is_bit_exact(train_data: Path, tmp_path: Path) -> None:
+    """Phases at steps 2 and 4; a run stopped at step 3 (inside phase 2) and resumed ends with
+    every loss equal to the uninterrupted run's, and each step logs its phase."""
+    common = (*BRAIN_TRAIN, "train.phases=[2, 4]", "train.schedule=constant",
+              "train.checkpoint_interval=3", "train.eval_interval=3")
+
+    def run(steps: int, where: Path, resume: bool = False) -> None:
+        Trainer(tiny_config(*common, f"train.max_steps={steps}"), train_data, where,
+                resume=resume, progress=False, log=lambda _m: None).run()
+
+    run(6, tmp_path / "a")
+    run(3, tmp_path / "b")
+    run(6, tmp_path / "b", resume=True)
+    rows = {d: [r for r in read_metrics(tmp_path / d) if "loss" in r] for d in "ab"}
+    assert [r["loss"] for r in rows["a"]] == [r["loss"] for r in rows["b"]]
+    assert [r["aux/phase"] for r in rows["a"]] == [1, 1, 2, 2, 3, 3]
+    assert "aux/pfc_retention" not in rows["a"][1] and "aux/pfc_retention" in rows["a"][2]
+    assert "aux/moe_usage/0" in rows["a"][5]

@@ -125,6 +125,10 @@ class TrainConfig:
     hippocampal forms none), so it learns language before leaning on recall."""
     seed: int = 1337
     """Seed of the initial weights and of the batch order, in [0, 2**32)."""
+    phases: list[int] = field(default_factory=list)
+    """Steps at which the next training phase starts, increasing (e.g. [5000, 20000]: seed
+    000's three phases); what trains in each phase is the model's (`aura config show
+    --explain` lists them under model.name). Empty: one phase, the whole model."""
 
 
 @dataclass
@@ -380,6 +384,15 @@ def validate_config(cfg: AuraConfig) -> None:
             0 < t.block_size <= m.block_size,
             f"train.block_size must be in [1, model.block_size={m.block_size}], got {t.block_size}",
         )
+    phases = m.training_phases()
+    _check(len(t.phases) in (0, len(phases) - 1),
+           f"train.phases needs {len(phases) - 1} step(s) for model {m.name!r} (its phases: "
+           f"{'; '.join(phases)}), got {t.phases!r}" if len(phases) > 1 else
+           f"model {m.name!r} has no training phases; train.phases must be empty, got "
+           f"{t.phases!r}")
+    _check(all(isinstance(b, int) and b > 0 for b in t.phases)
+           and all(a < b for a, b in zip(t.phases, t.phases[1:], strict=False)),
+           f"train.phases must be increasing steps > 0, got {t.phases!r}")
     previous = -1
     for i, stage in enumerate(d.curriculum):
         _check(

@@ -54,6 +54,16 @@ from aura.nn.snn_ffn import layer_firing_rates
 
 SWITCHES = ("limbic", "thalamus", "wernicke", "pfc", "liquid_moe", "hippocampus",
             "basal_ganglia", "broca")
+# Seed 000's training phases, as the modules that run and train in each (``train.phases`` sets
+# where each starts). Phase 1, the hippocampal transformer alone: attention blocks, the
+# hippocampus and the output path (Broca is the head's input, so it cannot wait); phase 2 adds
+# the rest of the language zone, the PFC; phase 3 is the full brain. A module not yet in its
+# phase is bypassed (not run) and frozen; the embeddings, norms and head always train.
+PHASES = (
+    ("wernicke", "hippocampus", "broca"),
+    ("wernicke", "hippocampus", "broca", "pfc"),
+    SWITCHES,
+)
 
 
 @dataclass
@@ -173,6 +183,10 @@ class NaturalBrainConfig(ModelConfig):
             out.append(f"model.moe_balance must be >= 0, got {self.moe_balance}")
         return out
 
+    def training_phases(self) -> list[str]:
+        return ["hippocampal core: " + ", ".join(PHASES[0]), "+ language zone: pfc",
+                "full brain: " + ", ".join(SWITCHES)]
+
     def regions(self) -> tuple[str, ...]:
         """The regions the thalamus relays to and the basal ganglia select among."""
         return tuple(r for r, on in (("pfc", self.pfc), ("liquid_moe", self.liquid_moe),
@@ -237,19 +251,54 @@ class NaturalBrain(Decoder):
         self.wants_corpus_pos = c.hippocampus  # memories then hide text after each token
         self.basal_ganglia = (BasalGanglia(c.n_embd, self.regions)
                               if c.basal_ganglia and self.regions else None)
+        # the training phase (train.phases), saved with the weights: a model evaluated after
+        # a run that ended in phase 1 runs as phase 1
+        self.register_buffer("phase", torch.tensor(len(PHASES) - 1))
+        self._active = set(SWITCHES)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._enter_phase())
+
+    def module_of(self, switch: str) -> nn.Module | None:
+        """The module a switch builds (None when off); "wernicke" is the blocks."""
+        if switch == "wernicke":
+            return self.blocks if len(self.blocks) else None
+        return getattr(self, {"liquid_moe": "moe"}.get(switch, switch))
+
+    def active(self, switch: str) -> bool:
+        """Whether ``switch``'s module is built and runs in the current training phase."""
+        return switch in self._active and self.module_of(switch) is not None
+
+    def _enter_phase(self) -> None:
+        """Run and train the current phase's modules; bypass and freeze the others."""
+        self._active = set(PHASES[int(self.phase)])
+        for switch in SWITCHES:
+            module = self.module_of(switch)
+            if module is not None:
+                module.requires_grad_(switch in self._active)
+                if switch in self.regions:
+                    self.norms[switch].requires_grad_(switch in self._active)
 
     # --- the trainer's hooks (aura.models.base) ------------------------------------------------
 
-    def on_step(self, step: int) -> None:
+    def on_step(self, step: int, phase: int | None = None) -> None:
+        phase = len(PHASES) - 1 if phase is None else phase
+        if not 0 <= phase < len(PHASES):
+            raise ValueError(f"natural_brain has {len(PHASES)} training phases, got {phase}")
         if self.limbic is not None:
             self.limbic.set_step(step)
+        if phase != int(self.phase) or not self._active.issuperset(PHASES[phase]):
+            self.phase.fill_(phase)
+            self._enter_phase()
+
+    @property
+    def _limbic(self) -> LimbicSystem | None:
+        return self.limbic if self.active("limbic") else None
 
     def lr_scale(self) -> float:
-        return self.limbic.multiplier("lr") if self.limbic is not None else 1.0
+        return self._limbic.multiplier("lr") if self._limbic is not None else 1.0
 
     def sampling_temperature(self) -> float:
         """The limbic system's factor for a sampler's temperature (1 without it)."""
-        return self.limbic.multiplier("temperature") if self.limbic is not None else 1.0
+        return self._limbic.multiplier("temperature") if self._limbic is not None else 1.0
 
     # --- forward ---------------------------------------------------------------------------
 
@@ -268,17 +317,18 @@ class NaturalBrain(Decoder):
             raise ValueError(f"the natural_brain model's limbic system needs prosody of shape "
                              f"{(B, T, N_FEATURES)} from the data pipeline, got "
                              f"{None if prosody is None else tuple(prosody.shape)}")
-        limbic = self.limbic
+        limbic = self._limbic
         p = self.config.dropout * (limbic.multiplier("dropout") if limbic is not None else 1.0)
         p = min(p, 0.9)
         x = F.dropout(self.wte(idx) + self.wpe(pos), p, self.training)
-        for block in self.blocks:
-            x = self.run_block(block, x, cache)
+        if self.active("wernicke"):
+            for block in self.blocks:
+                x = self.run_block(block, x, cache)
         balance = None
-        if self.regions:
+        if any(self.active(r) for r in self.regions):
             proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos)
             proposals = {r: F.dropout(v, p, self.training) for r, v in proposals.items()}
-            if self.basal_ganglia is not None:
+            if self.basal_ganglia is not None and self.active("basal_ganglia"):
                 x = self.basal_ganglia(x, proposals)
             else:
                 x = x + sum(proposals.values())
@@ -296,23 +346,23 @@ class NaturalBrain(Decoder):
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Each region's proposal (like x) from what the thalamus relays to it, and the
         experts' load-balancing loss."""
-        routes = self.thalamus(x) if self.thalamus is not None else {}
+        routes = self.thalamus(x) if self.thalamus is not None and self.active("thalamus") else {}
         inputs = {r: self.norms[r](x) * routes[r] if r in routes else self.norms[r](x)
-                  for r in self.regions}
+                  for r in self.regions if self.active(r)}
         out: dict[str, torch.Tensor] = {}
         balance = None
-        if self.pfc is not None:
+        if self.pfc is not None and self.active("pfc"):
             state = cache.pfc_state if cache is not None else None
             out["pfc"], after = self.pfc(inputs["pfc"], state)
             if cache is not None:
                 cache.pfc_state = after
-        if self.moe is not None:
+        if self.moe is not None and self.active("liquid_moe"):
             out["liquid_moe"], balance = self.moe(inputs["liquid_moe"])
-        if self.hippocampus is not None:
+        if self.hippocampus is not None and self.active("hippocampus"):
             h = inputs["hippocampus"]
             writes = self.config.memory_writes
-            if self.limbic is not None:
-                writes = round(writes * self.limbic.multiplier("memory_write"))
+            if self._limbic is not None:
+                writes = round(writes * self._limbic.multiplier("memory_write"))
             self.hippocampus.writes_per_step = max(1, min(writes, self.config.memory_capacity))
             access = MemoryAccess(read=use_memory, write=self.training and cache is None,
                                   positions=token_positions(corpus_pos, pos))
@@ -334,13 +384,13 @@ class NaturalBrain(Decoder):
         """Every built module's activity in the last forward (hormones and modulations,
         routing, working memory, expert usage, memory recall, selection, Broca), and the
         spiking FFNs' firing rates with use_spiking."""
-        out: dict[str, torch.Tensor] = {}
-        if self.config.use_spiking and len(self.blocks):
+        out: dict[str, torch.Tensor] = {"phase": self.phase.detach().float() + 1}
+        if self.config.use_spiking and self.active("wernicke"):
             out.update(layer_firing_rates([b.mlp for b in self.blocks]))  # type: ignore[misc]
-        for module in (self.limbic, self.thalamus, self.pfc, self.moe, self.hippocampus,
-                       self.basal_ganglia, self.broca):
-            if module is not None:
-                out.update(module.metrics())
+        for switch in SWITCHES:
+            module = self.module_of(switch)
+            if switch != "wernicke" and module is not None and self.active(switch):
+                out.update(module.metrics())  # type: ignore[operator]
         return out
 
     # --- memory estimate -------------------------------------------------------------------

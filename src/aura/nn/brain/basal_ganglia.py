@@ -28,7 +28,8 @@ class BasalGanglia(nn.Module):
         probs = torch.softmax(self.select(self.norm(x)).float(), dim=-1)  # (B, T, R + 1)
         out = x
         for i, r in enumerate(self.regions):
-            out = out + probs[..., i:i + 1].to(x.dtype) * proposals[r]
+            if r in proposals:  # a region bypassed in this training phase proposes nothing
+                out = out + probs[..., i:i + 1].to(x.dtype) * proposals[r]
         with torch.no_grad():
             entropy = -(probs * probs.clamp(min=1e-9).log()).sum(-1).mean()
             self._metrics = {"bg_entropy": entropy, "bg_nogo": probs[..., -1].mean(),
