@@ -10,6 +10,7 @@ Commands that report results take ``--json`` and then print exactly one JSON obj
 from __future__ import annotations
 
 import argparse
+import collections
 import collections.abc
 import dataclasses
 import io
@@ -296,6 +297,13 @@ def _train_config(args: argparse.Namespace) -> Any:
 
         cfg = config_from_dict(json.loads(saved.read_text()))
         return apply_overrides(cfg, dict(parse_override(o) for o in overrides))
+    if args.init_from is not None and args.preset is None and args.config is None:
+        from aura.config import apply_overrides, parse_override
+        from aura.train.checkpoint import resolve_checkpoint
+
+        meta = json.loads((resolve_checkpoint(args.init_from) / "meta.json").read_text())
+        cfg = config_from_dict(meta["config"])
+        return apply_overrides(cfg, dict(parse_override(o) for o in overrides))
     if args.preset is None and args.config is None:
         raise AuraError("give --preset NAME or --config FILE (`aura config list` shows presets)")
     return load_config(preset=args.preset, config_file=args.config, overrides=overrides)
@@ -314,9 +322,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     data_dir = args.data or cfg.data.dir
     cfg.data.dir = data_dir
+    if args.init_from is not None and args.resume:
+        raise AuraError("--init-from starts a new run; --resume continues one: give one")
     result = Trainer(cfg, data_dir, args.out, resume=args.resume,
                      restart_discarding_checkpoints=args.restart_discarding_checkpoints,
-                     progress=not args.json).run()
+                     progress=not args.json, init_from=args.init_from).run()
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
     if args.json:
         _print_json(summary)
@@ -418,6 +428,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                    help="when the run's checkpoints cannot be resumed (none verifies, or no "
                         "--resume), move everything in RUN_DIR into RUN_DIR/discarded-TIME/ and "
                         "start afresh instead of refusing; nothing is deleted")
+    t.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT",
+                   help="start from these weights (e.g. `aura convert`'s output) with fresh "
+                        "optimizer state; without --preset/--config, its config")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--checkpoint-interval", type=int)
     t.add_argument("--keep-checkpoints", type=int)
@@ -595,6 +608,36 @@ def _add_learn(sub: argparse._SubParsersAction) -> None:
     ).set_defaults(func=_cmd_learn)
 
 
+# --- aura convert ----------------------------------------------------------------------------
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from aura.train.convert import convert
+
+    moved, path = convert(args.run, args.set, args.out)
+    if args.json:
+        _print_json({"checkpoint": str(path), "tensors": [dataclasses.asdict(m) for m in moved]})
+        return EXIT_OK
+    width = max(len(m.name) for m in moved)
+    for m in moved:
+        shapes = " -> ".join("-" if s is None else "x".join(map(str, s)) for s in (m.old, m.new))
+        print(f"{m.name:<{width}}  {m.action:<8}  {shapes if m.old or m.new else ''}")
+    counts = collections.Counter(m.action for m in moved)
+    print(", ".join(f"{n} {a}" for a, n in sorted(counts.items())) + f"; wrote {path}")
+    return EXIT_OK
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("convert", help="migrate a run's checkpoint to a larger model shape")
+    c.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    c.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="a larger model size, e.g. --set model.n_embd=1024 (repeatable)")
+    c.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="the new run directory (`aura train --init-from RUN_DIR` continues it)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_convert)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -610,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_memory(sub)
     _add_learn(sub)
+    _add_convert(sub)
     return parser
 
 

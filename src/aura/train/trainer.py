@@ -43,6 +43,7 @@ from aura.train.checkpoint import (
     set_aside,
     write_history,
 )
+from aura.train.convert import init_weights
 from aura.train.device import (
     device_peak_flops,
     maybe_empty_cuda_cache,
@@ -102,8 +103,10 @@ class Trainer:
 
     def __init__(self, cfg: AuraConfig, data_dir: str | Path, run_dir: str | Path, *,
                  resume: bool = False, restart_discarding_checkpoints: bool = False,
-                 progress: bool = True, log: Callable[[str], None] = _stderr):
+                 progress: bool = True, log: Callable[[str], None] = _stderr,
+                 init_from: str | Path | None = None):
         self.cfg, self.run_dir, self.log, self.progress = cfg, Path(run_dir), log, progress
+        self.init_from = init_from
         self.data = PreparedData.open(data_dir, verify="full")
         vocab = self.data.vocab_size
         if cfg.model.vocab_size is None:
@@ -170,6 +173,9 @@ class Trainer:
         self._stop_signal: str | None = None
         if start is not None:
             self._resume(*start)
+        elif self.init_from is not None:
+            init_weights(self.model, self.init_from, cfg, self.data.tokenizer.hash, self.device)
+            self.log(f"initialised from {self.init_from}")
         else:
             self.model.on_train_start(self.data)
         self.peak_flops = device_peak_flops(self.device, self.precision.name)
