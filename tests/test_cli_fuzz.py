@@ -70,7 +70,7 @@ PARSERS = leaf_parsers()
 def test_the_fuzz_covers_every_command() -> None:
     assert set(PARSERS) == {("data", "prepare"), ("data", "stats"), ("config", "show"),
                             ("config", "list"), ("train",), ("generate",), ("eval",), ("plot",),
-                            ("analyze",), ("memory", "build"), ("learn",)}
+                            ("analyze",), ("memory", "build"), ("learn",), ("convert",)}
 
 
 # Files an argument may name, made per example by ``scratch``; the plausible ones per option.
