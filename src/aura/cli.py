@@ -620,8 +620,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(m.name) for m in moved)
     for m in moved:
-        shapes = " -> ".join("-" if s is None else "x".join(map(str, s)) for s in (m.old, m.new))
-        print(f"{m.name:<{width}}  {m.action:<8}  {shapes if m.old or m.new else ''}")
+        shapes = " -> ".join("-" if s is None else "x".join(map(str, s)) or "scalar"
+                             for s in (m.old, m.new))
+        known = m.old is not None or m.new is not None  # a memory store has no one shape
+        print(f"{m.name:<{width}}  {m.action:<8}  {shapes if known else ''}".rstrip())
     counts = collections.Counter(m.action for m in moved)
     print(", ".join(f"{n} {a}" for a, n in sorted(counts.items())) + f"; wrote {path}")
     return EXIT_OK
