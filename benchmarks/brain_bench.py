@@ -2,6 +2,7 @@
 
     python benchmarks/brain_bench.py [--threads 1] quality [--steps 1000] [--seeds 0,1,2]
         [--only brain,gpt] [--ablations] [--png curves.png]
+    python benchmarks/brain_bench.py merge seed0.json seed1.json ... [--png curves.png]
 
 Char-level builtin Shakespeare (held-out works as val). Each run trains on the same batches
 (same seed) for the same tokens; every ``--eval-every`` steps the val loss is recorded (the
@@ -153,6 +154,18 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    """Several ``quality`` outputs (e.g. one process per seed) as one: runs, summary, PNG."""
+    merged: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in args.files:
+        for name, by_seed in json.loads(Path(path).read_text())["runs"].items():
+            merged.setdefault(name, {}).update({int(k): v for k, v in by_seed.items()})
+    if args.png:
+        plot(merged, Path(args.png))
+    return {"uniform_loss": round(math.log(VOCAB), 4), "runs": merged,
+            "summary": summary(merged)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -165,11 +178,14 @@ def main() -> None:
     q.add_argument("--ablations", action="store_true")
     q.add_argument("--set", action="append", default=[], help="an override for every run")
     q.add_argument("--png", default="")
+    m = sub.add_parser("merge", help="merge quality outputs (one per seed) into one")
+    m.add_argument("files", nargs="+")
+    m.add_argument("--png", default="")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"quality": cmd_quality}[args.cmd](args)
+    result = {"quality": cmd_quality, "merge": cmd_merge}[args.cmd](args)
     print(json.dumps({"machine": machine(), **result}, indent=1))
 
 
