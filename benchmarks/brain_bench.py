@@ -37,7 +37,7 @@ from aura.train.trainer import Trainer
 from machine import machine
 
 PRESET = "brain-cpu"
-VOCAB = 65  # builtin Shakespeare's characters
+VOCAB = 84  # the char tokenizer of builtin:shakespeare (checked against the prepared data)
 
 
 def char_data(root: Path) -> Path:
@@ -85,6 +85,9 @@ def cmd_quality(args: argparse.Namespace) -> dict[str, Any]:
     seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory() as d:
         data = char_data(Path(d))
+        from aura.data.shards import PreparedData
+
+        assert PreparedData.open(data).vocab_size == VOCAB
         for seed in seeds:
             common = [f"train.eval_interval={args.eval_every}", "train.eval_iters=10",
                       f"train.max_steps={args.steps}", f"train.checkpoint_interval={args.steps}",
