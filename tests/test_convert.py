@@ -97,7 +97,6 @@ def test_bad_targets_are_one_line_and_write_nothing(run_cli: Run, tmp_path: Path
     assert not (tmp_path / "big").exists()
 
 
-@pytest.mark.slow
 def test_train_init_from_starts_from_the_converted_weights(run_cli: Run, tmp_path: Path,
                                                            train_data: Path) -> None:
     tokenizer = PreparedData.open(train_data).tokenizer

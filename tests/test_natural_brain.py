@@ -277,7 +277,6 @@ BRAIN_TRAIN = ("model.name=natural_brain", "model.pfc_dim=16", "model.pfc_heads=
                "model.memory_writes=8", "model.broca_dim=48", "model.limbic_warmup=2")
 
 
-@pytest.mark.slow
 def test_it_trains_and_logs_every_region(train_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(*BRAIN_TRAIN, "train.max_steps=4", "train.eval_interval=4",
                       "train.checkpoint_interval=4")
