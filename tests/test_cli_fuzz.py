@@ -73,7 +73,8 @@ def test_the_fuzz_covers_every_command() -> None:
     assert set(PARSERS) == {("data", "prepare"), ("data", "stats"), ("config", "show"),
                             ("config", "list"), ("train",), ("generate",), ("eval",), ("plot",),
                             ("analyze",), ("memory", "build"), ("learn",), ("chat",),
-                            ("cl",), ("learn-export",), ("viz",), ("ablate",), ("export",)}
+                            ("cl",), ("learn-export",), ("viz",), ("ablate",), ("export",),
+                            ("convert",)}
 
 
 # Files an argument may name, made per example by ``scratch``; the plausible ones per option.

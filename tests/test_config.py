@@ -69,6 +69,7 @@ def test_presets_are_listed_in_order() -> None:
     assert list(PRESETS) == [
         "demo", "cpu-small", "m1-8gb", "gpu-4gb", "l4-24gb", "a100-40gb", "a100-80gb",
         "hippocampal-157m", "hippocampal-cpu", "bdh-ref", "bdh-cpu", "snn-rag-cpu", "snn-rag",
+        "brain-cpu", "neurogen-4gb",
     ]
     assert all(p.description for p in PRESETS.values())
 

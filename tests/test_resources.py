@@ -44,6 +44,8 @@ SMALL = {
                     "model.memory_writes=16", "model.memory_dim=16"),
     "snn_rag": ("model.memory_capacity=64", "model.memory_chunk=8"),
     "bdh": ("model.mlp_multiplier=8",),
+    "natural_brain": ("model.pfc_dim=64", "model.moe_hidden=64", "model.memory_capacity=128",
+                      "model.memory_writes=16", "model.memory_dim=16", "model.broca_dim=128"),
 }
 # Variants whose parameters or activations differ from their model's defaults.
 VARIANTS = [
@@ -53,6 +55,8 @@ VARIANTS = [
     ("hippocampal", "model.theta_gamma=false", "model.prosody=false", "model.memory=false"),
     ("snn_rag",), ("snn_rag", "model.memory_layers=[0, 1]", "model.ffn=mlp"),
     ("bdh",), ("bdh", "model.shared_weights=false", "model.dropout=0.0"),
+    ("natural_brain",), ("natural_brain", "model.dropout=0.1", "model.thalamus_mode=topk"),
+    ("natural_brain", "model.use_spiking=true", "model.broca=false"),
 ]
 
 

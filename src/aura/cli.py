@@ -10,6 +10,7 @@ Commands that report results take ``--json`` and then print exactly one JSON obj
 from __future__ import annotations
 
 import argparse
+import collections
 import collections.abc
 import dataclasses
 import io
@@ -330,6 +331,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     data_dir = args.data or cfg.data.dir
     cfg.data.dir = data_dir
+    if args.init_from is not None and args.resume:
+        raise AuraError("--init-from starts a new run; --resume continues one: give one")
     result = Trainer(cfg, data_dir, args.out, resume=args.resume,
                      restart_discarding_checkpoints=args.restart_discarding_checkpoints,
                      progress=not args.json, init_from=args.init_from,
@@ -1067,6 +1070,38 @@ def _add_cl(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_cmd_cl)
 
 
+# --- aura convert ----------------------------------------------------------------------------
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from aura.train.convert import convert
+
+    moved, path = convert(args.run, args.set, args.out)
+    if args.json:
+        _print_json({"checkpoint": str(path), "tensors": [dataclasses.asdict(m) for m in moved]})
+        return EXIT_OK
+    width = max(len(m.name) for m in moved)
+    for m in moved:
+        shapes = " -> ".join("-" if s is None else "x".join(map(str, s)) or "scalar"
+                             for s in (m.old, m.new))
+        known = m.old is not None or m.new is not None  # a memory store has no one shape
+        print(f"{m.name:<{width}}  {m.action:<8}  {shapes if known else ''}".rstrip())
+    counts = collections.Counter(m.action for m in moved)
+    print(", ".join(f"{n} {a}" for a, n in sorted(counts.items())) + f"; wrote {path}")
+    return EXIT_OK
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("convert", help="migrate a run's checkpoint to a larger model shape")
+    c.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    c.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="a larger model size, e.g. --set model.n_embd=1024 (repeatable)")
+    c.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="the new run directory (`aura train --init-from RUN_DIR` continues it)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_convert)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -1086,6 +1121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cl(sub)
     _add_learn_export(sub)
     _add_export(sub)
+    _add_convert(sub)
     return parser
 
 

@@ -147,6 +147,10 @@ class TrainConfig:
     "fsdp" (FSDP2: parameters, gradients and optimizer state sharded block by block over the
     ranks). batch_size is the global micro-batch, split evenly over the ranks; without torchrun
     this is ignored."""
+    phases: list[int] = field(default_factory=list)
+    """Steps at which the next training phase starts, increasing (e.g. [5000, 20000]: seed
+    000's three phases); what trains in each phase is the model's (`aura config show
+    --explain` lists them under model.name). Empty: one phase, the whole model."""
 
 
 ReplayPriority = Literal["uniform", "loss"]
@@ -455,6 +459,15 @@ def validate_config(cfg: AuraConfig) -> None:
             f"train.block_size must be in [1, model.block_size={m.block_size}], got {t.block_size}",
         )
     _validate_continual(cfg.continual)
+    phases = m.training_phases()
+    _check(len(t.phases) in (0, len(phases) - 1),
+           f"train.phases needs {len(phases) - 1} step(s) for model {m.name!r} (its phases: "
+           f"{'; '.join(phases)}), got {t.phases!r}" if len(phases) > 1 else
+           f"model {m.name!r} has no training phases; train.phases must be empty, got "
+           f"{t.phases!r}")
+    _check(all(isinstance(b, int) and b > 0 for b in t.phases)
+           and all(a < b for a, b in zip(t.phases, t.phases[1:], strict=False)),
+           f"train.phases must be increasing steps > 0, got {t.phases!r}")
     previous = -1
     for i, stage in enumerate(d.curriculum):
         _check(

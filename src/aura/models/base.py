@@ -57,6 +57,11 @@ class ModelConfig:
         """What a model-specific config finds wrong with its own values (one line each)."""
         return []
 
+    def training_phases(self) -> list[str]:
+        """What trains in each of the model's training phases (``train.phases`` sets the
+        boundaries), one line each; one phase (everything, always) by default."""
+        return ["everything"]
+
 
 @dataclass
 class ModelOutput:
@@ -133,6 +138,17 @@ class AuraModel(nn.Module):
     def on_train_start(self, data: PreparedData) -> None:
         """Called by the trainer once before the first step of a fresh (not resumed) run, with
         the prepared corpus: e.g. to fill a memory bank from text. Nothing by default."""
+
+    def on_step(self, step: int, phase: int | None = None) -> None:
+        """Called by the trainer before each training step with its number and its training
+        phase (an index into ``training_phases()``; None without ``train.phases``: the whole
+        model), resumed runs included: for state that follows the schedule, e.g. a warmup, or
+        which modules train. Nothing by default."""
+
+    def lr_scale(self) -> float:
+        """A factor the trainer applies to this step's learning rate (after ``on_step``), e.g.
+        a neuromodulator's; 1 by default."""
+        return 1.0
 
     def build_memory(self, split: SplitData, tokenizer: Tokenizer | None = None,
                      max_chunks: int | None = None, batch_size: int = 8) -> int:

@@ -8,6 +8,7 @@ come from the step, the LR from the step and saved scales, so `--resume` continu
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -362,7 +363,9 @@ class Trainer:
 
     def _step(self, step: int) -> tuple[float, float, dict[str, float]]:
         t = self.cfg.train
-        self.opt.set_lr_factor(lr_factor(t, step, self.plateau) * self.state.fault_lr_scale)
+        self.model.on_step(step, bisect.bisect_right(t.phases, step) if t.phases else None)
+        self.opt.set_lr_factor(lr_factor(t, step, self.plateau) * self.state.fault_lr_scale
+                               * self.model.lr_scale())
         self.model.train()
         total = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
