@@ -96,7 +96,8 @@ def test_defaults_are_the_dataclass_defaults() -> None:
     [
         (["learn"], "--watch --once --state --model --glob --interval --settle --save-every "
                     "--save-seconds --max-file-mb --warmup-sweeps --warmup-samples "
-                    "--train-steps --lr --device --seed --json"),
+                    "--train-steps --replay-tokens --replay-fraction --ewc-lambda --lr --device "
+                    "--seed --json"),
         (["data", "prepare"], "--tokenizer --vocab-size --out --weights --val-fraction --seed "
                               "--glob --text-field --doc-boundary --on-invalid --shard-tokens "
                               "--hf-split --hf-config --hf-streaming --force --json"),
