@@ -54,6 +54,8 @@ SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
 LOADER_PRESETS = ("demo", "cpu-small", "hippocampal-cpu")
 WORKER_COUNTS = (0, 1, 2)
 QUICK_OVERRIDES = ["model.n_layer=1", "train.batch_size=2"]
+# nanoGPT runs whose loss went NaN (its --compile=True under ATEN_CPU_CAPABILITY=avx2 does)
+NAN_RUNS: set[str] = set()
 
 
 def step_ms(cfg: AuraConfig, data_dir: Path, out: Path, warmup: int = WARMUP) -> list[float]:
@@ -137,9 +139,10 @@ def run_nanogpt(nanogpt: Path, dataset: str, out: Path, iters: int, compile_: bo
         f"--dataset={dataset}", f"--out_dir={out}", "--always_save_checkpoint=False",
     ]
     res = subprocess.run(cmd, cwd=nanogpt, capture_output=True, text=True, check=True)
-    times = [float(m) for m in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", res.stdout,
-                                          re.M)]
-    return times[WARMUP:]
+    rows = re.findall(r"^iter \d+: loss (\S+), time ([\d.]+)ms", res.stdout, re.M)
+    if any(loss == "nan" for loss, _ in rows):  # timed all the same, and said
+        NAN_RUNS.add(f"nanogpt_{'compile' if compile_ else 'eager'}")
+    return [float(ms) for _, ms in rows][WARMUP:]
 
 
 def summary(ms: list[float], tokens: int) -> dict[str, float]:
@@ -220,6 +223,7 @@ def nanogpt_bench(tmp: Path, nanogpt: Path | None, iters: int, rounds: int,
                     run_nanogpt(nanogpt, dataset, tmp / "ngpt", iters, compile_))
     systems = {k: summary(v, tokens) for k, v in results.items()}
     return {"shape": SHAPE, "iters": iters, "rounds": rounds, "systems": systems,
+            "nan_loss": sorted(NAN_RUNS),
             "speedup": {
                 f"{a} vs {b}": round(systems[b]["ms_per_iter"] / systems[a]["ms_per_iter"], 3)
                 for a in systems if a.startswith("aura") for b in systems if b.startswith("nanogpt")

@@ -203,3 +203,46 @@ def test_no_viz_directory_when_off(train_data: Path, tmp_path: Path) -> None:
     assert _quiet("train", "--preset", "demo", *SETS, "--data", train_data, "--out", run,
                   "--max-steps", 2) == 0
     assert not (run / "viz").exists()
+
+
+def test_brain_routing_pictures_are_the_routers_probabilities(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = model_config_class("natural_brain")(
+        vocab_size=VOCAB, block_size=32, n_layer=1, n_head=2, n_embd=16, pfc_dim=8, pfc_heads=2,
+        moe_experts=4, moe_top_k=2, moe_hidden=8, memory_capacity=16, memory_dim=8,
+        memory_writes=4, broca_dim=24, limbic=False)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # routers start uniform: give them something to route
+        for m in (model.thalamus.router, model.moe.router, model.basal_ganglia.select):
+            m.weight.normal_(0, 1.0)
+    idx = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(3))
+    state = model.brain_state(idx)
+    names = {"thalamus": len(model.regions), "moe": 4, "basal_ganglia": len(model.regions) + 1}
+    for name, options in names.items():
+        probs = state[f"routing/{name}"]
+        assert probs.shape == (T, options)
+        assert torch.allclose(probs.sum(-1), torch.ones(T), atol=1e-5)
+    # the picture's data is what the forward measured: the basal ganglia's no-go share and
+    # each expert's share of the top-2 slots
+    bg = state["routing/basal_ganglia"]
+    nogo = next(v for k, v in state.items() if k.startswith("metric/") and k.endswith("bg_nogo"))
+    assert float(bg[:, -1].mean()) == pytest.approx(float(nogo), abs=1e-5)
+    top = state["routing/moe"].topk(2, dim=-1).indices
+    for e in range(4):
+        usage = next(v for k, v in state.items() if k.endswith(f"moe_usage/{e}"))
+        assert float((top == e).float().mean()) == pytest.approx(float(usage), abs=1e-6)
+    pics = render(state, [str(i) for i in idx[0].tolist()], tmp_path)
+    stems = {p.png.stem for p in pics}
+    assert {"routing-thalamus", "routing-moe", "routing-basal_ganglia"} <= stems
+    with np.load(tmp_path / "routing-moe.npz") as saved:
+        assert np.array_equal(saved["probs"], state["routing/moe"].numpy())
+
+
+def test_a_bypassed_thalamus_draws_no_routing() -> None:
+    cfg = model_config_class("natural_brain")(
+        vocab_size=VOCAB, block_size=32, n_layer=1, n_head=2, n_embd=16, pfc_dim=8, pfc_heads=2,
+        moe_hidden=8, memory_capacity=16, memory_dim=8, memory_writes=4, broca_dim=24,
+        limbic=False, thalamus_mode="bypass")
+    model = build_model(cfg).eval()
+    state = model.brain_state(torch.zeros(1, 8, dtype=torch.long))
+    assert "routing/thalamus" not in state and "routing/moe" in state

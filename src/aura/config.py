@@ -94,7 +94,7 @@ class TrainConfig:
     and everything else."""
     precision: Precision = "auto"
     """Forward precision: "auto" (bf16, else fp16, on CUDA; on CPU bf16 where it is native and
-    model.n_embd >= 128, where it measured faster, else fp32; fp32 on MPS), "fp32", "bf16", or
+    model.n_embd >= 256, where it measured faster, else fp32; fp32 on MPS), "fp32", "bf16", or
     "fp16" (GPU only, with loss scaling)."""
     device: str = "auto"
     """"auto" (CUDA, then MPS, then CPU) or a torch device: cpu, cuda, cuda:N, mps."""

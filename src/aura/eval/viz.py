@@ -245,6 +245,18 @@ def _draw_memory(d: dict[str, np.ndarray], name: str, tokens: list[str]) -> Figu
     return fig
 
 
+def _draw_routing(probs: np.ndarray, name: str, tokens: list[str]) -> Figure:
+    fig = _figure(10, 4)
+    ax = fig.subplots()
+    im = ax.imshow(probs.T, aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                   interpolation="nearest")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("option")
+    fig.colorbar(im, ax=ax, label="probability")
+    fig.suptitle(f"{name} routing per token ({probs.shape[1]} options; {len(tokens)} tokens)")
+    return fig
+
+
 def _draw_bdh(d: dict[str, np.ndarray], layer: str) -> Figure:
     fig = _figure(10, 7)
     ax_x, ax_y, line = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [2, 2, 1]})
@@ -315,6 +327,10 @@ def render(state: Mapping[str, Any], tokens: list[str], out: str | Path, title: 
         d = {f: s[f"memory/{name}/{f}"] for f in ("ids", "scores", "gate")}
         pics.append(_save(out, f"memory-{name}", _draw_memory(d, name, tokens), d,
                           f"memory {name}: which memories each token read, and its gate"))
+    for name in _layers(s, "routing"):
+        probs = s[f"routing/{name}"]
+        pics.append(_save(out, f"routing-{name}", _draw_routing(probs, name, tokens),
+                          {"probs": probs}, f"{name}: each token's routing probabilities"))
     for layer in _layers(s, "bdh_x"):
         d = bdh_data(s[f"bdh_x/{layer}"], s[f"bdh_y/{layer}"])
         pics.append(_save(out, f"bdh-{layer}", _draw_bdh(d, layer), d,

@@ -13,7 +13,9 @@ Names (each array on the CPU, the probe's batch dimension dropped):
 ``grid/rates`` (T, modules * cells), ``grid/field`` (modules, G, G) the first cell of each module
 over the plane, ``grid/extent`` (4,); ``time/elapsed`` (T,), ``time/rates`` (T, cells),
 ``time/tuning`` (E, cells), ``time/preferred`` (cells,); ``theta_gamma/theta_phase``,
-``theta_gamma/gamma_phase``, ``theta_gamma/gamma_amplitude`` (T,); ``memory/NAME/ids``,
+``theta_gamma/gamma_phase``, ``theta_gamma/gamma_amplitude`` (T,); ``routing/NAME`` (T, options)
+each token's routing probabilities (thalamus over regions, LiquidMoE over experts, basal ganglia
+over the regions' proposals and, last, no-go); ``memory/NAME/ids``,
 ``memory/NAME/scores`` (T, k; id -1 and score 0 where nothing was found), ``memory/NAME/gate``
 (T,); ``bdh_x/L``, ``bdh_y/L`` (T, heads, N) activity; ``metric/KEY`` () the forward's aux.
 """
@@ -29,6 +31,9 @@ import torch
 from torch import nn
 
 from aura.nn.attention import CausalSelfAttention
+from aura.nn.brain.basal_ganglia import BasalGanglia
+from aura.nn.brain.liquid_moe import LiquidMoE
+from aura.nn.brain.thalamus import Thalamus
 from aura.nn.grid_cells import GridCellEncoder
 from aura.nn.hippocampus import HippocampalMemory
 from aura.nn.memory_attention import MemoryCrossAttention
@@ -158,6 +163,18 @@ def theta_gamma_state(enc: ThetaGammaEncoding, positions: torch.Tensor
             "gamma_amplitude": (1 + theta.cos()) / 2}
 
 
+def routing(module: Thalamus | LiquidMoE | BasalGanglia, x: torch.Tensor) -> torch.Tensor:
+    """The probabilities (B, T, options) a router of the modular brain gave each token of x."""
+    if isinstance(module, Thalamus):
+        assert module.router is not None  # a bypassed thalamus routes nothing, is not inspected
+        logits = module.router(x)
+    elif isinstance(module, LiquidMoE):
+        logits = module.router(x)
+    else:
+        logits = module.select(module.norm(x))
+    return torch.softmax(logits.float(), dim=-1)
+
+
 def read_part(name: str, module: nn.Module, args: tuple[Any, ...]) -> dict[str, torch.Tensor]:
     """The arrays of one recorded part, named under ``name``, for the probe's one sequence."""
     if isinstance(module, CausalSelfAttention):
@@ -165,6 +182,8 @@ def read_part(name: str, module: nn.Module, args: tuple[Any, ...]) -> dict[str, 
         return {name: attention_weights(module, args[0], gains)[0]}
     if isinstance(module, SNNFeedForward):
         return {name: spike_train(module, args[0])[:, 0]}
+    if isinstance(module, Thalamus | LiquidMoE | BasalGanglia):
+        return {name: routing(module, args[0])[0]}
     if isinstance(module, MemoryCrossAttention):
         parts = cross_attention_reads(module, args[0], args[1] if len(args) > 1 else None)
     elif isinstance(module, HippocampalMemory):

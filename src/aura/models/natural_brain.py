@@ -263,6 +263,15 @@ class NaturalBrain(Decoder):
             return self.blocks if len(self.blocks) else None
         return getattr(self, {"liquid_moe": "moe"}.get(switch, switch))
 
+    def inspected_parts(self) -> dict[str, nn.Module]:
+        """Wernicke's blocks (as every decoder's), plus each router that is built: thalamus
+        (unless bypassed), LiquidMoE and the basal ganglia's selection."""
+        routers = {"routing/thalamus": self.thalamus, "routing/moe": self.moe,
+                   "routing/basal_ganglia": self.basal_ganglia}
+        return super().inspected_parts() | {
+            name: m for name, m in routers.items()
+            if m is not None and getattr(m, "router", True) is not None}
+
     def active(self, switch: str) -> bool:
         """Whether ``switch``'s module is built and runs in the current training phase."""
         return switch in self._active and self.module_of(switch) is not None
