@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from aura.continual.experiment import Domain, Experiment, run_experiment
 from aura.data.prepare import PrepareOptions, prepare
+from aura.train.cl_experiment import Domain, Experiment, run_experiment
 from machine import machine
 
 # strategy label -> (aura cl strategy, extra --set)

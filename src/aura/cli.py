@@ -1036,7 +1036,7 @@ def _add_learn_export(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_cl(args: argparse.Namespace) -> int:
     from aura.atomic import check_writable_dir
-    from aura.continual.experiment import RESULT_MD, load_experiment, run_experiment
+    from aura.train.cl_experiment import RESULT_MD, load_experiment, run_experiment
 
     exp = load_experiment(args.experiment)
     out = Path(args.out)

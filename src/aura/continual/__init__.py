@@ -2,5 +2,6 @@
 
 EWC (``ewc``), a replay buffer (``replay``) and sleep consolidation (``sleep``) are composed by
 ``hook.ContinualHook``, the one object the trainer calls; ``metrics`` holds the field's
-forgetting measures and ``experiment`` runs a sequence of domains under one strategy.
+forgetting measures; ``aura cl``'s runner, which drives the trainer, is
+``aura.train.cl_experiment``.
 """

@@ -2,8 +2,8 @@
 another under one strategy, every domain evaluated after every stage, and the loss matrix with
 its metrics (``aura.continual.metrics``) written as JSON, markdown and a PNG heatmap.
 
-This module composes ``train/`` and ``eval/`` (as ``learn/`` does); the rest of ``continual/``
-sits below ``train/``, which calls it through ``hook.ContinualHook``.
+It drives the trainer and the evaluator, so it lives in ``train/`` (as ``ablation.py`` does);
+``continual/`` sits below, and the trainer calls it through ``hook.ContinualHook``.
 
 Each stage is an ordinary run, ``OUT/stage-I-NAME``, started ``--init-from`` the previous one with
 its continual state (Fisher, replay buffer), so its LR warms up and decays again (Ibrahim et al.
