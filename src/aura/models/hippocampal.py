@@ -29,7 +29,7 @@ from aura.models.base import ModelConfig, ModelOutput, lm_loss, register_model
 from aura.models.decoder import Decoder
 from aura.nn.attention import KVCache
 from aura.nn.grid_cells import GridCellEncoder
-from aura.nn.hippocampus import HippocampalMemory
+from aura.nn.hippocampus import HippocampalMemory, store_problems
 from aura.nn.oscillations import ThetaGammaEncoding
 from aura.nn.place_cells import PlaceCellEncoder
 from aura.nn.prosody_modulation import ProsodyModulation
@@ -121,11 +121,7 @@ class HippocampalConfig(ModelConfig):
         out += [f"model.{k} must be > 0, got {v}" for k, v in sizes.items() if v <= 0]
         if self.n_time_cells < 2:
             out.append(f"model.n_time_cells must be >= 2, got {self.n_time_cells}")
-        if not 0 <= self.memory_decay < 1:
-            out.append(f"model.memory_decay must be in [0, 1), got {self.memory_decay}")
-        if not 0 <= self.memory_graph_k < self.memory_capacity:
-            out.append(f"model.memory_graph_k must be in [0, memory_capacity), got "
-                       f"{self.memory_graph_k}")
+        out += store_problems(self.memory_capacity, self.memory_decay, self.memory_graph_k)
         if self.entropy_reg < 0:
             out.append(f"model.entropy_reg must be >= 0, got {self.entropy_reg}")
         if self.theta_gamma and (self.n_embd < 6 or self.n_embd % 2):

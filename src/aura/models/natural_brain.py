@@ -49,7 +49,7 @@ from aura.nn.brain.limbic import LimbicSystem
 from aura.nn.brain.liquid_moe import LiquidMoE
 from aura.nn.brain.pfc import PrefrontalCortex
 from aura.nn.brain.thalamus import Thalamus
-from aura.nn.hippocampus import HippocampalMemory
+from aura.nn.hippocampus import HippocampalMemory, store_problems
 from aura.nn.snn_ffn import layer_firing_rates
 
 SWITCHES = ("limbic", "thalamus", "wernicke", "pfc", "liquid_moe", "hippocampus",
@@ -174,11 +174,7 @@ class NaturalBrainConfig(ModelConfig):
         if not 1 <= self.memory_writes <= self.memory_capacity:
             out.append(f"model.memory_writes must be in [1, memory_capacity="
                        f"{self.memory_capacity}], got {self.memory_writes}")
-        if not 0 <= self.memory_decay < 1:
-            out.append(f"model.memory_decay must be in [0, 1), got {self.memory_decay}")
-        if not 0 <= self.memory_graph_k < self.memory_capacity:
-            out.append(f"model.memory_graph_k must be in [0, memory_capacity), got "
-                       f"{self.memory_graph_k}")
+        out += store_problems(self.memory_capacity, self.memory_decay, self.memory_graph_k)
         if self.moe_balance < 0:
             out.append(f"model.moe_balance must be >= 0, got {self.moe_balance}")
         return out

@@ -30,6 +30,17 @@ from aura.memory.writer import MemoryAccess, MemoryWriter
 _GATE_BIAS = -2.0  # sigmoid(-2) = 0.12: recall starts as a small correction
 
 
+def store_problems(capacity: int, decay: float, graph_k: int) -> list[str]:
+    """What is wrong with a store's settings, one line each (every model config that builds a
+    ``HippocampalMemory`` checks them the same way)."""
+    out = []
+    if not 0 <= decay < 1:
+        out.append(f"model.memory_decay must be in [0, 1), got {decay}")
+    if not 0 <= graph_k < capacity:
+        out.append(f"model.memory_graph_k must be in [0, memory_capacity), got {graph_k}")
+    return out
+
+
 class HippocampalMemory(nn.Module):
     """Recall from, and novel states into, the store of ``writer`` (keys ``dim_key``-wide, values
     ``n_embd``-wide, a cognitive map of ``graph_k`` neighbours when spreading activation)."""
