@@ -99,8 +99,8 @@ def test_sigterm_with_a_stream_in_flight_ends_it_and_exits_143(tmp_path: Path) -
     deadline = time.monotonic() + 20
     while "first" not in got and time.monotonic() < deadline:
         time.sleep(0.05)
-    started = time.monotonic()
+    # stop() waits for the exit: a server that ran the million tokens out would not give one
     assert server.stop(signal.SIGTERM) == 128 + signal.SIGTERM
-    assert time.monotonic() - started < 15  # cancelled, not run to a million tokens
     reader.join(30)
     assert got["first"] == b"data:" and not reader.is_alive()
+    assert got["rest"].count(b"data:") < 1_000_000  # the stream ended early: cancelled
