@@ -13,9 +13,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import aura.plasticity.stdp as stdp_module
 from aura.errors import DataError
 from aura.plasticity import OjaLayer, OnlineWhitener, PairSTDP, TokenSTDP
-from aura.plasticity.stdp import QUANTUM
+from aura.plasticity.stdp import QUANTUM, walk_fits_int64
 
 
 def seed_loop(stdp: TokenSTDP, batches: list[tuple[list[int], list[bool], list[float]]]
@@ -78,8 +79,12 @@ def test_token_stdp_is_bit_identical_to_the_sequential_loop(data, vocab, lr_plus
 
 
 @pytest.mark.parametrize("vocab", [3, 70_000])
-def test_token_stdp_long_runs_and_large_vocabularies(vocab: int) -> None:
-    """Runs of thousands of one token (several composition rounds) and ids past 2**16."""
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_token_stdp_long_runs_and_large_vocabularies(vocab: int, chunk: int | None,
+                                                     monkeypatch) -> None:
+    """Runs of thousands of one token and ids past 2**16, in one pass and in chunks of 1000."""
+    if chunk:
+        monkeypatch.setattr(stdp_module, "UPDATE_CHUNK", chunk)
     rng = np.random.default_rng(vocab)
     ids = rng.choice([0, 1, 2, vocab - 1], size=6000, p=[0.6, 0.25, 0.1, 0.05])
     spiked = rng.random(6000) < rng.random(6000)
@@ -92,6 +97,18 @@ def test_token_stdp_long_runs_and_large_vocabularies(vocab: int) -> None:
         walk[tok] = walk.get(tok, 0.0) + (stdp.lr_plus if spike else -stdp.lr_minus)
         clamped += not stdp.w_min <= walk[tok] <= stdp.w_max
     assert clamped > 100
+
+
+def test_token_stdp_largest_rates_split_the_batch_and_stay_exact() -> None:
+    """Rates and bounds near the 2**20 limit: one batch's walk would overflow int64, so the
+    update runs it in halves; the weights still equal the loop's, bit for bit."""
+    stdp = TokenSTDP(2, lr_plus=2.0**19 + 0.25, lr_minus=2.0**19 - 0.5, w_min=-(2.0**20),
+                     w_max=2.0**20, alpha=1e-6, dtype=torch.float64)
+    n = 2**17
+    assert not walk_fits_int64(2, n, stdp.q_plus, stdp.q_min, stdp.q_max)
+    rng = np.random.default_rng(3)
+    batch = (rng.integers(0, 2, n).tolist(), (rng.random(n) < 0.5).tolist(), [1.0] * n)
+    assert_same_as_loop(stdp, [batch])
 
 
 def test_token_stdp_reads_2d_batches_row_major_and_sums_channels() -> None:

@@ -96,17 +96,16 @@ class OjaLayer(SavedRule):
         w, y = self.weight[:k], self._y[:n, :k]
         cov, gram, hebb = self._cov[:k, :k], self._gram[:k, :k], self._hebb[:k]
         torch.mm(x, w.T, out=y)
-        torch.mm(y.T, y, out=cov)
-        cov.div_(n)
+        torch.mm(y.T, x, out=hebb).div_(n)
+        torch.mm(hebb, w.T, out=cov)  # y^T y / N, as y = x W^T: k x k x dim, not N x k x k
         torch.mm(w, w.T, out=gram)
         energy = float(torch.dot(x.reshape(-1), x.reshape(-1))) / n
         explained = 2 * float(cov.diagonal().sum()) - float(torch.dot(gram.reshape(-1),
                                                                        cov.reshape(-1)))
         residual = max(0.0, 1.0 - explained / energy) if energy > 0 else 0.0
-        torch.mm(y.T, x, out=hebb)
         if self.rule == "gha":
             cov.tril_()
-        hebb.div_(n).addmm_(cov, w, alpha=-1.0)
+        hebb.addmm_(cov, w, alpha=-1.0)
         w.add_(hebb, alpha=self.lr)
         self.steps += 1
         m = self.residual_momentum

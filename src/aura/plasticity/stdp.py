@@ -7,14 +7,12 @@ otherwise, clamping after every step; ``modulate(salience, token_ids)`` multipli
 ``max(0, 1 + alpha * w[token])``. That is exactly the sequential per-token loop, computed for a
 whole batch at once:
 
-- each step is the map ``x -> clamp(x + d, lo, hi)``, and these maps compose in closed form:
-  applying ``(s1, l1, h1)`` then ``(s2, l2, h2)`` is ``(s1 + s2, clamp(l1 + s2, l2, h2),
-  clamp(h1 + s2, l2, h2))``. So a token's repeated occurrences within a batch reduce, in their
-  order, to one such map by a pairwise tree (log2 of the largest repeat count rounds), after a
-  stable sort that groups each token's occurrences;
+- a stable sort groups each token's occurrences in order; the end of each token's clamped
+  walk then has a closed form (the two-sided Skorokhod map, ``clamped_walk_ends``) computed
+  for all tokens at once in a few linear passes;
 - weights live as integers of ``QUANTUM = 2**-24`` (``lr_plus``, ``lr_minus``, ``w_min``,
   ``w_max`` are snapped to that grid, a relative change below 1e-5 for rates >= 0.01). Integer
-  addition is associative, so the batched result is bit-identical to the sequential loop run
+  arithmetic is exact, so the batched result is bit-identical to the sequential loop run
   with the same (snapped) values, in any order and on any device; float64 ``weights`` are exact.
 
 ``PairSTDP(a_plus, a_minus, tau_plus, tau_minus).delta(pre, post)`` is textbook pair-based STDP
@@ -38,6 +36,10 @@ from aura.plasticity.state import SavedRule, copy_into
 QUANTUM_BITS = 24
 QUANTUM = 2.0**-QUANTUM_BITS
 _MAX_ABS_WEIGHT = 2.0**20  # weights and rates: 44-bit integers, exact in float64
+# tokens per pass of the batched walk: its working arrays then stay in cache (1.35x faster per
+# token than one pass over 2**20 tokens, benchmarks/plasticity_bench.py); the walk is sequential,
+# so consecutive chunks give the same weights as one pass
+UPDATE_CHUNK = 2**18
 
 
 def _snap(value: float, name: str) -> int:
@@ -63,77 +65,43 @@ def stable_argsort(keys: torch.Tensor, bound: int) -> torch.Tensor:
     return torch.from_numpy(order)
 
 
-def _compose_rows(s: torch.Tensor, low: torch.Tensor | None, high: torch.Tensor | None,
-                  cnt: torch.Tensor, lo: int, hi: int, width: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One round: lay each segment's maps out in rows of ``width`` and compose every row.
+def clamped_walk_ends(start: torch.Tensor, counts: torch.Tensor, d: torch.Tensor, lo: int,
+                      hi: int) -> torch.Tensor:
+    """Per segment of ``d`` (lengths ``counts``, all >= 1), the end of the walk
+    ``x <- clamp(x + d_i, lo, hi)`` from ``start``; integers in, exact integers out.
 
-    A segment whose rows start at ``row`` puts its i-th map at ``(row + i // width, i % width)``
-    of a (rows, width) grid, stored column-major: one scatter. Composing the rows is then
-    ``width`` contiguous column-wise vector steps (``width`` is a power of two). The last row
-    of a segment is padded with ``(0, lo, hi)``, the identity on every map of this rule
-    (composed bounds always lie inside ``[lo, hi]``). ``low``, ``high`` None means all maps are
-    ``(s_i, lo, hi)``: the first round, which needs no bound grids at all.
+    After the first step puts ``y = x - lo`` in ``[0, a]`` (``a = hi - lo``), the rest is the
+    discrete two-sided Skorokhod map of the path ``psi`` (``y`` plus the later steps' prefix
+    sums), whose end has a closed form (Kruk, Lehoczky, Ramanan, Shreve 2007):
+    ``psi(n) - max(min(0, min psi), max_s min(psi(s) - a, min_{u >= s} psi(u)))``. Each term is
+    one vectorised pass (cumsum, a reversed cummin, a segment max): linear in the batch, no
+    rounds. Segments stay apart inside the single cummin by adding ``segment * span``, which
+    the caller keeps inside int64 (``walk_fits_int64``).
     """
-    m, shift = s.numel(), width.bit_length() - 1
-    rows = (cnt + width - 1) >> shift
-    n_rows = int(rows.sum())
-    starts = torch.cumsum(cnt, 0) - cnt
-    offset = (torch.cumsum(rows, 0) - rows) * width - starts  # row-major slot of a map: offset + i
-    pos = torch.repeat_interleave(offset, cnt, output_size=m)
-    pos += torch.arange(m, device=s.device)
-    col = pos & (width - 1)
-    pos.bitwise_right_shift_(shift).add_(col.mul_(n_rows))  # (rows, width) -> column-major
-
-    def grid(values: torch.Tensor, pad: int) -> torch.Tensor:
-        g = values.new_full((width * n_rows,), pad)
-        return g.index_put_((pos,), values).view(width, n_rows)
-
-    grid_s = grid(s, 0)
-    acc_s = grid_s[0].clone()
-    if low is None or high is None:
-        acc_l, acc_h = torch.full_like(acc_s, lo), torch.full_like(acc_s, hi)
-        for sj in grid_s[1:]:
-            acc_s += sj
-            acc_l.add_(sj).clamp_(lo, hi)
-            acc_h.add_(sj).clamp_(lo, hi)
-        return acc_s, acc_l, acc_h, rows
-    grid_l, grid_h = grid(low, lo), grid(high, hi)
-    acc_l, acc_h = grid_l[0].clone(), grid_h[0].clone()
-    for sj, lj, hj in zip(grid_s[1:], grid_l[1:], grid_h[1:], strict=True):
-        acc_s += sj
-        acc_l = torch.minimum(torch.maximum(acc_l.add_(sj), lj), hj)
-        acc_h = torch.minimum(torch.maximum(acc_h.add_(sj), lj), hj)
-    return acc_s, acc_l, acc_h, rows
+    n_seg, a = counts.numel(), hi - lo
+    first = torch.cumsum(counts, 0) - counts
+    y1 = (start + d[first]).clamp_(lo, hi).sub_(lo)
+    psi = d.clone()
+    psi[first] = y1
+    psi = torch.cumsum(psi, 0)
+    psi -= torch.repeat_interleave(psi[first] - y1, counts, output_size=d.numel())
+    seg = torch.repeat_interleave(torch.arange(n_seg, device=d.device), counts,
+                                  output_size=d.numel())
+    offset = seg * (int(psi.max() - psi.min()) + 1)
+    suffix_min = torch.flip(torch.cummin(torch.flip(psi + offset, (0,)), 0).values, (0,))
+    suffix_min -= offset
+    inner = torch.minimum(psi - a, suffix_min)
+    inner_max = torch.full_like(y1, torch.iinfo(torch.int64).min).scatter_reduce_(
+        0, seg, inner, "amax")
+    end = psi[first + counts - 1]
+    return end - torch.maximum(suffix_min[first].clamp_(max=0), inner_max) + lo
 
 
-def compose_segments(counts: torch.Tensor, d: torch.Tensor, lo: int, hi: int, width: int = 16
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per segment of ``d`` (lengths ``counts``), the composition of ``x -> clamp(x + d_i, lo, hi)``
-    in order, as ``(s, low, high)`` meaning ``x -> clamp(x + s, low, high)``; integer inputs, exact.
-
-    ``log_width`` of the longest segment rounds of ``_compose_rows``; segments down to one map
-    leave the working set. The maps are only ever applied to x in ``[min(lo, 0), max(hi, 0)]``
-    (0 is the initial weight), where a shift beyond that span is the same as the span: clamping
-    ``s`` to it after every round keeps the integers small whatever the batch size.
-    """
-    n_seg, span = counts.numel(), max(hi, 0) - min(lo, 0)
-    out = [torch.empty(n_seg, dtype=d.dtype, device=d.device) for _ in range(3)]
-    s, low, high, cnt = _compose_rows(d, None, None, counts, lo, hi, width)
-    s.clamp_(-span, span)
-    ids = torch.arange(n_seg, device=d.device)
-    while True:
-        done = cnt == 1
-        first = (torch.cumsum(cnt, 0) - cnt)[done]
-        for o, v in zip(out, (s, low, high), strict=True):
-            o[ids[done]] = v[first]
-        live = ~done
-        if not bool(live.any()):
-            return out[0], out[1], out[2]
-        keep = torch.repeat_interleave(live, cnt, output_size=s.numel())
-        ids, cnt = ids[live], cnt[live]
-        s, low, high, cnt = _compose_rows(s[keep], low[keep], high[keep], cnt, lo, hi, width)
-        s.clamp_(-span, span)
+def walk_fits_int64(n_seg: int, longest: int, step: int, lo: int, hi: int) -> bool:
+    """Whether ``clamped_walk_ends``' separated path (``n_seg`` segments, each at most
+    ``longest`` steps of size at most ``step``) stays below 2**62."""
+    span = 2 * (hi - lo + longest * step) + 1
+    return (n_seg + 1) * span < 2**62
 
 
 class TokenSTDP(SavedRule):
@@ -196,13 +164,23 @@ class TokenSTDP(SavedRule):
                              f"{tuple(token_ids.shape)}, optionally plus a channel dimension")
         if tok.numel() == 0:
             return
+        for i in range(0, tok.numel(), UPDATE_CHUNK):
+            self._update(tok[i:i + UPDATE_CHUNK], spiked[i:i + UPDATE_CHUNK])
+
+    def _update(self, tok: torch.Tensor, spiked: torch.Tensor) -> None:
         counts = torch.bincount(tok, minlength=self.vocab_size)
         uniq = counts.nonzero().squeeze(1)
+        counts = counts[uniq]
+        step = max(self.q_plus, self.q_minus)
+        if not walk_fits_int64(uniq.numel(), int(counts.max()), step, self.q_min, self.q_max):
+            half = tok.numel() // 2  # the walk is sequential: two halves in order are the same
+            self._update(tok[:half], spiked[:half])
+            self._update(tok[half:], spiked[half:])
+            return
         order = stable_argsort(tok, self.vocab_size)
         d = torch.index_select(spiked, 0, order).to(torch.int64)
         d.mul_(self.q_plus + self.q_minus).sub_(self.q_minus)
-        s, lo, hi = compose_segments(counts[uniq], d, self.q_min, self.q_max)
-        self.q[uniq] = torch.minimum(torch.maximum(self.q[uniq] + s, lo), hi)
+        self.q[uniq] = clamped_walk_ends(self.q[uniq], counts, d, self.q_min, self.q_max)
 
     def modulate(self, salience: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """``salience * max(0, 1 + alpha * w[token])``, elementwise over ``token_ids``' shape."""
