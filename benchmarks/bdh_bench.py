@@ -1,18 +1,20 @@
 """BDH side by side with the reference (pathwaycom/bdh), and against `gpt`. Prints JSON.
 
     python benchmarks/bdh_bench.py train --reference /path/to/bdh [--steps 6] [--rounds 2]
+        [--precisions fp32 bf16]
     python benchmarks/bdh_bench.py generate --reference /path/to/bdh [--new-tokens 1000]
     python benchmarks/bdh_bench.py memory [--batch 8] [--block 512]
     python benchmarks/bdh_bench.py quality [--steps 600]
 
 train: optimizer steps/s of the reference model (its own code, eager fp32, as its train.py runs
 on CPU) and of Aura's `bdh` in fp32 and bf16 autocast, from the same initial weights on the same
-byte batches of Shakespeare, at the reference config (batch 2 x block 64) and at `bdh-cpu`;
-the mean training losses show both learn the same. generate: tokens/s for N new tokens after a
-64-token prompt, the reference's re-run-the-prefix `generate` vs the recurrent state, at the
-bdh-cpu size (the reference config would take hours). memory: peak RSS of one training step with
-and without per-layer gradient checkpointing, each in its own process. quality: `bdh-cpu` vs a
-`gpt` of about the same parameter count after equal tokens: val loss and bits per byte.
+byte batches of Shakespeare, one step of each system in turn, at the reference config (batch
+2 x block 64) and at `bdh-cpu`; the mean training losses show both learn the same.
+generate: tokens/s for N new tokens after a 64-token prompt, the reference's re-run-the-prefix
+`generate` vs the recurrent state, at the bdh-cpu size (the reference config would take hours).
+memory: peak RSS of one training step with and without per-layer gradient checkpointing, each
+in its own process. quality: `bdh-cpu` vs a `gpt` of about the same parameter count after
+equal tokens: val loss and bits per byte.
 The reference's code is imported from the given checkout, never copied here.
 """
 
@@ -76,20 +78,25 @@ def byte_data(tmp: Path) -> PreparedData:
     return PreparedData.open(tmp / "bytes")
 
 
-def time_steps(model: torch.nn.Module, loss_of: Any, batches: list[Any], ctx: Any
-               ) -> tuple[list[float], list[float]]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    times, losses = [], []
-    for x, y in batches:
-        t = time.perf_counter()
-        with ctx():
-            loss = loss_of(model, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-        losses.append(loss.item())
-    return times[1:], losses
+def interleaved_steps(systems: dict[str, tuple[torch.nn.Module, Any, Any]], batches: list[Any]
+                      ) -> dict[str, tuple[list[float], list[float]]]:
+    """One optimizer step of each system in turn per batch, so a slow spell of a shared
+    machine lands on all of them; times of all but the first step, and every loss."""
+    opts = {name: torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+            for name, (model, _, _) in systems.items()}
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in systems}
+    for i, (x, y) in enumerate(batches):
+        for name, (model, loss_of, ctx) in systems.items():
+            t = time.perf_counter()
+            with ctx():
+                loss = loss_of(model, x, y)
+            loss.backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            if i:
+                out[name][0].append(time.perf_counter() - t)
+            out[name][1].append(loss.item())
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,18 +119,18 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                                        vocab_size=256)
                 ref = ref_mod.BDH(rc)
                 copy_into_reference(ours, ref)
-                initial = {k: v.clone() for k, v in ours.state_dict().items()}
+                ours_bf16 = build_model(cfg.model)
+                ours_bf16.load_state_dict(ours.state_dict())
                 systems = {
                     "reference_fp32": (ref, lambda m, x, y: m(x, y)[1], contextlib.nullcontext),
                     "aura_fp32": (ours, lambda m, x, y: m(x, y).loss, contextlib.nullcontext),
-                    "aura_bf16": (ours, lambda m, x, y: m(x, y).loss,
+                    "aura_bf16": (ours_bf16, lambda m, x, y: m(x, y).loss,
                                   lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
                 }
-                for name, (model, loss_of, ctx) in systems.items():
-                    if model is ours:
-                        ours.load_state_dict(initial)
-                    torch.manual_seed(1)
-                    times, losses = time_steps(model, loss_of, batches, ctx)
+                systems = {k: v for k, v in systems.items()
+                           if k == "reference_fp32" or k.removeprefix("aura_") in args.precisions}
+                torch.manual_seed(1)
+                for name, (times, losses) in interleaved_steps(systems, batches).items():
                     runs.setdefault(name, {"times": [], "losses": []})
                     runs[name]["times"] += times
                     runs[name]["losses"] = losses
@@ -135,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 for name, r in runs.items()
             }
             base = res["reference_fp32"]["s_per_step"]
-            for name in ("aura_fp32", "aura_bf16"):
+            for name in (n for n in res if n != "reference_fp32"):
                 res[name]["speedup"] = round(base / res[name]["s_per_step"], 2)
             m = cfg.model
             out[size] = {**shape, "neurons_per_head": m.mlp_multiplier * m.n_embd // m.n_head,
@@ -235,6 +242,8 @@ def main() -> None:
     t.add_argument("--reference", type=Path, required=True)
     t.add_argument("--steps", type=int, default=6)
     t.add_argument("--rounds", type=int, default=2)
+    t.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="Aura's rows; drop bf16 where it is emulated (AVX2), 13x slower")
     g = sub.add_parser("generate")
     g.add_argument("--reference", type=Path, required=True)
     g.add_argument("--new-tokens", type=int, default=1000)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aura.models.base import AuraModel, ModelConfig, ModelOutput, lm_loss, register_model
+from aura.nn.dropout import Dropout
 
 ROPE_THETA = 2.0**16
 
@@ -109,7 +110,7 @@ class BDH(AuraModel):
         self.embed = nn.Embedding(config.vocab_size, d)
         nn.init.normal_(self.embed.weight, 0.0, 0.02)
         self.lm_head = nn.Parameter(torch.randn(d, config.vocab_size) * 0.02)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         freqs = rope_freqs(self.n)
         self.register_buffer("freqs", freqs, persistent=False)
         cos, sin = rope_tables(torch.arange(config.block_size), freqs)

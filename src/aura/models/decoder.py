@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from aura.memory.writer import MemoryAccess
 from aura.models.base import AuraModel, ModelConfig
 from aura.nn.attention import CausalSelfAttention, KVCache, keeps_attention_weights
+from aura.nn.dropout import Dropout
 from aura.nn.memory_attention import MemoryCrossAttention
 from aura.nn.mlp import MLP
 from aura.nn.snn_ffn import SNNFeedForward, layer_firing_rates
@@ -85,7 +86,7 @@ class Decoder(AuraModel):
         memories = memories or {}
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.wpe = nn.Embedding(c.block_size, c.n_embd) if learned_positions else None
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i, memories.get(i)) for i in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aura.data.prosody import N_FEATURES
@@ -49,6 +48,7 @@ from aura.nn.brain.limbic import LimbicSystem
 from aura.nn.brain.liquid_moe import LiquidMoE
 from aura.nn.brain.pfc import PrefrontalCortex
 from aura.nn.brain.thalamus import Thalamus
+from aura.nn.dropout import dropout
 from aura.nn.hippocampus import HippocampalMemory, store_problems
 from aura.nn.snn_ffn import layer_firing_rates
 
@@ -325,14 +325,14 @@ class NaturalBrain(Decoder):
         limbic = self._limbic
         p = self.config.dropout * (limbic.multiplier("dropout") if limbic is not None else 1.0)
         p = min(p, 0.9)
-        x = F.dropout(self.wte(idx) + self.wpe(pos), p, self.training)
+        x = dropout(self.wte(idx) + self.wpe(pos), p, self.training)
         if self.active("wernicke"):
             for block in self.blocks:
                 x = self.run_block(block, x, cache)
         balance = None
         if any(self.active(r) for r in self.regions):
             proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos)
-            proposals = {r: F.dropout(v, p, self.training) for r, v in proposals.items()}
+            proposals = {r: dropout(v, p, self.training) for r, v in proposals.items()}
             if self.basal_ganglia is not None and self.active("basal_ganglia"):
                 x = self.basal_ganglia(x, proposals)
             else:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aura import cpu
+from aura.nn.dropout import Dropout
 
 
 def _math_kernel_pays(device_type: str, dtype: torch.dtype) -> bool:
@@ -83,7 +84,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.dropout = dropout
-        self.resid_drop = nn.Dropout(dropout)
+        self.resid_drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 gains: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

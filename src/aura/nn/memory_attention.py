@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from aura.memory.writer import MemoryWriter
+from aura.nn.dropout import Dropout
 
 
 class MemoryCrossAttention(nn.Module):
@@ -58,7 +59,7 @@ class MemoryCrossAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.gate = nn.Linear(n_embd, 1)  # one gate per token, broadcast over channels
         self.score_weight = nn.Parameter(torch.tensor(1.0))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self._metrics: dict[str, torch.Tensor] = {}
         self.reset_memory_parameters()
 

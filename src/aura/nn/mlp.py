@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aura.nn.dropout import Dropout
+
 
 class MLP(nn.Module):
     """Its output layer is named ``proj`` so the GPT-2 init scales it with the other residual
@@ -15,7 +17,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
         self.act = nn.GELU()
         self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.proj(self.act(self.fc(x))))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aura.nn.dropout import Dropout
 from aura.nn.spiking import GIF, LIF
 
 
@@ -39,7 +40,7 @@ class SNNFeedForward(nn.Module):
         self.fc = nn.Linear(n_embd, hidden, bias=bias)
         self.neuron: LIF | GIF = LIF(reset="soft") if neuron == "lif" else GIF()
         self.proj = nn.Linear(hidden, n_embd, bias=bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self._metrics: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,53 @@
+"""Dropout whose CPU mask costs a fifth of PyTorch's.
+
+``F.dropout`` on a CPU draws one Bernoulli sample per element from the Mersenne Twister, about
+70x the cost of the multiply it gates (14 ms for 2M elements against 0.2 ms for a ReLU); at
+BDH's (batch, time, heads x neurons) activations that was 14% of a training step. Here one
+63-bit draw gives four 15-bit uniforms, and an element is dropped when its uniform is below
+``round(p * 2**15)``: the drop probability is ``p`` rounded to a multiple of 2**-15 (0.1 becomes
+0.100006), and kept elements are scaled by the exact inverse of the keep probability, so the
+expectation is preserved. Draws come from PyTorch's default generator: ``torch.manual_seed``
+and the trainer's saved RNG state make masks reproducible. Off the CPU, where ``F.dropout``'s
+Philox kernel is fused and fast, it is ``F.dropout``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LANE_BITS = 15
+LANES = 1 << LANE_BITS
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)`` with the cheaper CPU mask described above."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training)
+    threshold = round(p * LANES)
+    if threshold == 0:
+        return x
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # 63 uniform bits each
+    lanes = words.view(torch.int16)[:n].bitwise_and(LANES - 1)
+    keep = lanes.ge(threshold).view(x.shape)
+    return torch.where(keep, x, 0.0).mul_(LANES / (LANES - threshold))
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` with the CPU mask of ``dropout``."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -1,0 +1,71 @@
+"""The cheaper CPU dropout: the drop rate, the scale, gradients, reproducibility, devices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aura.nn.dropout import LANES, Dropout, dropout
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_drop_rate_and_scale_match_the_quantised_probability(p: float) -> None:
+    torch.manual_seed(0)
+    n = 1_000_003  # odd, not a multiple of the four lanes of a draw
+    y = dropout(torch.ones(n), p)
+    q = round(p * LANES) / LANES
+    kept = y != 0
+    sigma = math.sqrt(q * (1 - q) / n)
+    assert abs(1 - float(kept.float().mean()) - q) < 5 * sigma
+    assert torch.all(y[kept] == 1 / (1 - q))  # kept elements carry the exact inverse keep rate
+    assert abs(float(y.mean()) - 1.0) < 5 * sigma / (1 - q)
+
+
+def test_every_lane_of_a_draw_is_used_and_uniform() -> None:
+    """Each of the four 15-bit lanes of a 63-bit draw drops at the same rate."""
+    torch.manual_seed(1)
+    y = dropout(torch.ones(4 * 200_000), 0.3).view(-1, 4)
+    rates = (y == 0).float().mean(0)
+    assert torch.all((rates - round(0.3 * LANES) / LANES).abs() < 0.006), rates
+
+
+def test_gradient_is_the_mask_times_the_scale() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(3, 7, 11, requires_grad=True)
+    y = dropout(x, 0.25)
+    y.backward(torch.ones_like(y))
+    mask = (y != 0).float()
+    assert torch.allclose(x.grad, mask / (1 - round(0.25 * LANES) / LANES))
+    assert torch.allclose(y, x.detach() * x.grad)
+
+
+def test_seeded_masks_repeat_and_eval_is_identity() -> None:
+    x = torch.randn(64, 33)
+    torch.manual_seed(5)
+    a = dropout(x, 0.2)
+    torch.manual_seed(5)
+    b = dropout(x, 0.2)
+    assert torch.equal(a, b)
+    layer = Dropout(0.2).eval()
+    assert layer(x) is x
+    assert dropout(x, 0.0) is x
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+       p=st.floats(0.0, 0.99), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_any_shape_and_dtype_keeps_shape_dtype_and_zeros_or_scales(shape, p, dtype) -> None:
+    x = torch.randn(*shape).to(dtype)
+    y = dropout(x, p)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    kept = y != 0
+    t = round(p * LANES)
+    expected = (x.float() * (LANES / (LANES - t))).to(dtype)
+    assert torch.equal(y[kept], expected[kept])
