@@ -345,6 +345,8 @@ def test_config_from_dict_fills_missing_keys_and_rejects_unknown_ones() -> None:
         (["model.dropout=1"], "model.dropout must be in [0, 1)"),
         (["train.min_lr_ratio=1.5"], "train.min_lr_ratio must be in [0, 1]"),
         (["train.batch_size=0"], "train.batch_size must be > 0"),
+        (["model.block_size=1000000000000000000000000000000"],
+         "model.block_size must be below 2**31"),
         (["train.max_steps=-1"], "train.max_steps must be > 0"),
         (["data.dir="], "data.dir must not be empty"),
     ],

@@ -424,6 +424,11 @@ def validate_config(cfg: AuraConfig) -> None:
         positive["model.vocab_size"] = m.vocab_size
     for key, value in positive.items():
         _check(value > 0, f"{key} must be > 0, got {value!r}")
+    for key in ("model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
+                "model.vocab_size", "train.batch_size"):
+        value = positive.get(key)
+        _check(value is None or value < 2**31,
+               f"{key} must be below 2**31 (a tensor dimension), got {value!r}")
     non_negative = {
         "data.num_workers": d.num_workers,
         "train.warmup_steps": t.warmup_steps,
