@@ -2,7 +2,7 @@
 of Aura's trainer with DataLoader workers.
 
     python benchmarks/train_bench.py --nanogpt /path/to/nanoGPT [--iters 300] [--rounds 3]
-        [--precisions fp32 bf16 auto]
+        [--precisions fp32 bf16 auto] [--compile]
     python benchmarks/train_bench.py --loader [--iters 100] [--rounds 2] [--quick]
     python benchmarks/train_bench.py --demo [--iters 2000]
 
@@ -71,7 +71,8 @@ def step_ms(cfg: AuraConfig, data_dir: Path, out: Path, warmup: int = WARMUP) ->
             ][warmup:]
 
 
-def run_aura(data_dir: Path, out: Path, iters: int, precision: str) -> list[float]:
+def run_aura(data_dir: Path, out: Path, iters: int, precision: str,
+             compile_: bool = False) -> list[float]:
     s = SHAPE
     cfg = load_config(preset="demo", overrides=[
         f"model.n_layer={s['n_layer']}", f"model.n_head={s['n_head']}",
@@ -79,6 +80,7 @@ def run_aura(data_dir: Path, out: Path, iters: int, precision: str) -> list[floa
         f"train.batch_size={s['batch_size']}", "model.dropout=0.0", f"train.max_steps={iters}",
         "train.log_interval=1", "train.eval_interval=250", "train.eval_iters=20",
         f"train.checkpoint_interval={iters}", f"train.precision={precision}",
+        f"train.compile={str(compile_).lower()}",
     ])
     return step_ms(cfg, data_dir, out)
 
@@ -168,6 +170,8 @@ def main() -> None:
                     choices=["fp32", "bf16", "auto"],
                     help="Aura's rows (auto: what train.precision=auto picks on this CPU); "
                          "drop bf16 where it is emulated, 13x slower")
+    ap.add_argument("--compile", action="store_true",
+                    help="also train Aura with train.compile=true (rows aura_<precision>_compiled)")
     args = ap.parse_args()
     if args.quick and not args.loader:
         ap.error("--quick goes with --loader")
@@ -187,7 +191,7 @@ def main() -> None:
                                       WARMUP, [])
         else:
             report = nanogpt_bench(tmp, args.nanogpt, args.iters or 300, args.rounds,
-                                   args.precisions)
+                                   args.precisions, args.compile)
     print(json.dumps({"machine": machine(), **report}, indent=1))
 
 
@@ -208,14 +212,17 @@ def demo_bench(data_dir: Path, out: Path, iters: int) -> dict[str, object]:
 
 
 def nanogpt_bench(tmp: Path, nanogpt: Path | None, iters: int, rounds: int,
-                  precisions: list[str]) -> dict[str, object]:
+                  precisions: list[str], compiled: bool) -> dict[str, object]:
     tokens = SHAPE["batch_size"] * SHAPE["block_size"]
     data = PreparedData.open(tmp / "data")
     dataset = nanogpt_data(data, nanogpt) if nanogpt else ""
-    results: dict[str, list[float]] = {f"aura_{p}": [] for p in precisions}
+    variants = [(p, c) for p in precisions for c in ((False, True) if compiled else (False,))]
+    results: dict[str, list[float]] = {
+        f"aura_{p}{'_compiled' if c else ''}": [] for p, c in variants}
     for _ in range(rounds):
-        for precision in precisions:
-            results[f"aura_{precision}"] += run_aura(tmp / "data", tmp / "run", iters, precision)
+        for precision, compile_ in variants:
+            results[f"aura_{precision}{'_compiled' if compile_ else ''}"] += run_aura(
+                tmp / "data", tmp / "run", iters, precision, compile_)
         if nanogpt:
             for compile_ in (False, True):
                 key = f"nanogpt_{'compile' if compile_ else 'eager'}"
