@@ -4,6 +4,9 @@ Every memory carries an importance (set by the writer, nudged up by each read th
 a strength that ``decay_step`` fades, the steps it was created and last read at, and a
 ``source_pos``: where it was formed (a token position, a document index, a time). Reads can hide
 memories formed after a limit, per query, which is how a language model keeps retrieval causal.
+A memory may also keep ``source_tokens``: the ids of the (up to ``SNIPPET_TOKENS``) tokens it was
+formed from, ending at its own token, so a reader can show *what* was recalled
+(``aura generate --show-memory``) with the tokenizer, without the corpus at hand.
 
 When the store is full, writing evicts the memories with the lowest retention
 
@@ -40,8 +43,11 @@ from aura.memory.index import ExactIndex
 
 FORMAT = 1
 TENSORS_FILE, META_FILE = "memory.safetensors", "memory.json"
+SNIPPET_TOKENS = 16  # token ids kept per memory, ending at the one it was formed at; -1 pads
 _SLOT_TENSORS = ("ids", "keys", "values", "importance", "strength", "created_step",
-                 "last_access_step", "source_pos")
+                 "last_access_step", "source_pos", "source_tokens")
+# Slot tensors a store saved before they existed may lack: loaded as their fill value.
+_OPTIONAL_TENSORS = {"source_tokens": -1}
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ class EpisodicStore:
         self.created_step = slots(dtype=torch.long)
         self.last_access_step = slots(dtype=torch.long)
         self.source_pos = slots(dtype=torch.long)
+        self.source_tokens = slots(SNIPPET_TOKENS, dtype=torch.int32, fill=-1)
         self.next_id = 0
         self.step = 0
 
@@ -141,10 +148,13 @@ class EpisodicStore:
     @torch.no_grad()
     def write(self, keys: torch.Tensor, values: torch.Tensor,
               importance: torch.Tensor | None = None, step: int = 0,
-              source_pos: torch.Tensor | None = None) -> torch.Tensor:
+              source_pos: torch.Tensor | None = None,
+              source_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Store N memories and return their ids (N,), evicting the lowest retention if full.
 
-        ``importance`` defaults to 1 and ``source_pos`` to ``step``.
+        ``importance`` defaults to 1 and ``source_pos`` to ``step``; ``source_tokens`` (N, W)
+        are the token ids each was formed from (-1 pads; the last ``SNIPPET_TOKENS`` kept),
+        none by default.
         """
         n = keys.shape[0]
         if keys.shape != (n, self.dim_key) or values.shape != (n, self.dim_value):
@@ -155,6 +165,9 @@ class EpisodicStore:
         for name, t in (("importance", importance), ("source_pos", source_pos)):
             if t is not None and t.shape != (n,):
                 raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+        if source_tokens is not None and (source_tokens.ndim != 2 or source_tokens.size(0) != n):
+            raise ValueError(f"source_tokens must have shape ({n}, W), got "
+                             f"{tuple(source_tokens.shape)}")
         self.step = max(self.step, step)
         slots = self._claim(n)
         ids = torch.arange(self.next_id, self.next_id + n, device=self.device)
@@ -167,6 +180,10 @@ class EpisodicStore:
         self.created_step[slots] = step
         self.last_access_step[slots] = step
         self.source_pos[slots] = step if source_pos is None else source_pos.to(self.source_pos)
+        self.source_tokens[slots] = -1
+        if source_tokens is not None:
+            tail = source_tokens[:, -SNIPPET_TOKENS:].to(self.source_tokens)
+            self.source_tokens[slots, SNIPPET_TOKENS - tail.size(1):] = tail
         self.index.add(slots, keys)
         if self.graph is not None:
             self.graph.update(slots)
@@ -245,6 +262,20 @@ class EpisodicStore:
         return (keys.reshape(*ids.shape, -1), values.reshape(*ids.shape, -1),
                 found.reshape(ids.shape))
 
+    def sources(self, ids: list[int]) -> list[tuple[int, list[int]] | None]:
+        """Where each memory of ``ids`` was formed: its ``source_pos`` and the token ids it
+        kept (possibly none); None for an id no longer stored."""
+        out: list[tuple[int, list[int]] | None] = []
+        for i in ids:
+            slot = (self.ids == i).nonzero()
+            if i < 0 or slot.numel() == 0:
+                out.append(None)
+                continue
+            s = int(slot[0, 0])
+            tokens = self.source_tokens[s]
+            out.append((int(self.source_pos[s]), tokens[tokens >= 0].tolist()))
+        return out
+
     def neighbours(self, ids: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Ids of each memory's ``k`` nearest memories from the cognitive map, -1 where none
         (including for ids no longer stored)."""
@@ -305,6 +336,9 @@ class EpisodicStore:
             raise DataError(f"memory store {path}: {TENSORS_FILE} is missing, truncated or corrupt")
         try:
             tensors = load_file(str(tensor_file), device=str(self.device))
+            for name, fill in _OPTIONAL_TENSORS.items():
+                if name not in tensors:
+                    tensors[name] = torch.full_like(getattr(self, name), fill)
             for name, target in self._targets().items():
                 if tensors[name].shape != target.shape:
                     raise ValueError(name)

@@ -224,7 +224,7 @@ class HippocampalTransformer(Decoder):
         if remember is None:
             remember = self.training and cache is None
         access = MemoryAccess(read=use_memory, write=remember and self.memory is not None,
-                              positions=token_positions(corpus_pos, pos))
+                              positions=token_positions(corpus_pos, pos), tokens=idx)
         x = self._encode(idx, pos, cache, prosody)
         for i, block in enumerate(self.blocks):
             gains = self.prosody[i](prosody) if self.prosody is not None else None

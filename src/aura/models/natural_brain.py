@@ -331,7 +331,7 @@ class NaturalBrain(Decoder):
                 x = self.run_block(block, x, cache)
         balance = None
         if any(self.active(r) for r in self.regions):
-            proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos)
+            proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos, idx)
             proposals = {r: dropout(v, p, self.training) for r, v in proposals.items()}
             if self.basal_ganglia is not None and self.active("basal_ganglia"):
                 x = self.basal_ganglia(x, proposals)
@@ -347,7 +347,8 @@ class NaturalBrain(Decoder):
         return ModelOutput(logits, loss, {"ce": ce.detach(), **self.metrics()}, hidden)
 
     def _regions(self, x: torch.Tensor, cache: BrainCache | None, pos: torch.Tensor,
-                 use_memory: bool, corpus_pos: torch.Tensor | None
+                 use_memory: bool, corpus_pos: torch.Tensor | None,
+                 tokens: torch.Tensor | None = None
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Each region's proposal (like x) from what the thalamus relays to it, and the
         experts' load-balancing loss."""
@@ -370,7 +371,7 @@ class NaturalBrain(Decoder):
                 writes = round(writes * self._limbic.multiplier("memory_write"))
             self.hippocampus.writes_per_step = max(1, min(writes, self.config.memory_capacity))
             access = MemoryAccess(read=use_memory, write=self.training and cache is None,
-                                  positions=token_positions(corpus_pos, pos))
+                                  positions=token_positions(corpus_pos, pos), tokens=tokens)
             out["hippocampus"] = self.hippocampus(h, access) - h
         return out, balance
 

@@ -187,7 +187,7 @@ class SNNRAG(Decoder):
             remember = self.training and cache is None
         pos = self.positions(idx, cache)
         access = MemoryAccess(read=use_memory, write=remember and self.writes_own_memory,
-                              positions=token_positions(corpus_pos, pos))
+                              positions=token_positions(corpus_pos, pos), tokens=idx)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = self.run_block(block, x, cache, None, access)

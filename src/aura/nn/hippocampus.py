@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aura.memory.store import EpisodicStore
-from aura.memory.writer import MemoryAccess, MemoryWriter
+from aura.memory.store import SNIPPET_TOKENS, EpisodicStore
+from aura.memory.writer import MemoryAccess, MemoryWriter, snippets
 
 _GATE_BIAS = -2.0  # sigmoid(-2) = 0.12: recall starts as a small correction
 
@@ -90,7 +90,7 @@ class HippocampalMemory(nn.Module):
                              "memory_match": best.detach().mean(), "memory_size":
                              torch.tensor(float(len(self.store)))}
         if access.write:
-            self._remember(h.detach(), best.detach(), where)
+            self._remember(h.detach(), best.detach(), where, access.tokens)
         return h + recall.to(h.dtype)
 
     def _recall(self, queries: torch.Tensor, where: torch.Tensor | None
@@ -127,16 +127,20 @@ class HippocampalMemory(nn.Module):
                 torch.cat([values, nbr_values], 1), torch.cat([mask, fresh], 1))
 
     @torch.no_grad()
-    def _remember(self, h: torch.Tensor, best: torch.Tensor, where: torch.Tensor | None) -> None:
+    def _remember(self, h: torch.Tensor, best: torch.Tensor, where: torch.Tensor | None,
+                  tokens: torch.Tensor | None = None) -> None:
         """Queue this batch's most novel states, keyed by their projection, with where they
-        were formed."""
+        were formed and (given the ``tokens``) the text ending at each."""
         flat = h.reshape(-1, h.size(-1)).float()
         novelty = 1.0 - best.clamp(min=0.0)
         n = min(self.writes_per_step, flat.size(0))
         importance, rows = novelty.topk(n)
         keys = self.key(flat[rows].to(self.key.weight.dtype)).float()
+        source = None
+        if tokens is not None:
+            source = snippets(tokens, SNIPPET_TOKENS).reshape(-1, SNIPPET_TOKENS)[rows]
         self.writer.queue(keys, flat[rows], importance.float(),
-                          None if where is None else where[rows])
+                          None if where is None else where[rows], source)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """The last read's mean gate, mean best cosine and the number of memories held."""
