@@ -90,6 +90,10 @@ class HippocampalConfig(ModelConfig):
     """Memories each token recalls, by cosine similarity of keys."""
     memory_decay: float = 0.03
     """Strength each memory loses per training step, in [0, 1)."""
+    memory_decay_mode: Literal["fixed", "adaptive"] = "fixed"
+    """How memories fade: "fixed" (each loses ``memory_decay`` of its strength per step) or
+    "adaptive" (slower for memories novel when formed and for each recall; see
+    aura.memory.store)."""
     memory_index: Literal["exact", "faiss", "auto"] = "exact"
     """The store's search: "exact" (torch's exact scan), "faiss" (needs faiss-cpu; IVF for
     big stores), or "auto" (FAISS for big CPU stores only), as snn_rag's banks."""
@@ -175,7 +179,8 @@ class HippocampalTransformer(Decoder):
         self.memory = None
         if c.memory:
             store = EpisodicStore(c.memory_dim, c.n_embd, c.memory_capacity, c.memory_decay,
-                                  graph_k=c.memory_graph_k, index=c.memory_index)
+                                  graph_k=c.memory_graph_k, index=c.memory_index,
+                                  decay_mode=c.memory_decay_mode)
             self.writers = {"hippocampus": MemoryWriter(store)}
             self.memory = HippocampalMemory(c.n_embd, self.writers["hippocampus"],
                                             c.memory_top_k, c.memory_writes)

@@ -141,6 +141,10 @@ class NaturalBrainConfig(ModelConfig):
     """Memories each token recalls."""
     memory_decay: float = 0.03
     """Strength each memory loses per training step, in [0, 1)."""
+    memory_decay_mode: Literal["fixed", "adaptive"] = "fixed"
+    """How memories fade: "fixed" (each loses ``memory_decay`` of its strength per step) or
+    "adaptive" (slower for memories novel when formed and for each recall; see
+    aura.memory.store)."""
     memory_graph_k: int = 4
     """Cognitive-map neighbours of a token's best match that join its recall; 0: no map."""
     memory_writes: int = 32
@@ -239,7 +243,7 @@ class NaturalBrain(Decoder):
         self.hippocampus = None
         if c.hippocampus:
             store = EpisodicStore(c.memory_dim, c.n_embd, c.memory_capacity, c.memory_decay,
-                                  graph_k=c.memory_graph_k)
+                                  graph_k=c.memory_graph_k, decay_mode=c.memory_decay_mode)
             self.writers = {"hippocampus": MemoryWriter(store)}
             self.hippocampus = HippocampalMemory(c.n_embd, self.writers["hippocampus"],
                                                  c.memory_top_k, c.memory_writes)
