@@ -31,7 +31,8 @@ an snn_rag chunk entry is; or the ``last`` token's). Queries are the same passag
 dropped and one pair of neighbours swapped), ``shift`` (the passage's window moved by a few
 characters: the same text, seen from a different start). Per alteration the top-1 and top-5
 recall of the passage's own memory among all of them (chance 5 / passages), for the model's
-key of the altered text (``key``, what the seed's number asks) and for the query the layer
+key of the altered text (``key``, what the seed's number asks), for the same with the stored
+keys' mean removed from keys and queries (``key_centred``), and for the query the layer
 actually reads with (``query``: hippocampal ``query``, snn_rag ``retrieve``).
 
 cost: tokens per second of the stream per condition over the first ``--max-chars`` of the
@@ -362,15 +363,24 @@ def retrieval(args: argparse.Namespace) -> dict[str, Any]:
                 with torch.inference_mode():
                     keys = torch.cat([states.keys_and_queries(name, h, pool)[0]
                                       for h in base[name]])
-                    store = EpisodicStore(keys.size(1), 1, capacity=len(originals))
-                    ids = store.write(keys, torch.zeros(len(originals), 1))
+                    # centred: the stored keys' mean removed from keys and queries, since
+                    # hidden states share a common direction that crowds every cosine
+                    centre = keys.mean(0)
+                    stores = {}
+                    for kind, stored in (("plain", keys), ("centred", keys - centre)):
+                        store = EpisodicStore(keys.size(1), 1, capacity=len(originals))
+                        stores[kind] = store, store.write(stored, torch.zeros(len(originals), 1))
                     for how in alterations:
                         kq = [states.keys_and_queries(name, h, pool)
                               for h in altered[how][name]]
-                        for use, q in (("key", torch.cat([k for k, _ in kq])),
-                                       ("query", torch.cat([qq for _, qq in kq]))):
+                        k_alt = torch.cat([k for k, _ in kq])
+                        q_alt = torch.cat([qq for _, qq in kq])
+                        for use, q, kind in (("key", k_alt, "plain"),
+                                             ("key_centred", k_alt - centre, "centred"),
+                                             ("query", q_alt, "plain")):
                             if q.size(1) != keys.size(1):
                                 continue
+                            store, ids = stores[kind]
                             got = store.read(q, 5, touch=False).ids
                             hit = got == ids[:, None]
                             rows[f"{pool}/{how}/{use}"] = {
