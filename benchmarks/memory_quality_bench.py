@@ -310,7 +310,8 @@ class LayerStates:
 
         layer = self.layers[name]
         if isinstance(layer, HippocampalMemory):
-            keys, queries = layer.key(h), layer.query(h)
+            keys = (layer.query if layer.key is None else layer.key)(h)  # tied: the query
+            queries = layer.query(h)
         else:
             keys, queries = h, layer.retrieve(h)  # type: ignore[operator]
         if pool == "mean":

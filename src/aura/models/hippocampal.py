@@ -103,6 +103,10 @@ class HippocampalConfig(ModelConfig):
     memory_writes: int = 64
     """Memories formed per training step, from the batch's most novel token states; at most
     memory_capacity."""
+    memory_tied_key: bool = False
+    """Write memories keyed by the read's own trained query projection instead of a separate
+    key projection (which gets no gradient, memories being written without one, and so stays
+    random): a state then finds the memories of states like it."""
     entropy_reg: float = 0.0
     """Weight of a bonus for the entropy of the predicted next-token distributions, which
     counters collapse onto a few tokens; 0: off."""
@@ -183,7 +187,8 @@ class HippocampalTransformer(Decoder):
                                   decay_mode=c.memory_decay_mode)
             self.writers = {"hippocampus": MemoryWriter(store)}
             self.memory = HippocampalMemory(c.n_embd, self.writers["hippocampus"],
-                                            c.memory_top_k, c.memory_writes)
+                                            c.memory_top_k, c.memory_writes,
+                                            tied_key=c.memory_tied_key)
 
     def _encode(self, idx: torch.Tensor, pos: torch.Tensor, cache: HippocampalCache | None,
                 prosody: torch.Tensor | None) -> torch.Tensor:

@@ -46,7 +46,7 @@ class HippocampalMemory(nn.Module):
     ``n_embd``-wide, a cognitive map of ``graph_k`` neighbours when spreading activation)."""
 
     def __init__(self, n_embd: int, writer: MemoryWriter, top_k: int = 8,
-                 writes_per_step: int = 64):
+                 writes_per_step: int = 64, tied_key: bool = False):
         super().__init__()
         store = writer.store
         if store.dim_value != n_embd:
@@ -59,12 +59,16 @@ class HippocampalMemory(nn.Module):
         self.writer, self.top_k, self.writes_per_step = writer, top_k, writes_per_step
         self.graph_k = store.graph_k
         self.query = nn.Linear(n_embd, dim_key, bias=False)
-        self.key = nn.Linear(n_embd, dim_key, bias=False)
+        # Memories are written without gradient, so a separate ``key`` keeps its initial random
+        # projection for good; ``tied_key`` writes with the read's own (trained) ``query``
+        # instead, so a state finds the memories of states like it.
+        self.key = None if tied_key else nn.Linear(n_embd, dim_key, bias=False)
         self.out = nn.Linear(n_embd, n_embd, bias=False)
         self.gate = nn.Linear(n_embd, 1)
         self.log_temperature = nn.Parameter(torch.tensor(2.3))  # softmax over cosines x ~10
         for lin in (self.query, self.key, self.out, self.gate):
-            nn.init.normal_(lin.weight, 0.0, 0.02)
+            if lin is not None:
+                nn.init.normal_(lin.weight, 0.0, 0.02)
         nn.init.constant_(self.gate.bias, _GATE_BIAS)
         self._metrics: dict[str, torch.Tensor] = {}
 
@@ -135,7 +139,8 @@ class HippocampalMemory(nn.Module):
         novelty = 1.0 - best.clamp(min=0.0)
         n = min(self.writes_per_step, flat.size(0))
         importance, rows = novelty.topk(n)
-        keys = self.key(flat[rows].to(self.key.weight.dtype)).float()
+        project = self.query if self.key is None else self.key
+        keys = project(flat[rows].to(project.weight.dtype)).float()
         source = None
         if tokens is not None:
             source = snippets(tokens, SNIPPET_TOKENS).reshape(-1, SNIPPET_TOKENS)[rows]
