@@ -505,6 +505,9 @@ def test_model_memories_and_gradient_steps_live_in_the_state_dir(
     gen = current_gen(state)
     store = EpisodicStore.load(gen / "memory" / "episodic")
     assert len(store) == 64  # more surprising positions than its capacity were written
+    texts = [p.read_bytes() for p in watch.rglob("*.txt")]
+    sources = store.sources(store.ids[store.ids >= 0].tolist())
+    assert all(src and src[1] and any(bytes(src[1]) in t for t in texts) for src in sources)
     weights = load_file(str(gen / MODEL_FILE))
     original = load_file(str(next(memory_run.rglob("model.safetensors"))))
     assert weights.keys() == original.keys()

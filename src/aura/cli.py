@@ -361,6 +361,8 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import contextlib
+
     from aura.infer.generate import generate_text
 
     prompt = _argv_text(args.prompt, "--prompt")
@@ -370,13 +372,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     # The prompt is echoed once every input is validated: bad input leaves stdout empty.
     on_ready = None if stream is None else (lambda: stream(prompt))
-    text = generate_text(loaded.model, loaded.tokenizer, prompt, args.max_new_tokens,
-                         sampling, use_cache=not args.no_cache, stop=stop, stream=stream,
-                         on_ready=on_ready, memory=args.memory or "read")
+    trace = None
+    if args.show_memory:
+        from aura.infer.memory_trace import MemoryTrace
+
+        if args.memory_span < 1:
+            raise AuraError(f"--memory-span must be >= 1, got {args.memory_span}")
+        trace = MemoryTrace(loaded.model, loaded.tokenizer, span=args.memory_span)
+        if not trace.active:
+            raise AuraError(f"model {loaded.model.config.name!r} has no episodic memory to show "
+                            "(--show-memory needs hippocampal, snn_rag or natural_brain's "
+                            "hippocampus)")
+    with contextlib.nullcontext() if trace is None else trace.recording():
+        text = generate_text(loaded.model, loaded.tokenizer, prompt, args.max_new_tokens,
+                             sampling, use_cache=not args.no_cache, stop=stop, stream=stream,
+                             on_ready=on_ready, memory=args.memory or "read",
+                             on_token=None if trace is None else trace.push)
     if args.json:
-        _print_json({"checkpoint": str(loaded.path), "prompt": prompt, "text": text})
+        report = {"checkpoint": str(loaded.path), "prompt": prompt, "text": text}
+        if trace is not None:
+            report["memory_reads"] = trace.spans()
+        _print_json(report)
     else:
         sys.stdout.write("\n")
+        if trace is not None:
+            from aura.infer.memory_trace import format_spans
+
+            print("\n".join(format_spans(trace.spans())))
     return EXIT_OK
 
 
@@ -613,6 +635,11 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     _add_quantize(g)
     g.add_argument("--json", action="store_true")
     _memory_argument(g)
+    g.add_argument("--show-memory", action="store_true",
+                   help="after the text, per span of generated tokens: the memories read (source "
+                        "text, similarity, gate); --json carries them as memory_reads")
+    g.add_argument("--memory-span", type=int, default=16, metavar="N",
+                   help="tokens per span for --show-memory")
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")

@@ -8,13 +8,16 @@ conversation) and, at the prompt, clears the line; Ctrl-D or ``/quit`` leaves.
 
 Commands: ``/reset`` (forget the conversation; the episodic memory stays), ``/save [FILE]``
 (the conversation as JSON, and the memory), ``/memory`` (what it holds, what the last reply
-retrieved), ``/set NAME VALUE`` (a sampling setting or max_new_tokens), ``/help``, ``/quit``.
+retrieved, and for a model with memory layers what each span of the reply read, as
+``aura generate --show-memory`` prints it), ``/set NAME VALUE`` (a sampling setting or
+max_new_tokens), ``/help``, ``/quit``.
 With ``--memory DIR`` each exchange is written into the model's episodic memory and saved to
 DIR (``conversation_memory``) after every reply and on leaving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -28,6 +31,7 @@ from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
 from aura.infer.conversation_memory import ConversationMemory
 from aura.infer.generate import MAX_NEW_TOKENS, generate_text
+from aura.infer.memory_trace import MemoryTrace, format_spans
 from aura.infer.sampling import SamplingConfig
 from aura.infer.template import ChatTemplate
 from aura.models.base import AuraModel
@@ -63,6 +67,9 @@ class Chat:
         self.turns: list[tuple[str, str]] = []
         self.memory = (ConversationMemory(model, tokenizer, options.memory_dir)
                        if options.memory_dir is not None else None)
+        trace = MemoryTrace(model, tokenizer)
+        self.trace = trace if trace.active else None
+        self.last_reads: list[dict] | None = None  # the last reply's trace.spans()
         self.reset()
 
     def say(self, text: str) -> None:
@@ -93,12 +100,17 @@ class Chat:
             self.out.flush()
 
         self.out.write("aura> ")
+        trace = self.trace
         try:
-            generate_text(self.model, self.tokenizer, tpl.render(self.turns),
-                          opts.max_new_tokens, opts.sampling, stop=tpl.stop(), stream=stream)
+            with contextlib.nullcontext() if trace is None else trace.recording():
+                generate_text(self.model, self.tokenizer, tpl.render(self.turns),
+                              opts.max_new_tokens, opts.sampling, stop=tpl.stop(), stream=stream,
+                              on_token=None if trace is None else trace.push)
             stopped = False
         except KeyboardInterrupt:
             stopped = True
+        if trace is not None:
+            self.last_reads = trace.spans()
         text = tpl.clean("".join(pieces))
         self.say(" [stopped]" if stopped else "")
         self.turns.append(("assistant", text))
@@ -140,6 +152,9 @@ class Chat:
                  + (" and the memory" if saved else ""))
 
     def show_memory(self) -> None:
+        if self.trace is not None:
+            self.say("\n".join(format_spans(self.last_reads)) if self.last_reads is not None
+                     else "memory reads: no reply yet")
         if self.memory is None:
             self.say("no episodic memory in use: start with --memory DIR")
             return

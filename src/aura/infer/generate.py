@@ -225,14 +225,16 @@ class TextStream:
 def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
                   sampling: SamplingConfig, *, use_cache: bool = True, stop: Sequence[str] = (),
                   stream: Callable[[str], None] | None = None,
-                  on_ready: Callable[[], None] | None = None, memory: str = "read") -> str:
+                  on_ready: Callable[[], None] | None = None, memory: str = "read",
+                  on_token: Callable[[torch.Tensor], None] | None = None) -> str:
     """The text generated after ``prompt``, ending before the first stop string or eot token.
 
     ``stream`` receives the same text in pieces as it is generated. An empty prompt starts
     from the tokenizer's end-of-text token, which is what a document start looks like in
     training; without one there is nothing to condition on. ``on_ready`` is called once every
     argument has been checked, before the first token: a caller that echoes the prompt there
-    prints nothing for input that is refused. ``memory`` as for ``generate``.
+    prints nothing for input that is refused. ``memory`` as for ``generate``; ``on_token``
+    sees each step's (B,) ids (e.g. ``MemoryTrace.push``).
     """
     if any(s == "" for s in stop):
         raise AuraError("stop strings must not be empty")
@@ -250,6 +252,12 @@ def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_t
     if on_ready is not None:
         on_ready()
     text = TextStream(tokenizer, stop, stream)
+
+    def push(token: torch.Tensor) -> bool:
+        if on_token is not None:
+            on_token(token)
+        return text.push(token)
+
     generate(model, prompt_ids, max_new_tokens, sampling, use_cache=use_cache,
-             stop_ids=tokenizer.eot_id, on_token=text.push, features=features, memory=memory)
+             stop_ids=tokenizer.eot_id, on_token=push, features=features, memory=memory)
     return text.finish()

@@ -63,7 +63,8 @@ from aura.data.prosody import FEATURES, PARAGRAPH, SENTENCE_END, Prosody, token_
 from aura.data.sampler import compute_features
 from aura.data.tokenizers import ByteTokenizer, Tokenizer, split_pieces
 from aura.errors import ConfigError, DataError
-from aura.memory.store import EpisodicStore
+from aura.memory.store import SNIPPET_TOKENS, EpisodicStore
+from aura.memory.writer import snippets
 from aura.models.base import AuraModel
 from aura.plasticity import OjaLayer, OnlineWhitener, TokenSTDP
 
@@ -324,12 +325,13 @@ class PlasticLearner:
         fits = [s for s in self.stores.values()
                 if s.dim_key == hidden.shape[1] and s.dim_value == hidden.shape[1]]
         base = int(self.position)
+        text = snippets(ids.reshape(1, -1).cpu(), SNIPPET_TOKENS)[0]  # what each memory shows
         for off in range(0, ids.numel(), self.window):
             w = salience[off:off + self.window]
             top = torch.topk(w, min(self.cfg.memories_per_window, w.numel())).indices + off
             for store in fits:
                 store.write(hidden[top], hidden[top], salience[top], step=base + off,
-                            source_pos=base + top)
+                            source_pos=base + top, source_tokens=text[top])
 
     def _train(self, ids: torch.Tensor, key: str, salience: torch.Tensor) -> float:
         """``train_steps`` AdamW steps on random windows of this text, seeded by ``key``, with

@@ -19,8 +19,9 @@ import torch
 from aura.data.shards import SplitData
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError, DataError
+from aura.memory.store import SNIPPET_TOKENS
 from aura.memory.text_encoder import MiniLMEncoder
-from aura.memory.writer import MemoryWriter
+from aura.memory.writer import MemoryWriter, snippets
 
 # Runs the model over windows (B, window) at corpus offsets (B,), queuing its own chunk
 # encodings with its writers.
@@ -88,8 +89,10 @@ def fill_chunk_memory(writers: list[MemoryWriter], split: SplitData, *, window: 
             chunks = ids[:, :per_window * chunk].reshape(-1, chunk)
             entries = text_encoder.encode([tokenizer.decode(c.tolist()) for c in chunks])
             ends = where.view(-1, 1) + torch.arange(1, per_window + 1, device=device) * chunk - 1
+            source = snippets(torch.from_numpy(ids), SNIPPET_TOKENS)[:, chunk - 1::chunk]
             for writer in writers:
-                writer.queue(entries.view(len(batch), per_window, -1).to(device), source_pos=ends)
+                writer.queue(entries.view(len(batch), per_window, -1).to(device), source_pos=ends,
+                             source_tokens=source[:, :per_window].to(device))
         for writer in writers:
             writer.flush()
     return min(len(windows) * per_window, capacity)

@@ -4,6 +4,9 @@ Every memory carries an importance (set by the writer, nudged up by each read th
 a strength that ``decay_step`` fades, the steps it was created and last read at, and a
 ``source_pos``: where it was formed (a token position, a document index, a time). Reads can hide
 memories formed after a limit, per query, which is how a language model keeps retrieval causal.
+A memory may also keep ``source_tokens``: the ids of the (up to ``SNIPPET_TOKENS``) tokens it was
+formed from, ending at its own token, so a reader can show *what* was recalled
+(``aura generate --show-memory``) with the tokenizer, without the corpus at hand.
 
 When the store is full, writing evicts the memories with the lowest retention
 
@@ -11,8 +14,19 @@ When the store is full, writing evicts the memories with the lowest retention
 
 (``step`` is the newest step seen): a faded memory goes first, importance is what lasts, and a
 recent read adds up to 1. Ties go oldest first, so with uniform importance and no reads the store
-is a FIFO. Ids count up from 0 and are never reused, so an id held across evictions never names
-a different memory.
+is a FIFO.
+
+How strength fades is ``decay_mode``. "fixed" (the default): every memory loses the same
+fraction ``decay`` per step. "adaptive" (seed 002's adaptive memory decay; forgetting as in the
+spacing effect): each memory has a ``stability``, 1 + its importance when written, and per step
+keeps ``(1 - decay) ** (1 / stability)`` of its strength; every read that returns it (a training
+read: ``touch``) restores its strength to 1 and adds 1 to its stability. So, with the same
+eviction rule, a memory that was novel when formed fades more slowly than a routine one, one
+that keeps being recalled fades ever more slowly, and one never recalled fades at its written
+rate and goes first.
+
+Ids count up from 0 and are never reused, so an id held across evictions never names a
+different memory.
 
 Persistence is ``DIR/memory.safetensors`` (every tensor) and ``DIR/memory.json`` (config,
 counters, the tensor file's sha256), built under a temporary name and renamed into place; loading
@@ -40,8 +54,13 @@ from aura.memory.index import ExactIndex
 
 FORMAT = 1
 TENSORS_FILE, META_FILE = "memory.safetensors", "memory.json"
+SNIPPET_TOKENS = 16  # token ids kept per memory, ending at the one it was formed at; -1 pads
 _SLOT_TENSORS = ("ids", "keys", "values", "importance", "strength", "created_step",
-                 "last_access_step", "source_pos")
+                 "last_access_step", "source_pos", "source_tokens", "stability")
+# Slot tensors a store saved before they existed may lack: loaded as their fill value.
+_OPTIONAL_TENSORS = {"source_tokens": -1, "stability": 1}
+DecayMode = Literal["fixed", "adaptive"]
+DECAY_MODES: tuple[str, ...] = ("fixed", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -68,13 +87,15 @@ class EpisodicStore:
     ``index`` picks the search: "exact" (torch, ``ExactIndex``), "faiss" (``FaissIndex``: exact
     below ``IVF_MIN_CAPACITY``, IVF above), or "auto": FAISS for CPU stores of at least
     ``IVF_MIN_CAPACITY`` when faiss is installed, where an exact scan gets slow.
+    ``decay_mode`` is how strength fades (module docstring).
     ``device`` defaults to torch's default device, so a model built under
     ``with torch.device("meta")`` (to count its memory before allocating it) allocates no store.
     """
 
     def __init__(self, dim_key: int, dim_value: int, capacity: int = 4096, decay: float = 0.03,
                  device: torch.device | str | None = None, *, read_boost: float = 0.05,
-                 graph_k: int = 0, index: Literal["exact", "faiss", "auto"] = "exact"):
+                 graph_k: int = 0, index: Literal["exact", "faiss", "auto"] = "exact",
+                 decay_mode: DecayMode = "fixed"):
         if dim_value < 1:
             raise ValueError(f"dim_value must be positive, got {dim_value}")
         if not 0.0 <= decay < 1.0:
@@ -83,6 +104,9 @@ class EpisodicStore:
             raise ValueError(f"graph_k must be >= 0, got {graph_k}")
         if index not in ("exact", "faiss", "auto"):
             raise ValueError(f"index must be 'exact', 'faiss' or 'auto', got {index!r}")
+        if decay_mode not in DECAY_MODES:
+            raise ValueError(f"decay_mode must be 'fixed' or 'adaptive', got {decay_mode!r}")
+        self.decay_mode = decay_mode
         self.dim_key, self.dim_value, self.capacity = dim_key, dim_value, capacity
         self.decay, self.read_boost, self.graph_k = decay, read_boost, graph_k
         self.device = torch.get_default_device() if device is None else torch.device(device)
@@ -101,6 +125,8 @@ class EpisodicStore:
         self.created_step = slots(dtype=torch.long)
         self.last_access_step = slots(dtype=torch.long)
         self.source_pos = slots(dtype=torch.long)
+        self.source_tokens = slots(SNIPPET_TOKENS, dtype=torch.int32, fill=-1)
+        self.stability = slots(fill=1.0)  # "adaptive" decay only; see the module docstring
         self.next_id = 0
         self.step = 0
 
@@ -141,10 +167,13 @@ class EpisodicStore:
     @torch.no_grad()
     def write(self, keys: torch.Tensor, values: torch.Tensor,
               importance: torch.Tensor | None = None, step: int = 0,
-              source_pos: torch.Tensor | None = None) -> torch.Tensor:
+              source_pos: torch.Tensor | None = None,
+              source_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Store N memories and return their ids (N,), evicting the lowest retention if full.
 
-        ``importance`` defaults to 1 and ``source_pos`` to ``step``.
+        ``importance`` defaults to 1 and ``source_pos`` to ``step``; ``source_tokens`` (N, W)
+        are the token ids each was formed from (-1 pads; the last ``SNIPPET_TOKENS`` kept),
+        none by default.
         """
         n = keys.shape[0]
         if keys.shape != (n, self.dim_key) or values.shape != (n, self.dim_value):
@@ -155,6 +184,9 @@ class EpisodicStore:
         for name, t in (("importance", importance), ("source_pos", source_pos)):
             if t is not None and t.shape != (n,):
                 raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+        if source_tokens is not None and (source_tokens.ndim != 2 or source_tokens.size(0) != n):
+            raise ValueError(f"source_tokens must have shape ({n}, W), got "
+                             f"{tuple(source_tokens.shape)}")
         self.step = max(self.step, step)
         slots = self._claim(n)
         ids = torch.arange(self.next_id, self.next_id + n, device=self.device)
@@ -164,9 +196,14 @@ class EpisodicStore:
         self.values[slots] = values.to(self.values)
         self.importance[slots] = 1.0 if importance is None else importance.to(self.importance)
         self.strength[slots] = 1.0
+        self.stability[slots] = 1.0 + self.importance[slots].clamp(min=0.0)
         self.created_step[slots] = step
         self.last_access_step[slots] = step
         self.source_pos[slots] = step if source_pos is None else source_pos.to(self.source_pos)
+        self.source_tokens[slots] = -1
+        if source_tokens is not None:
+            tail = source_tokens[:, -SNIPPET_TOKENS:].to(self.source_tokens)
+            self.source_tokens[slots, SNIPPET_TOKENS - tail.size(1):] = tail
         self.index.add(slots, keys)
         if self.graph is not None:
             self.graph.update(slots)
@@ -188,10 +225,14 @@ class EpisodicStore:
         return torch.cat([free, victims])
 
     def decay_step(self, n: int = 1) -> None:
-        """Fade every memory's strength by ``(1 - decay) ** n``: n steps of forgetting at once."""
+        """n steps of forgetting at once: every memory's strength times ``(1 - decay) ** n``, or
+        with "adaptive" decay ``(1 - decay) ** (n / stability)``."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        self.strength.mul_((1.0 - self.decay) ** n)
+        if self.decay_mode == "adaptive":
+            self.strength.mul_(torch.pow(1.0 - self.decay, n / self.stability))
+        else:
+            self.strength.mul_((1.0 - self.decay) ** n)
 
     def read(self, queries: torch.Tensor, k: int, *,
              max_source_pos: torch.Tensor | int | None = None, step: int | None = None,
@@ -200,7 +241,8 @@ class EpisodicStore:
 
         ``max_source_pos`` (an int, or a (Q,) tensor for one limit per query) hides memories with
         a larger ``source_pos``. Each memory returned gets ``last_access_step = step`` (default:
-        the newest step seen) and ``read_boost`` more importance, unless ``touch`` is False: a
+        the newest step seen) and ``read_boost`` more importance (with "adaptive" decay also
+        its strength restored and its stability raised), unless ``touch`` is False: a
         pure lookup (evaluation), which leaves what eviction will do unchanged.
         """
         if k < 1:
@@ -226,6 +268,9 @@ class EpisodicStore:
         hit = safe[mask].unique()
         self.last_access_step[hit] = now
         self.importance[hit] += self.read_boost
+        if self.decay_mode == "adaptive":
+            self.strength[hit] = 1.0
+            self.stability[hit] += 1.0
         return Retrieval(values, scores, ids, mask)
 
     def lookup(self, ids: torch.Tensor, max_source_pos: torch.Tensor | None = None
@@ -245,6 +290,20 @@ class EpisodicStore:
         return (keys.reshape(*ids.shape, -1), values.reshape(*ids.shape, -1),
                 found.reshape(ids.shape))
 
+    def sources(self, ids: list[int]) -> list[tuple[int, list[int]] | None]:
+        """Where each memory of ``ids`` was formed: its ``source_pos`` and the token ids it
+        kept (possibly none); None for an id no longer stored."""
+        out: list[tuple[int, list[int]] | None] = []
+        for i in ids:
+            slot = (self.ids == i).nonzero()
+            if i < 0 or slot.numel() == 0:
+                out.append(None)
+                continue
+            s = int(slot[0, 0])
+            tokens = self.source_tokens[s]
+            out.append((int(self.source_pos[s]), tokens[tokens >= 0].tolist()))
+        return out
+
     def neighbours(self, ids: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Ids of each memory's ``k`` nearest memories from the cognitive map, -1 where none
         (including for ids no longer stored)."""
@@ -262,7 +321,7 @@ class EpisodicStore:
     def config(self) -> dict[str, Any]:
         return {"dim_key": self.dim_key, "dim_value": self.dim_value, "capacity": self.capacity,
                 "decay": self.decay, "read_boost": self.read_boost, "graph_k": self.graph_k,
-                "index": self.index_kind}
+                "index": self.index_kind, "decay_mode": self.decay_mode}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {name: t.detach().cpu().contiguous() for name, t in self._targets().items()}
@@ -305,6 +364,9 @@ class EpisodicStore:
             raise DataError(f"memory store {path}: {TENSORS_FILE} is missing, truncated or corrupt")
         try:
             tensors = load_file(str(tensor_file), device=str(self.device))
+            for name, fill in _OPTIONAL_TENSORS.items():
+                if name not in tensors:
+                    tensors[name] = torch.full_like(getattr(self, name), fill)
             for name, target in self._targets().items():
                 if tensors[name].shape != target.shape:
                     raise ValueError(name)
@@ -346,7 +408,8 @@ class EpisodicStore:
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        meta = {"format": meta.get("format"), "config": {"index": "exact", **meta["config"]},
+        meta = {"format": meta.get("format"), "config": {"index": "exact", "decay_mode": "fixed",
+                                                     **meta["config"]},
                 "sha256": meta["sha256"], "next_id": int(meta["next_id"]),
                 "step": int(meta["step"])}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

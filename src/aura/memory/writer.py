@@ -30,11 +30,13 @@ from aura.memory.store import EpisodicStore
 class MemoryAccess:
     """What one forward may do with its model's memories: ``read`` them, ``write`` (queue) what
     it forms, and at which corpus ``positions`` (B, T) its tokens sit (None: unknown; reads then
-    see every memory, and writes record the store's step)."""
+    see every memory, and writes record the store's step), and the ``tokens`` (B, T) themselves, so
+a memory can keep the text it was formed from."""
 
     read: bool = True
     write: bool = False
     positions: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None  # (B, T) ids, kept with what is written as its snippet
 
 
 def token_positions(corpus_pos: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor | None:
@@ -51,6 +53,14 @@ class _Queued:
     values: torch.Tensor
     importance: torch.Tensor | None
     source_pos: torch.Tensor | None
+    source_tokens: torch.Tensor | None = None
+
+
+def snippets(tokens: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, T, width) ids: for each token the ``width`` tokens ending at it, -1 before the
+    window's start (what a memory formed at that token keeps as its source text)."""
+    padded = torch.nn.functional.pad(tokens, (width - 1, 0), value=-1)
+    return padded.unfold(1, width, 1)
 
 
 class MemoryWriter:
@@ -72,14 +82,15 @@ class MemoryWriter:
 
     @torch.no_grad()
     def queue(self, keys: torch.Tensor, values: torch.Tensor | None = None,
-              importance: torch.Tensor | None = None, source_pos: torch.Tensor | None = None
-              ) -> None:
+              importance: torch.Tensor | None = None, source_pos: torch.Tensor | None = None,
+              source_tokens: torch.Tensor | None = None) -> None:
         """Queue memories (..., dim) for the next ``flush``, replacing anything queued; ``values``
         default to the keys (entries stored as both), ``importance`` and ``source_pos`` have the
-        memories' leading shape."""
+        memories' leading shape, ``source_tokens`` that shape plus the snippet's width."""
         values = keys if values is None else values
         self._queued = _Queued(keys.detach(), values.detach(),
-                               None if importance is None else importance.detach(), source_pos)
+                               None if importance is None else importance.detach(), source_pos,
+                               source_tokens)
 
     @torch.no_grad()
     def flush(self) -> int:
@@ -104,11 +115,16 @@ class MemoryWriter:
         def kept(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.reshape(-1).to(keep.device)[keep][-keys.size(0):]
 
+        snippet = None
+        if q.source_tokens is not None:
+            rows = q.source_tokens.reshape(-1, q.source_tokens.size(-1)).to(keep.device)
+            snippet = rows[keep][-keys.size(0):]
+
         step = self.store.step + 1  # the store's clock counts writing steps, and is saved with it
         self.store.decay_step()
         with torch.autocast(keys.device.type, enabled=False):
             self.store.write(keys.float(), values.float(), kept(q.importance), step=step,
-                             source_pos=kept(q.source_pos))
+                             source_pos=kept(q.source_pos), source_tokens=snippet)
         return keys.size(0)
 
     def discard(self) -> None:
@@ -121,7 +137,8 @@ class MemoryWriter:
         if self._queued is not None:
             q = self._queued
             self._queued = _Queued(*(None if t is None else t.to(device) for t in
-                                     (q.keys, q.values, q.importance, q.source_pos)))
+                                     (q.keys, q.values, q.importance, q.source_pos,
+                                      q.source_tokens)))
 
     def save(self, directory: Path) -> None:
         """Apply the queue, then save the store into ``directory`` (atomically)."""

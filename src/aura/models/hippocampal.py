@@ -90,6 +90,10 @@ class HippocampalConfig(ModelConfig):
     """Memories each token recalls, by cosine similarity of keys."""
     memory_decay: float = 0.03
     """Strength each memory loses per training step, in [0, 1)."""
+    memory_decay_mode: Literal["fixed", "adaptive"] = "fixed"
+    """How memories fade: "fixed" (each loses ``memory_decay`` of its strength per step) or
+    "adaptive" (slower for memories novel when formed and for each recall; see
+    aura.memory.store)."""
     memory_index: Literal["exact", "faiss", "auto"] = "exact"
     """The store's search: "exact" (torch's exact scan), "faiss" (needs faiss-cpu; IVF for
     big stores), or "auto" (FAISS for big CPU stores only), as snn_rag's banks."""
@@ -99,6 +103,10 @@ class HippocampalConfig(ModelConfig):
     memory_writes: int = 64
     """Memories formed per training step, from the batch's most novel token states; at most
     memory_capacity."""
+    memory_tied_key: bool = False
+    """Write memories keyed by the read's own trained query projection instead of a separate
+    key projection (which gets no gradient, memories being written without one, and so stays
+    random): a state then finds the memories of states like it."""
     entropy_reg: float = 0.0
     """Weight of a bonus for the entropy of the predicted next-token distributions, which
     counters collapse onto a few tokens; 0: off."""
@@ -175,10 +183,12 @@ class HippocampalTransformer(Decoder):
         self.memory = None
         if c.memory:
             store = EpisodicStore(c.memory_dim, c.n_embd, c.memory_capacity, c.memory_decay,
-                                  graph_k=c.memory_graph_k, index=c.memory_index)
+                                  graph_k=c.memory_graph_k, index=c.memory_index,
+                                  decay_mode=c.memory_decay_mode)
             self.writers = {"hippocampus": MemoryWriter(store)}
             self.memory = HippocampalMemory(c.n_embd, self.writers["hippocampus"],
-                                            c.memory_top_k, c.memory_writes)
+                                            c.memory_top_k, c.memory_writes,
+                                            tied_key=c.memory_tied_key)
 
     def _encode(self, idx: torch.Tensor, pos: torch.Tensor, cache: HippocampalCache | None,
                 prosody: torch.Tensor | None) -> torch.Tensor:
@@ -224,7 +234,7 @@ class HippocampalTransformer(Decoder):
         if remember is None:
             remember = self.training and cache is None
         access = MemoryAccess(read=use_memory, write=remember and self.memory is not None,
-                              positions=token_positions(corpus_pos, pos))
+                              positions=token_positions(corpus_pos, pos), tokens=idx)
         x = self._encode(idx, pos, cache, prosody)
         for i, block in enumerate(self.blocks):
             gains = self.prosody[i](prosody) if self.prosody is not None else None

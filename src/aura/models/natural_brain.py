@@ -141,6 +141,10 @@ class NaturalBrainConfig(ModelConfig):
     """Memories each token recalls."""
     memory_decay: float = 0.03
     """Strength each memory loses per training step, in [0, 1)."""
+    memory_decay_mode: Literal["fixed", "adaptive"] = "fixed"
+    """How memories fade: "fixed" (each loses ``memory_decay`` of its strength per step) or
+    "adaptive" (slower for memories novel when formed and for each recall; see
+    aura.memory.store)."""
     memory_graph_k: int = 4
     """Cognitive-map neighbours of a token's best match that join its recall; 0: no map."""
     memory_writes: int = 32
@@ -239,7 +243,7 @@ class NaturalBrain(Decoder):
         self.hippocampus = None
         if c.hippocampus:
             store = EpisodicStore(c.memory_dim, c.n_embd, c.memory_capacity, c.memory_decay,
-                                  graph_k=c.memory_graph_k)
+                                  graph_k=c.memory_graph_k, decay_mode=c.memory_decay_mode)
             self.writers = {"hippocampus": MemoryWriter(store)}
             self.hippocampus = HippocampalMemory(c.n_embd, self.writers["hippocampus"],
                                                  c.memory_top_k, c.memory_writes)
@@ -331,7 +335,7 @@ class NaturalBrain(Decoder):
                 x = self.run_block(block, x, cache)
         balance = None
         if any(self.active(r) for r in self.regions):
-            proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos)
+            proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos, idx)
             proposals = {r: dropout(v, p, self.training) for r, v in proposals.items()}
             if self.basal_ganglia is not None and self.active("basal_ganglia"):
                 x = self.basal_ganglia(x, proposals)
@@ -347,7 +351,8 @@ class NaturalBrain(Decoder):
         return ModelOutput(logits, loss, {"ce": ce.detach(), **self.metrics()}, hidden)
 
     def _regions(self, x: torch.Tensor, cache: BrainCache | None, pos: torch.Tensor,
-                 use_memory: bool, corpus_pos: torch.Tensor | None
+                 use_memory: bool, corpus_pos: torch.Tensor | None,
+                 tokens: torch.Tensor | None = None
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Each region's proposal (like x) from what the thalamus relays to it, and the
         experts' load-balancing loss."""
@@ -370,7 +375,7 @@ class NaturalBrain(Decoder):
                 writes = round(writes * self._limbic.multiplier("memory_write"))
             self.hippocampus.writes_per_step = max(1, min(writes, self.config.memory_capacity))
             access = MemoryAccess(read=use_memory, write=self.training and cache is None,
-                                  positions=token_positions(corpus_pos, pos))
+                                  positions=token_positions(corpus_pos, pos), tokens=tokens)
             out["hippocampus"] = self.hippocampus(h, access) - h
         return out, balance
 

@@ -76,6 +76,10 @@ class SNNRAGConfig(ModelConfig):
     """Tokens per entry; a window shorter than this writes none."""
     memory_decay: float = 0.03
     """Strength an entry loses per write step, in [0, 1)."""
+    memory_decay_mode: Literal["fixed", "adaptive"] = "fixed"
+    """How memories fade: "fixed" (each loses ``memory_decay`` of its strength per step) or
+    "adaptive" (slower for memories novel when formed and for each recall; see
+    aura.memory.store)."""
     memory_index: Literal["exact", "faiss", "auto"] = "exact"
     """The bank's search: "exact" (torch's exact scan), "faiss" (needs faiss-cpu), or "auto"
     (FAISS for big CPU banks only)."""
@@ -125,7 +129,8 @@ class SNNRAG(Decoder):
         dim = {"minilm": MINILM_DIM, "http": config.memory_encoder_dim}.get(
             config.memory_encoder, config.n_embd)
         writers = {i: MemoryWriter(EpisodicStore(dim, dim, config.memory_capacity,
-                                                 config.memory_decay, index=config.memory_index))
+                                                 config.memory_decay, index=config.memory_index,
+                                                 decay_mode=config.memory_decay_mode))
                    for i in layers}
         memories = {i: MemoryCrossAttention(config.n_embd, config.n_head, writers[i],
                                             config.memory_top_k, config.memory_chunk,
@@ -187,7 +192,7 @@ class SNNRAG(Decoder):
             remember = self.training and cache is None
         pos = self.positions(idx, cache)
         access = MemoryAccess(read=use_memory, write=remember and self.writes_own_memory,
-                              positions=token_positions(corpus_pos, pos))
+                              positions=token_positions(corpus_pos, pos), tokens=idx)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = self.run_block(block, x, cache, None, access)

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aura.memory.store import EpisodicStore
-from aura.memory.writer import MemoryAccess, MemoryWriter
+from aura.memory.store import SNIPPET_TOKENS, EpisodicStore
+from aura.memory.writer import MemoryAccess, MemoryWriter, snippets
 
 _GATE_BIAS = -2.0  # sigmoid(-2) = 0.12: recall starts as a small correction
 
@@ -46,7 +46,7 @@ class HippocampalMemory(nn.Module):
     ``n_embd``-wide, a cognitive map of ``graph_k`` neighbours when spreading activation)."""
 
     def __init__(self, n_embd: int, writer: MemoryWriter, top_k: int = 8,
-                 writes_per_step: int = 64):
+                 writes_per_step: int = 64, tied_key: bool = False):
         super().__init__()
         store = writer.store
         if store.dim_value != n_embd:
@@ -59,12 +59,16 @@ class HippocampalMemory(nn.Module):
         self.writer, self.top_k, self.writes_per_step = writer, top_k, writes_per_step
         self.graph_k = store.graph_k
         self.query = nn.Linear(n_embd, dim_key, bias=False)
-        self.key = nn.Linear(n_embd, dim_key, bias=False)
+        # Memories are written without gradient, so a separate ``key`` keeps its initial random
+        # projection for good; ``tied_key`` writes with the read's own (trained) ``query``
+        # instead, so a state finds the memories of states like it.
+        self.key = None if tied_key else nn.Linear(n_embd, dim_key, bias=False)
         self.out = nn.Linear(n_embd, n_embd, bias=False)
         self.gate = nn.Linear(n_embd, 1)
         self.log_temperature = nn.Parameter(torch.tensor(2.3))  # softmax over cosines x ~10
         for lin in (self.query, self.key, self.out, self.gate):
-            nn.init.normal_(lin.weight, 0.0, 0.02)
+            if lin is not None:
+                nn.init.normal_(lin.weight, 0.0, 0.02)
         nn.init.constant_(self.gate.bias, _GATE_BIAS)
         self._metrics: dict[str, torch.Tensor] = {}
 
@@ -90,7 +94,7 @@ class HippocampalMemory(nn.Module):
                              "memory_match": best.detach().mean(), "memory_size":
                              torch.tensor(float(len(self.store)))}
         if access.write:
-            self._remember(h.detach(), best.detach(), where)
+            self._remember(h.detach(), best.detach(), where, access.tokens)
         return h + recall.to(h.dtype)
 
     def _recall(self, queries: torch.Tensor, where: torch.Tensor | None
@@ -127,16 +131,21 @@ class HippocampalMemory(nn.Module):
                 torch.cat([values, nbr_values], 1), torch.cat([mask, fresh], 1))
 
     @torch.no_grad()
-    def _remember(self, h: torch.Tensor, best: torch.Tensor, where: torch.Tensor | None) -> None:
+    def _remember(self, h: torch.Tensor, best: torch.Tensor, where: torch.Tensor | None,
+                  tokens: torch.Tensor | None = None) -> None:
         """Queue this batch's most novel states, keyed by their projection, with where they
-        were formed."""
+        were formed and (given the ``tokens``) the text ending at each."""
         flat = h.reshape(-1, h.size(-1)).float()
         novelty = 1.0 - best.clamp(min=0.0)
         n = min(self.writes_per_step, flat.size(0))
         importance, rows = novelty.topk(n)
-        keys = self.key(flat[rows].to(self.key.weight.dtype)).float()
+        project = self.query if self.key is None else self.key
+        keys = project(flat[rows].to(project.weight.dtype)).float()
+        source = None
+        if tokens is not None:
+            source = snippets(tokens, SNIPPET_TOKENS).reshape(-1, SNIPPET_TOKENS)[rows]
         self.writer.queue(keys, flat[rows], importance.float(),
-                          None if where is None else where[rows])
+                          None if where is None else where[rows], source)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """The last read's mean gate, mean best cosine and the number of memories held."""

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aura.memory.writer import MemoryWriter
+from aura.memory.store import SNIPPET_TOKENS
+from aura.memory.writer import MemoryWriter, snippets
 from aura.nn.dropout import Dropout
 
 
@@ -86,12 +87,18 @@ class MemoryCrossAttention(nn.Module):
         return h[:, :n * self.chunk].reshape(B, n, self.chunk, C).mean(2)
 
     @torch.no_grad()
-    def remember(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+    def remember(self, h: torch.Tensor, positions: torch.Tensor | None = None,
+                 tokens: torch.Tensor | None = None) -> None:
         """Queue h's chunk encodings, each at the corpus position of its last token (from
-        ``positions`` (B, T); default: the store's step)."""
+        ``positions`` (B, T); default: the store's step) and, given the ``tokens`` (B, T), with
+        the text ending at that token."""
         n = h.size(1) // self.chunk
         ends = None if positions is None else positions[:, self.chunk - 1::self.chunk][:, :n]
-        self.writer.queue(self.encode(h.detach().float()), source_pos=ends)
+        source = None
+        if tokens is not None:
+            source = snippets(tokens, SNIPPET_TOKENS)[:, self.chunk - 1::self.chunk][:, :n]
+        self.writer.queue(self.encode(h.detach().float()), source_pos=ends,
+                          source_tokens=source)
 
     # --- reading ------------------------------------------------------------------------------
 
