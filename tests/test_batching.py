@@ -43,7 +43,7 @@ def test_a_ragged_step_equals_each_row_alone() -> None:
             cache = model.new_cache(1, 32)
             model(p, cache=cache)
             ragged.rows += 1
-            ragged.put(row, cache)
+            ragged.put([row], cache)
         batched = model(nxt, cache=ragged, last_only=True).logits[:, -1]
     assert ragged.lengths[:3].tolist() == [4, 12, 8]
     torch.testing.assert_close(batched, torch.stack(alone), atol=1e-5, rtol=1e-5)

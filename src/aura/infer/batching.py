@@ -1,25 +1,33 @@
-"""Decoding many sequences in one forward: a KV cache whose rows sit at their own positions.
+"""Decoding many sequences in one forward, with O(1) tensor work per round however many there are.
 
 A server's requests arrive at different times with prompts of different lengths, so their
-caches hold different numbers of tokens. ``RaggedKVCache`` keeps one row per sequence, each
-with its own length; a decode step feeds every row its newest token in one forward, each at
-its own position (``positions``: (B, 1)), each seeing only its own tokens (``attn_mask``), and
-each row's key and value written at its own end (``append``). Models that read their cache
+caches hold different numbers of tokens. ``RaggedKVCache`` keeps one row per sequence in one
+dense (capacity, heads, max_len, head_dim) tensor per layer, each row with its own length; a
+decode step feeds every row its newest token in one forward, each at its own position
+(``positions``: (B, 1)), each seeing only its own tokens (a padding mask), and each row's key
+and value written at its own end. The mask and write indices are built once per forward (in
+``positions``, which the model calls first), not once per layer. Models that read their cache
 only through ``KVCache``'s methods declare ``batched_decoding``.
 
-``DecodeBatch`` puts ``generate.Decoder``s together: a sequence is prefilled alone (its prompt
-through its own cache, as `aura generate` does), its keys and values are copied into a row, and
-from then on every round is one forward for all rows. A sequence whose context fills up is
-re-prefilled alone exactly as ``Decoder.advance`` does and its row refreshed, so each sequence
-goes through the same steps as alone; batched matmuls may round differently from single-row
-ones in the last bit, which the tests find does not change the tokens of the same seed.
+``DecodeBatch`` is the decoding loop of ``generate`` for many sequences at once: a sequence is
+prefilled alone (its prompt through its own cache, as `aura generate` does) and copied into a
+row; from then on each round is one batched sampling call (``row_sampling.sample_rows``, every
+row's settings and seed as tensors) and one forward for all rows. Sequences whose context is
+full are re-prefilled together (their windows are all half a context long), exactly as
+``generate.Decoder.advance`` does for each. The host keeps each sequence's ids as a list; the
+only per-sequence work in a round is appending an int to it. Batched matmuls may round
+differently from single-row ones in the last bit, which the tests find does not change the
+tokens of the same seed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from aura.infer.generate import Decoder
+from aura.infer.row_sampling import RowSettings, _Uses, sample_rows
+from aura.infer.sampling import SamplingConfig
 from aura.models.base import AuraModel
 from aura.nn.attention import KVCache
 
@@ -35,62 +43,77 @@ class RaggedKVCache(KVCache):
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len, self.capacity = max_len, capacity
         self.lengths = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.sizes = [0] * capacity  # ``lengths`` on the host, so nothing waits on the device
         self.rows = 0
-        self._longest = 0
+        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property  # type: ignore[override]
     def pos(self) -> int:
         """The longest row's length: what the decoder checks against ``block_size``."""
-        return self._longest
+        return max(self.sizes[:self.rows], default=0)
 
     @pos.setter
     def pos(self, value: int) -> None:  # the model's ``cache.pos += T`` moves every row on
-        self.lengths[:self.rows] += value - self._longest
-        self._sync()
+        delta = value - self.pos
+        self.lengths[:self.rows] += delta
+        self.sizes[:self.rows] = [n + delta for n in self.sizes[:self.rows]]
+        self._step = None
 
-    def _sync(self) -> None:
-        self._longest = int(self.lengths[:self.rows].max()) if self.rows else 0
+    def set_length(self, row: int, n: int) -> None:
+        self.lengths[row] = n
+        self.sizes[row] = n
+        self._step = None
 
     def reset(self) -> None:
         self.lengths.zero_()
-        self.rows = self._longest = 0
+        self.sizes = [0] * self.capacity
+        self.rows = 0
+        self._step = None
 
     def positions(self, n: int, device: torch.device) -> torch.Tensor:
+        """(rows, 1) positions; also builds this forward's mask and write indices."""
         if n != 1:
             raise ValueError(f"a ragged cache decodes one token per row, got {n}")
-        return self.lengths[:self.rows, None].to(device)
+        at = self.lengths[:self.rows].to(device)
+        keys = torch.arange(self.pos + 1, device=device)
+        mask = (keys[None, :] <= at[:, None])[:, None, None, :]
+        self._step = (torch.arange(self.rows, device=device), at, mask)
+        return at[:, None]
 
     def attn_mask(self, n: int, device: torch.device) -> torch.Tensor:
-        keys = torch.arange(self._longest + 1, device=device)
-        return (keys[None, :] <= self.lengths[:self.rows, None].to(device))[:, None, None, :]
+        assert self._step is not None, "positions() starts each forward"
+        return self._step[2]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self._longest + 1
+        end = self.pos + 1
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens, asked for {end}")
-        rows = torch.arange(self.rows, device=k.device)
-        at = self.lengths[:self.rows].to(k.device)
+        assert self._step is not None, "positions() starts each forward"
+        rows, at, _ = self._step
         self.k[layer][rows, :, at] = k[:, :, 0]
         self.v[layer][rows, :, at] = v[:, :, 0]
         return self.k[layer][:self.rows, :, :end], self.v[layer][:self.rows, :, :end]
 
-    def put(self, row: int, cache: KVCache) -> None:
-        """Row ``row`` becomes the (1-row) ``cache``'s contents."""
+    def put(self, rows: list[int], cache: KVCache) -> None:
+        """Rows ``rows`` become the rows of ``cache`` (in order), which hold ``cache.pos``."""
         n = cache.pos
+        index = torch.tensor(rows, device=self.lengths.device)
         for mine, theirs in ((self.k, cache.k), (self.v, cache.v)):
-            for layer, t in enumerate(theirs):
-                mine[layer][row, :, :n] = t[0, :, :n]
-        self.lengths[row] = n
-        self._sync()
+            for a, b in zip(mine, theirs, strict=True):
+                a[index, :, :n] = b[:len(rows), :, :n]
+        self.lengths[index] = n
+        for r in rows:
+            self.sizes[r] = n
+        self._step = None
 
     def move(self, src: int, dst: int) -> None:
         """Copy row ``src`` over row ``dst``."""
-        n = int(self.lengths[src])
+        n = self.sizes[src]
         for tensors in (self.k, self.v):
             for t in tensors:
                 t[dst, :, :n] = t[src, :, :n]
-        self.lengths[dst] = n
+        self.set_length(dst, n)
 
     def grown(self, capacity: int) -> RaggedKVCache:
         """A copy with room for ``capacity`` rows."""
@@ -101,64 +124,157 @@ class RaggedKVCache(KVCache):
             for a, b in zip(mine, theirs, strict=True):
                 a[:self.capacity] = b
         new.lengths[:self.capacity] = self.lengths
+        new.sizes[:self.capacity] = self.sizes
         new.rows = self.rows
-        new._sync()
         return new
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence's host-side state: its ids (prompt then generated), the next position
+    ``t``, where the output ends (``total``) and the first token its cache holds (``start``)."""
+
+    ids: list[int]
+    total: int
+    cfg: SamplingConfig
+    start: int = 0
+    last: int = -1  # the id sampled by the latest ``step``
+    row: int = field(default=-1, repr=False)
+
+    @property
+    def t(self) -> int:
+        return len(self.ids)
+
+    @property
+    def over(self) -> bool:
+        return self.t >= self.total
 
 
 class DecodeBatch:
     """The sequences decoding together, one row each (see the module docstring)."""
 
     def __init__(self, model: AuraModel):
-        self.model = model
+        assert model.max_context is not None
+        self.model, self.max_ctx = model, model.max_context
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.cache: RaggedKVCache | None = None
-        self.decoders: list[Decoder] = []
+        self.seqs: list[Row] = []
+        self.logits: torch.Tensor | None = None  # (capacity, V): each row's next-token logits
+        self.settings: RowSettings | None = None
+        self.seen: torch.Tensor | None = None  # (capacity, V): the repetition penalty's context
+        self.counters = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.uses = _Uses.of([])
 
-    def _row(self, decoder: Decoder) -> int:
-        return next(i for i, d in enumerate(self.decoders) if d is decoder)
+    def _prefill(self, windows: torch.Tensor, length: int) -> tuple[torch.Tensor, KVCache]:
+        cache = self.model.new_cache(windows.size(0), length)
+        logits = self.model(windows, cache=cache, last_only=True).logits[:, -1]
+        return logits, cache
 
-    def add(self, decoder: Decoder) -> None:
-        """Take a prefilled decoder (one row, its own cache holding its window)."""
+    def _grow(self, capacity: int, vocab: int) -> None:
+        if self.cache is not None and self.cache.capacity >= capacity:
+            return
+        capacity = max(capacity, 2 * (self.cache.capacity if self.cache is not None else 2))
+        c = self.model.new_cache(1, 1)
         if self.cache is None:
-            c = decoder.cache
-            assert c is not None and self.model.max_context is not None
-            self.cache = RaggedKVCache(len(c.k), 4, c.k[0].size(1), self.model.max_context,
-                                       c.k[0].size(3), c.k[0].device, c.k[0].dtype)
-        if self.cache.rows == self.cache.capacity:
-            self.cache = self.cache.grown(2 * self.cache.capacity)
-        row = self.cache.rows
-        self.cache.rows += 1
-        self.cache.put(row, decoder.cache)
-        self.decoders.append(decoder)
+            self.cache = RaggedKVCache(len(c.k), capacity, c.k[0].size(1), self.max_ctx,
+                                       c.k[0].size(3), self.device, c.k[0].dtype)
+        else:
+            self.cache = self.cache.grown(capacity)
+        n = len(self.seqs)
 
-    def remove(self, decoder: Decoder) -> None:
+        def widen(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
+                  ) -> torch.Tensor:
+            new = torch.zeros(shape, dtype=dtype, device=self.device)
+            if t is not None and n:
+                new[:n] = t[:n]
+            return new
+
+        self.logits = widen(self.logits, (capacity, vocab), torch.float32)
+        self.seen = widen(self.seen, (capacity, vocab), torch.bool)
+        self.counters = widen(self.counters, (capacity,), torch.long)
+        fields = (self.settings.fields() if self.settings is not None
+                  else RowSettings.of([], vocab, self.device).fields())
+        self.settings = RowSettings(*(widen(f, (capacity,), f.dtype) for f in fields))
+
+    def add(self, ids: list[int], max_new_tokens: int, cfg: SamplingConfig) -> Row:
+        """Prefill a new sequence alone and give it a row."""
+        seq = Row(list(ids), len(ids) + max_new_tokens, cfg)
+        seq.start = max(0, seq.t - self.max_ctx)
+        window = torch.tensor([ids[seq.start:]], dtype=torch.long, device=self.device)
+        logits, cache = self._prefill(window, min(seq.total - seq.start, self.max_ctx))
+        vocab = logits.size(-1)
+        self._grow(len(self.seqs) + 1, vocab)
+        assert (self.cache is not None and self.logits is not None and self.seen is not None
+                and self.settings is not None)
+        row = seq.row = len(self.seqs)
+        self.cache.rows += 1
+        self.cache.put([row], cache)
+        self.logits[row] = logits[0]
+        for mine, theirs in zip(self.settings.fields(),
+                                RowSettings.of([cfg], vocab, self.device).fields(), strict=True):
+            mine[row] = theirs[0]
+        self.seen[row] = False
+        self.seen[row, window.new_tensor(ids)] = True
+        self.counters[row] = seq.t
+        self.seqs.append(seq)
+        self.uses = _Uses.of([s.cfg for s in self.seqs])
+        return seq
+
+    def remove(self, seq: Row) -> None:
         """Drop a finished or cancelled sequence: the last row moves into its place."""
-        assert self.cache is not None
-        row, last = self._row(decoder), len(self.decoders) - 1
+        assert self.cache is not None and self.settings is not None
+        row, last = seq.row, len(self.seqs) - 1
         if row != last:
             self.cache.move(last, row)
-            self.decoders[row] = self.decoders[last]
-        self.decoders.pop()
+            tensors = [self.logits, self.seen, self.counters, *self.settings.fields()]
+            for t in tensors:
+                assert t is not None
+                t[row] = t[last]
+            moved = self.seqs[row] = self.seqs[last]
+            moved.row = row
+        self.seqs.pop()
         self.cache.rows -= 1
-        self.cache._sync()
+        self.cache.set_length(last, 0)
+        self.uses = _Uses.of([s.cfg for s in self.seqs])
+
+    def step(self) -> None:
+        """Sample one token for every row (one call); each sequence's ``last`` is its token."""
+        n = len(self.seqs)
+        if not n:
+            return
+        assert self.logits is not None and self.seen is not None and self.settings is not None
+        settings = RowSettings(*(f[:n] for f in self.settings.fields()))
+        nxt = sample_rows(self.logits[:n], self.seen[:n], settings, self.uses,
+                          self.counters[:n])
+        if self.uses.penalty:
+            self.seen[:n].scatter_(1, nxt[:, None], True)
+        self.counters[:n] += 1
+        for seq, tok in zip(self.seqs, nxt.tolist(), strict=True):
+            seq.ids.append(tok)
+            seq.last = tok
 
     def advance(self) -> None:
-        """The next logits of every sequence: one forward for all rows (a sequence whose
-        context is full is re-prefilled alone first, and its row refreshed)."""
-        if not self.decoders:
+        """The next logits of every sequence that is not over: re-prefill those whose context
+        is full (together), then one forward for all rows. Call after ``step`` and after
+        removing the sequences that ended."""
+        n = len(self.seqs)
+        if not n:
             return
-        assert self.cache is not None
-        refilled = []
-        for row, d in enumerate(self.decoders):
-            if d.needs_refill():
-                d.advance()
-                self.cache.put(row, d.cache)  # shorter now, so the step below has room
-                refilled.append(row)
-        if len(refilled) < len(self.decoders):
-            ids = torch.stack([d.out[0, d.t - 1:d.t] for d in self.decoders])
-            logits = self.model(ids, cache=self.cache, last_only=True).logits[:, -1]
-            for row, d in enumerate(self.decoders):
-                if row not in refilled:
-                    d.logits = logits[row:row + 1]
-        for row in refilled:  # their rows took a needless step above: put back whole
-            self.cache.put(row, self.decoders[row].cache)
+        assert self.cache is not None and self.logits is not None
+        full = [s for s in self.seqs if s.t - s.start > self.max_ctx]
+        if full:
+            keep = max(1, self.max_ctx // 2)
+            for s in full:
+                s.start = s.t - keep
+            windows = torch.tensor([s.ids[s.start:] for s in full], dtype=torch.long,
+                                   device=self.device)
+            logits, cache = self._prefill(windows, keep)
+            self.cache.put([s.row for s in full], cache)
+        if len(full) < n:
+            last = torch.tensor([s.last for s in self.seqs], dtype=torch.long,
+                                device=self.device)
+            self.logits[:n] = self.model(last[:, None], cache=self.cache,
+                                         last_only=True).logits[:, -1].float()
+        for i, s in enumerate(full):  # refilled rows took a needless step above: undo it
+            self.logits[s.row] = logits[i]
+            self.cache.set_length(s.row, s.t - s.start)

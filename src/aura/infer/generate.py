@@ -17,7 +17,8 @@ from aura.data.prosody import token_features
 from aura.data.sampler import TokenFeatures, compute_features
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
-from aura.infer.sampling import SamplingConfig, sample_next
+from aura.infer.row_sampling import RowSampler
+from aura.infer.sampling import SamplingConfig
 from aura.models.base import AuraModel
 from aura.models.memory_mode import memory_kwargs
 
@@ -51,8 +52,8 @@ def _last_logits(model: AuraModel, window: torch.Tensor, n_new: int, cache: Any,
 
 class Decoder:
     """Fills ``out[:, t:]`` one column per ``step``: the decoding loop of ``generate``, one token
-    at a time, so a server can interleave many sequences (each with its own cache and random
-    generator) and still produce exactly what ``generate`` produces for each alone."""
+    at a time, so a server can interleave many sequences (each with its own cache and
+    seed) and still produce exactly what ``generate`` produces for each alone."""
 
     def __init__(self, model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
                  use_cache: bool, stop_ids: int | None, features: TokenFeatures,
@@ -61,11 +62,6 @@ class Decoder:
         self.stop_ids, self.features, self.memory = stop_ids, features, memory
         batch, self.total = out.shape
         self.max_ctx = model.max_context
-        self.generator = torch.Generator(device=out.device)
-        if sampling.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(sampling.seed)
         self.done = torch.zeros(batch, dtype=torch.bool, device=out.device)
         # first token the model sees
         self.start = 0 if self.max_ctx is None else max(0, t - self.max_ctx)
@@ -73,15 +69,18 @@ class Decoder:
                       if use_cache else None)
         self.logits = _last_logits(model, out[:, self.start:t], t - self.start, self.cache,
                                    features, memory)
+        # Each row's draws are keyed by (its seed, position), as in the server's batches.
+        self.sampler = RowSampler([sampling] * batch, out[:, :t], self.logits.size(-1))
 
     def step(self) -> tuple[torch.Tensor, bool]:
         """Sample one column; returns its (B,) ids and whether decoding is over (the output is
         full or every row produced ``stop_ids``). Call under ``torch.inference_mode``."""
         out, t = self.out, self.t
-        nxt = sample_next(self.logits, out[:, :t], self.sampling, self.generator)
+        nxt = self.sampler.sample(self.logits, t)
         if self.stop_ids is not None:
             nxt = nxt.masked_fill(self.done, self.stop_ids)  # finished rows: padded with it
             self.done |= nxt == self.stop_ids
+        self.sampler.see(nxt)
         out[:, t] = nxt
         self.t = t = t + 1
         if t == self.total or (self.stop_ids is not None and bool(self.done.all())):
@@ -187,6 +186,12 @@ class TextStream:
     Text is held back while it ends in U+FFFD (a multi-byte character split across tokens) or
     in a prefix of a stop string (it may turn out to be excluded), so the streamed pieces are
     always a prefix of the final result and concatenate to exactly it.
+
+    Decoding is incremental (vLLM's prefix/read offsets): each token decodes only the few ids
+    since the text last settled, with a little context before them so that tokenizers whose
+    output depends on what precedes (a leading space) decode them as in the whole; stop strings
+    are looked for only where a new one could end. A long reply costs the same per token as a
+    short one.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str],
@@ -195,28 +200,58 @@ class TextStream:
         self.ids: list[int] = []
         self.result: str | None = None  # set once a stop string is found
         self.emitted = 0  # characters streamed so far
+        self.text = ""  # the settled text of ids[:read]
+        self.prefix = self.read = 0  # ids[prefix:read] is the context decoded before new ids
+        self.longest_stop = max((len(x) for x in stop), default=0)
 
     def push(self, token: torch.Tensor) -> bool:
         """Take one step's (1,) ids; True asks ``generate`` to stop."""
-        tok = int(token[0])
+        return self.push_id(int(token[0]))
+
+    def push_id(self, tok: int) -> bool:
+        """Take one id; True when generation should stop (end of text or a stop string)."""
         if tok == self.tokenizer.eot_id:
             return True
         self.ids.append(tok)
-        text = self.tokenizer.decode(self.ids)
-        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if found:
-            self.result = text[:min(found)]
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        now = decode(self.ids[self.prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return False  # an incomplete character: wait for the rest of it
+        old = len(self.text)
+        self.text += now[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        found = self._find_stop(self.text, old)
+        if found is not None:
+            self.result = self.text[:found]
             return True
-        if self.stream is not None and not text.endswith("\ufffd"):
-            settled = len(text) - _held_back(text, self.stop)
+        if self.stream is not None:
+            held = _held_back(self.text[-self.longest_stop:], self.stop) if self.stop else 0
+            settled = len(self.text) - held
             if settled > self.emitted:
-                self.stream(text[self.emitted:settled])
+                self.stream(self.text[self.emitted:settled])
                 self.emitted = settled
         return False
 
+    def _find_stop(self, text: str, old: int) -> int | None:
+        """Where the first stop string in ``text`` starts, looking only where one could end
+        after ``text[:old]`` (which held none)."""
+        start = max(0, old - self.longest_stop + 1)
+        found = [i for i in (text.find(x, start) for x in self.stop) if i >= 0]
+        return min(found) if found else None
+
     def finish(self) -> str:
         """The whole new text, after streaming whatever was still held back."""
-        text = self.tokenizer.decode(self.ids) if self.result is None else self.result
+        text = self.result
+        if text is None:
+            text = self.text
+            if self.read < len(self.ids):  # ids still waiting for the rest of a character
+                before = (self.tokenizer.decode(self.ids[self.prefix:self.read])
+                          if self.read > self.prefix else "")
+                text += self.tokenizer.decode(self.ids[self.prefix:])[len(before):]
+                found = self._find_stop(text, len(self.text))
+                if found is not None:
+                    text = text[:found]
         if self.stream is not None and len(text) > self.emitted:
             self.stream(text[self.emitted:])
         return text

@@ -293,6 +293,39 @@ class Service:
         return vectors, total
 
 
+class Mailbox:
+    """Events from the worker thread to the event loop with one wake-up per batch of them.
+
+    ``call_soon_threadsafe`` per token per request writes to the loop's self-pipe and runs a
+    callback each time; a round of 32 sequences would cost 32 of each. Here the first event
+    posted after a delivery schedules one, which hands over everything posted until it runs.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[dict[str, Any]], dict[str, Any]]] = []
+
+    def post(self, queue: asyncio.Queue[dict[str, Any]], event: dict[str, Any]) -> None:
+        """Queue ``event`` for ``queue``; RuntimeError once the loop has closed."""
+        with self._lock:
+            self._items.append((queue, event))
+            if len(self._items) > 1:
+                return  # a delivery is already scheduled and will take this too
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self._lock:
+                self._items.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
@@ -300,6 +333,7 @@ def _new_id(prefix: str) -> str:
 def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) -> FastAPI:
     """The FastAPI app; its lifespan starts the worker and, at shutdown, stops it and saves."""
     service = Service(model, tokenizer, options)
+    mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
 
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         yield
@@ -404,12 +438,13 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
                         last_user: str | None) -> Response:
         service.check_prompt(prompt)
         loop = asyncio.get_running_loop()
+        mailbox = mailboxes.get(loop) or mailboxes.setdefault(loop, Mailbox(loop))
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         mem = service.memory
 
         def emit(event: dict[str, Any]) -> None:
             try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                mailbox.post(events, event)
             except RuntimeError:  # the event loop has closed: nobody is listening any more
                 job.cancel()
 
@@ -453,19 +488,35 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
+            created = int(time.time())  # one request's chunks share it, as OpenAI's do
+
             def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, str]:
-                body = {"id": rid, "object": chunk_obj, "created": int(time.time()),
+                body = {"id": rid, "object": chunk_obj, "created": created,
                         "model": model_name, "choices": choices, **extra}
                 return {"data": json.dumps(body)}
+
+            # A text chunk is this template around the JSON string of its text: no dict or
+            # whole-body encoding per token.
+            marker = secrets.token_hex(8)
+            head, tail = chunk([choice(marker, None)])["data"].split(json.dumps(marker))
 
             async def stream():  # type: ignore[no-untyped-def]
                 try:
                     if chat:
                         yield chunk([choice("", None, first=True)])
+                    pending: dict[str, Any] | None = None
                     while True:
-                        event = await events.get()
+                        event = pending or await events.get()
+                        pending = None
                         if "text" in event and "done" not in event:
-                            yield chunk([choice(event["text"], None)])
+                            text = event["text"]
+                            while not events.empty():  # behind: what has come, in one chunk
+                                pending = events.get_nowait()
+                                if "text" not in pending or "done" in pending:
+                                    break
+                                text += pending["text"]
+                                pending = None
+                            yield {"data": head + json.dumps(text) + tail}
                         elif "done" in event:
                             yield chunk([choice(None if chat else "", event["done"])])
                             if include_usage:

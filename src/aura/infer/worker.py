@@ -30,7 +30,7 @@ import torch
 from aura.data.prosody import token_features
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
-from aura.infer.batching import DecodeBatch
+from aura.infer.batching import DecodeBatch, Row
 from aura.infer.generate import Decoder, TextStream, _check_max_new_tokens
 from aura.infer.sampling import SamplingConfig
 from aura.models.base import AuraModel
@@ -60,9 +60,10 @@ class Job:
 @dataclass
 class _Active:
     job: Job
-    decoder: Decoder
     text: TextStream
     t0: int
+    decoder: Decoder | None = None  # one forward per sequence (models without batches)
+    seq: Row | None = None  # a row of the worker's DecodeBatch
 
 
 @dataclass
@@ -86,9 +87,10 @@ class Worker:
         self._inbox: queue.Queue[Job | tuple[Callable[[], Any], Future[Any]] | None] = (
             queue.Queue())
         self._active: list[_Active] = []
-        # One forward for every sequence's next token, where the model can (else one each).
+        # One forward for every sequence's next token, where the model can (else one each);
+        # models that read per-token features decode alone, as those need each window.
         self.batch = (DecodeBatch(model) if batched and model.batched_decoding
-                      and model.max_context is not None else None)
+                      and model.max_context is not None and not self.features else None)
         self.stats = WorkerStats()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aura-model-worker", daemon=True)
@@ -180,63 +182,84 @@ class Worker:
                                     "start from")
                 ids = np.array([self.tokenizer.eot_id])
             t0 = len(ids)
-            out = torch.empty(1, t0 + job.max_new_tokens, dtype=torch.long, device=self.device)
-            out[0, :t0] = torch.as_tensor(ids.astype(np.int64), device=self.device)
             text = TextStream(self.tokenizer, job.stop, lambda s: job.emit({"text": s}))
             if job.max_new_tokens == 0:
                 self._finish(job, text, "length", t0, 0)
                 return
-            decoder = Decoder(self.model, out, t0, job.sampling, True, self.tokenizer.eot_id,
-                              self.features)
+            if self.batch is not None:
+                active = _Active(job, text, t0, seq=self.batch.add(
+                    [int(i) for i in ids], job.max_new_tokens, job.sampling))
+            else:
+                out = torch.empty(1, t0 + job.max_new_tokens, dtype=torch.long,
+                                  device=self.device)
+                out[0, :t0] = torch.as_tensor(ids.astype(np.int64), device=self.device)
+                active = _Active(job, text, t0, decoder=Decoder(
+                    self.model, out, t0, job.sampling, True, self.tokenizer.eot_id,
+                    self.features))
         except Exception as exc:  # one request fails, not the server
             self.stats.failed += 1
             job.emit({"error": str(exc) if isinstance(exc, AuraError) else repr(exc)})
             return
-        if self.batch is not None:
-            self.batch.add(decoder)
-        self._active.append(_Active(job, decoder, text, t0))
+        self._active.append(active)
         self.stats.active = len(self._active)
 
     def _round(self) -> None:
         """One token for every active sequence, then the forward that prepares the next: one
-        for all of them when the model decodes in batches, else one per sequence."""
-        still = []
+        sampling call and one forward for all of them when the model decodes in batches, else
+        one of each per sequence."""
+        live = []
         for a in self._active:
             if a.job.cancelled.is_set():
                 self.stats.cancelled += 1
                 self._drop(a)
-                continue
+            else:
+                live.append(a)
+        if self.batch is not None:
             try:
-                nxt, over = a.decoder.step()
-                stopped = a.text.push(nxt)
+                self.batch.step()
+            except Exception as exc:  # the batch's sampling failed: every request in it
+                self._fail(live, exc)
+                live = []
+        still = []
+        for a in live:
+            try:
+                if a.seq is not None:
+                    over, stopped = a.seq.over, a.text.push_id(a.seq.last)
+                    n_new = a.seq.t - a.t0
+                else:
+                    assert a.decoder is not None
+                    nxt, over = a.decoder.step()
+                    stopped = a.text.push(nxt)
+                    n_new = a.decoder.t - a.t0
                 if over or stopped:
                     self._drop(a)
-                    reason = "stop" if stopped else "length"
-                    self._finish(a.job, a.text, reason, a.t0, a.decoder.t - a.t0)
+                    self._finish(a.job, a.text, "stop" if stopped else "length", a.t0, n_new)
                     continue
-                if self.batch is None:
+                if a.decoder is not None:
                     a.decoder.advance()
             except Exception as exc:  # one request fails, not the server
-                self.stats.failed += 1
-                self._drop(a)
-                a.job.emit({"error": repr(exc)})
+                self._fail([a], exc)
                 continue
             still.append(a)
         if self.batch is not None and still:
             try:
                 self.batch.advance()
             except Exception as exc:  # the batch's forward failed: every request in it
-                for a in still:
-                    self.stats.failed += 1
-                    self._drop(a)
-                    a.job.emit({"error": repr(exc)})
+                self._fail(still, exc)
                 still = []
         self._active = still
         self.stats.active = len(still)
 
+    def _fail(self, actives: list[_Active], exc: Exception) -> None:
+        for a in actives:
+            self.stats.failed += 1
+            self._drop(a)
+            a.job.emit({"error": repr(exc)})
+
     def _drop(self, a: _Active) -> None:
-        if self.batch is not None and a.decoder in self.batch.decoders:
-            self.batch.remove(a.decoder)
+        if self.batch is not None and a.seq is not None and a.seq.row >= 0:
+            self.batch.remove(a.seq)
+            a.seq.row = -1
 
     def _finish(self, job: Job, text: TextStream, reason: str, t0: int, n_new: int) -> None:
         whole = text.finish()
