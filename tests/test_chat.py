@@ -116,3 +116,38 @@ def test_a_line_that_is_not_utf8_is_refused_once_and_the_chat_goes_on() -> None:
     assert _read(stdin, out) == "hello"
     with pytest.raises(EOFError):
         _read(stdin, out)
+
+
+def test_load_continues_a_saved_conversation_and_refuses_bad_files(tmp_path: Path) -> None:
+    import io
+
+    from aura.infer.chat import ChatOptions, load_conversation, run_chat
+    from aura.infer.sampling import SamplingConfig
+    from aura.train.checkpoint import load_for_inference
+
+    loaded = load_for_inference(tiny_run(tmp_path))
+    saved, again = tmp_path / "a.json", tmp_path / "b.json"
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "role.json").write_text('[{"role": "robot", "content": "x"}]')
+
+    def chat(typed: str, **kw: object) -> str:
+        out = io.StringIO()
+        run_chat(loaded.model, loaded.tokenizer,
+                 ChatOptions(SamplingConfig(seed=3), max_new_tokens=3, **kw),
+                 io.StringIO(typed), out)
+        return out.getvalue()
+
+    chat(f"remember the word tulip\n/save {saved}\n")
+    text = chat(f"/load {tmp_path / 'nope.json'}\n/load {tmp_path / 'bad.json'}\n"
+                f"/load {tmp_path / 'role.json'}\n/load\n/load {saved}\nand?\n/save {again}\n")
+    assert "cannot read" in text and "not a JSON conversation" in text
+    assert "message 0 needs a role" in text and "usage: /load FILE" in text
+    assert "loaded 2 messages" in text and "saved 4 messages" in text
+    first, second = load_conversation(saved)[0], load_conversation(again)[0]
+    assert second[:2] == first and first[0] == ("user", "remember the word tulip")
+    assert second[2] == ("user", "and?")
+    text = chat(f"/save {again}\n", load=saved)  # --load: the same at the start
+    assert f"continuing 2 messages from {saved}" in text and "saved 2 messages" in text
+    openai_style = tmp_path / "o.json"
+    openai_style.write_text(json.dumps({"messages": [{"role": "developer", "content": "Hi"}]}))
+    assert load_conversation(openai_style) == ([("system", "Hi")], None)

@@ -982,7 +982,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     options = ChatOptions(sampling=_sampling(args), max_new_tokens=args.max_new_tokens,
                           memory_dir=None if args.memory is None else Path(args.memory),
-                          system=_argv_text(args.system, "--system"), template=_template(args))
+                          system=_argv_text(args.system, "--system"), template=_template(args),
+                          load=None if args.load is None else Path(args.load))
     if not 0 < options.max_new_tokens <= (1 << 24):
         raise AuraError(f"--max-new-tokens must be in 1..{1 << 24}, got {options.max_new_tokens}")
     loaded = _load_quantized(args)
@@ -1030,6 +1031,8 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--repetition-penalty", type=float, default=1.0)
     c.add_argument("--seed", type=int)
     c.add_argument("--system", default="", help="a system message starting the conversation")
+    c.add_argument("--load", metavar="FILE",
+                   help="continue a conversation /save wrote (as /load FILE does)")
     c.add_argument("--memory", metavar="DIR",
                    help="write the conversation into the model's episodic memory, kept in DIR")
     c.add_argument("--device", default="auto")

@@ -7,10 +7,12 @@ conversation is the prompt of every reply (cut from the left to the model's cont
 conversation) and, at the prompt, clears the line; Ctrl-D or ``/quit`` leaves.
 
 Commands: ``/reset`` (forget the conversation; the episodic memory stays), ``/save [FILE]``
-(the conversation as JSON, and the memory), ``/memory`` (what it holds, what the last reply
-retrieved, and for a model with memory layers what each span of the reply read, as
-``aura generate --show-memory`` prints it), ``/set NAME VALUE`` (a sampling setting or
-max_new_tokens), ``/help``, ``/quit``.
+(the conversation as JSON, and the memory), ``/load FILE`` (continue a saved conversation: what
+``/save`` writes, or an OpenAI-style ``{"messages": [...]}`` or bare list; the current
+template renders it, so a conversation saved under another one is reported), ``/memory``
+(what it holds, what the last reply retrieved, and for a model with memory layers what each
+span of the reply read, as ``aura generate --show-memory`` prints it), ``/set NAME VALUE`` (a
+sampling setting or max_new_tokens), ``/help``, ``/quit``.
 With ``--memory DIR`` each exchange is written into the model's episodic memory and saved to
 DIR (``conversation_memory``) after every reply and on leaving.
 """
@@ -33,13 +35,14 @@ from aura.infer.conversation_memory import ConversationMemory
 from aura.infer.generate import MAX_NEW_TOKENS, generate_text
 from aura.infer.memory_trace import MemoryTrace, format_spans
 from aura.infer.sampling import SamplingConfig
-from aura.infer.template import ChatTemplate
+from aura.infer.template import ROLES, ChatTemplate
 from aura.models.base import AuraModel
 
 PROMPT = "you> "
 HELP = """commands:
   /reset             forget the conversation (the episodic memory stays)
   /save [FILE]       write the conversation as JSON (default chat-TIME.json) and the memory
+  /load FILE         continue a conversation /save wrote (it replaces the current one)
   /memory            what the episodic memory holds and what the last reply retrieved
   /set NAME VALUE    temperature, top_k, top_p, typical_p, repetition_penalty, seed,
                      max_new_tokens (VALUE none clears an optional one)
@@ -56,6 +59,7 @@ class ChatOptions:
     memory_dir: Path | None = None
     system: str = ""
     template: ChatTemplate = field(default_factory=ChatTemplate)
+    load: Path | None = None  # a conversation to continue (``/load`` at the start)
 
 
 class Chat:
@@ -130,6 +134,8 @@ class Chat:
             self.say("conversation cleared")
         elif name == "save":
             self.save(rest)
+        elif name == "load":
+            self.load(rest)
         elif name == "memory":
             self.show_memory()
         elif name == "set":
@@ -150,6 +156,20 @@ class Chat:
         saved = self.memory is not None and self.memory.save()
         self.say(f"saved {len(self.turns)} messages to {path}"
                  + (" and the memory" if saved else ""))
+
+    def load(self, where: str) -> None:
+        if not where:
+            self.say("usage: /load FILE (a conversation /save wrote)")
+            return
+        try:
+            turns, template = load_conversation(Path(where))
+        except AuraError as exc:
+            self.say(str(exc))
+            return
+        self.turns = turns
+        self.say(f"loaded {len(turns)} messages from {where}")
+        if template is not None and template != dataclasses.asdict(self.options.template):
+            self.say("  (saved under another chat template; this session's renders it)")
 
     def show_memory(self) -> None:
         if self.trace is not None:
@@ -193,15 +213,45 @@ class Chat:
             self.memory.save()
 
 
+def load_conversation(path: Path) -> tuple[list[tuple[str, str]], dict[str, object] | None]:
+    """(role, content) turns and the template a conversation file was saved with (None when
+    it names none). Roles as the server takes them (``developer`` is ``system``); anything
+    else is a one-line AuraError naming the file."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AuraError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AuraError(f"{path} is not a JSON conversation: {exc}") from None
+    messages = doc.get("messages") if isinstance(doc, dict) else doc
+    if not isinstance(messages, list):
+        raise AuraError(f"{path}: expected a list of messages or {{\"messages\": [...]}}")
+    turns = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        role = "system" if role == "developer" else role
+        if role not in ROLES or not isinstance(content, str):
+            raise AuraError(f"{path}: message {i} needs a role ({', '.join(ROLES)}) and text "
+                            "content")
+        turns.append((role, content))
+    template = doc.get("template") if isinstance(doc, dict) else None
+    return turns, template if isinstance(template, dict) else None
+
+
 def run_chat(model: AuraModel, tokenizer: Tokenizer, options: ChatOptions,
              stdin: TextIO | None = None, out: TextIO | None = None) -> None:
     """The REPL until Ctrl-D or /quit."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     chat = Chat(model, tokenizer, options, out)
+    if options.load is not None:
+        chat.turns = load_conversation(options.load)[0]  # a bad file: an error before the REPL
     interactive = stdin.isatty()
     if interactive:
         import readline  # noqa: F401 - line editing and history for input()
     chat.say("aura chat: type a message; /help for commands, Ctrl-D to leave")
+    if options.load is not None:
+        chat.say(f"continuing {len(chat.turns)} messages from {options.load}")
     if chat.memory is not None:
         chat.say(chat.memory.describe())
     try:
