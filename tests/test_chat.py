@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_a_conversation_commands_and_ctrl_c_that_stops_only_the_reply(tmp_path: 
     child.sendline("/save talk.json")
     child.expect_exact("saved 4 messages to talk.json")
     child.sendline("/memory")
-    child.expect_exact("start with --memory DIR")
+    child.expect_exact("start with --memory-dir DIR")
     child.sendline("/reset")
     child.expect_exact("conversation cleared")
     child.sendline("/quit")
@@ -61,7 +62,7 @@ def test_a_conversation_commands_and_ctrl_c_that_stops_only_the_reply(tmp_path: 
 @pytest.mark.slow
 def test_chat_memory_persists_across_sessions(tmp_path: Path) -> None:
     run, memory = tiny_run(tmp_path, *SNN_RAG), tmp_path / "memory"
-    child = spawn(run, "--seed", "1", "--max-new-tokens", "6", "--memory", str(memory),
+    child = spawn(run, "--seed", "1", "--max-new-tokens", "6", "--memory-dir", str(memory),
                   cwd=tmp_path)
     child.expect_exact("0 from conversations")
     child.expect_exact("you> ")
@@ -71,7 +72,7 @@ def test_chat_memory_persists_across_sessions(tmp_path: Path) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
-    again = spawn(run, "--seed", "1", "--max-new-tokens", "6", "--memory", str(memory),
+    again = spawn(run, "--seed", "1", "--max-new-tokens", "6", "--memory-dir", str(memory),
                   cwd=tmp_path)
     again.expect_exact("4 from conversations")
     again.sendline("what is my name? I like green apples")
@@ -98,7 +99,7 @@ def test_the_repl_in_process(tmp_path: Path) -> None:
     run_chat(loaded.model, loaded.tokenizer, options, io.StringIO(typed), out)
     text = out.getvalue()
     assert "top_k = 5" in text and "usage: /set NAME VALUE" in text
-    assert "start with --memory DIR" in text and "unknown command /bogus" in text
+    assert "start with --memory-dir DIR" in text and "unknown command /bogus" in text
     assert "saved 5 messages" in text and text.count("aura> ") == 2
     roles = [m["role"] for m in json.loads((tmp_path / "c.json").read_text())["messages"]]
     assert roles == ["system", "user", "assistant", "user", "assistant"]
@@ -151,3 +152,51 @@ def test_load_continues_a_saved_conversation_and_refuses_bad_files(tmp_path: Pat
     openai_style = tmp_path / "o.json"
     openai_style.write_text(json.dumps({"messages": [{"role": "developer", "content": "Hi"}]}))
     assert load_conversation(openai_style) == ([("system", "Hi")], None)
+
+
+def test_memory_modes_write_read_and_off(tmp_path: Path) -> None:
+    """write remembers each exchange (kept in --memory-dir), read restores and reads it but
+    adds nothing, off reads none."""
+    import io
+
+    from aura.infer.chat import ChatOptions, run_chat
+    from aura.infer.sampling import SamplingConfig
+    from aura.train.checkpoint import load_for_inference
+
+    loaded = load_for_inference(tiny_run(tmp_path, *SNN_RAG))
+    memory = tmp_path / "memory"
+
+    def chat(typed: str, mode: str, memory_dir: Path | None) -> str:
+        out = io.StringIO()
+        run_chat(loaded.model, loaded.tokenizer,
+                 ChatOptions(SamplingConfig(seed=3), max_new_tokens=3, memory_dir=memory_dir,
+                             memory_mode=mode), io.StringIO(typed), out)
+        return out.getvalue()
+
+    def remembered(text: str) -> list[int]:
+        return [int(n) for n in re.findall(r"(\d+) from conversations", text)]
+
+    assert remembered(chat("my name is Zed\n/memory\n", "write", None))[-1] > 0
+    assert not memory.exists()  # written for the session only
+    chat("my name is Zed\n", "write", memory)
+    saved = {p: p.read_bytes() for p in memory.rglob("*") if p.is_file()}
+    assert saved
+    text = chat("what is my name?\n/memory\n", "read", memory)
+    assert "Zed" in text  # restored and retrieved
+    assert remembered(text)[0] == remembered(text)[-1] > 0  # nothing added
+    assert {p: p.read_bytes() for p in memory.rglob("*") if p.is_file()} == saved
+    assert "no episodic memory in use" in chat("hi\n/memory\n", "off", None)
+
+
+def test_serve_decodes_with_its_memory_mode(tmp_path: Path) -> None:
+    from aura.infer.server import ServeOptions, Service
+    from aura.train.checkpoint import load_for_inference
+
+    loaded = load_for_inference(tiny_run(tmp_path, *SNN_RAG))
+    for mode, kwargs in (("off", {"use_memory": False}), ("read", {}), ("write", {})):
+        service = Service(loaded.model, loaded.tokenizer, ServeOptions(memory_mode=mode))
+        try:
+            assert service.worker.memory == kwargs
+            assert (service.memory is not None) == (mode == "write") == service.writes
+        finally:
+            service.close()

@@ -243,6 +243,10 @@ def test_default_bind_is_loopback(tmp_path: Path) -> None:
     (["serve", "@run", "--host", "no.such.host.invalid"], "cannot listen on"),
     (["serve", "@run", "--port", "@busy"], "cannot listen on"),
     (["serve", "@run", "--user-prefix", " "], "must not be empty"),
+    (["serve", "@run", "--memory", "@missing"], "is --memory-dir DIR"),  # the old spelling
+    (["chat", "@run", "--memory", "mem/"], "is --memory-dir DIR"),
+    (["serve", "@run", "--memory", "off", "--memory-dir", "@missing"], "drop --memory-dir"),
+    (["chat", "@run", "--memory-dir", "@empty"], "File exists"),  # a file, not a directory
 ])
 def test_bad_serve_arguments_are_one_line_exit_2(run_cli: object, tmp_path: Path,
                                                 argv: list[str], needle: str) -> None:

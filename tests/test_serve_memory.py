@@ -1,4 +1,4 @@
-"""`aura serve --memory DIR`: conversations become episodic memories that survive kill -9."""
+"""`aura serve --memory-dir DIR`: conversations become episodic memories that survive kill -9."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def saved_texts(memory: Path) -> list[str]:
 @pytest.mark.slow
 def test_memories_survive_kill_9_and_are_retrieved_after_a_restart(tmp_path: Path) -> None:
     run, memory = tiny_run(tmp_path, *SNN_RAG), tmp_path / "memory"
-    first = Server(run, "--memory", str(memory), "--save-interval", "0.2")
+    first = Server(run, "--memory-dir", str(memory), "--save-interval", "0.2")
     try:
         say(first, "my name is Zed and I like green apples")
         described = request(first.port, "GET", "/v1/memory", key=None)[1]["describe"]
@@ -42,7 +42,7 @@ def test_memories_survive_kill_9_and_are_retrieved_after_a_restart(tmp_path: Pat
             time.sleep(0.1)
     finally:
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
-    second = Server(run, "--memory", str(memory), "--save-interval", "0.2")
+    second = Server(run, "--memory-dir", str(memory), "--save-interval", "0.2")
     try:
         memories = request(second.port, "GET", "/v1/memory", key=None)[1]
         assert "4 from conversations" in memories["describe"]
@@ -58,7 +58,7 @@ def test_memories_survive_kill_9_and_are_retrieved_after_a_restart(tmp_path: Pat
 @pytest.mark.slow
 def test_sigterm_saves_what_the_timer_has_not(tmp_path: Path) -> None:
     run, memory = tiny_run(tmp_path, *SNN_RAG), tmp_path / "memory"
-    server = Server(run, "--memory", str(memory), "--save-interval", "3600")
+    server = Server(run, "--memory-dir", str(memory), "--save-interval", "3600")
     say(server, "remember the blue door")
     assert saved_texts(memory) == []
     assert server.stop(signal.SIGTERM) == 128 + signal.SIGTERM

@@ -24,7 +24,7 @@ def test_type_stream_stop_and_see_memories(tmp_path: Path) -> None:
         if os.environ.get(REQUIRE_EXTRAS) == "1":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
-    server = Server(tiny_run(tmp_path, *SNN_RAG), "--memory", str(tmp_path / "memory"),
+    server = Server(tiny_run(tmp_path, *SNN_RAG), "--memory-dir", str(tmp_path / "memory"),
                     "--max-tokens-limit", "1000000")
     try:
         with sync_api.sync_playwright() as pw:

@@ -961,27 +961,49 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise AuraError(f"--save-interval must be a number of seconds > 0, got "
                         f"{args.save_interval}")
     _check_listen(args.host, args.port)
-    if args.memory is not None:
-        from aura.atomic import check_writable_dir
-
-        check_writable_dir(args.memory)
+    mode = _conversation_memory(args)
     template = _template(args)
     loaded = _load_quantized(args)
     options = ServeOptions(host=args.host, port=args.port, api_key=key,
                            cors_origins=args.cors_origin, model_name=args.model_name,
                            max_tokens_limit=args.max_tokens_limit,
-                           memory_dir=None if args.memory is None else Path(args.memory),
-                           save_interval=args.save_interval, template=template)
+                           memory_dir=None if args.memory_dir is None else Path(args.memory_dir),
+                           memory_mode=mode, save_interval=args.save_interval,
+                           template=template)
     sig = serve(loaded.model, loaded.tokenizer, options,
                 log=lambda line: print(line, file=sys.stderr, flush=True))
     return EXIT_OK if sig is None else 128 + sig
 
 
+def _conversation_memory(args: argparse.Namespace) -> str:
+    """chat/serve's --memory mode from --memory and --memory-dir (aura.infer.memory_flags)."""
+    from aura.infer.memory_flags import conversation_memory_mode
+
+    mode = conversation_memory_mode(args.memory, args.memory_dir)
+    if args.memory_dir is not None and mode == "write":
+        from aura.atomic import check_writable_dir
+
+        check_writable_dir(args.memory_dir)
+    return mode
+
+
+def _conversation_memory_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", metavar="off|read|write",
+                   help="the episodic memory, as on eval/generate: off (not read), read (the "
+                        "default), write (also remember each exchange; the default with "
+                        "--memory-dir)")
+    p.add_argument("--memory-dir", metavar="DIR",
+                   help="keep the conversation memory in DIR: restored at start, saved as it "
+                        "is written")
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from aura.infer.chat import ChatOptions, run_chat
 
+    mode = _conversation_memory(args)
     options = ChatOptions(sampling=_sampling(args), max_new_tokens=args.max_new_tokens,
-                          memory_dir=None if args.memory is None else Path(args.memory),
+                          memory_dir=None if args.memory_dir is None else Path(args.memory_dir),
+                          memory_mode=mode,
                           system=_argv_text(args.system, "--system"), template=_template(args),
                           load=None if args.load is None else Path(args.load))
     if not 0 < options.max_new_tokens <= (1 << 24):
@@ -1007,8 +1029,7 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model-name", default="aura", help="the model id clients see")
     s.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="the largest max_tokens a request may ask for")
-    s.add_argument("--memory", metavar="DIR",
-                   help="write conversations into the model's episodic memory, kept in DIR")
+    _conversation_memory_arguments(s)
     s.add_argument("--save-interval", type=float, default=30.0, metavar="SECONDS",
                    help="how often the memory is saved (and at shutdown)")
     s.add_argument("--device", default="auto")
@@ -1033,8 +1054,7 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--system", default="", help="a system message starting the conversation")
     c.add_argument("--load", metavar="FILE",
                    help="continue a conversation /save wrote (as /load FILE does)")
-    c.add_argument("--memory", metavar="DIR",
-                   help="write the conversation into the model's episodic memory, kept in DIR")
+    _conversation_memory_arguments(c)
     c.add_argument("--device", default="auto")
     _add_template(c)
     _add_quantize(c)

@@ -153,9 +153,10 @@ class Row:
 class DecodeBatch:
     """The sequences decoding together, one row each (see the module docstring)."""
 
-    def __init__(self, model: AuraModel):
+    def __init__(self, model: AuraModel, memory: dict[str, bool] | None = None):
         assert model.max_context is not None
         self.model, self.max_ctx = model, model.max_context
+        self.memory = memory or {}  # the forward keywords of the inference memory mode
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.cache: RaggedKVCache | None = None
         self.seqs: list[Row] = []
@@ -167,7 +168,7 @@ class DecodeBatch:
 
     def _prefill(self, windows: torch.Tensor, length: int) -> tuple[torch.Tensor, KVCache]:
         cache = self.model.new_cache(windows.size(0), length)
-        logits = self.model(windows, cache=cache, last_only=True).logits[:, -1]
+        logits = self.model(windows, cache=cache, last_only=True, **self.memory).logits[:, -1]
         return logits, cache
 
     def _grow(self, capacity: int, vocab: int) -> None:
@@ -273,8 +274,8 @@ class DecodeBatch:
         if len(full) < n:
             last = torch.tensor([s.last for s in self.seqs], dtype=torch.long,
                                 device=self.device)
-            self.logits[:n] = self.model(last[:, None], cache=self.cache,
-                                         last_only=True).logits[:, -1].float()
+            self.logits[:n] = self.model(last[:, None], cache=self.cache, last_only=True,
+                                         **self.memory).logits[:, -1].float()
         for i, s in enumerate(full):  # refilled rows took a needless step above: undo it
             self.logits[s.row] = logits[i]
             self.cache.set_length(s.row, s.t - s.start)

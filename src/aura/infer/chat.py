@@ -13,7 +13,8 @@ template renders it, so a conversation saved under another one is reported), ``/
 (what it holds, what the last reply retrieved, and for a model with memory layers what each
 span of the reply read, as ``aura generate --show-memory`` prints it), ``/set NAME VALUE`` (a
 sampling setting or max_new_tokens), ``/help``, ``/quit``.
-With ``--memory DIR`` each exchange is written into the model's episodic memory and saved to
+With ``--memory write`` (the default given ``--memory-dir DIR``; see ``memory_flags``) each
+exchange is written into the model's episodic memory, and with ``--memory-dir`` saved to
 DIR (``conversation_memory``) after every reply and on leaving.
 """
 
@@ -33,6 +34,7 @@ from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
 from aura.infer.conversation_memory import ConversationMemory
 from aura.infer.generate import MAX_NEW_TOKENS, generate_text
+from aura.infer.memory_flags import forward_mode
 from aura.infer.memory_trace import MemoryTrace, format_spans
 from aura.infer.sampling import SamplingConfig
 from aura.infer.template import ROLES, ChatTemplate
@@ -57,6 +59,7 @@ class ChatOptions:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_new_tokens: int = 200
     memory_dir: Path | None = None
+    memory_mode: str = "read"  # off | read | write (aura.infer.memory_flags)
     system: str = ""
     template: ChatTemplate = field(default_factory=ChatTemplate)
     load: Path | None = None  # a conversation to continue (``/load`` at the start)
@@ -70,7 +73,8 @@ class Chat:
         self.model, self.tokenizer, self.options, self.out = model, tokenizer, options, out
         self.turns: list[tuple[str, str]] = []
         self.memory = (ConversationMemory(model, tokenizer, options.memory_dir)
-                       if options.memory_dir is not None else None)
+                       if options.memory_dir is not None or options.memory_mode == "write"
+                       else None)
         trace = MemoryTrace(model, tokenizer)
         self.trace = trace if trace.active else None
         self.last_reads: list[dict] | None = None  # the last reply's trace.spans()
@@ -109,7 +113,8 @@ class Chat:
             with contextlib.nullcontext() if trace is None else trace.recording():
                 generate_text(self.model, self.tokenizer, tpl.render(self.turns),
                               opts.max_new_tokens, opts.sampling, stop=tpl.stop(), stream=stream,
-                              on_token=None if trace is None else trace.push)
+                              on_token=None if trace is None else trace.push,
+                              memory=forward_mode(opts.memory_mode))
             stopped = False
         except KeyboardInterrupt:
             stopped = True
@@ -118,7 +123,7 @@ class Chat:
         text = tpl.clean("".join(pieces))
         self.say(" [stopped]" if stopped else "")
         self.turns.append(("assistant", text))
-        if self.memory is not None and self.memory.available:
+        if self.memory is not None and self.memory.available and opts.memory_mode == "write":
             self.memory.remember(f"{tpl.user} {user}{tpl.turn_end}{tpl.assistant} {text}")
             self.memory.save()
 
@@ -176,7 +181,8 @@ class Chat:
             self.say("\n".join(format_spans(self.last_reads)) if self.last_reads is not None
                      else "memory reads: no reply yet")
         if self.memory is None:
-            self.say("no episodic memory in use: start with --memory DIR")
+            self.say("no episodic memory in use: start with --memory-dir DIR (kept there) or "
+                     "--memory write (this session)")
             return
         self.say(self.memory.describe())
         seen: set[str] = set()

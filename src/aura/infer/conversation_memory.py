@@ -1,4 +1,4 @@
-"""Episodic memory of conversations for `aura chat` and `aura serve` (``--memory DIR``).
+"""Episodic memory of conversations for `aura chat` and `aura serve` (``--memory-dir DIR``).
 
 Each finished exchange (the user's message and the reply) is written into the model's episodic
 stores through its ``MemoryWriter``s, the protocol training and `aura learn` use:

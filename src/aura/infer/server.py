@@ -49,10 +49,12 @@ from aura.data.sampler import compute_features
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
 from aura.infer.conversation_memory import ConversationMemory
+from aura.infer.memory_flags import forward_mode
 from aura.infer.sampling import SamplingConfig
 from aura.infer.template import ChatTemplate
 from aura.infer.worker import Job, Worker
 from aura.models.base import AuraModel
+from aura.models.memory_mode import memory_kwargs
 
 
 @dataclass
@@ -68,6 +70,7 @@ class ServeOptions:
     default_max_tokens: int = 256
     max_body_bytes: int = 1 << 20
     memory_dir: Path | None = None
+    memory_mode: str = "read"  # off | read | write (aura.infer.memory_flags)
     save_interval: float = 30.0
     template: ChatTemplate = field(default_factory=ChatTemplate)
 
@@ -198,8 +201,11 @@ class Service:
     def __init__(self, model: AuraModel, tokenizer: Tokenizer, options: ServeOptions):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.memory = (ConversationMemory(model, tokenizer, options.memory_dir)
-                       if options.memory_dir is not None else None)
-        self.worker = Worker(model, tokenizer)
+                       if options.memory_dir is not None or options.memory_mode == "write"
+                       else None)
+        self.writes = options.memory_mode == "write"
+        self.worker = Worker(model, tokenizer,
+                             memory=memory_kwargs(model, forward_mode(options.memory_mode)))
         self.created = int(time.time())
         self._saver_stop = threading.Event()
         self._saver: threading.Thread | None = None
@@ -460,7 +466,8 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
                 mem.remember(f"{options.template.user} {last_user}{options.template.turn_end}"
                              f"{options.template.assistant} {reply.strip()}")
 
-            job.on_done = on_done
+            if service.writes:
+                job.on_done = on_done
 
         try:
             service.worker.submit(job)

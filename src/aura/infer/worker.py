@@ -80,8 +80,11 @@ class WorkerStats:
 class Worker:
     """Owns ``model`` on its own thread; ``submit`` generations, ``call`` anything else."""
 
-    def __init__(self, model: AuraModel, tokenizer: Tokenizer, batched: bool = True):
-        self.model, self.tokenizer = model.eval(), tokenizer
+    def __init__(self, model: AuraModel, tokenizer: Tokenizer, batched: bool = True,
+                 memory: dict[str, bool] | None = None):
+        """``memory``: the forward keywords of the inference memory mode
+        (``memory_mode.memory_kwargs``)."""
+        self.model, self.tokenizer, self.memory = model.eval(), tokenizer, memory or {}
         self.features = token_features(model.token_features, tokenizer)
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._inbox: queue.Queue[Job | tuple[Callable[[], Any], Future[Any]] | None] = (
@@ -89,7 +92,7 @@ class Worker:
         self._active: list[_Active] = []
         # One forward for every sequence's next token, where the model can (else one each);
         # models that read per-token features decode alone, as those need each window.
-        self.batch = (DecodeBatch(model) if batched and model.batched_decoding
+        self.batch = (DecodeBatch(model, self.memory) if batched and model.batched_decoding
                       and model.max_context is not None and not self.features else None)
         self.stats = WorkerStats()
         self._stopping = threading.Event()
@@ -195,7 +198,7 @@ class Worker:
                 out[0, :t0] = torch.as_tensor(ids.astype(np.int64), device=self.device)
                 active = _Active(job, text, t0, decoder=Decoder(
                     self.model, out, t0, job.sampling, True, self.tokenizer.eot_id,
-                    self.features))
+                    self.features, self.memory))
         except Exception as exc:  # one request fails, not the server
             self.stats.failed += 1
             job.emit({"error": str(exc) if isinstance(exc, AuraError) else repr(exc)})

@@ -128,7 +128,7 @@ async function showMemory() {
     list.replaceChildren();
     if (!resp.ok || !mem.enabled) {
       $("memory-info").textContent = mem.enabled === false
-        ? "no episodic memory in use (start the server with --memory DIR)" : "";
+        ? "no episodic memory in use (start the server with --memory-dir DIR or --memory write)" : "";
       return;
     }
     $("memory-info").textContent = mem.describe;
