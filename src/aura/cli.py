@@ -962,6 +962,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         f"{args.save_interval}")
     _check_listen(args.host, args.port)
     mode = _conversation_memory(args)
+    from aura.infer.embeddings import check_spec
+
+    check_spec(args.embeddings)
     template = _template(args)
     loaded = _load_quantized(args)
     options = ServeOptions(host=args.host, port=args.port, api_key=key,
@@ -969,7 +972,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                            max_tokens_limit=args.max_tokens_limit,
                            memory_dir=None if args.memory_dir is None else Path(args.memory_dir),
                            memory_mode=mode, save_interval=args.save_interval,
-                           template=template)
+                           template=template, embeddings=args.embeddings)
     sig = serve(loaded.model, loaded.tokenizer, options,
                 log=lambda line: print(line, file=sys.stderr, flush=True))
     return EXIT_OK if sig is None else 128 + sig
@@ -1030,6 +1033,9 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="the largest max_tokens a request may ask for")
     _conversation_memory_arguments(s)
+    s.add_argument("--embeddings", default="hidden", metavar="hidden|encoder[:NAME]",
+                   help="what /v1/embeddings returns: the model's mean hidden state (default), "
+                        "its configured memory text encoder, or encoder:minilm / encoder:http")
     s.add_argument("--save-interval", type=float, default=30.0, metavar="SECONDS",
                    help="how often the memory is saved (and at shutdown)")
     s.add_argument("--device", default="auto")

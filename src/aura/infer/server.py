@@ -49,6 +49,7 @@ from aura.data.sampler import compute_features
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
 from aura.infer.conversation_memory import ConversationMemory
+from aura.infer.embeddings import text_embedder
 from aura.infer.memory_flags import forward_mode
 from aura.infer.sampling import SamplingConfig
 from aura.infer.template import ChatTemplate
@@ -71,6 +72,7 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     memory_dir: Path | None = None
     memory_mode: str = "read"  # off | read | write (aura.infer.memory_flags)
+    embeddings: str = "hidden"  # hidden | encoder | encoder:NAME (aura.infer.embeddings)
     save_interval: float = 30.0
     template: ChatTemplate = field(default_factory=ChatTemplate)
 
@@ -200,6 +202,7 @@ class Service:
 
     def __init__(self, model: AuraModel, tokenizer: Tokenizer, options: ServeOptions):
         self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.embedder = text_embedder(options.embeddings, model)
         self.memory = (ConversationMemory(model, tokenizer, options.memory_dir)
                        if options.memory_dir is not None or options.memory_mode == "write"
                        else None)
@@ -414,8 +417,17 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
         texts = [req.input] if isinstance(req.input, str) else req.input
         if not texts:
             raise OpenAIError(400, "input must not be empty", param="input")
-        vectors, tokens = await asyncio.wrap_future(
-            service.worker.call(lambda: service.embed(texts)))
+        if service.embedder is not None:
+            if any(not t for t in texts):
+                raise OpenAIError(400, "input texts must not be empty", param="input")
+            try:
+                vectors = await asyncio.to_thread(service.embedder.encode, texts)
+            except AuraError as exc:  # the encoder's endpoint failed: not the client's fault
+                raise OpenAIError(502, str(exc), "server_error") from None
+            tokens = sum(len(service.tokenizer.encode(t)) for t in texts)
+        else:
+            vectors, tokens = await asyncio.wrap_future(
+                service.worker.call(lambda: service.embed(texts)))
         if req.encoding_format == "base64":  # little-endian float32, as OpenAI's client reads
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
                        for v in vectors]
