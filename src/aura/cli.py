@@ -965,6 +965,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from aura.infer.embeddings import check_spec
 
     check_spec(args.embeddings)
+    if args.store_dir is not None:
+        from aura.atomic import check_writable_dir
+
+        check_writable_dir(args.store_dir)
     template = _template(args)
     loaded = _load_quantized(args)
     options = ServeOptions(host=args.host, port=args.port, api_key=key,
@@ -972,7 +976,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                            max_tokens_limit=args.max_tokens_limit,
                            memory_dir=None if args.memory_dir is None else Path(args.memory_dir),
                            memory_mode=mode, save_interval=args.save_interval,
-                           template=template, embeddings=args.embeddings)
+                           template=template, embeddings=args.embeddings,
+                           store_dir=None if args.store_dir is None else Path(args.store_dir))
     sig = serve(loaded.model, loaded.tokenizer, options,
                 log=lambda line: print(line, file=sys.stderr, flush=True))
     return EXIT_OK if sig is None else 128 + sig
@@ -1036,6 +1041,9 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--embeddings", default="hidden", metavar="hidden|encoder[:NAME]",
                    help="what /v1/embeddings returns: the model's mean hidden state (default), "
                         "its configured memory text encoder, or encoder:minilm / encoder:http")
+    s.add_argument("--store-dir", metavar="DIR",
+                   help="keep chat completions requested with store=true in DIR (default: "
+                        "in memory, for the server's life)")
     s.add_argument("--save-interval", type=float, default=30.0, metavar="SECONDS",
                    help="how often the memory is saved (and at shutdown)")
     s.add_argument("--device", default="auto")

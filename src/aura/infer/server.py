@@ -27,6 +27,7 @@ import base64
 import json
 import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from aura.data.sampler import compute_features
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
+from aura.infer.completion_store import CompletionStore
 from aura.infer.conversation_memory import ConversationMemory
 from aura.infer.embeddings import text_embedder
 from aura.infer.memory_flags import forward_mode
@@ -73,6 +75,7 @@ class ServeOptions:
     memory_dir: Path | None = None
     memory_mode: str = "read"  # off | read | write (aura.infer.memory_flags)
     embeddings: str = "hidden"  # hidden | encoder | encoder:NAME (aura.infer.embeddings)
+    store_dir: Path | None = None  # stored chat completions (aura.infer.completion_store)
     save_interval: float = 30.0
     template: ChatTemplate = field(default_factory=ChatTemplate)
 
@@ -131,6 +134,8 @@ class _Message(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[_Message]
+    store: bool = False  # keep it for /v1/chat/completions/{id} (completion_store)
+    metadata: dict[str, str] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -203,6 +208,7 @@ class Service:
     def __init__(self, model: AuraModel, tokenizer: Tokenizer, options: ServeOptions):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.embedder = text_embedder(options.embeddings, model)
+        self.store = CompletionStore(options.store_dir)
         self.memory = (ConversationMemory(model, tokenizer, options.memory_dir)
                        if options.memory_dir is not None or options.memory_mode == "write"
                        else None)
@@ -400,8 +406,63 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
         sampling, max_tokens, stop = service.sampling(req)
         prompt, last_user = service.chat_prompt(req)
         stop = stop + [s for s in options.template.stop() if s not in stop]
+        stored = ([{"role": m.role, "content": m.text()} for m in req.messages] if req.store
+                  else None)
         return await _complete(request, req, prompt, sampling, max_tokens, stop, chat=True,
-                               last_user=last_user)
+                               last_user=last_user, stored=stored)
+
+    def _not_stored(cid: str) -> OpenAIError:
+        return OpenAIError(404, f"no stored chat completion {cid!r}", param="completion_id",
+                           code="not_found")
+
+    def _page(items: list[dict[str, Any]], more: bool) -> dict[str, Any]:
+        return {"object": "list", "data": items, "has_more": more,
+                "first_id": items[0]["id"] if items else None,
+                "last_id": items[-1]["id"] if items else None}
+
+    def _paging(request: Request) -> tuple[str | None, int, str]:
+        q = request.query_params
+        order = q.get("order", "asc")
+        try:
+            limit = int(q.get("limit", "20"))
+        except ValueError:
+            limit = -1
+        if order not in ("asc", "desc") or not 1 <= limit <= 100:
+            raise OpenAIError(400, "order must be asc or desc and limit in 1..100")
+        return q.get("after"), limit, order
+
+    @app.get("/v1/chat/completions")
+    async def stored_list(request: Request) -> dict[str, Any]:
+        after, limit, order = _paging(request)
+        metadata = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
+                    if k.startswith("metadata[") and k.endswith("]")}
+        return _page(*service.store.list(after, limit, order, metadata))
+
+    @app.get("/v1/chat/completions/{cid}")
+    async def stored_get(cid: str) -> dict[str, Any]:
+        completion = service.store.get(cid)
+        if completion is None:
+            raise _not_stored(cid)
+        return completion
+
+    @app.get("/v1/chat/completions/{cid}/messages")
+    async def stored_messages(cid: str, request: Request) -> dict[str, Any]:
+        after, limit, order = _paging(request)
+        messages = service.store.messages(cid)
+        if messages is None:
+            raise _not_stored(cid)
+        if order == "desc":
+            messages.reverse()
+        ids = [m["id"] for m in messages]
+        if after is not None:
+            messages = messages[ids.index(after) + 1:] if after in ids else []
+        return _page(messages[:limit], len(messages) > limit)
+
+    @app.delete("/v1/chat/completions/{cid}")
+    async def stored_delete(cid: str) -> dict[str, Any]:
+        if not service.store.delete(cid):
+            raise _not_stored(cid)
+        return {"object": "chat.completion.deleted", "id": cid, "deleted": True}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest, request: Request) -> Response:
@@ -453,7 +514,8 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
 
     async def _complete(request: Request, req: _Sampling, prompt: str, sampling: SamplingConfig,
                         max_tokens: int, stop: list[str], *, chat: bool,
-                        last_user: str | None) -> Response:
+                        last_user: str | None,
+                        stored: list[dict[str, str]] | None = None) -> Response:
         service.check_prompt(prompt)
         loop = asyncio.get_running_loop()
         mailbox = mailboxes.get(loop) or mailboxes.setdefault(loop, Mailbox(loop))
@@ -503,6 +565,26 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
             p, c = done["prompt_tokens"], done["completion_tokens"]
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+        def whole(done: dict[str, Any], created: int) -> dict[str, Any]:
+            """The completion object of a finished request (stored when it asked to be)."""
+            text = done["text"]
+            message = ({"message": {"role": "assistant", "content": text}} if chat
+                       else {"text": text})
+            body = {"id": rid, "object": obj, "created": created, "model": model_name,
+                    "choices": [{"index": 0, **message, "logprobs": None,
+                                 "finish_reason": done["done"]}],
+                    "usage": usage(done)}
+            if stored is not None:
+                store_it(body)
+            return body
+
+        def store_it(body: dict[str, Any]) -> None:
+            assert stored is not None and isinstance(req, ChatRequest)
+            try:
+                service.store.put(body, stored, req.metadata)
+            except OSError as exc:  # the reply is delivered; the store's failure is logged
+                print(f"aura serve: cannot store {rid}: {exc}", file=sys.stderr, flush=True)
+
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -537,6 +619,8 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
                                 pending = None
                             yield {"data": head + json.dumps(text) + tail}
                         elif "done" in event:
+                            if stored is not None:
+                                whole(event, created)
                             yield chunk([choice(None if chat else "", event["done"])])
                             if include_usage:
                                 yield chunk([], usage=usage(event))
@@ -566,14 +650,7 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
                 job.cancel()
                 return error_response(503 if "shutting down" in event["error"] else 500,
                                       event["error"], "server_error")
-        text = event["text"]
-        message = ({"message": {"role": "assistant", "content": text}} if chat
-                   else {"text": text})
-        return JSONResponse({
-            "id": rid, "object": obj, "created": int(time.time()), "model": model_name,
-            "choices": [{"index": 0, **message, "logprobs": None,
-                         "finish_reason": event["done"]}],
-            "usage": usage(event)})
+        return JSONResponse(whole(event, int(time.time())))
 
     if options.api_key is not None:
         app.add_middleware(ApiKey, key=options.api_key)
