@@ -528,7 +528,7 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
             except RuntimeError:  # the event loop has closed: nobody is listening any more
                 job.cancel()
 
-        job = Job(prompt, max_tokens, sampling, stop, emit)
+        job = Job(prompt, max_tokens, sampling, stop, emit, stream=req.stream)
         if mem is not None and chat and mem.available:
             try:
                 await asyncio.wrap_future(service.worker.call(

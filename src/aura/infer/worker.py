@@ -41,9 +41,10 @@ Emit = Callable[[dict[str, Any]], None]
 @dataclass
 class Job:
     """One generation. ``emit`` is called from the worker thread with ``{"text": piece}`` as
-    text settles, then once with ``{"done": finish_reason, "text": whole, "prompt_tokens",
-    "completion_tokens"}`` or ``{"error": message}``; ``on_done(job, text)`` (optional) runs on
-    the worker thread after the reply is complete, before ``done`` is emitted (memory writes)."""
+    text settles (unless ``stream`` is False), then once with ``{"done": finish_reason,
+    "text": whole, "prompt_tokens", "completion_tokens"}`` or ``{"error": message}``;
+    ``on_done(job, text)`` (optional) runs on the worker thread after the reply is complete,
+    before ``done`` is emitted (memory writes)."""
 
     prompt: str
     max_new_tokens: int
@@ -51,6 +52,7 @@ class Job:
     stop: Sequence[str]
     emit: Emit
     on_done: Callable[[Job, str], None] | None = None
+    stream: bool = True  # False: no text events, only the final one (a whole response)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -185,7 +187,8 @@ class Worker:
                                     "start from")
                 ids = np.array([self.tokenizer.eot_id])
             t0 = len(ids)
-            text = TextStream(self.tokenizer, job.stop, lambda s: job.emit({"text": s}))
+            text = TextStream(self.tokenizer, job.stop,
+                              (lambda s: job.emit({"text": s})) if job.stream else None)
             if job.max_new_tokens == 0:
                 self._finish(job, text, "length", t0, 0)
                 return
