@@ -156,7 +156,7 @@ def test_load_continues_a_saved_conversation_and_refuses_bad_files(tmp_path: Pat
 
 def test_memory_modes_write_read_and_off(tmp_path: Path) -> None:
     """write remembers each exchange (kept in --memory-dir), read restores and reads it but
-    adds nothing, off reads none."""
+    adds nothing (--show-memory prints what a reply retrieved), off reads none."""
     import io
 
     from aura.infer.chat import ChatOptions, run_chat
@@ -166,11 +166,11 @@ def test_memory_modes_write_read_and_off(tmp_path: Path) -> None:
     loaded = load_for_inference(tiny_run(tmp_path, *SNN_RAG))
     memory = tmp_path / "memory"
 
-    def chat(typed: str, mode: str, memory_dir: Path | None) -> str:
+    def chat(typed: str, mode: str, memory_dir: Path | None, show: bool = False) -> str:
         out = io.StringIO()
         run_chat(loaded.model, loaded.tokenizer,
                  ChatOptions(SamplingConfig(seed=3), max_new_tokens=3, memory_dir=memory_dir,
-                             memory_mode=mode), io.StringIO(typed), out)
+                             memory_mode=mode, show_memory=show), io.StringIO(typed), out)
         return out.getvalue()
 
     def remembered(text: str) -> list[int]:
@@ -184,6 +184,7 @@ def test_memory_modes_write_read_and_off(tmp_path: Path) -> None:
     text = chat("what is my name?\n/memory\n", "read", memory)
     assert "Zed" in text  # restored and retrieved
     assert remembered(text)[0] == remembered(text)[-1] > 0  # nothing added
+    assert "Zed" in chat("what is my name?\n", "read", memory, show=True)  # --show-memory
     assert {p: p.read_bytes() for p in memory.rglob("*") if p.is_file()} == saved
     assert "no episodic memory in use" in chat("hi\n/memory\n", "off", None)
 

@@ -1013,7 +1013,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                           memory_dir=None if args.memory_dir is None else Path(args.memory_dir),
                           memory_mode=mode,
                           system=_argv_text(args.system, "--system"), template=_template(args),
-                          load=None if args.load is None else Path(args.load))
+                          load=None if args.load is None else Path(args.load),
+                          show_memory=args.show_memory)
     if not 0 < options.max_new_tokens <= (1 << 24):
         raise AuraError(f"--max-new-tokens must be in 1..{1 << 24}, got {options.max_new_tokens}")
     loaded = _load_quantized(args)
@@ -1068,6 +1069,8 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--system", default="", help="a system message starting the conversation")
     c.add_argument("--load", metavar="FILE",
                    help="continue a conversation /save wrote (as /load FILE does)")
+    c.add_argument("--show-memory", action="store_true",
+                   help="after each reply, the memories it retrieved (as /memory shows)")
     _conversation_memory_arguments(c)
     c.add_argument("--device", default="auto")
     _add_template(c)

@@ -63,6 +63,7 @@ class ChatOptions:
     system: str = ""
     template: ChatTemplate = field(default_factory=ChatTemplate)
     load: Path | None = None  # a conversation to continue (``/load`` at the start)
+    show_memory: bool = False  # print what each reply retrieved after it
 
 
 class Chat:
@@ -122,6 +123,8 @@ class Chat:
             self.last_reads = trace.spans()
         text = tpl.clean("".join(pieces))
         self.say(" [stopped]" if stopped else "")
+        if opts.show_memory and self.memory is not None:
+            self.show_retrieved()
         self.turns.append(("assistant", text))
         if self.memory is not None and self.memory.available and opts.memory_mode == "write":
             self.memory.remember(f"{tpl.user} {user}{tpl.turn_end}{tpl.assistant} {text}")
@@ -185,6 +188,11 @@ class Chat:
                      "--memory write (this session)")
             return
         self.say(self.memory.describe())
+        self.show_retrieved()
+
+    def show_retrieved(self) -> None:
+        """The memories the last reply retrieved, best first, each text once."""
+        assert self.memory is not None
         seen: set[str] = set()
         for hit in self.memory.last_retrieved:
             text = hit["text"] or f"(memory {hit['id']} of the checkpoint's bank)"
