@@ -81,3 +81,32 @@ def test_concurrent_jobs_return_what_each_returns_alone(name: str, batched: bool
     assert [done[i] for i in range(len(jobs))] == alone
     assert len(set(alone)) == len(alone)
     assert np.mean([len(t) for t in alone]) > 20  # most ran through a window refill
+
+
+def test_requests_arriving_together_are_prefilled_as_each_alone() -> None:
+    """add_many's two forwards (padded prompts but the last token, then every last token)
+    give each row the logits and cache its own prefill gives, whatever the lengths."""
+    from aura.infer.batching import DecodeBatch
+
+    model = model_of("gpt")
+    prompts = [[5], list(range(1, 12)), list(range(40, 47)), list(range(60, 100))]  # 40 > ctx
+    cfg = SamplingConfig(seed=1)
+    with torch.inference_mode():
+        together = DecodeBatch(model)
+        rows = together.add_many([(p, 10, cfg) for p in prompts])
+        alone = []
+        for p in prompts:
+            one = DecodeBatch(model)
+            one.add(p, 10, cfg)
+            alone.append(one)
+        assert [r.row for r in rows] == [0, 1, 2, 3]
+        assert together.cache.sizes[:4] == [1, 11, 7, 32]
+        torch.testing.assert_close(together.logits[:4], torch.cat([a.logits[:1] for a in alone]),
+                                   atol=1e-5, rtol=1e-5)
+        for _ in range(3):  # the next steps agree too
+            together.step()
+            together.advance()
+            for a in alone:
+                a.step()
+                a.advance()
+        assert [r.ids for r in rows] == [a.seqs[0].ids for a in alone]

@@ -105,6 +105,7 @@ def test_a_rounds_tensor_work_does_not_grow_with_the_sequences() -> None:
                 worker._start(Job("Hello" * (i + 1), 50, SamplingConfig(
                     seed=i, top_k=40, top_p=0.9, repetition_penalty=1.1, temperature=0.8),
                     (), lambda e: None))
+            worker._admit()
             worker._round()
             ops = _CountOps()
             with ops:

@@ -95,16 +95,18 @@ class RaggedKVCache(KVCache):
         self.v[layer][rows, :, at] = v[:, :, 0]
         return self.k[layer][:self.rows, :, :end], self.v[layer][:self.rows, :, :end]
 
-    def put(self, rows: list[int], cache: KVCache) -> None:
-        """Rows ``rows`` become the rows of ``cache`` (in order), which hold ``cache.pos``."""
-        n = cache.pos
+    def put(self, rows: list[int], cache: KVCache, lengths: list[int] | None = None) -> None:
+        """Rows ``rows`` become the rows of ``cache`` (in order), holding ``lengths`` tokens
+        each (default: ``cache.pos``; what lies past a row's length is masked)."""
+        lengths = lengths or [cache.pos] * len(rows)
+        n = max(lengths)
         index = torch.tensor(rows, device=self.lengths.device)
         for mine, theirs in ((self.k, cache.k), (self.v, cache.v)):
             for a, b in zip(mine, theirs, strict=True):
                 a[index, :, :n] = b[:len(rows), :, :n]
-        self.lengths[index] = n
-        for r in rows:
-            self.sizes[r] = n
+        self.lengths[index] = torch.tensor(lengths, device=self.lengths.device)
+        for r, length in zip(rows, lengths, strict=True):
+            self.sizes[r] = length
         self._step = None
 
     def move(self, src: int, dst: int) -> None:
@@ -199,27 +201,59 @@ class DecodeBatch:
 
     def add(self, ids: list[int], max_new_tokens: int, cfg: SamplingConfig) -> Row:
         """Prefill a new sequence alone and give it a row."""
-        seq = Row(list(ids), len(ids) + max_new_tokens, cfg)
-        seq.start = max(0, seq.t - self.max_ctx)
-        window = torch.tensor([ids[seq.start:]], dtype=torch.long, device=self.device)
-        logits, cache = self._prefill(window, min(seq.total - seq.start, self.max_ctx))
+        return self.add_many([(ids, max_new_tokens, cfg)])[0]
+
+    def add_many(self, requests: list[tuple[list[int], int, SamplingConfig]]) -> list[Row]:
+        """Give each (prompt ids, max new tokens, settings) a row. One request is prefilled
+        alone, as `aura generate` prefills it. Several arriving together are prefilled in two
+        forwards whatever their number: all but each prompt's last token, right-padded (a
+        causal model's real tokens never see the padding after them; a row's length masks it
+        later), then every last token in one decode step over a ragged cache, whose logits are
+        each row's first."""
+        seqs = [Row(list(ids), len(ids) + m, cfg) for ids, m, cfg in requests]
+        for s in seqs:
+            s.start = max(0, s.t - self.max_ctx)
+        windows = [s.ids[s.start:] for s in seqs]
+        if len(seqs) == 1:
+            window = torch.tensor(windows, dtype=torch.long, device=self.device)
+            logits, cache = self._prefill(window, min(seqs[0].total - seqs[0].start,
+                                                       self.max_ctx))
+        else:
+            c = self.model.new_cache(1, 1)
+            cache = RaggedKVCache(len(c.k), len(seqs), c.k[0].size(1), self.max_ctx,
+                                  c.k[0].size(3), self.device, c.k[0].dtype)
+            cache.rows = len(seqs)
+            longest = max(len(w) for w in windows) - 1
+            if longest > 0:
+                padded = torch.tensor([w[:-1] + [0] * (longest + 1 - len(w)) for w in windows],
+                                      dtype=torch.long, device=self.device)
+                cache.put(list(range(len(seqs))), self._prefill(padded, longest)[1],
+                          [len(w) - 1 for w in windows])
+            last = torch.tensor([[w[-1]] for w in windows], dtype=torch.long,
+                                device=self.device)
+            logits = self.model(last, cache=cache, last_only=True, **self.memory).logits[:, -1]
         vocab = logits.size(-1)
-        self._grow(len(self.seqs) + 1, vocab)
+        self._grow(len(self.seqs) + len(seqs), vocab)
         assert (self.cache is not None and self.logits is not None and self.seen is not None
                 and self.settings is not None)
-        row = seq.row = len(self.seqs)
-        self.cache.rows += 1
-        self.cache.put([row], cache)
-        self.logits[row] = logits[0]
+        first = len(self.seqs)
+        rows = list(range(first, first + len(seqs)))
+        for row, s in zip(rows, seqs, strict=True):
+            s.row = row
+        self.cache.rows += len(seqs)
+        self.cache.put(rows, cache, [len(w) for w in windows])
+        self.logits[first:first + len(seqs)] = logits
         for mine, theirs in zip(self.settings.fields(),
-                                RowSettings.of([cfg], vocab, self.device).fields(), strict=True):
-            mine[row] = theirs[0]
-        self.seen[row] = False
-        self.seen[row, window.new_tensor(ids)] = True
-        self.counters[row] = seq.t
-        self.seqs.append(seq)
+                                RowSettings.of([s.cfg for s in seqs], vocab,
+                                               self.device).fields(), strict=True):
+            mine[first:first + len(seqs)] = theirs
+        self.seen[first:first + len(seqs)] = False
+        for row, s in zip(rows, seqs, strict=True):
+            self.seen[row, torch.tensor(s.ids, device=self.device)] = True
+            self.counters[row] = s.t
+        self.seqs.extend(seqs)
         self.uses = _Uses.of([s.cfg for s in self.seqs])
-        return seq
+        return seqs
 
     def remove(self, seq: Row) -> None:
         """Drop a finished or cancelled sequence: the last row moves into its place."""

@@ -66,6 +66,7 @@ class _Active:
     t0: int
     decoder: Decoder | None = None  # one forward per sequence (models without batches)
     seq: Row | None = None  # a row of the worker's DecodeBatch
+    ids: list[int] = field(default_factory=list)  # the prompt, until it has a row
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Worker:
         self._inbox: queue.Queue[Job | tuple[Callable[[], Any], Future[Any]] | None] = (
             queue.Queue())
         self._active: list[_Active] = []
+        self._pending: list[_Active] = []  # started, waiting for a row (``_admit``)
         # One forward for every sequence's next token, where the model can (else one each);
         # models that read per-token features decode alone, as those need each window.
         self.batch = (DecodeBatch(model, self.memory) if batched and model.batched_decoding
@@ -132,8 +134,10 @@ class Worker:
             while True:
                 if not self._take(block=not self._active):
                     break
+                self._admit()
                 self._round()
-        for item in [a.job for a in self._active] + self._drain():
+        for item in ([a.job for a in self._active] + [p.job for p in self._pending]
+                     + self._drain()):
             if isinstance(item, Job):
                 item.emit({"error": "the server is shutting down"})
             elif item is not None:
@@ -192,21 +196,36 @@ class Worker:
             if job.max_new_tokens == 0:
                 self._finish(job, text, "length", t0, 0)
                 return
-            if self.batch is not None:
-                active = _Active(job, text, t0, seq=self.batch.add(
-                    [int(i) for i in ids], job.max_new_tokens, job.sampling))
-            else:
-                out = torch.empty(1, t0 + job.max_new_tokens, dtype=torch.long,
-                                  device=self.device)
-                out[0, :t0] = torch.as_tensor(ids.astype(np.int64), device=self.device)
-                active = _Active(job, text, t0, decoder=Decoder(
-                    self.model, out, t0, job.sampling, True, self.tokenizer.eot_id,
-                    self.features, self.memory))
+            if self.batch is not None:  # prefilled with whatever else arrived (``_admit``)
+                self._pending.append(_Active(job, text, t0, ids=[int(i) for i in ids]))
+                return
+            out = torch.empty(1, t0 + job.max_new_tokens, dtype=torch.long, device=self.device)
+            out[0, :t0] = torch.as_tensor(ids.astype(np.int64), device=self.device)
+            active = _Active(job, text, t0, decoder=Decoder(
+                self.model, out, t0, job.sampling, True, self.tokenizer.eot_id, self.features,
+                self.memory))
         except Exception as exc:  # one request fails, not the server
             self.stats.failed += 1
             job.emit({"error": str(exc) if isinstance(exc, AuraError) else repr(exc)})
             return
         self._active.append(active)
+        self.stats.active = len(self._active)
+
+    def _admit(self) -> None:
+        """Give the requests started since the last round their rows, prefilled together."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        assert self.batch is not None
+        try:
+            rows = self.batch.add_many([(p.ids, p.job.max_new_tokens, p.job.sampling)
+                                        for p in pending])
+        except Exception as exc:  # their prefill failed: those requests, not the server
+            self._fail(pending, exc)
+            return
+        for p, row in zip(pending, rows, strict=True):
+            p.seq = row
+        self._active.extend(pending)
         self.stats.active = len(self._active)
 
     def _round(self) -> None:
