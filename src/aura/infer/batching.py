@@ -45,7 +45,7 @@ class RaggedKVCache(KVCache):
         self.lengths = torch.zeros(capacity, dtype=torch.long, device=device)
         self.sizes = [0] * capacity  # ``lengths`` on the host, so nothing waits on the device
         self.rows = 0
-        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
 
     @property  # type: ignore[override]
     def pos(self) -> int:
@@ -75,9 +75,10 @@ class RaggedKVCache(KVCache):
         if n != 1:
             raise ValueError(f"a ragged cache decodes one token per row, got {n}")
         at = self.lengths[:self.rows].to(device)
-        keys = torch.arange(self.pos + 1, device=device)
+        end = self.pos + 1
+        keys = torch.arange(end, device=device)
         mask = (keys[None, :] <= at[:, None])[:, None, None, :]
-        self._step = (torch.arange(self.rows, device=device), at, mask)
+        self._step = (torch.arange(self.rows, device=device), at, mask, end)
         return at[:, None]
 
     def attn_mask(self, n: int, device: torch.device) -> torch.Tensor:
@@ -86,11 +87,10 @@ class RaggedKVCache(KVCache):
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.pos + 1
+        assert self._step is not None, "positions() starts each forward"
+        rows, at, _, end = self._step
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens, asked for {end}")
-        assert self._step is not None, "positions() starts each forward"
-        rows, at, _ = self._step
         self.k[layer][rows, :, at] = k[:, :, 0]
         self.v[layer][rows, :, at] = v[:, :, 0]
         return self.k[layer][:self.rows, :, :end], self.v[layer][:self.rows, :, :end]
