@@ -1070,7 +1070,8 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--load", metavar="FILE",
                    help="continue a conversation /save wrote (as /load FILE does)")
     c.add_argument("--show-memory", action="store_true",
-                   help="after each reply, the memories it retrieved (as /memory shows)")
+                   help="after each reply, what it read from memory per span (as generate "
+                        "--show-memory) and the past exchanges it retrieved (as /memory)")
     _conversation_memory_arguments(c)
     c.add_argument("--device", default="auto")
     _add_template(c)

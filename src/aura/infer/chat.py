@@ -63,7 +63,7 @@ class ChatOptions:
     system: str = ""
     template: ChatTemplate = field(default_factory=ChatTemplate)
     load: Path | None = None  # a conversation to continue (``/load`` at the start)
-    show_memory: bool = False  # print what each reply retrieved after it
+    show_memory: bool = False  # after each reply, what it read and retrieved
 
 
 class Chat:
@@ -123,8 +123,11 @@ class Chat:
             self.last_reads = trace.spans()
         text = tpl.clean("".join(pieces))
         self.say(" [stopped]" if stopped else "")
-        if opts.show_memory and self.memory is not None:
-            self.show_retrieved()
+        if opts.show_memory:  # as aura generate --show-memory, then the exchanges retrieved
+            if self.last_reads is not None:
+                self.say("\n".join(format_spans(self.last_reads)))
+            if self.memory is not None:
+                self.show_retrieved()
         self.turns.append(("assistant", text))
         if self.memory is not None and self.memory.available and opts.memory_mode == "write":
             self.memory.remember(f"{tpl.user} {user}{tpl.turn_end}{tpl.assistant} {text}")
