@@ -1,0 +1,117 @@
+"""Sleep consolidation that replays the episodic store (``continual.sleep_source``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from aura.continual.episodes import BothSources, StoreEpisodes
+from aura.continual.hook import STATE_JSON
+from aura.continual.replay import ReplayBuffer, keyed_generator
+from aura.data.shards import PreparedData
+from aura.errors import AuraError
+from aura.memory.store import EpisodicStore
+from aura.train.checkpoint import step_dir
+from aura.train.trainer import Trainer
+from conftest import assert_usage_error, make_docs, read_metrics, tiny_config, write_dir
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from aura.data.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("store_domains")
+    out = []
+    for i in range(2):
+        write_dir(root / f"c{i}", make_docs(4, seed=40 + i, words=(60, 120)))
+        prepare(PrepareOptions([str(root / f"c{i}")], "byte", val_fraction=0.2),
+                root / f"d{i}", progress=False)
+        out.append(root / f"d{i}")
+    return out
+
+
+def test_store_episodes_are_the_training_windows_where_this_runs_memories_formed(
+        domains: list[Path]) -> None:
+    """Only memories formed after ``since`` with a position inside the split are replayed, each
+    as the window whose last input token is the one that formed it, drawn by retention."""
+    split = PreparedData.open(domains[0]).split("train")
+    tokens = split.tokens().astype(np.int64)
+    store = EpisodicStore(4, 4, capacity=16)
+    old, new = torch.tensor([5, 6]), torch.tensor([3, 40, 41, len(tokens) + 100])
+    store.write(torch.randn(2, 4), torch.randn(2, 4), step=1, source_pos=old)
+    store.write(torch.randn(4, 4), torch.randn(4, 4), torch.tensor([1.0, 50.0, 0.0, 1.0]),
+                step=2, source_pos=new)
+    episodes = StoreEpisodes({"m": store}, split, 9, since={"m": 1})
+    assert episodes.refresh() == 3  # the old two and the one past the split's end are not
+    _, windows, weights = episodes.sample(400, keyed_generator(0))
+    assert torch.equal(weights, torch.ones(400))
+    ends = {int(p): torch.from_numpy(tokens[max(int(p) - 7, 0):][:9]) for p in (3, 40, 41)}
+    counts = {p: sum(torch.equal(w, t) for w in windows) for p, t in ends.items()}
+    assert sum(counts.values()) == 400
+    assert counts[40] > counts[3] + counts[41]  # importance 50 dominates the retention
+    # window of position 40: tokens 33..41, the token at 40 the last input
+    assert torch.equal(ends[40], torch.from_numpy(tokens[33:42]))
+
+
+def test_both_takes_half_of_each_batch_from_the_store(domains: list[Path]) -> None:
+    split = PreparedData.open(domains[0]).split("train")
+    store = EpisodicStore(4, 4, capacity=8)
+    store.write(torch.randn(1, 4), torch.randn(1, 4), step=1, source_pos=torch.tensor([20]))
+    episodes = StoreEpisodes({"m": store}, split, 9, since={"m": 0})
+    episodes.refresh()
+    buffer = ReplayBuffer(90, 9, "loss")
+    buffer.offer(torch.full((3, 9), 7), keyed_generator(1))
+    both = BothSources(episodes, buffer)
+    idx, windows, _ = both.sample(5, keyed_generator(2))
+    stored = torch.from_numpy(split.tokens()[13:22].astype(np.int64))
+    assert all(torch.equal(w, stored) for w in windows[:3])
+    assert bool((windows[3:] == 7).all()) and idx.numel() == 2
+    both.update(idx, torch.tensor([0.0, 0.0, 0.0, 9.0, 9.0]))
+    assert float(buffer.priority[idx].min()) >= 9.0
+
+
+STORE = ("model.name=hippocampal", "model.block_size=16", "continual.sleep_source=store",
+         "continual.sleep_interval=2", "continual.sleep_steps=2", "train.eval_interval=2",
+         "train.checkpoint_interval=2", "model.memory_writes=8", "model.memory_capacity=64")
+
+
+def test_a_sleep_phase_replays_the_store_and_skips_memories_of_the_run_it_came_from(
+        domains: list[Path], tmp_path: Path) -> None:
+    """No replay buffer at all: the sleep rows (their own phase) can only have drawn from the
+    store. A run started --init-from another starts its store clock where that run's ended."""
+    first = tmp_path / "first"
+    Trainer(tiny_config(*STORE, "train.max_steps=4"), domains[0], first, progress=False,
+            log=lambda _m: None).run()
+    rows = [r for r in read_metrics(first) if str(r.get("phase", "")).startswith("sleep")]
+    assert [(r["step"], r["phase"]) for r in rows] == [(2, "sleep_store"), (4, "sleep_store")]
+    assert all(r["sleep_episodes"] > 0 and r["sleep_loss"] > 0 for r in rows)
+    info = json.loads((step_dir(first, 4) / STATE_JSON).read_text())
+    assert info["store_since"] == {"hippocampus": 0}
+
+    second = tmp_path / "second"
+    trainer = Trainer(tiny_config(*STORE, "train.max_steps=1"), domains[1], second,
+                      progress=False, log=lambda _m: None, init_from=first)
+    carried = trainer.model.memory_stores()["hippocampus"]
+    assert len(carried) > 0
+    start = carried.step
+    trainer.continual.begin_step()
+    assert trainer.continual.store_since == {"hippocampus": start}
+    assert not trainer.continual.sleep_due(2)  # every memory held is the first run's
+    trainer.lock.release()
+
+
+def test_a_model_without_a_store_says_so_in_one_line(domains: list[Path], tmp_path: Path,
+                                                     run_cli: Any) -> None:
+    with pytest.raises(AuraError, match="keeps no episodic store"):
+        Trainer(tiny_config("continual.sleep_source=store", "continual.sleep_interval=2"),
+                domains[0], tmp_path / "r", progress=False, log=lambda _m: None)
+    assert_usage_error(run_cli("train", "--preset", "demo", "--data", domains[0], "--out",
+                               tmp_path / "c", "--set", "continual.sleep_source=both",
+                               "--set", "continual.replay_tokens=100",
+                               "--set", "continual.sleep_interval=2"),
+                       "keeps no episodic store")
