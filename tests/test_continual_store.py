@@ -13,6 +13,7 @@ import torch
 from aura.continual.episodes import BothSources, StoreEpisodes
 from aura.continual.hook import STATE_JSON
 from aura.continual.replay import ReplayBuffer, keyed_generator
+from aura.data.sampler import compute_features
 from aura.data.shards import PreparedData
 from aura.errors import AuraError
 from aura.memory.store import EpisodicStore
@@ -115,3 +116,67 @@ def test_a_model_without_a_store_says_so_in_one_line(domains: list[Path], tmp_pa
                                "--set", "continual.replay_tokens=100",
                                "--set", "continual.sleep_interval=2"),
                        "keeps no episodic store")
+
+
+# --- aura learn: salience chooses what the model's store keeps ---------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt", "bdh", "hippocampal", "snn_rag", "natural_brain"])
+def test_remembering_by_salience_is_a_forward_keyword(name: str) -> None:
+    import inspect
+
+    from aura.models import build_model
+
+    model = build_model(tiny_config(f"model.name={name}", "model.vocab_size=256").model)
+    params = inspect.signature(model.forward).parameters
+    if model.remembers_by_salience:
+        assert {"memory_salience", "remember", "corpus_pos"} <= set(params)
+    assert model.remembers_by_salience == (name == "hippocampal")
+
+
+def test_learn_writes_the_most_salient_tokens_through_the_models_own_key_projection() -> None:
+    """Each window's two most salient tokens become memories: valued by the model's own memory
+    layer state at that token, keyed by its own key projection of it, importance the salience,
+    at the service-wide position; a later forward reads them."""
+    from aura.data.tokenizers import ByteTokenizer
+    from aura.learn.learner import LearnerConfig, PlasticLearner
+    from aura.models import build_model
+
+    cfg = tiny_config("model.name=hippocampal", "model.vocab_size=256", "model.block_size=16",
+                      "model.memory_capacity=256")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    learner = PlasticLearner(ByteTokenizer(), model, cfg=LearnerConfig(memories_per_window=2))
+    assert learner.notes == []
+    seen: list[torch.Tensor] = []
+    real = learner._memorize_through_model
+    learner._memorize_through_model = lambda ids, sal: (seen.append(sal), real(ids, sal))[1]
+    text = "The cat sat on the mat. A zebra! Quietly the xylophone played jazz for us all."
+    first = learner.apply("hello there, warm up the counts", "k0")
+    ids = learner.encode(text)
+    stats = learner.apply(text, "k1")
+    n0 = int(first["tokens"])
+    assert stats["memories"] == 2 * ((ids.numel() + 15) // 16)
+    store = model.memory_stores()["hippocampus"]
+    sal = seen[-1]
+    want = set()
+    for off in range(0, ids.numel(), 16):
+        want |= {n0 + off + int(i) for i in torch.topk(sal[off:off + 16], 2).indices}
+    new = (store.ids >= 0) & (store.source_pos >= n0)
+    assert set(store.source_pos[new].tolist()) == want
+    states: list[torch.Tensor] = []
+    hook = model.memory.register_forward_hook(lambda _m, a, _o: states.append(a[0][0]))
+    with torch.no_grad():
+        for off in range(0, ids.numel(), 16):
+            x = ids[off:off + 16][None]
+            out = model(x, **compute_features(learner.features, x))
+    hook.remove()
+    assert any(float(v) == len(store) for k, v in out.aux.items() if "memory_size" in k)
+    for slot in new.nonzero().squeeze(1).tolist():
+        p = int(store.source_pos[slot]) - n0
+        state = states[p // 16][p % 16]
+        torch.testing.assert_close(store.values[slot], state, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(store.keys[slot],
+                                   model.memory.key(state),
+                                   rtol=1e-4, atol=1e-5)
+        assert float(store.importance[slot]) == pytest.approx(float(sal[p]), rel=1e-5)

@@ -30,11 +30,14 @@ from aura.memory.store import EpisodicStore
 class MemoryAccess:
     """What one forward may do with its model's memories: ``read`` them, ``write`` (queue) what
     it forms, and at which corpus ``positions`` (B, T) its tokens sit (None: unknown; reads then
-    see every memory, and writes record the store's step)."""
+    see every memory, and writes record the store's step). ``salience`` (B, T), when given,
+    chooses what is written: every token with salience > 0, that salience its importance, in
+    place of the memory's own choice (``aura learn`` keeps what it found salient)."""
 
     read: bool = True
     write: bool = False
     positions: torch.Tensor | None = None
+    salience: torch.Tensor | None = None
 
 
 def token_positions(corpus_pos: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor | None:
