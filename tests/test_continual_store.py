@@ -86,12 +86,12 @@ def test_a_sleep_phase_replays_the_store_and_skips_memories_of_the_run_it_came_f
     """No replay buffer at all: the sleep rows (their own phase) can only have drawn from the
     store. A run started --init-from another starts its store clock where that run's ended."""
     first = tmp_path / "first"
-    Trainer(tiny_config(*STORE, "train.max_steps=4"), domains[0], first, progress=False,
-            log=lambda _m: None).run()
+    Trainer(tiny_config(*STORE, "train.max_steps=2", "continual.sleep_interval=1"), domains[0],
+            first, progress=False, log=lambda _m: None).run()
     rows = [r for r in read_metrics(first) if str(r.get("phase", "")).startswith("sleep")]
-    assert [(r["step"], r["phase"]) for r in rows] == [(2, "sleep_store"), (4, "sleep_store")]
+    assert [(r["step"], r["phase"]) for r in rows] == [(1, "sleep_store"), (2, "sleep_store")]
     assert all(r["sleep_episodes"] > 0 and r["sleep_loss"] > 0 for r in rows)
-    info = json.loads((step_dir(first, 4) / STATE_JSON).read_text())
+    info = json.loads((step_dir(first, 2) / STATE_JSON).read_text())
     assert info["store_since"] == {"hippocampus": 0}
 
     second = tmp_path / "second"

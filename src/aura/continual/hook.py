@@ -139,6 +139,8 @@ class ContinualHook:
     def _source(self) -> EpisodeSource | None:
         """What the next sleep phase draws from, None while it holds nothing."""
         if self.episodes is not None:
+            # the last step's queued memories: the sleep's first forward would write them anyway
+            self.model.flush_memory()
             self.episodes.refresh()
         source: EpisodeSource | None = {
             "buffer": self.buffer, "store": self.episodes,
