@@ -210,3 +210,18 @@ def test_resume_right_after_a_store_sleep_is_bit_identical(domains: list[Path],
     a, b = step_dir(full, 4), step_dir(part, 4)
     for name in ("model.safetensors", STATE_JSON):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_the_memory_check_counts_the_fisher_the_buffer_and_a_sleep_teacher() -> None:
+    from aura.train.resources import estimate_training_memory
+
+    base = ("model.vocab_size=256", "model.block_size=16")
+    plain = estimate_training_memory(tiny_config(*base))
+    full = estimate_training_memory(tiny_config(
+        *base, "continual.ewc=true", "continual.replay_tokens=1700",
+        "continual.sleep_interval=5", "continual.sleep_distill=1"))
+    weights = plain.param_bytes
+    assert plain.continual_bytes == 0
+    assert full.continual_bytes == 3 * plain.grad_bytes + 100 * 17 * 8 + 100 * 8 + weights \
+        + plain.buffer_bytes
+    assert full.total - plain.total == full.continual_bytes

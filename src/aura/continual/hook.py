@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from aura.config import AuraConfig
+from aura.config import AuraConfig, ContinualConfig
 from aura.continual.episodes import BothSources, EpisodeSource, StoreEpisodes
 from aura.continual.ewc import EWC, diagonal_fisher
 from aura.continual.replay import ReplayBuffer, keyed_generator
@@ -33,6 +33,20 @@ FORMAT = 1
 OFFER, REPLAY, SLEEP, FISHER = 1, 2, 3, 4
 
 Forward = Callable[..., Any]
+
+
+def state_bytes(c: ContinualConfig, trained_bytes: int, model_bytes: int, block: int) -> int:
+    """The most memory ``c``'s state holds at once, for the trainer's memory check: with EWC
+    the anchor, the Fisher and the new Fisher being estimated (fp32, like the trained weights),
+    the replay buffer (int64 windows of ``block`` + 1 tokens, fp64 priorities), and with
+    distillation the sleep phase's teacher (a copy of the model)."""
+    total = 3 * trained_bytes if c.ewc else 0
+    if c.replay_tokens > 0:
+        slots = c.replay_tokens // (block + 1)
+        total += slots * (block + 1) * 8 + slots * 8
+    if c.sleep_interval > 0 and c.sleep_distill > 0:
+        total += model_bytes
+    return total
 
 
 class ContinualHook:
