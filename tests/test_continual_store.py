@@ -182,7 +182,6 @@ def test_learn_writes_the_most_salient_tokens_through_the_models_own_key_project
         assert float(store.importance[slot]) == pytest.approx(float(sal[p]), rel=1e-5)
 
 
-@pytest.mark.slow
 def test_resume_right_after_a_store_sleep_is_bit_identical(domains: list[Path],
                                                            tmp_path: Path) -> None:
     """Stopped after the step-2 checkpoint (right after a store sleep phase) and resumed, a run
