@@ -224,3 +224,21 @@ def test_the_memory_check_counts_the_fisher_the_buffer_and_a_sleep_teacher() -> 
     assert full.continual_bytes == 3 * plain.grad_bytes + 100 * 17 * 8 + 100 * 8 + weights \
         + plain.buffer_bytes
     assert full.total - plain.total == full.continual_bytes
+
+
+@pytest.mark.parametrize("name", ["hippocampal", "natural_brain"])
+def test_a_sleep_phase_forms_no_memories(name: str, domains: list[Path], tmp_path: Path) -> None:
+    """Replayed windows have no corpus position: nothing a sleep forward queues is written,
+    whether the model can be told not to remember (hippocampal) or not (natural_brain)."""
+    trainer = Trainer(tiny_config(*STORE, f"model.name={name}", "train.max_steps=2"),
+                      domains[0], tmp_path / "r", progress=False, log=lambda _m: None)
+    trainer.continual.begin_step()
+    trainer._step(0)
+    trainer.continual.commit()
+    store = trainer.model.memory_stores()["hippocampus"]
+    written = store.next_id
+    assert written > 0
+    row = trainer.continual.sleep(1, 1e-3, None, {})
+    assert row["phase"] == "sleep_store" and row["sleep_loss"] > 0
+    assert trainer.model.memory_stores()["hippocampus"].next_id == written
+    trainer.lock.release()

@@ -173,11 +173,14 @@ class ContinualHook:
         source = self._source()
         assert source is not None
 
-        # replayed windows sit at no known corpus position: they form no memories
+        # Replayed windows sit at no known corpus position: they form no memories (a model
+        # that cannot be told so has what a sleep forward queued dropped before it is written).
         if self.model.writes_own_memory or self.model.remembers_at_inference:
             switches = {**switches, "remember": False}
 
         def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            for writer in model.writers.values():
+                writer.discard()
             with self.autocast():
                 return model(x, **switches, **self._inputs(x)).logits
 
@@ -189,6 +192,8 @@ class ContinualHook:
                           key=(t.seed, step, SLEEP),
                           optimizer_step=optimizer_step if self.c.sleep_optimizer == "main"
                           else None)
+        for writer in self.model.writers.values():
+            writer.discard()
         return {"phase": "sleep" if kind == "buffer" else f"sleep_{kind}",
                 "sleep_episodes": float(len(source)), **row}
 
