@@ -50,5 +50,17 @@ test-all: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	AURA_REQUIRE_EXTRAS=1 $(PY) -m pytest -q -m 'slow or not slow'
 
+# Issue 16's continual-learning figures at full size: every strategy, 2000 steps per domain, 3
+# seeds (hours on one CPU thread: run it on an idle machine, since the JSON carries each
+# strategy's cost), then `aura learn` on the same four domains. Re-running continues the
+# finished stages (their wall time is then null).
+.PHONY: bench-continual
+bench-continual: $(STAMP)
+	mkdir -p runs
+	cd benchmarks && nice -n 10 ../$(PY) continual_bench.py --out ../runs/bench-continual \
+		> ../runs/bench-continual.json
+	cd benchmarks && nice -n 10 ../$(PY) learn_domains_bench.py --out ../runs/bench-learn \
+		> ../runs/bench-learn.json
+
 clean:
 	rm -rf $(VENV) data runs .pytest_cache .ruff_cache .hypothesis

@@ -6,8 +6,13 @@ from the standard library, C headers from /usr/include and English licence prose
 /usr/share/common-licenses (Debian's base-files). Each strategy learns them in that order with
 the demo model; every domain is evaluated after every stage. Prints one JSON document: the
 machine, the settings, per strategy the loss matrix and Avalanche's metrics (`aura.continual.
-metrics`), and the issue's targets (best forgetting <= 10% of naive's; its final mean loss
-within 5% of joint training's).
+metrics`), the issue's targets (best forgetting <= 10% of naive's; its final mean loss
+within 5% of joint training's), and each strategy's cost (``cost``, from ``strategy_cost``):
+training seconds per step (train rows' windows, so sleep phases count and evaluation does not),
+wall seconds per step of the whole experiment (evaluation, Fisher, checkpoints too; null for
+an experiment continued from an earlier invocation's stages), the
+process's peak RSS while the strategy ran, and the bytes of continual state (Fisher + anchor,
+replay buffer) the last stage's checkpoint carries. Timing figures need an idle machine.
 
     python benchmarks/continual_bench.py --out /tmp/cl-bench            # the full figures
     python benchmarks/continual_bench.py --out /tmp/cl-bench --quick    # a smoke run
@@ -17,14 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
+from aura.continual.hook import STATE_TENSORS
 from aura.data.prepare import PrepareOptions, prepare
+from aura.train.checkpoint import list_checkpoints
 from aura.train.cl_experiment import Domain, Experiment, run_experiment
 from machine import machine
 
@@ -58,6 +68,72 @@ def _collect(files: list[Path], out: Path, max_bytes: int) -> Path:
             break
     if total == 0:
         raise SystemExit(f"no text found for {out.name}")
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement (Linux: ``clear_refs`` 5 resets VmHWM); False if the
+    kernel refuses, and the peak then is the process's since it started."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM (the peak resident set since the last reset), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train_seconds(run: Path) -> tuple[float, int]:
+    """Training wall seconds and steps of one stage, from its train rows (each row's tokens
+    since the previous one over its tokens/s)."""
+    seconds, tokens, steps = 0.0, 0, 0
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "tokens_per_s" in row and row["tokens_per_s"] > 0:
+            seconds += (row["tokens"] - tokens) / row["tokens_per_s"]
+            tokens, steps = row["tokens"], row["step"]
+    return seconds, steps
+
+
+def state_bytes(run: Path) -> dict[str, int]:
+    """Bytes of the continual state in a stage's newest checkpoint, by kind."""
+    out = {"fisher_bytes": 0, "replay_bytes": 0}
+    ckpts = list_checkpoints(run)
+    path = ckpts[-1] / STATE_TENSORS if ckpts else None
+    if path is None or not path.is_file():
+        return out
+    for name, t in load_file(str(path)).items():
+        kind = "replay_bytes" if name.startswith("replay.") else "fisher_bytes"
+        out[kind] += t.nelement() * t.element_size()
+    return out
+
+
+def strategy_cost(stage_runs: list[Path], wall: float | None, steps: int
+                  ) -> dict[str, float | None]:
+    """One experiment's cost (see the module docstring); ``steps`` per domain; ``wall`` None
+    when the experiment continued stages an earlier invocation had trained."""
+    trained = [train_seconds(r) for r in stage_runs]
+    total_steps = sum(n for _, n in trained) or steps * len(stage_runs)
+    return {"train_s_per_step": sum(s for s, _ in trained) / total_steps,
+            "wall_s_per_step": None if wall is None else wall / (steps * len(stage_runs)),
+            **state_bytes(stage_runs[-1])}
+
+
+def mean_cost(costs: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Each figure's mean over the seeds that have it."""
+    out: dict[str, float | None] = {}
+    for k in costs[0]:
+        have = [c[k] for c in costs if c[k] is not None]
+        out[k] = sum(have) / len(have) if have else None  # type: ignore[arg-type]
     return out
 
 
@@ -104,17 +180,24 @@ def main() -> None:
     for label in args.strategies.split(","):
         strategy, extra = STRATEGIES[label]
         runs = []
+        peak_reset = reset_peak_rss()
         for seed in range(args.seeds):
             exp = Experiment(domains, strategy, args.steps, preset="demo",
                              set=[*common, *extra, f"train.seed={1337 + seed}"],
                              eval_tokens=args.eval_tokens)
-            r = run_experiment(exp, args.out / "runs" / f"{label}-seed{seed}", progress=False,
-                               log=lambda _m: None)
-            runs.append({"initial": r["initial"], "matrix": r["matrix"], "metrics": r["metrics"]})
+            out = args.out / "runs" / f"{label}-seed{seed}"
+            fresh, start = not out.exists(), time.perf_counter()
+            r = run_experiment(exp, out, progress=False, log=lambda _m: None)
+            wall = time.perf_counter() - start if fresh else None
+            runs.append({"initial": r["initial"], "matrix": r["matrix"], "metrics": r["metrics"],
+                         "cost": strategy_cost([Path(s["run"]) for s in r["stages"]], wall,
+                                               args.steps)})
         keys = ("acc", "forgetting", "relative_forgetting", "bwt", "fwt")
         mean = {k: sum(run["metrics"][k] for run in runs) / len(runs) for k in keys}
-        results[label] = {"mean": mean, "runs": runs}
-        print(json.dumps({"strategy": label, **mean}), file=sys.stderr, flush=True)
+        cost = mean_cost([run["cost"] for run in runs])
+        cost |= {"peak_rss_bytes": peak_rss_bytes(), "peak_rss_reset": peak_reset}
+        results[label] = {"mean": mean, "cost": cost, "runs": runs}
+        print(json.dumps({"strategy": label, **mean, **cost}), file=sys.stderr, flush=True)
     summary: dict[str, Any] = {}
     if "naive" in results:
         naive = results["naive"]["mean"]["forgetting"]

@@ -545,12 +545,14 @@ def test_a_model_that_writes_its_own_memories_gets_them_at_token_positions(
 
 
 def test_a_store_the_learner_cannot_write_is_named_once(watch: Path, tmp_path: Path) -> None:
-    run = own_writer_run(tmp_path, "hippocampal")
+    """natural_brain's hippocampus cannot be told what to remember (hippocampal can:
+    test_continual_store.py)."""
+    run = own_writer_run(tmp_path, "natural_brain", "model.memory_dim=16")
     lines: list[str] = []
     LearnService(LearnOptions(watch, model=run, once=True, progress=False),
                  log=lines.append).run()
     assert [line for line in lines if "hippocampus" in line] == [
-        "note: memory store 'hippocampus' (64-d keys) is written only by the model itself (its "
+        "note: memory store 'hippocampus' (16-d keys) is written only by the model itself (its "
         "training forwards: --train-steps)"]
 
 

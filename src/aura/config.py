@@ -156,6 +156,7 @@ class TrainConfig:
 ReplayPriority = Literal["uniform", "loss"]
 FisherKind = Literal["empirical", "sampled"]
 SleepOptimizer = Literal["sgd", "main"]
+SleepSource = Literal["buffer", "store", "both"]
 
 
 @dataclass
@@ -201,6 +202,10 @@ class ContinualConfig:
     sleep_optimizer: SleepOptimizer = "sgd"
     """"sgd": sleep steps are plain SGD and leave the main optimizer's state untouched; "main":
     they go through the main optimizer (its moments see them)."""
+    sleep_source: SleepSource = "buffer"
+    """What a sleep phase replays: "buffer" (the replay buffer), "store" (the training windows
+    where the memories the model's episodic stores formed in this run were formed, drawn by the
+    store's retention), or "both" (half of each batch from each)."""
 
 
 @dataclass
@@ -503,8 +508,9 @@ def _validate_continual(c: ContinualConfig) -> None:
         _check(value > 0, f"continual.{key} must be > 0, got {value!r}")
     _check(0 <= c.replay_fraction < 1,
            f"continual.replay_fraction must be in [0, 1), got {c.replay_fraction!r}")
-    _check(c.sleep_interval == 0 or c.replay_tokens > 0,
-           "continual.sleep_interval needs a replay buffer: set continual.replay_tokens")
+    _check(c.sleep_interval == 0 or c.replay_tokens > 0 or c.sleep_source == "store",
+           "continual.sleep_interval needs a replay buffer: set continual.replay_tokens "
+           "(or continual.sleep_source=store)")
 
 
 def apply_overrides(cfg: AuraConfig, overrides: Mapping[str, Any]) -> AuraConfig:

@@ -18,12 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from aura.config import AuraConfig
+from aura.config import AuraConfig, ContinualConfig
+from aura.continual.episodes import BothSources, EpisodeSource, StoreEpisodes
 from aura.continual.ewc import EWC, diagonal_fisher
 from aura.continual.replay import ReplayBuffer, keyed_generator
 from aura.continual.sleep import sleep_phase, token_losses
 from aura.data.sampler import BatchSampler, compute_features
 from aura.data.shards import SplitData
+from aura.errors import AuraError
 
 STATE_TENSORS, STATE_JSON = "continual.safetensors", "continual.json"
 FORMAT = 1
@@ -31,6 +33,20 @@ FORMAT = 1
 OFFER, REPLAY, SLEEP, FISHER = 1, 2, 3, 4
 
 Forward = Callable[..., Any]
+
+
+def state_bytes(c: ContinualConfig, trained_bytes: int, model_bytes: int, block: int) -> int:
+    """The most memory ``c``'s state holds at once, for the trainer's memory check: with EWC
+    the anchor, the Fisher and the new Fisher being estimated (fp32, like the trained weights),
+    the replay buffer (int64 windows of ``block`` + 1 tokens, fp64 priorities), and with
+    distillation the sleep phase's teacher (a copy of the model)."""
+    total = 3 * trained_bytes if c.ewc else 0
+    if c.replay_tokens > 0:
+        slots = c.replay_tokens // (block + 1)
+        total += slots * (block + 1) * 8 + slots * 8
+    if c.sleep_interval > 0 and c.sleep_distill > 0:
+        total += model_bytes
+    return total
 
 
 class ContinualHook:
@@ -47,18 +63,35 @@ class ContinualHook:
                                     c.replay_alpha, c.replay_beta)
                        if c.replay_tokens > 0 else None)
         self.consolidated_at: int | None = None
+        self.episodes = self._store_episodes(model) if c.sleep_source != "buffer" else None
+        # each store's clock when this run started: later memories were formed on its data
+        self.store_since: dict[str, int] | None = None
         self._offers: list[tuple[torch.Tensor, tuple[int, ...]]] = []
         self._updates: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def _store_episodes(self, model: nn.Module) -> StoreEpisodes:
+        """The store side of ``continual.sleep_source``; a model with no store whose positions
+        are this run's corpus positions is told in one line."""
+        stores = model.memory_stores()
+        if not stores or not self.corpus_pos:
+            raise AuraError(f"continual.sleep_source={self.c.sleep_source}: model "
+                            f"{self.cfg.model.name!r} keeps no episodic store of training text "
+                            "to replay (with these settings); use continual.sleep_source=buffer")
+        return StoreEpisodes(stores, self.split, self.block + 1, {})
+
     @property
     def enabled(self) -> bool:
-        return self.c.ewc or self.buffer is not None
+        return self.c.ewc or self.buffer is not None or self.episodes is not None
 
     # --- a training step ---------------------------------------------------------------------
 
     def begin_step(self) -> None:
-        """Forget what an attempt of the step that failed (OOM, non-finite) had queued."""
+        """Forget what an attempt of the step that failed (OOM, non-finite) had queued; at the
+        run's first step, note where its stores' clocks start."""
         self._offers, self._updates = [], []
+        if self.episodes is not None and self.store_since is None:
+            self.store_since = {n: s.step for n, s in self.episodes.stores.items()}
+            self.episodes.since = self.store_since
 
     def _inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The per-token features the model declared, for windows not from the sampler; a
@@ -117,26 +150,52 @@ class ContinualHook:
                 self.buffer.update(idx, losses)
         self.begin_step()
 
+    def _source(self) -> EpisodeSource | None:
+        """What the next sleep phase draws from, None while it holds nothing."""
+        if self.episodes is not None:
+            # the last step's queued memories: the sleep's first forward would write them anyway
+            self.model.flush_memory()
+            self.episodes.refresh()
+        source: EpisodeSource | None = {
+            "buffer": self.buffer, "store": self.episodes,
+            "both": None if self.episodes is None or self.buffer is None
+            else BothSources(self.episodes, self.buffer)}[self.c.sleep_source]
+        return source if source is not None and len(source) > 0 else None
+
     def sleep_due(self, step: int) -> bool:
-        return (self.buffer is not None and self.c.sleep_interval > 0 and len(self.buffer) > 0
-                and step % self.c.sleep_interval == 0)
+        return (self.c.sleep_interval > 0 and step % self.c.sleep_interval == 0
+                and self._source() is not None)
 
     def sleep(self, step: int, lr: float, optimizer_step: Callable[[], None] | None,
               switches: dict[str, bool]) -> dict[str, float]:
-        """One sleep phase after ``step`` (see ``aura.continual.sleep``)."""
-        assert self.buffer is not None
+        """One sleep phase after ``step`` (see ``aura.continual.sleep``); the row names its
+        phase by its source: ``sleep`` (buffer), ``sleep_store``, ``sleep_both``."""
+        source = self._source()
+        assert source is not None
+
+        # Replayed windows sit at no known corpus position: they form no memories (a model
+        # that cannot be told so has what a sleep forward queued dropped before it is written).
+        if self.model.writes_own_memory or self.model.remembers_at_inference:
+            switches = {**switches, "remember": False}
 
         def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            for writer in model.writers.values():
+                writer.discard()
             with self.autocast():
                 return model(x, **switches, **self._inputs(x)).logits
 
         t = self.cfg.train
-        return sleep_phase(self.model, logits, self.buffer, steps=self.c.sleep_steps,
-                           batch_size=t.batch_size, lr=lr * self.c.sleep_lr_scale,
-                           distill=self.c.sleep_distill, grad_clip=t.grad_clip,
-                           key=(t.seed, step, SLEEP),
-                           optimizer_step=optimizer_step if self.c.sleep_optimizer == "main"
-                           else None)
+        kind = self.c.sleep_source
+        row = sleep_phase(self.model, logits, source, steps=self.c.sleep_steps,
+                          batch_size=t.batch_size, lr=lr * self.c.sleep_lr_scale,
+                          distill=self.c.sleep_distill, grad_clip=t.grad_clip,
+                          key=(t.seed, step, SLEEP),
+                          optimizer_step=optimizer_step if self.c.sleep_optimizer == "main"
+                          else None)
+        for writer in self.model.writers.values():
+            writer.discard()
+        return {"phase": "sleep" if kind == "buffer" else f"sleep_{kind}",
+                "sleep_episodes": float(len(source)), **row}
 
     # --- the end of a run: consolidate --------------------------------------------------------
 
@@ -178,6 +237,8 @@ class ContinualHook:
         if self.buffer is not None:
             tensors |= self.buffer.tensors()
             info["replay"] = self.buffer.state()
+        if self.store_since is not None:
+            info["store_since"] = self.store_since
         save_file(tensors, str(directory / STATE_TENSORS))
         (directory / STATE_JSON).write_text(json.dumps(info))
 
@@ -195,4 +256,7 @@ class ContinualHook:
             self.buffer.load(tensors, info["replay"])
         if resume:
             self.consolidated_at = info.get("consolidated_at")
+            if self.episodes is not None and "store_since" in info:
+                self.store_since = {str(k): int(v) for k, v in info["store_since"].items()}
+                self.episodes.since = self.store_since
         return True

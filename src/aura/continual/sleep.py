@@ -1,6 +1,7 @@
 """Sleep consolidation (after Tadros et al. 2022, sleep replay consolidation): every N training
-steps, M steps on windows replayed from the buffer only, at a low learning rate, optionally
-distilled toward the pre-sleep model's own outputs so consolidation does not drift.
+steps, M steps on replayed windows only (from the replay buffer, the episodic store or both:
+``aura.continual.episodes``), at a low learning rate, optionally distilled toward the pre-sleep
+model's own outputs so consolidation does not drift.
 
 By default a sleep step is plain SGD on the weights: the main optimizer's moments and step
 counts never see it (the issue asks that the main phase's state be untouched unless configured;
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aura.continual.episodes import EpisodeSource
 from aura.continual.ewc import trainable
-from aura.continual.replay import ReplayBuffer, keyed_generator
+from aura.continual.replay import keyed_generator
 
 Logits = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, ids (B, T)) -> logits
 
@@ -31,11 +33,12 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
-def sleep_phase(model: nn.Module, logits: Logits, buffer: ReplayBuffer, *, steps: int,
+def sleep_phase(model: nn.Module, logits: Logits, buffer: EpisodeSource, *, steps: int,
                 batch_size: int, lr: float, distill: float, grad_clip: float,
                 key: tuple[int, ...], optimizer_step: Callable[[], None] | None = None
                 ) -> dict[str, float]:
-    """Run ``steps`` replay-only steps; returns the phase's mean replay loss (and KL)."""
+    """Run ``steps`` replay-only steps drawn from ``buffer``; returns the phase's mean replay
+    loss (and KL)."""
     teacher = None
     if distill > 0:
         teacher = copy.deepcopy(model).eval()

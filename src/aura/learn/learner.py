@@ -28,9 +28,13 @@ everything a chunk learns is in place before the next chunk is measured:
   entry, so the model's reads, limited to text before each token, still see every entry it came
   with); into any other store whose keys and values are as wide as the final hidden state the
   learner writes each window's most salient positions (importance the salience, ``source_pos``
-  the service-wide token position). A store keyed by the model's own projection (hippocampal)
-  is only written by the model's training forwards, i.e. with ``--train-steps``; the service
-  says so once at start.
+  the service-wide token position). A model that declares ``remembers_by_salience``
+  (hippocampal) is run once more over each chunk, told which tokens to remember (each window's
+  most salient) and at which service-wide positions, and writes them itself: keyed by its own
+  key projection and valued by its own memory layer's states, so its reads retrieve what the
+  service found surprising. A store keyed by its own projection in a model that cannot be told
+  what to remember is only written by the model's training forwards (``--train-steps``); the
+  service says so once at start.
 * **Gradient steps** (``train_steps > 0``): AdamW (clip 1.0) on random windows of the text,
   seeded by its content hash, so a text learned again after a crash gets the same steps. A
   replay buffer (``aura.continual.replay``) keeps a reservoir of past windows, each entering
@@ -151,6 +155,8 @@ class PlasticLearner:
         # A model that writes its own memories (snn_rag) is asked to; for the others the learner
         # writes final hidden states into stores of that width.
         self.own_writer = model is not None and model.writes_own_memory
+        self.salience_writer = (model is not None and not self.own_writer
+                                and model.remembers_by_salience)
         # Where the service's text starts in the positions an own writer reads by: after every
         # entry its bank holds (e.g. a trained bank's corpus offsets), so those stay readable.
         self.origin = torch.tensor([self._bank_end() if self.own_writer else 0])
@@ -180,7 +186,8 @@ class PlasticLearner:
     def _notes(self, hidden_dim: int | None) -> list[str]:
         notes = []
         for name, store in self.stores.items():
-            if not self.own_writer and (store.dim_key, store.dim_value) != (hidden_dim,) * 2:
+            model_writes = self.own_writer or self.salience_writer
+            if not model_writes and (store.dim_key, store.dim_value) != (hidden_dim,) * 2:
                 notes.append(f"memory store {name!r} ({store.dim_key}-d keys) is written only by "
                              "the model itself (its training forwards: --train-steps)")
         return notes
@@ -223,7 +230,9 @@ class PlasticLearner:
             saliences.append(salience)
             feats = self._window_features(part, hidden)
             out = self._oja_step(feats)
-            if hidden is not None and self.stores and not warmup and not self.own_writer:
+            if self.salience_writer and not warmup:
+                self._memorize_through_model(part, salience)
+            elif hidden is not None and self.stores and not warmup and not self.own_writer:
                 self._memorize(part, salience, hidden)
             self.counts += torch.bincount(part, minlength=self.vocab).double()
             self._update_ema(bits)
@@ -332,6 +341,36 @@ class PlasticLearner:
             for store in fits:
                 store.write(hidden[top], hidden[top], salience[top], step=base + off,
                             source_pos=base + top, source_tokens=text[top])
+
+    def _top_salience(self, salience: torch.Tensor) -> torch.Tensor:
+        """``salience`` kept at each window's ``memories_per_window`` most salient tokens (ties
+        to the earliest), 0 elsewhere; floored above 0 so every chosen token is written."""
+        keep = torch.zeros_like(salience)
+        for off in range(0, salience.numel(), self.window):
+            w = salience[off:off + self.window]
+            top = torch.topk(w, min(self.cfg.memories_per_window, w.numel())).indices + off
+            keep[top] = salience[top].clamp_min(1e-6)
+        return keep
+
+    @torch.no_grad()
+    def _memorize_through_model(self, ids: torch.Tensor, salience: torch.Tensor) -> None:
+        """Have the model write each window's most salient tokens (``remembers_by_salience``)
+        at their service-wide positions; the stores then hold them."""
+        assert self.model is not None
+        chosen = self._top_salience(salience)
+        self.model.eval()
+        full = ids.numel() // self.window * self.window
+        off = 0
+        for g, s in ((ids[:full].view(-1, self.window), chosen[:full].view(-1, self.window)),
+                     (ids[full:][None], chosen[full:][None])):
+            if not g.numel():
+                continue
+            x = g.to(self.device)
+            starts = int(self.position) + off + torch.arange(g.shape[0]) * g.shape[1]
+            self.model(x, remember=True, memory_salience=s.to(self.device),
+                       corpus_pos=starts.to(self.device), **compute_features(self.features, x))
+            off += g.numel()
+        self.stores = self._stores()  # applies the last window's queued writes
 
     def _train(self, ids: torch.Tensor, key: str, salience: torch.Tensor) -> float:
         """``train_steps`` AdamW steps on random windows of this text, seeded by ``key``, with

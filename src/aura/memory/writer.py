@@ -30,13 +30,16 @@ from aura.memory.store import EpisodicStore
 class MemoryAccess:
     """What one forward may do with its model's memories: ``read`` them, ``write`` (queue) what
     it forms, and at which corpus ``positions`` (B, T) its tokens sit (None: unknown; reads then
-    see every memory, and writes record the store's step), and the ``tokens`` (B, T) themselves, so
-a memory can keep the text it was formed from."""
+    see every memory, and writes record the store's step), the ``tokens`` (B, T) themselves, so a
+    memory can keep the text it was formed from. ``salience`` (B, T), when given, chooses what is
+    written: every token with salience > 0, that salience its importance, in place of the
+    memory's own choice (``aura learn`` keeps what it found salient)."""
 
     read: bool = True
     write: bool = False
     positions: torch.Tensor | None = None
     tokens: torch.Tensor | None = None  # (B, T) ids, kept with what is written as its snippet
+    salience: torch.Tensor | None = None
 
 
 def token_positions(corpus_pos: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor | None:

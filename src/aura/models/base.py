@@ -109,6 +109,10 @@ class AuraModel(nn.Module):
     # queues memories of its input too, written as the next forward starts, so later windows or
     # tokens read them and none reads its own (``aura eval --memory write``, aura.eval.stream).
     remembers_at_inference: bool = False
+    # True: forward also takes ``memory_salience`` (B, T); with ``remember`` it writes the tokens
+    # of positive salience (importance the salience), keyed by the model's own key projection,
+    # instead of choosing by its own novelty: what ``aura learn`` found salient is retrievable.
+    remembers_by_salience: bool = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -94,7 +94,7 @@ class HippocampalMemory(nn.Module):
                              "memory_match": best.detach().mean(), "memory_size":
                              torch.tensor(float(len(self.store)))}
         if access.write:
-            self._remember(h.detach(), best.detach(), where, access.tokens)
+            self._remember(h.detach(), best.detach(), where, access.tokens, access.salience)
         return h + recall.to(h.dtype)
 
     def _recall(self, queries: torch.Tensor, where: torch.Tensor | None
@@ -132,13 +132,20 @@ class HippocampalMemory(nn.Module):
 
     @torch.no_grad()
     def _remember(self, h: torch.Tensor, best: torch.Tensor, where: torch.Tensor | None,
-                  tokens: torch.Tensor | None = None) -> None:
-        """Queue this batch's most novel states, keyed by their projection, with where they
-        were formed and (given the ``tokens``) the text ending at each."""
+                  tokens: torch.Tensor | None = None,
+                  salience: torch.Tensor | None = None) -> None:
+        """Queue this batch's most novel states (or, given ``salience``, its salient ones),
+        keyed by their projection, with where they were formed and (given the ``tokens``) the
+        text ending at each."""
         flat = h.reshape(-1, h.size(-1)).float()
-        novelty = 1.0 - best.clamp(min=0.0)
-        n = min(self.writes_per_step, flat.size(0))
-        importance, rows = novelty.topk(n)
+        if salience is not None:
+            sal = salience.reshape(-1).to(flat.device, torch.float32)
+            rows = (sal > 0).nonzero().squeeze(1)[-self.store.capacity:]
+            importance = sal[rows]
+        else:
+            novelty = 1.0 - best.clamp(min=0.0)
+            n = min(self.writes_per_step, flat.size(0))
+            importance, rows = novelty.topk(n)
         project = self.query if self.key is None else self.key
         keys = project(flat[rows].to(project.weight.dtype)).float()
         source = None

@@ -18,6 +18,8 @@ The estimate (``estimate_training_memory``) adds up the peak of a training step:
 - the checkpoint copy: safetensors copies a file's tensors into memory before writing them, so
   saving the optimizer state briefly needs that much again. Gradients and activations are gone
   by then, so the total counts the larger of the two;
+- continual learning's state (``continual.hook.state_bytes``): EWC's anchor and Fishers, the
+  replay buffer, a distilling sleep phase's teacher;
 - ``OVERHEAD``: what the trainer loads after the check (TensorBoard's libraries, ~85 MB
   measured) and allocator slack.
 
@@ -40,6 +42,7 @@ from pathlib import Path
 import torch
 
 from aura.config import AuraConfig
+from aura.continual.hook import state_bytes
 from aura.errors import AuraError
 from aura.models import AuraModel, build_model
 from aura.train.device import pick_device, pick_precision
@@ -76,6 +79,8 @@ class MemoryEstimate:
     precision: str
     overhead_bytes: int = OVERHEAD
     """What the trainer loads after the check, and allocator slack."""
+    continual_bytes: int = 0
+    """EWC's anchor and Fishers, the replay buffer, a sleep teacher (``continual.*``)."""
 
     @property
     def model_bytes(self) -> int:
@@ -88,7 +93,7 @@ class MemoryEstimate:
         step's gradients and activations and a checkpoint's copy, plus the overhead."""
         step = self.grad_bytes + self.activation_bytes
         return (self.model_bytes + self.optimizer_bytes + max(step, self.checkpoint_bytes)
-                + self.overhead_bytes)
+                + self.overhead_bytes + self.continual_bytes)
 
     def describe(self) -> str:
         """One line: the total and its parts."""
@@ -155,7 +160,9 @@ def estimate_training_memory(config: AuraConfig, precision: str | None = None,
         params=sum(p.numel() for p in params), param_bytes=param_bytes, grad_bytes=grad_bytes,
         optimizer_bytes=optimizer_bytes, buffer_bytes=buffer_bytes,
         activation_bytes=activations, checkpoint_bytes=max(optimizer_bytes, param_bytes + stores),
-        batch=t.batch_size, seq=seq, precision=precision)
+        batch=t.batch_size, seq=seq, precision=precision,
+        continual_bytes=state_bytes(config.continual, grad_bytes, param_bytes + buffer_bytes,
+                                    seq))
 
 
 # --- what this process may use ---------------------------------------------------------------
