@@ -132,6 +132,11 @@ class Trainer:
                 check_training_memory(cfg, self.device, self.precision.name)
             self.lock: Any = distributed.NO_LOCK
             self.group.share(lambda: self._lock(resume))
+        except AuraError as exc:  # every rank decided the same: rank 0 alone says it
+            self.group.close()
+            if self.group.main or isinstance(exc, distributed.FollowerError):
+                raise
+            raise distributed.FollowerError(str(exc)) from None
         except BaseException:
             self.group.close()
             raise
