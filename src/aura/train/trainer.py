@@ -56,7 +56,7 @@ from aura.train.device import (
 )
 from aura.train.metrics import MetricsLog, TrainLog, progress_fields, training_flops_per_token
 from aura.train.optim import build_optimizers
-from aura.train.resources import check_training_memory
+from aura.train.resources import check_ranks_memory
 from aura.train.sanity import SanityMonitor, SanityWarning
 from aura.train.schedule import Every, Plateau, lr_factor
 
@@ -129,7 +129,8 @@ class Trainer:
             self.precision = pick_precision(cfg.train.precision, self.device, self.log,
                                             width=cfg.model.n_embd)
             if cfg.train.memory_check:  # before anything is built or written: no run on refusal
-                check_training_memory(cfg, self.device, self.precision.name)
+                check_ranks_memory(cfg, self.device, self.precision.name, self.group.world,
+                                   distributed.env_local_world())
             self.lock: Any = distributed.NO_LOCK
             self.group.share(lambda: self._lock(resume))
         except AuraError as exc:  # every rank decided the same: rank 0 alone says it
