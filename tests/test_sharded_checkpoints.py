@@ -88,6 +88,17 @@ def test_one_process_sharded_run_resumes_bit_exact_and_exports(
                            torch.zeros_like(exported.model.state_dict()["lm_head.weight"]))
 
 
+def test_learn_from_a_sharded_run_asks_for_an_export(tmp_path: Path, train_data: Path,
+                                                     run_cli: Any) -> None:
+    from aura.errors import DataError
+    from aura.learn.learner import LearnerConfig, build_learner
+
+    run = tmp_path / "run"
+    assert run_cli("train", *train_args(train_data, run, 3, *SHARDED)).code == 0
+    with pytest.raises(DataError, match="sharded checkpoint; consolidate it first"):
+        build_learner(run, "cpu", LearnerConfig())
+
+
 def test_a_damaged_shard_is_an_unusable_checkpoint(tmp_path: Path, train_data: Path,
                                                    run_cli: Any) -> None:
     run = tmp_path / "run"
