@@ -92,11 +92,11 @@ def _unique(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     shared memory once), and the names left out -> the name that holds their tensor."""
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[int, str] = {}
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
     for name, value in state.items():
         local = value.to_local() if hasattr(value, "to_local") else value
-        key = local.untyped_storage().data_ptr() if local.numel() else -id(value)
-        if key in seen and local.numel():
+        key = (local.data_ptr(), tuple(local.shape), local.stride())  # the same view
+        if local.numel() and key in seen:
             aliases[name] = seen[key]
             continue
         seen[key] = name
@@ -153,7 +153,9 @@ def stage(run_dir: Path, step: int, group: Any, model: nn.Module, optimizers: An
         shutil.rmtree(path, ignore_errors=True)  # a crashed save's
         path.mkdir(parents=True)
     group.barrier()
-    weights = _model_tensors(model)[0]  # first: it leaves FSDP2's parameters sharded
+    # the model's state first: taken after the optimizer's, an FSDP2 model just evaluated
+    # failed to name the optimizer's parameters (KeyError in torch's state_dict API)
+    weights = _model_tensors(model)[0]
     opt_tensors, plain = _optimizer_parts(model, optimizers)
     tensors = {**weights, **opt_tensors}
     with _one_process():
