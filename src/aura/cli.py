@@ -316,6 +316,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from aura.train.gpu import colab_run_dir
     from aura.train.trainer import Trainer
 
+    if args.nproc is not None:  # a thin launcher over torchrun (aura.train.launch)
+        from aura.train.device import pick_device
+        from aura.train.launch import check_nproc, launch, strip_nproc
+
+        check_nproc(args.nproc, pick_device(_train_config(args).train.device).type)
+        if args.nproc > 1:  # one rank is this process itself
+            return launch(strip_nproc(args.argv), args.nproc)
     out = colab_run_dir(Path(args.out))  # on Colab a relative run goes to the mounted Drive
     if out != Path(args.out):
         print(f"note: Colab: the run is {out} on your Drive (it outlives the session; "
@@ -616,6 +623,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--strict-sanity", action="store_true",
                    help="stop (saved, exit 2) at the first sanity warning")
     t.add_argument("--json", action="store_true")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N processes of this host (a thin launcher over torchrun: "
+                        "one rank per GPU, or per CPU core group over gloo)")
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="sample text from a run or checkpoint")
@@ -1199,6 +1209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # as the same bytes (as `ls` shows it) instead of failing in the middle of a report.
         sys.stdout.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --nproc relaunches
     try:
         return args.func(args)
     except AuraError as exc:

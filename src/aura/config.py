@@ -33,6 +33,7 @@ Schedule = Literal["cosine", "plateau", "constant"]
 Optimizer = Literal["adamw", "muon"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Parallel = Literal["ddp", "fsdp"]
+CheckpointFormat = Literal["consolidated", "sharded"]
 
 
 @dataclass
@@ -147,6 +148,11 @@ class TrainConfig:
     "fsdp" (FSDP2: parameters, gradients and optimizer state sharded block by block over the
     ranks). batch_size is the global micro-batch, split evenly over the ranks; without torchrun
     this is ignored."""
+    checkpoint_format: CheckpointFormat = "consolidated"
+    """"consolidated": rank 0 gathers the full weights and optimizer state into one
+    model.safetensors + train_state (what every command reads; rank 0's host must hold it
+    all). "sharded": every rank writes its own shards (safetensors + a JSON index, via
+    torch.distributed.checkpoint), resumable on any world size; `aura export` consolidates."""
     phases: list[int] = field(default_factory=list)
     """Steps at which the next training phase starts, increasing (e.g. [5000, 20000]: seed
     000's three phases); what trains in each phase is the model's (`aura config show

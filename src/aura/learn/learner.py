@@ -561,6 +561,9 @@ def build_learner(model: Path | None, device: str, cfg: LearnerConfig) -> Plasti
 
     dev = pick_device(device)
     loaded = load_for_inference(model, dev)
+    if CKPT_MODEL not in loaded.meta["files"]:  # train.checkpoint_format=sharded
+        raise DataError(f"{loaded.path} is a sharded checkpoint; consolidate it first with "
+                        f"`aura export {model} --out DIR` and learn from DIR")
     model_id = {"name": loaded.config.model.name, "step": loaded.meta.get("step"),
                 "weights_sha256": loaded.meta["files"][CKPT_MODEL]}
     learner = PlasticLearner(loaded.tokenizer, loaded.model, model_id, cfg, dev)

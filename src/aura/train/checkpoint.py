@@ -12,6 +12,8 @@
             train_state.safetensors  optimizer tensors and RNG states       (resume only)
             train_state.json         optimizer groups, schedule and fault counters (resume only)
             memory/NAME/             each episodic memory the model keeps (``model.writers``)
+            shards/                  instead of model.safetensors, with
+                                     train.checkpoint_format=sharded (aura.train.sharded)
         discarded-TIME/              what a fresh start or a save moved aside, never deleted
                                      (itself a run directory)
 
@@ -50,7 +52,9 @@ from aura.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from aura.errors import DataError
 from aura.lock import DirectoryLock
 from aura.models import AuraModel, build_model
+from aura.train import sharded
 from aura.train.schedule import Every
+from aura.train.sharded import SHARD_INDEX
 
 FORMAT = 1
 CKPT_DIR = "checkpoints"
@@ -141,8 +145,12 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _load_weights(model: AuraModel, path: Path, device: torch.device | str = "cpu") -> None:
-    """Weights, then every episodic memory the model keeps, restored in place."""
-    load_model(model, str(path / MODEL_FILE), device=str(device))
+    """Weights (a sharded checkpoint's consolidated here), then every episodic memory the
+    model keeps, restored in place."""
+    if sharded.is_sharded(path):
+        sharded.load_weights(model, path)
+    else:
+        load_model(model, str(path / MODEL_FILE), device=str(device))
     for name, writer in model.writers.items():
         writer.restore(path / MEMORY_DIR / name)
 
@@ -176,18 +184,24 @@ def _step_of(name: str) -> int | None:
 def save_checkpoint(run_dir: Path, model: AuraModel, tokenizer: Tokenizer, config: AuraConfig,
                     state: TrainState, optimizer_states: list[dict[str, Any]] | None,
                     val_loss: float | None = None, history: str | None = None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+                    extra: Callable[[Path], None] | None = None, shards: Any = None) -> Path:
     """Write checkpoint ``state.step`` of ``history`` atomically; with no optimizer state it is
     weights-only. ``extra`` writes further files into it (continual-learning state), hashed
-    and verified like the rest."""
+    and verified like the rest. ``shards`` (``aura.train.sharded.Staged``): the weights and
+    optimizer tensors every rank has written, moved in instead of ``model.safetensors``; then
+    ``optimizer_states`` is their JSON part."""
     final = step_dir(run_dir, state.step)
     with atomic_dir(final) as tmp:  # replaces the same step saved again (after a rollback)
-        save_model(model, str(tmp / MODEL_FILE))
+        if shards is None:
+            save_model(model, str(tmp / MODEL_FILE))
+        else:
+            shards.move_into(tmp)
         for name, writer in model.writers.items():  # queued writes applied first
             writer.save(tmp / MEMORY_DIR / name)
         tokenizer.save(tmp / TOKENIZER_FILE)
         if optimizer_states is not None:
-            tensors, plain = _pack_optimizer(optimizer_states)
+            tensors, plain = (_pack_optimizer(optimizer_states) if shards is None
+                              else ({}, optimizer_states))
             save_file({**tensors, **_rng_tensors()}, str(tmp / STATE_TENSORS))
             (tmp / STATE_JSON).write_text(json.dumps(
                 {"optimizers": plain, "train_state": state.__dict__}))
@@ -204,6 +218,8 @@ def save_checkpoint(run_dir: Path, model: AuraModel, tokenizer: Tokenizer, confi
             "data_position": {"step": state.step, "tokens_seen": state.tokens_seen},
             "files": {name: file_sha256(tmp / name) for name in files},
         }
+        if shards is not None:
+            meta["sharded"] = {"world": shards.world}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     return final
 
@@ -246,7 +262,8 @@ class Checkpointer:
 
     def save(self, model: AuraModel, tokenizer: Tokenizer, config: AuraConfig,
              state: TrainState, optimizer_states: list[dict[str, Any]],
-             val_loss: float | None, extra: Callable[[Path], None] | None = None) -> Path:
+             val_loss: float | None, extra: Callable[[Path], None] | None = None,
+             shards: Any = None) -> Path:
         improved = val_loss is not None and (state.best_val_loss is None
                                              or val_loss < state.best_val_loss)
         if improved:
@@ -256,7 +273,7 @@ class Checkpointer:
             moved = set_aside(self.run_dir, [existing])
             self.log(f"warning: {existing} is not of this run's history; moved it into {moved}")
         path = save_checkpoint(self.run_dir, model, tokenizer, config, state, optimizer_states,
-                               val_loss, self.history, extra)
+                               val_loss, self.history, extra, shards)
         if improved:
             assert val_loss is not None
             mark_best(self.run_dir, state.step, val_loss)
@@ -284,6 +301,9 @@ _META_FIELDS: dict[str, tuple[str, Callable[[Any], bool], bool]] = {
     "tokenizer_hash": ("a string", lambda v: isinstance(v, str), True),
     "val_loss": ("a number", lambda v: v is None or _is_number(v), False),
     "history": ("a string", lambda v: v is None or isinstance(v, str), False),
+    "sharded": ("an object with a world size",
+                lambda v: v is None or (isinstance(v, dict) and _is_count(v.get("world"))),
+                False),
 }
 
 
@@ -327,8 +347,9 @@ def verify_checkpoint(path: Path, need_train_state: bool = False) -> dict[str, A
     except (OSError, ValueError):
         raise UnusableCheckpoint(path, f"missing or corrupt {META_FILE}") from None
     files = meta["files"]
-    needed = [MODEL_FILE, TOKENIZER_FILE] + ([STATE_TENSORS, STATE_JSON] if need_train_state
-                                             else [])
+    weights = MODEL_FILE if meta.get("sharded") is None else SHARD_INDEX
+    needed = [weights, TOKENIZER_FILE] + ([STATE_TENSORS, STATE_JSON] if need_train_state
+                                          else [])
     for name in needed:
         if name not in files:
             raise UnusableCheckpoint(path, f"has no {name}")
@@ -412,6 +433,23 @@ def load_train_state(path: Path, model: AuraModel) -> tuple[TrainState, list[dic
     opt_states = _unpack_optimizer(
         {k: v for k, v in tensors.items() if not k.startswith("rng.")}, plain)
     return state, opt_states
+
+
+def load_sharded_train_state(path: Path, model: AuraModel, optimizers: Any) -> TrainState:
+    """``load_train_state`` of a sharded checkpoint: weights and optimizer state restored
+    straight into this rank's (possibly FSDP2-sharded) ``model`` and ``optimizers`` on any
+    world size, then RNG states and memories; returns the train state. Collective under
+    torchrun."""
+    try:
+        info = json.loads((path / STATE_JSON).read_text())
+        state, plain = TrainState(**info["train_state"]), info["optimizers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UnusableCheckpoint(path, f"{STATE_JSON} is malformed") from None
+    sharded.load_state(path, model, optimizers, plain)
+    for name, writer in model.writers.items():
+        writer.restore(path / MEMORY_DIR / name)
+    _restore_rng(load_file(str(path / STATE_TENSORS)))
+    return state
 
 
 def read_best(run_dir: Path) -> dict[str, Any] | None:

@@ -87,6 +87,11 @@ def env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_local_world() -> int:
+    """Ranks of the job on this host (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 @dataclass
 class Group:
     """This process's place in the job and the collectives the trainer uses; with ``world == 1``

@@ -315,3 +315,53 @@ def check_training_memory(config: AuraConfig, device: torch.device, precision: s
             f"{format_bytes(available.bytes)} is available ({available.source}); "
             f"{_advice(estimate, config, available.bytes)}; {skip}")
     return estimate
+
+
+def check_ranks_memory(config: AuraConfig, device: torch.device, precision: str, world: int,
+                       local: int) -> int:
+    """``check_training_memory`` for a job of ``world`` ranks, ``local`` of them on this host;
+    the bytes the host's ranks need. Each rank holds its ``batch_size / world`` rows'
+    activations and, under FSDP2, a ``1/world`` share of weights, gradients and optimizer
+    state. On CPU the host's ranks share its memory, and rank 0 also holds a consolidated
+    checkpoint's full copy while saving (a sharded save: its own share); on CUDA each rank
+    needs its GPU's free memory, and the host one built model per rank."""
+    if world <= 1:
+        return check_training_memory(config, device, precision).total
+    train = dataclasses.replace(config.train, batch_size=max(1, config.train.batch_size // world))
+    est = estimate_training_memory(dataclasses.replace(config, train=train), precision,
+                                   device.type)
+    share = world if config.train.parallel == "fsdp" else 1
+    rank = dataclasses.replace(est, param_bytes=est.param_bytes // share,
+                               grad_bytes=est.grad_bytes // share,
+                               optimizer_bytes=est.optimizer_bytes // share, checkpoint_bytes=0)
+    skip = "train.memory_check=false skips this check"
+
+    def fewer(per_rank: int) -> str:
+        fsdp = ("" if config.train.parallel == "fsdp"
+                else "train.parallel=fsdp (shards the state over the ranks), ")
+        return (f"use fewer ranks per host, {fsdp}or "
+                f"{_advice(rank, config, per_rank).removeprefix('use ')}")
+
+    if device.type == "cuda":
+        host = host_memory()
+        if host is not None and est.model_bytes * local > host.bytes:
+            raise AuraError(
+                f"{local} ranks on this host build one model each, "
+                f"{format_bytes(est.model_bytes * local)} of host memory, but "
+                f"{format_bytes(host.bytes)} is available ({host.source}); "
+                f"{fewer(host.bytes // local)}; {skip}")
+        available: Available | None = cuda_memory(device)
+        need = rank.total
+    else:
+        ckpt = (est.checkpoint_bytes if config.train.checkpoint_format == "consolidated"
+                else est.checkpoint_bytes // world)
+        need = rank.total * (local - 1) + dataclasses.replace(rank, checkpoint_bytes=ckpt).total
+        available = host_memory()
+    if available is not None and need > available.bytes:
+        where = "its GPU" if device.type == "cuda" else f"the {local} ranks on this host"
+        raise AuraError(
+            f"each of {world} ranks needs an estimated {rank.describe()}; {where} need "
+            f"{format_bytes(need)} but {format_bytes(available.bytes)} is available "
+            f"({available.source}); "
+            f"{fewer(available.bytes // (1 if device.type == 'cuda' else local))}; {skip}")
+    return need

@@ -31,13 +31,14 @@ from aura.data.sampler import BatchSampler, Curriculum, StepBatches
 from aura.data.shards import PreparedData
 from aura.errors import AuraError, DataError, environment_error
 from aura.models import AuraModel, build_model
-from aura.train import distributed, gpu
+from aura.train import distributed, gpu, sharded
 from aura.train.checkpoint import (
     Checkpointer,
     NoUsableCheckpoint,
     TrainState,
     latest_good,
     list_checkpoints,
+    load_sharded_train_state,
     load_train_state,
     load_weights,
     lock_run,
@@ -55,7 +56,7 @@ from aura.train.device import (
 )
 from aura.train.metrics import MetricsLog, TrainLog, progress_fields, training_flops_per_token
 from aura.train.optim import build_optimizers
-from aura.train.resources import check_training_memory
+from aura.train.resources import check_ranks_memory
 from aura.train.sanity import SanityMonitor, SanityWarning
 from aura.train.schedule import Every, Plateau, lr_factor
 
@@ -128,9 +129,15 @@ class Trainer:
             self.precision = pick_precision(cfg.train.precision, self.device, self.log,
                                             width=cfg.model.n_embd)
             if cfg.train.memory_check:  # before anything is built or written: no run on refusal
-                check_training_memory(cfg, self.device, self.precision.name)
+                check_ranks_memory(cfg, self.device, self.precision.name, self.group.world,
+                                   distributed.env_local_world())
             self.lock: Any = distributed.NO_LOCK
             self.group.share(lambda: self._lock(resume))
+        except AuraError as exc:  # every rank decided the same: rank 0 alone says it
+            self.group.close()
+            if self.group.main or isinstance(exc, distributed.FollowerError):
+                raise
+            raise distributed.FollowerError(str(exc)) from None
         except BaseException:
             self.group.close()
             raise
@@ -313,9 +320,12 @@ class Trainer:
         self.log(f"initialised from {path}")
 
     def _load(self, path: Path) -> None:
-        weights = self.parallel.io_model(self.model)
-        self.state, opt_states = load_train_state(path, weights)
-        self.parallel.load_full(self.model, weights, self.opt, opt_states)
+        if sharded.is_sharded(path):  # each rank reads its own chunks, on any world size
+            self.state = load_sharded_train_state(path, self.model, self.opt)
+        else:
+            weights = self.parallel.io_model(self.model)
+            self.state, opt_states = load_train_state(path, weights)
+            self.parallel.load_full(self.model, weights, self.opt, opt_states)
         self.plateau = Plateau(**self.state.plateau) if self.state.plateau else self.plateau
         self.continual.load(path)
         if self.scaler is not None and self.state.grad_scaler:
@@ -663,11 +673,17 @@ class Trainer:
         st.plateau = self.plateau.state()
         st.grad_scaler = self.scaler.state_dict() if self.scaler is not None else {}
         self.model.flush_memory()  # every rank: a flush gathers all ranks' queued memories
-        model, opt_states = self.parallel.full_state(self.model, self.opt)
+        shards = None
+        if self.cfg.train.checkpoint_format == "sharded":  # every rank writes its shards
+            shards = sharded.stage(self.run_dir, st.step, self.group, self.model, self.opt)
+            model, opt_states = ((self.model, shards.plain) if self.group.main
+                                 else (None, None))
+        else:
+            model, opt_states = self.parallel.full_state(self.model, self.opt)
         if model is not None and opt_states is not None:  # rank 0
             with distributed.local_memories(model):
                 self.checkpointer.save(model, self.data.tokenizer, self.cfg, st, opt_states,
-                                       val_loss, extra=self.continual.save)
+                                       val_loss, extra=self.continual.save, shards=shards)
         else:  # the others follow rank 0's best val loss
             improved = val_loss is not None and (st.best_val_loss is None
                                                  or val_loss < st.best_val_loss)
