@@ -88,8 +88,13 @@ class NaturalBrainConfig(ModelConfig):
     """Stress scales the brain's dropout (embedding and region outputs), in [1 - range,
     1 + range]; 0: off."""
     limbic_temperature_range: float = 0.2
-    """Arousal's sampling-temperature factor, in [1 - range, 1 + range], logged and offered to
-    samplers (``NaturalBrain.sampling_temperature``); 0: off."""
+    """Arousal's sampling-temperature factor at generation, in [1 - range, 1 + range]; 0: off."""
+    limbic_top_k_range: float = 0.2
+    """Arousal's factor on the sampler's top-k at generation (when one is set), in
+    [1 - range, 1 + range], rounded, at least 1; 0: off."""
+    limbic_sampling: bool = True
+    """The generator applies the limbic temperature and top-k factors (the checkpoint's hormone
+    state, read-only while generating); off: sampling exactly as asked."""
     # --- thalamus
     thalamus: bool = True
     """The thalamus relays the stream to the regions per token with learned weights; off: every
@@ -158,7 +163,7 @@ class NaturalBrainConfig(ModelConfig):
     def problems(self) -> list[str]:
         out = []
         for key in ("limbic_lr_range", "limbic_memory_range", "limbic_dropout_range",
-                    "limbic_temperature_range"):
+                    "limbic_temperature_range", "limbic_top_k_range"):
             if not 0 <= getattr(self, key) < 1:
                 out.append(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
         if not 0 < self.limbic_rate <= 1:
@@ -228,7 +233,8 @@ class NaturalBrain(Decoder):
         self.limbic = (LimbicSystem({"lr": c.limbic_lr_range,
                                      "memory_write": c.limbic_memory_range,
                                      "dropout": c.limbic_dropout_range,
-                                     "temperature": c.limbic_temperature_range},
+                                     "temperature": c.limbic_temperature_range,
+                                     "top_k": c.limbic_top_k_range},
                                     c.limbic_warmup, c.limbic_rate) if c.limbic else None)
         self.token_features = ("prosody",) if c.limbic else ()
         self.regions = c.regions()
@@ -308,6 +314,13 @@ class NaturalBrain(Decoder):
     def sampling_temperature(self) -> float:
         """The limbic system's factor for a sampler's temperature (1 without it)."""
         return self._limbic.multiplier("temperature") if self._limbic is not None else 1.0
+
+    def sampling_modulation(self) -> dict[str, float]:
+        """The hormones' temperature and top-k factors, when ``limbic_sampling`` is on (both
+        exactly 1 during the warmup)."""
+        if self._limbic is None or not self.config.limbic_sampling:
+            return {}
+        return {name: self._limbic.multiplier(name) for name in ("temperature", "top_k")}
 
     # --- forward ---------------------------------------------------------------------------
 
