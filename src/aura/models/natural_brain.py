@@ -47,6 +47,7 @@ from aura.nn.brain.broca import Broca
 from aura.nn.brain.limbic import LimbicSystem
 from aura.nn.brain.liquid_moe import LiquidMoE
 from aura.nn.brain.pfc import PrefrontalCortex
+from aura.nn.brain.salience import TokenSalience
 from aura.nn.brain.thalamus import Thalamus
 from aura.nn.dropout import dropout
 from aura.nn.hippocampus import HippocampalMemory, store_problems
@@ -108,6 +109,17 @@ class NaturalBrainConfig(ModelConfig):
     wernicke: bool = True
     """Wernicke's area: n_layer causal attention blocks (comprehension); off: no attention, the
     PFC is then the only source of context."""
+    use_stdp: bool = False
+    """Token STDP in Wernicke's attention (seed 001 §10): a per-token weight, moved by the
+    STDP rule after each training forward (tokens predicted with above-average surprise are
+    potentiated, the others depressed), scales the token's attention keys by
+    max(0, 1 + stdp_alpha * weight); saved with the checkpoint."""
+    stdp_alpha: float = 0.2
+    """How strongly a token's STDP weight (in [-1, 1]) scales its keys."""
+    stdp_lr_plus: float = 0.01
+    """STDP potentiation per spiking occurrence."""
+    stdp_lr_minus: float = 0.005
+    """STDP depression per silent occurrence."""
     use_spiking: bool = False
     """GIF spiking neurons (model.snn_steps steps) instead of the GELU MLP in Wernicke's
     feed-forwards."""
@@ -166,6 +178,11 @@ class NaturalBrainConfig(ModelConfig):
                     "limbic_temperature_range", "limbic_top_k_range"):
             if not 0 <= getattr(self, key) < 1:
                 out.append(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.use_stdp and not self.wernicke:
+            out.append("model.use_stdp needs model.wernicke (it scales the attention's keys)")
+        for key in ("stdp_alpha", "stdp_lr_plus", "stdp_lr_minus"):
+            if not 0 <= getattr(self, key) <= 1:
+                out.append(f"model.{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0 < self.limbic_rate <= 1:
             out.append(f"model.limbic_rate must be in (0, 1], got {self.limbic_rate}")
         if self.limbic_warmup < 0:
@@ -224,6 +241,9 @@ class NaturalBrain(Decoder):
             spiking = dataclasses.replace(c, ffn="snn", neuron="gif")
             self.blocks = nn.ModuleList(Block(spiking, i) for i in range(c.n_layer))
             self._init_weights()
+        self.stdp = (TokenSalience(c.vocab_size, c.n_head, c.stdp_alpha,  # type: ignore[arg-type]
+                                   c.stdp_lr_plus, c.stdp_lr_minus)
+                     if c.use_stdp and c.wernicke else None)
         if c.broca:
             self.broca: Broca | None = Broca(c.n_embd, c.broca_dim, c.bias)
             self.lm_head = nn.Linear(c.broca_dim, c.vocab_size, bias=False)  # untied
@@ -344,8 +364,9 @@ class NaturalBrain(Decoder):
         p = min(p, 0.9)
         x = dropout(self.wte(idx) + self.wpe(pos), p, self.training)
         if self.active("wernicke"):
+            gains = self.stdp.gains(idx) if self.stdp is not None else None
             for block in self.blocks:
-                x = self.run_block(block, x, cache)
+                x = self.run_block(block, x, cache, gains)
         balance = None
         if any(self.active(r) for r in self.regions):
             proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos, idx)
@@ -361,6 +382,8 @@ class NaturalBrain(Decoder):
         loss = ce if balance is None else ce + self.config.moe_balance * balance
         if limbic is not None and self.training and cache is None:
             limbic.update(ce, prosody)
+        if self.stdp is not None and self.active("wernicke") and self.training and cache is None:
+            self.stdp.update(targets, logits)  # read by the next forward, never by this one
         return ModelOutput(logits, loss, {"ce": ce.detach(), **self.metrics()}, hidden)
 
     def _regions(self, x: torch.Tensor, cache: BrainCache | None, pos: torch.Tensor,
@@ -414,9 +437,21 @@ class NaturalBrain(Decoder):
             module = self.module_of(switch)
             if switch != "wernicke" and module is not None and self.active(switch):
                 out.update(module.metrics())  # type: ignore[operator]
+        if self.stdp is not None and self.active("wernicke"):
+            out.update(self.stdp.metrics())
         return out
 
     # --- memory estimate -------------------------------------------------------------------
+
+    def block_activation_bytes(self, layer: int, seq: int, dtype: torch.dtype,
+                               device_type: str) -> int:
+        """The decoder block's, plus, with token STDP in fp32, the queries and keys its gains
+        scale (under autocast the scaled copies take the place of casts the block keeps
+        anyway: measured +0.1%, test_resources)."""
+        base = super().block_activation_bytes(layer, seq, dtype, device_type)
+        if self.stdp is not None and dtype == torch.float32:
+            base += 2 * self.config.n_embd * dtype.itemsize
+        return base
 
     def activation_bytes(self, batch: int, seq: int, dtype: torch.dtype = torch.float32,
                          device_type: str = "cpu") -> int:
