@@ -58,6 +58,7 @@ VARIANTS = [
     ("natural_brain",), ("natural_brain", "model.dropout=0.1", "model.thalamus_mode=topk"),
     ("natural_brain", "model.use_spiking=true", "model.broca=false"),
     ("natural_brain", "model.use_stdp=true"),
+    ("natural_brain", "model.place_cells=true", "model.time_cells=true", "model.limbic=false"),
 ]
 
 

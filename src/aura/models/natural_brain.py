@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from aura.data.prosody import N_FEATURES
+from aura.data.prosody import N_FEATURES, PARAGRAPH, SENTENCE_END
 from aura.memory.store import EpisodicStore
 from aura.memory.writer import MemoryAccess, MemoryWriter, token_positions
 from aura.models.base import ModelConfig, ModelOutput, lm_loss, register_model
@@ -51,7 +51,9 @@ from aura.nn.brain.salience import TokenSalience
 from aura.nn.brain.thalamus import Thalamus
 from aura.nn.dropout import dropout
 from aura.nn.hippocampus import HippocampalMemory, store_problems
+from aura.nn.place_cells import PlaceCellEncoder
 from aura.nn.snn_ffn import layer_firing_rates
+from aura.nn.time_cells import TimeCellEncoder, elapsed_since
 
 SWITCHES = ("limbic", "thalamus", "wernicke", "pfc", "liquid_moe", "hippocampus",
             "basal_ganglia", "broca")
@@ -167,6 +169,19 @@ class NaturalBrainConfig(ModelConfig):
     memory_writes: int = 32
     """Memories formed per training step (before the limbic write gate), at most
     memory_capacity."""
+    place_cells: bool = False
+    """Place cells in the hippocampus: a sparse code (the strongest place_active_fraction of
+    n_place_cells) of the region's input, added before it recalls and stores
+    (aura.nn.place_cells)."""
+    n_place_cells: int = 512
+    """Place cells of the hippocampus."""
+    place_active_fraction: float = 0.03
+    """Fraction of place cells that fire for a token, in (0, 1]."""
+    time_cells: bool = False
+    """Time cells in the hippocampus: log-spaced tuning to the tokens since the last sentence or
+    paragraph end (from prosody), added to the region's input (aura.nn.time_cells)."""
+    n_time_cells: int = 32
+    """Time cells of the hippocampus, >= 2."""
     # --- basal ganglia
     basal_ganglia: bool = True
     """Go/NoGo selection over the regions' proposals with an explicit no-go; off: the
@@ -201,6 +216,16 @@ class NaturalBrainConfig(ModelConfig):
             out.append(f"model.memory_writes must be in [1, memory_capacity="
                        f"{self.memory_capacity}], got {self.memory_writes}")
         out += store_problems(self.memory_capacity, self.memory_decay, self.memory_graph_k)
+        for key in ("place_cells", "time_cells"):
+            if getattr(self, key) and not self.hippocampus:
+                out.append(f"model.{key} needs model.hippocampus (they code its input)")
+        if not 0 < self.place_active_fraction <= 1:
+            out.append(f"model.place_active_fraction must be in (0, 1], got "
+                       f"{self.place_active_fraction}")
+        if self.n_place_cells < 1:
+            out.append(f"model.n_place_cells must be >= 1, got {self.n_place_cells}")
+        if self.n_time_cells < 2:
+            out.append(f"model.n_time_cells must be >= 2, got {self.n_time_cells}")
         if self.moe_balance < 0:
             out.append(f"model.moe_balance must be >= 0, got {self.moe_balance}")
         return out
@@ -216,16 +241,19 @@ class NaturalBrainConfig(ModelConfig):
 
 
 class BrainCache(KVCache):
-    """Wernicke's keys and values, plus the PFC's working memory after the last token."""
+    """Wernicke's keys and values, plus the PFC's working memory after the last token and each
+    row's latest event boundary (for the hippocampus's time cells)."""
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
         super().__init__(n_layer, batch_size, n_head, max_len, head_dim, device, dtype)
         self.pfc_state: torch.Tensor | None = None
+        self.last_boundary = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def reset(self) -> None:
         super().reset()
         self.pfc_state = None
+        self.last_boundary.zero_()
 
 
 @register_model("natural_brain", config=NaturalBrainConfig)
@@ -256,7 +284,7 @@ class NaturalBrain(Decoder):
                                      "temperature": c.limbic_temperature_range,
                                      "top_k": c.limbic_top_k_range},
                                     c.limbic_warmup, c.limbic_rate) if c.limbic else None)
-        self.token_features = ("prosody",) if c.limbic else ()
+        self.token_features = ("prosody",) if c.limbic or c.time_cells else ()
         self.regions = c.regions()
         self.thalamus = (Thalamus(c.n_embd, self.regions, c.thalamus_mode, c.thalamus_top_k)
                          if c.thalamus and self.regions and c.thalamus_mode != "bypass"
@@ -267,6 +295,10 @@ class NaturalBrain(Decoder):
         self.moe = (LiquidMoE(c.n_embd, c.moe_experts, c.moe_top_k, c.moe_hidden)
                     if c.liquid_moe else None)
         self.hippocampus = None
+        self.place = (PlaceCellEncoder(c.n_embd, c.n_place_cells, c.place_active_fraction)
+                      if c.hippocampus and c.place_cells else None)
+        self.time = (TimeCellEncoder(c.n_embd, c.n_time_cells)
+                     if c.hippocampus and c.time_cells else None)
         if c.hippocampus:
             store = EpisodicStore(c.memory_dim, c.n_embd, c.memory_capacity, c.memory_decay,
                                   graph_k=c.memory_graph_k, decay_mode=c.memory_decay_mode)
@@ -287,6 +319,9 @@ class NaturalBrain(Decoder):
         """The module a switch builds (None when off); "wernicke" is the blocks."""
         if switch == "wernicke":
             return self.blocks if len(self.blocks) else None
+        if switch == "hippocampus" and self.hippocampus is not None:
+            return nn.ModuleList(m for m in (self.hippocampus, self.place, self.time)
+                                 if m is not None)
         return getattr(self, {"liquid_moe": "moe"}.get(switch, switch))
 
     def inspected_parts(self) -> dict[str, nn.Module]:
@@ -294,9 +329,11 @@ class NaturalBrain(Decoder):
         (unless bypassed), LiquidMoE and the basal ganglia's selection."""
         routers = {"routing/thalamus": self.thalamus, "routing/moe": self.moe,
                    "routing/basal_ganglia": self.basal_ganglia}
+        cells = {"place": self.place, "time": self.time}
         return super().inspected_parts() | {
             name: m for name, m in routers.items()
-            if m is not None and getattr(m, "router", True) is not None}
+            if m is not None and getattr(m, "router", True) is not None} | {
+            name: m for name, m in cells.items() if m is not None}
 
     def active(self, switch: str) -> bool:
         """Whether ``switch``'s module is built and runs in the current training phase."""
@@ -369,7 +406,8 @@ class NaturalBrain(Decoder):
                 x = self.run_block(block, x, cache, gains)
         balance = None
         if any(self.active(r) for r in self.regions):
-            proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos, idx)
+            proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos, idx,
+                                               prosody)
             proposals = {r: dropout(v, p, self.training) for r, v in proposals.items()}
             if self.basal_ganglia is not None and self.active("basal_ganglia"):
                 x = self.basal_ganglia(x, proposals)
@@ -388,7 +426,7 @@ class NaturalBrain(Decoder):
 
     def _regions(self, x: torch.Tensor, cache: BrainCache | None, pos: torch.Tensor,
                  use_memory: bool, corpus_pos: torch.Tensor | None,
-                 tokens: torch.Tensor | None = None
+                 tokens: torch.Tensor | None = None, prosody: torch.Tensor | None = None
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Each region's proposal (like x) from what the thalamus relays to it, and the
         experts' load-balancing loss."""
@@ -406,14 +444,33 @@ class NaturalBrain(Decoder):
             out["liquid_moe"], balance = self.moe(inputs["liquid_moe"])
         if self.hippocampus is not None and self.active("hippocampus"):
             h = inputs["hippocampus"]
+            coded = self._cells(h, cache, pos, prosody)
             writes = self.config.memory_writes
             if self._limbic is not None:
                 writes = round(writes * self._limbic.multiplier("memory_write"))
             self.hippocampus.writes_per_step = max(1, min(writes, self.config.memory_capacity))
             access = MemoryAccess(read=use_memory, write=self.training and cache is None,
                                   positions=token_positions(corpus_pos, pos), tokens=tokens)
-            out["hippocampus"] = self.hippocampus(h, access) - h
+            out["hippocampus"] = self.hippocampus(coded, access) - h
         return out, balance
+
+    def _cells(self, h: torch.Tensor, cache: BrainCache | None, pos: torch.Tensor,
+               prosody: torch.Tensor | None) -> torch.Tensor:
+        """The hippocampus's input with its place and time codes added (as in `hippocampal`:
+        time since the last sentence or paragraph end, carried by the cache)."""
+        if self.place is not None:
+            h = self.place(h)
+        if self.time is not None:
+            if prosody is None or prosody.shape[:2] != h.shape[:2]:
+                raise ValueError("the natural_brain model's time cells need prosody of shape "
+                                 f"{(*h.shape[:2], N_FEATURES)} from the data pipeline")
+            boundary = (prosody[..., SENTENCE_END] > 0.5) | (prosody[..., PARAGRAPH] > 0.5)
+            start, previous = (cache.pos, cache.last_boundary) if cache is not None else (0, None)
+            elapsed = elapsed_since(boundary, start, previous)
+            if cache is not None:
+                cache.last_boundary = pos[-1] - elapsed[:, -1]
+            h = self.time(h, elapsed)
+        return h
 
     def head(self, x: torch.Tensor, cache: KVCache | None, last_only: bool
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,9 +491,11 @@ class NaturalBrain(Decoder):
         if self.config.use_spiking and self.active("wernicke"):
             out.update(layer_firing_rates([b.mlp for b in self.blocks]))  # type: ignore[misc]
         for switch in SWITCHES:
-            module = self.module_of(switch)
+            module = self.hippocampus if switch == "hippocampus" else self.module_of(switch)
             if switch != "wernicke" and module is not None and self.active(switch):
                 out.update(module.metrics())  # type: ignore[operator]
+        if self.place is not None and self.active("hippocampus"):
+            out.update(self.place.metrics())
         if self.stdp is not None and self.active("wernicke"):
             out.update(self.stdp.metrics())
         return out
@@ -475,6 +534,10 @@ class NaturalBrain(Decoder):
             extra += 4 * (C + 2 * c.pfc_heads + 5 * c.pfc_dim) + 8 * c.pfc_heads * seq
         if self.moe is not None:  # router; per routed slot the expert's input and activations
             extra += 4 * (2 * c.moe_experts + c.moe_top_k * (C + 9 * c.moe_hidden))
+        if self.place is not None:  # the drives' input, the winners' ids and weights
+            extra += 4 * C + 12 * self.place.k + 24
+        if self.time is not None:
+            extra += 4 * c.n_time_cells + 40
         if self.hippocampus is not None:
             recalled = c.memory_top_k + c.memory_graph_k
             extra += 4 * (5 * C + recalled * C + 3 * c.memory_dim) + c.memory_capacity
