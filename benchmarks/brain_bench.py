@@ -78,10 +78,12 @@ def matched_gpt(target: int, overrides: list[str]) -> AuraConfig:
 
 
 def runs(args: argparse.Namespace, common: list[str]) -> dict[str, AuraConfig]:
+    gpt_common = common
+    common = [*common, *args.brain_set]  # brain-only switches (e.g. model.use_stdp=true)
     brain = load_config(preset=PRESET, overrides=common)
     full = build_model(load_config(preset=PRESET, overrides=[
         *common, f"model.vocab_size={VOCAB}"]).model).num_params()
-    out = {"brain": brain, "gpt": matched_gpt(full, common)}
+    out = {"brain": brain, "gpt": matched_gpt(full, gpt_common)}
     if args.ablations:
         for switch in SWITCHES:
             out[f"no_{switch}"] = load_config(preset=PRESET,
@@ -321,6 +323,8 @@ def main() -> None:
     q.add_argument("--only", default="")
     q.add_argument("--ablations", action="store_true")
     q.add_argument("--set", action="append", default=[], help="an override for every run")
+    q.add_argument("--brain-set", action="append", default=[],
+                   help="an override for the brain's runs only (gpt has no such key)")
     q.add_argument("--png", default="")
     m = sub.add_parser("merge", help="merge quality outputs (one per seed) into one")
     m.add_argument("files", nargs="+")
