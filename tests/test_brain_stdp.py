@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -133,7 +132,6 @@ def test_checkpoints_carry_the_weights(train_data: Path, tmp_path: Path) -> None
     assert saved["stdp.weights_q"].abs().sum() > 0  # trained, and saved
 
 
-@pytest.mark.slow
 def test_resume_is_bit_exact_with_stdp(train_data: Path, tmp_path: Path) -> None:
     common = (*STDP_TRAIN, "train.checkpoint_interval=2", "train.eval_interval=2")
 
