@@ -3,6 +3,9 @@
     python benchmarks/brain_bench.py [--threads 1] quality [--steps 1000] [--seeds 0,1,2]
         [--only brain,gpt] [--ablations] [--png curves.png]
     python benchmarks/brain_bench.py merge seed0.json seed1.json ... [--png curves.png]
+    python benchmarks/brain_bench.py [--threads 1] migrate [--narrow 64] [--wide 128]
+        [--before 300] [--after 300] [--seed 0]
+    python benchmarks/brain_bench.py [--threads 1] speed [--steps 30] [--new-tokens 200]
 
 Char-level builtin Shakespeare (held-out works as val). Each run trains on the same batches
 (same seed) for the same tokens; every ``--eval-every`` steps the val loss is recorded (the
@@ -12,6 +15,18 @@ curve), and at the end val loss and bits per byte on ``--eval-tokens`` held-out 
 ``use_spiking`` on. The figures are quality only (loss, bpb); seconds are recorded for the lead
 but mean nothing on a shared machine. Also reported: ln(vocab), uniform guessing's loss, and
 the val loss at step 100 (seed 000's sanity rule: far below uniform by then).
+
+migrate (seed 003 §5, 512 -> 1024 at full size): brain-cpu at width ``--narrow`` trains
+``--before`` steps, ``aura convert`` (``aura.train.convert.convert``) widens it to ``--wide``
+(heads added so the head size stays ``--head-dim`` and every head keeps its weights), and
+``--init-from`` continues it ``--after`` steps; against the wide model from scratch for
+``--after`` steps (the issue's comparison) and for ``--before + --after`` (equal total steps).
+Val loss of each, the converted model's at step 0, and the convert table's counts.
+
+speed: training tokens/s (median over the logged steps after the first two) and peak RSS of
+brain-cpu and of its parameter-matched gpt, each in its own process so one's peak is not the
+other's, plus cached generation tokens/s and the memory estimate (aura.train.resources).
+Timing figures need an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -19,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,10 +78,12 @@ def matched_gpt(target: int, overrides: list[str]) -> AuraConfig:
 
 
 def runs(args: argparse.Namespace, common: list[str]) -> dict[str, AuraConfig]:
+    gpt_common = common
+    common = [*common, *args.brain_set]  # brain-only switches (e.g. model.use_stdp=true)
     brain = load_config(preset=PRESET, overrides=common)
     full = build_model(load_config(preset=PRESET, overrides=[
         *common, f"model.vocab_size={VOCAB}"]).model).num_params()
-    out = {"brain": brain, "gpt": matched_gpt(full, common)}
+    out = {"brain": brain, "gpt": matched_gpt(full, gpt_common)}
     if args.ablations:
         for switch in SWITCHES:
             out[f"no_{switch}"] = load_config(preset=PRESET,
@@ -157,6 +176,130 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _train(cfg: AuraConfig, data: Path, run_dir: Path, eval_tokens: int,
+           init_from: Path | None = None) -> dict[str, Any]:
+    trainer = Trainer(cfg, data, run_dir, progress=False, log=lambda _m: None,
+                      init_from=init_from)
+    trainer.run()
+    ev = evaluate_prepared(trainer.model, trainer.data, "val", max_tokens=eval_tokens)
+    return {"params": trainer.model.num_params(), "steps": cfg.train.max_steps,
+            "val_loss": round(ev.loss, 4), "val_bits_per_byte": round(ev.bits_per_byte, 4),
+            "curve": val_curve(run_dir)}
+
+
+def cmd_migrate(args: argparse.Namespace) -> dict[str, Any]:
+    """Narrow -> convert -> continue, against the wide model from scratch (module docstring)."""
+    from aura.data.shards import PreparedData
+    from aura.train.checkpoint import load_for_inference
+    from aura.train.convert import convert
+
+    for width in (args.narrow, args.wide):
+        if width % args.head_dim:
+            raise SystemExit(f"widths must be multiples of --head-dim {args.head_dim}")
+    if args.wide <= args.narrow:
+        raise SystemExit("--wide must be larger than --narrow")
+
+    def shape(width: int) -> list[str]:
+        return [f"model.n_embd={width}", f"model.n_head={width // args.head_dim}"]
+
+    def config(width: int, steps: int) -> AuraConfig:
+        return load_config(preset=PRESET, overrides=[
+            *shape(width), f"train.max_steps={steps}", f"train.checkpoint_interval={steps}",
+            f"train.eval_interval={args.eval_every}", "train.eval_iters=10",
+            f"train.seed={args.seed}", *args.set])
+
+    out: dict[str, Any] = {"uniform_loss": round(math.log(VOCAB), 4), "narrow": args.narrow,
+                           "wide": args.wide, "head_dim": args.head_dim, "seed": args.seed,
+                           "before": args.before, "after": args.after, "runs": {}}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        data = char_data(tmp)
+        assert PreparedData.open(data).vocab_size == VOCAB
+        runs = out["runs"]
+        runs["narrow"] = _train(config(args.narrow, args.before), data, tmp / "narrow",
+                                args.eval_tokens)
+        moved, _path = convert(tmp / "narrow", shape(args.wide), tmp / "converted")
+        out["convert"] = {a: sum(m.action == a for m in moved)
+                          for a in ("copied", "padded", "reset", "new", "dropped")}
+        loaded = load_for_inference(tmp / "converted")
+        ev = evaluate_prepared(loaded.model, PreparedData.open(data), "val",
+                               max_tokens=args.eval_tokens)
+        runs["converted_step0"] = {"params": loaded.model.num_params(),
+                                   "val_loss": round(ev.loss, 4),
+                                   "val_bits_per_byte": round(ev.bits_per_byte, 4)}
+        runs["converted_continued"] = _train(config(args.wide, args.after), data,
+                                             tmp / "continued", args.eval_tokens,
+                                             init_from=tmp / "converted")
+        runs["scratch_same_steps"] = _train(config(args.wide, args.after), data,
+                                            tmp / "scratch", args.eval_tokens)
+        runs["scratch_equal_total"] = _train(config(args.wide, args.before + args.after),
+                                             data, tmp / "scratch-total", args.eval_tokens)
+    return out
+
+
+def _speed_configs(steps: int) -> dict[str, AuraConfig]:
+    common = [f"train.max_steps={steps}", f"train.checkpoint_interval={steps}",
+              f"train.eval_interval={10 * steps}", "train.log_interval=1"]
+    full = build_model(load_config(preset=PRESET, overrides=[
+        *common, f"model.vocab_size={VOCAB}"]).model).num_params()
+    return {"brain": load_config(preset=PRESET, overrides=common),
+            "gpt": matched_gpt(full, common)}
+
+
+def cmd_speed_one(args: argparse.Namespace) -> dict[str, Any]:
+    """One model's training and generation speed and this process's peak RSS."""
+    from aura.infer.generate import generate
+    from aura.infer.sampling import SamplingConfig
+    from aura.train.resources import estimate_training_memory
+
+    cfg = _speed_configs(args.steps)[args.name]
+    with tempfile.TemporaryDirectory() as d:
+        data = char_data(Path(d))
+        with open("/proc/self/statm") as f:  # before the model: the interpreter, torch, data
+            base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        trainer = Trainer(cfg, data, Path(d) / "run", progress=False, log=lambda _m: None)
+        trainer.run()
+        rows = [json.loads(line) for line in
+                (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
+        speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 2]
+        model = trainer.model
+        from aura.data.prosody import token_features
+
+        features = token_features(model.token_features, trainer.data.tokenizer)
+        prompt = torch.zeros(1, 16, dtype=torch.long)
+        t0 = time.perf_counter()
+        generate(model, prompt, args.new_tokens, SamplingConfig(temperature=1.0, seed=0),
+                 features=features)
+        gen_s = time.perf_counter() - t0
+    est = estimate_training_memory(cfg, "fp32", "cpu")
+    return {"params": model.num_params(), "batch": cfg.train.batch_size,
+            "block": cfg.model.block_size,
+            "train_tokens_per_s": round(statistics.median(speeds), 1) if speeds else None,
+            "generate_tokens_per_s": round(args.new_tokens / gen_s, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_before_model_mb": round(base, 1),
+            "estimate_mb": round(est.total / 2**20, 1)}
+
+
+def cmd_speed(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("brain", "gpt"):
+        cmd = [sys.executable, __file__, "speed-one", name, "--steps", str(args.steps),
+               "--new-tokens", str(args.new_tokens)]
+        if args.threads:
+            cmd[2:2] = ["--threads", str(args.threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = json.loads(done.stdout)["result"]
+    b, g = out["brain"], out["gpt"]
+    if b["train_tokens_per_s"] and g["train_tokens_per_s"]:
+        out["brain_vs_gpt_train_speed"] = round(b["train_tokens_per_s"]
+                                                / g["train_tokens_per_s"], 3)
+    out["brain_vs_gpt_peak_rss_above_base"] = round(
+        (b["peak_rss_mb"] - b["rss_before_model_mb"])
+        / (g["peak_rss_mb"] - g["rss_before_model_mb"]), 3)
+    return out
+
+
 def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     """Several ``quality`` outputs (e.g. one process per seed) as one: runs, summary, PNG."""
     merged: dict[str, dict[int, dict[str, Any]]] = {}
@@ -180,15 +323,39 @@ def main() -> None:
     q.add_argument("--only", default="")
     q.add_argument("--ablations", action="store_true")
     q.add_argument("--set", action="append", default=[], help="an override for every run")
+    q.add_argument("--brain-set", action="append", default=[],
+                   help="an override for the brain's runs only (gpt has no such key)")
     q.add_argument("--png", default="")
     m = sub.add_parser("merge", help="merge quality outputs (one per seed) into one")
     m.add_argument("files", nargs="+")
     m.add_argument("--png", default="")
+    g = sub.add_parser("migrate", help="narrow -> aura convert -> continue vs wide from scratch")
+    g.add_argument("--narrow", type=int, default=64)
+    g.add_argument("--wide", type=int, default=128)
+    g.add_argument("--head-dim", type=int, default=32)
+    g.add_argument("--before", type=int, default=300, help="steps of the narrow model")
+    g.add_argument("--after", type=int, default=300, help="steps after the conversion")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-every", type=int, default=100)
+    g.add_argument("--eval-tokens", type=int, default=50_000)
+    g.add_argument("--set", action="append", default=[], help="an override for every run")
+    s = sub.add_parser("speed", help="tokens/s and peak memory, brain vs matched gpt")
+    s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--new-tokens", type=int, default=200)
+    one = sub.add_parser("speed-one")  # one model in this process (speed runs it)
+    one.add_argument("name", choices=["brain", "gpt"])
+    one.add_argument("--steps", type=int, default=30)
+    one.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"quality": cmd_quality, "merge": cmd_merge}[args.cmd](args)
+    commands = {"quality": cmd_quality, "merge": cmd_merge, "migrate": cmd_migrate,
+                "speed": cmd_speed, "speed-one": cmd_speed_one}
+    result = commands[args.cmd](args)
+    if args.cmd == "speed-one":
+        print(json.dumps({"result": result}))
+        return
     print(json.dumps({"machine": machine(), **result}, indent=1))
 
 

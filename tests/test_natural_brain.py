@@ -173,7 +173,8 @@ def test_moe_balance_loss_is_in_the_training_loss() -> None:
 # --- limbic -----------------------------------------------------------------------------------
 
 
-RANGES = {"lr": 0.2, "memory_write": 0.5, "dropout": 0.5, "temperature": 0.3}
+RANGES = {"lr": 0.2, "memory_write": 0.5, "dropout": 0.5, "temperature": 0.3,
+          "top_k": 0.25}
 
 
 def extreme_prosody(sign: float) -> torch.Tensor:

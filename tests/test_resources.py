@@ -57,6 +57,8 @@ VARIANTS = [
     ("bdh",), ("bdh", "model.shared_weights=false", "model.dropout=0.0"),
     ("natural_brain",), ("natural_brain", "model.dropout=0.1", "model.thalamus_mode=topk"),
     ("natural_brain", "model.use_spiking=true", "model.broca=false"),
+    ("natural_brain", "model.use_stdp=true"),
+    ("natural_brain", "model.place_cells=true", "model.time_cells=true", "model.limbic=false"),
 ]
 
 

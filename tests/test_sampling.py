@@ -169,7 +169,7 @@ def test_invalid_config_raises(kwargs: dict) -> None:
 
 def test_valid_edges_are_accepted_and_filter_nothing() -> None:
     edges = {"temperature": 0, "top_k": 1, "top_p": 1.0, "typical_p": 1.0,
-             "repetition_penalty": 1, "seed": 2**64 - 1}
+             "repetition_penalty": 1, "seed": 2**64 - 1, "modulation": False}
     greedy = SamplingConfig(**edges)
     assert dataclasses.asdict(greedy) == edges  # kept as given, nothing clamped
     logits = random_logits(5, 16, 50, 1.0)

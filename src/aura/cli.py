@@ -364,7 +364,7 @@ def _sampling(args: argparse.Namespace) -> Any:
 
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed)
+                          seed=args.seed, modulation=not getattr(args, "no_modulation", False))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -396,7 +396,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                              on_ready=on_ready, memory=args.memory or "read",
                              on_token=None if trace is None else trace.push)
     if args.json:
-        report = {"checkpoint": str(loaded.path), "prompt": prompt, "text": text}
+        from aura.infer.generate import modulated
+
+        applied, factors = modulated(loaded.model, sampling)
+        report = {"checkpoint": str(loaded.path), "prompt": prompt, "text": text,
+                  "sampling": {"temperature": applied.temperature, "top_k": applied.top_k,
+                               "modulation": factors}}
         if trace is not None:
             report["memory_reads"] = trace.spans()
         _print_json(report)
@@ -638,6 +643,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--typical-p", type=float)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
+    g.add_argument("--no-modulation", action="store_true",
+                   help="ignore the model's own factors on temperature and top-k (e.g. "
+                        "natural_brain's hormones): sample exactly as asked")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable)")
     g.add_argument("--no-cache", action="store_true", help="re-run the prefix for every token")

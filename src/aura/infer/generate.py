@@ -7,6 +7,8 @@ the cache must agree with and the only way to decode models that have no cache.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +28,33 @@ TokenCallback = Callable[[torch.Tensor], bool | None]
 # The output ids are allocated whole before decoding (8 bytes per token and row), so an extra
 # digit typed by mistake would otherwise ask for terabytes, or overflow an int64.
 MAX_NEW_TOKENS = 1 << 24
+
+
+# However a model modulates its sampling, the generator never lets it more than halve or
+# double the user's temperature or top-k.
+MODULATION_BOUNDS = (0.5, 2.0)
+
+
+def modulated(model: AuraModel, sampling: SamplingConfig
+              ) -> tuple[SamplingConfig, dict[str, float]]:
+    """``sampling`` with the model's declared factors (``AuraModel.sampling_modulation``)
+    applied, and the factors as applied: temperature times its factor (greedy stays greedy),
+    top-k times its factor rounded, at least 1 (no top-k set: nothing to scale). Each factor
+    is clamped to ``MODULATION_BOUNDS``; ``sampling.modulation`` off: unchanged."""
+    if not sampling.modulation:
+        return sampling, {}
+    factors = {}
+    for name, value in model.sampling_modulation().items():
+        if name not in ("temperature", "top_k") or not math.isfinite(value):
+            raise ValueError(f"model {model.config.name!r} declares a sampling factor "
+                             f"{name}={value}; only finite temperature and top_k factors exist")
+        factors[name] = min(max(float(value), MODULATION_BOUNDS[0]), MODULATION_BOUNDS[1])
+    changes: dict[str, Any] = {}
+    if factors.get("temperature", 1.0) != 1.0:
+        changes["temperature"] = sampling.temperature * factors["temperature"]
+    if factors.get("top_k", 1.0) != 1.0 and sampling.top_k is not None:
+        changes["top_k"] = max(1, round(sampling.top_k * factors["top_k"]))
+    return (dataclasses.replace(sampling, **changes) if changes else sampling), factors
 
 
 def _check_max_new_tokens(max_new_tokens: int) -> None:
@@ -58,6 +87,8 @@ class Decoder:
     def __init__(self, model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
                  use_cache: bool, stop_ids: int | None, features: TokenFeatures,
                  memory: dict[str, bool] | None = None):
+        # the model's own factors (its state is read-only while generating: once is enough)
+        sampling = modulated(model, sampling)[0]
         self.model, self.out, self.t, self.sampling = model, out, t, sampling
         self.stop_ids, self.features, self.memory = stop_ids, features, memory
         batch, self.total = out.shape

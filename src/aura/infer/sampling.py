@@ -30,6 +30,9 @@ class SamplingConfig:
     typical_p: float | None = None  # locally typical sampling's probability mass
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context
     seed: int | None = None  # None: a fresh random seed per generation
+    # False: ignore the model's own factors on temperature and top-k (its declared
+    # ``sampling_modulation``, e.g. natural_brain's hormones); sample exactly as set here
+    modulation: bool = True
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or self.temperature < 0:
@@ -51,6 +54,8 @@ class SamplingConfig:
             or not 0 <= self.seed < 2**64
         ):
             raise AuraError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        if not isinstance(self.modulation, bool):
+            raise AuraError(f"modulation must be true or false, got {self.modulation!r}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, prev_ids: torch.Tensor, penalty: float

@@ -154,6 +154,13 @@ class AuraModel(nn.Module):
         a neuromodulator's; 1 by default."""
         return 1.0
 
+    def sampling_modulation(self) -> dict[str, float]:
+        """Factors the generator applies to the user's sampling settings, by name
+        ("temperature", "top_k"), e.g. a hormone state's (``aura.infer.generate.modulated``
+        bounds and applies them); none by default. Read-only: generating must not change
+        them, since a server shares one model between requests."""
+        return {}
+
     def build_memory(self, split: SplitData, tokenizer: Tokenizer | None = None,
                      max_chunks: int | None = None, batch_size: int = 8) -> int:
         """Refill the memories from a prepared split (``aura memory build``); returns the

@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from aura.data.prosody import N_FEATURES
+from aura.data.prosody import N_FEATURES, PARAGRAPH, SENTENCE_END
 from aura.memory.store import EpisodicStore
 from aura.memory.writer import MemoryAccess, MemoryWriter, token_positions
 from aura.models.base import ModelConfig, ModelOutput, lm_loss, register_model
@@ -47,10 +47,13 @@ from aura.nn.brain.broca import Broca
 from aura.nn.brain.limbic import LimbicSystem
 from aura.nn.brain.liquid_moe import LiquidMoE
 from aura.nn.brain.pfc import PrefrontalCortex
+from aura.nn.brain.salience import TokenSalience
 from aura.nn.brain.thalamus import Thalamus
 from aura.nn.dropout import dropout
 from aura.nn.hippocampus import HippocampalMemory, store_problems
+from aura.nn.place_cells import PlaceCellEncoder
 from aura.nn.snn_ffn import layer_firing_rates
+from aura.nn.time_cells import TimeCellEncoder, elapsed_since
 
 SWITCHES = ("limbic", "thalamus", "wernicke", "pfc", "liquid_moe", "hippocampus",
             "basal_ganglia", "broca")
@@ -88,8 +91,13 @@ class NaturalBrainConfig(ModelConfig):
     """Stress scales the brain's dropout (embedding and region outputs), in [1 - range,
     1 + range]; 0: off."""
     limbic_temperature_range: float = 0.2
-    """Arousal's sampling-temperature factor, in [1 - range, 1 + range], logged and offered to
-    samplers (``NaturalBrain.sampling_temperature``); 0: off."""
+    """Arousal's sampling-temperature factor at generation, in [1 - range, 1 + range]; 0: off."""
+    limbic_top_k_range: float = 0.2
+    """Arousal's factor on the sampler's top-k at generation (when one is set), in
+    [1 - range, 1 + range], rounded, at least 1; 0: off."""
+    limbic_sampling: bool = True
+    """The generator applies the limbic temperature and top-k factors (the checkpoint's hormone
+    state, read-only while generating); off: sampling exactly as asked."""
     # --- thalamus
     thalamus: bool = True
     """The thalamus relays the stream to the regions per token with learned weights; off: every
@@ -103,6 +111,17 @@ class NaturalBrainConfig(ModelConfig):
     wernicke: bool = True
     """Wernicke's area: n_layer causal attention blocks (comprehension); off: no attention, the
     PFC is then the only source of context."""
+    use_stdp: bool = False
+    """Token STDP in Wernicke's attention (seed 001 §10): a per-token weight, moved by the
+    STDP rule after each training forward (tokens predicted with above-average surprise are
+    potentiated, the others depressed), scales the token's attention keys by
+    max(0, 1 + stdp_alpha * weight); saved with the checkpoint."""
+    stdp_alpha: float = 0.2
+    """How strongly a token's STDP weight (in [-1, 1]) scales its keys."""
+    stdp_lr_plus: float = 0.01
+    """STDP potentiation per spiking occurrence."""
+    stdp_lr_minus: float = 0.005
+    """STDP depression per silent occurrence."""
     use_spiking: bool = False
     """GIF spiking neurons (model.snn_steps steps) instead of the GELU MLP in Wernicke's
     feed-forwards."""
@@ -150,6 +169,19 @@ class NaturalBrainConfig(ModelConfig):
     memory_writes: int = 32
     """Memories formed per training step (before the limbic write gate), at most
     memory_capacity."""
+    place_cells: bool = False
+    """Place cells in the hippocampus: a sparse code (the strongest place_active_fraction of
+    n_place_cells) of the region's input, added before it recalls and stores
+    (aura.nn.place_cells)."""
+    n_place_cells: int = 512
+    """Place cells of the hippocampus."""
+    place_active_fraction: float = 0.03
+    """Fraction of place cells that fire for a token, in (0, 1]."""
+    time_cells: bool = False
+    """Time cells in the hippocampus: log-spaced tuning to the tokens since the last sentence or
+    paragraph end (from prosody), added to the region's input (aura.nn.time_cells)."""
+    n_time_cells: int = 32
+    """Time cells of the hippocampus, >= 2."""
     # --- basal ganglia
     basal_ganglia: bool = True
     """Go/NoGo selection over the regions' proposals with an explicit no-go; off: the
@@ -158,9 +190,14 @@ class NaturalBrainConfig(ModelConfig):
     def problems(self) -> list[str]:
         out = []
         for key in ("limbic_lr_range", "limbic_memory_range", "limbic_dropout_range",
-                    "limbic_temperature_range"):
+                    "limbic_temperature_range", "limbic_top_k_range"):
             if not 0 <= getattr(self, key) < 1:
                 out.append(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.use_stdp and not self.wernicke:
+            out.append("model.use_stdp needs model.wernicke (it scales the attention's keys)")
+        for key in ("stdp_alpha", "stdp_lr_plus", "stdp_lr_minus"):
+            if not 0 <= getattr(self, key) <= 1:
+                out.append(f"model.{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0 < self.limbic_rate <= 1:
             out.append(f"model.limbic_rate must be in (0, 1], got {self.limbic_rate}")
         if self.limbic_warmup < 0:
@@ -179,6 +216,16 @@ class NaturalBrainConfig(ModelConfig):
             out.append(f"model.memory_writes must be in [1, memory_capacity="
                        f"{self.memory_capacity}], got {self.memory_writes}")
         out += store_problems(self.memory_capacity, self.memory_decay, self.memory_graph_k)
+        for key in ("place_cells", "time_cells"):
+            if getattr(self, key) and not self.hippocampus:
+                out.append(f"model.{key} needs model.hippocampus (they code its input)")
+        if not 0 < self.place_active_fraction <= 1:
+            out.append(f"model.place_active_fraction must be in (0, 1], got "
+                       f"{self.place_active_fraction}")
+        if self.n_place_cells < 1:
+            out.append(f"model.n_place_cells must be >= 1, got {self.n_place_cells}")
+        if self.n_time_cells < 2:
+            out.append(f"model.n_time_cells must be >= 2, got {self.n_time_cells}")
         if self.moe_balance < 0:
             out.append(f"model.moe_balance must be >= 0, got {self.moe_balance}")
         return out
@@ -194,16 +241,19 @@ class NaturalBrainConfig(ModelConfig):
 
 
 class BrainCache(KVCache):
-    """Wernicke's keys and values, plus the PFC's working memory after the last token."""
+    """Wernicke's keys and values, plus the PFC's working memory after the last token and each
+    row's latest event boundary (for the hippocampus's time cells)."""
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
         super().__init__(n_layer, batch_size, n_head, max_len, head_dim, device, dtype)
         self.pfc_state: torch.Tensor | None = None
+        self.last_boundary = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def reset(self) -> None:
         super().reset()
         self.pfc_state = None
+        self.last_boundary.zero_()
 
 
 @register_model("natural_brain", config=NaturalBrainConfig)
@@ -219,6 +269,9 @@ class NaturalBrain(Decoder):
             spiking = dataclasses.replace(c, ffn="snn", neuron="gif")
             self.blocks = nn.ModuleList(Block(spiking, i) for i in range(c.n_layer))
             self._init_weights()
+        self.stdp = (TokenSalience(c.vocab_size, c.n_head, c.stdp_alpha,  # type: ignore[arg-type]
+                                   c.stdp_lr_plus, c.stdp_lr_minus)
+                     if c.use_stdp and c.wernicke else None)
         if c.broca:
             self.broca: Broca | None = Broca(c.n_embd, c.broca_dim, c.bias)
             self.lm_head = nn.Linear(c.broca_dim, c.vocab_size, bias=False)  # untied
@@ -228,9 +281,10 @@ class NaturalBrain(Decoder):
         self.limbic = (LimbicSystem({"lr": c.limbic_lr_range,
                                      "memory_write": c.limbic_memory_range,
                                      "dropout": c.limbic_dropout_range,
-                                     "temperature": c.limbic_temperature_range},
+                                     "temperature": c.limbic_temperature_range,
+                                     "top_k": c.limbic_top_k_range},
                                     c.limbic_warmup, c.limbic_rate) if c.limbic else None)
-        self.token_features = ("prosody",) if c.limbic else ()
+        self.token_features = ("prosody",) if c.limbic or c.time_cells else ()
         self.regions = c.regions()
         self.thalamus = (Thalamus(c.n_embd, self.regions, c.thalamus_mode, c.thalamus_top_k)
                          if c.thalamus and self.regions and c.thalamus_mode != "bypass"
@@ -241,6 +295,10 @@ class NaturalBrain(Decoder):
         self.moe = (LiquidMoE(c.n_embd, c.moe_experts, c.moe_top_k, c.moe_hidden)
                     if c.liquid_moe else None)
         self.hippocampus = None
+        self.place = (PlaceCellEncoder(c.n_embd, c.n_place_cells, c.place_active_fraction)
+                      if c.hippocampus and c.place_cells else None)
+        self.time = (TimeCellEncoder(c.n_embd, c.n_time_cells)
+                     if c.hippocampus and c.time_cells else None)
         if c.hippocampus:
             store = EpisodicStore(c.memory_dim, c.n_embd, c.memory_capacity, c.memory_decay,
                                   graph_k=c.memory_graph_k, decay_mode=c.memory_decay_mode)
@@ -261,6 +319,9 @@ class NaturalBrain(Decoder):
         """The module a switch builds (None when off); "wernicke" is the blocks."""
         if switch == "wernicke":
             return self.blocks if len(self.blocks) else None
+        if switch == "hippocampus" and self.hippocampus is not None:
+            return nn.ModuleList(m for m in (self.hippocampus, self.place, self.time)
+                                 if m is not None)
         return getattr(self, {"liquid_moe": "moe"}.get(switch, switch))
 
     def inspected_parts(self) -> dict[str, nn.Module]:
@@ -268,9 +329,11 @@ class NaturalBrain(Decoder):
         (unless bypassed), LiquidMoE and the basal ganglia's selection."""
         routers = {"routing/thalamus": self.thalamus, "routing/moe": self.moe,
                    "routing/basal_ganglia": self.basal_ganglia}
+        cells = {"place": self.place, "time": self.time}
         return super().inspected_parts() | {
             name: m for name, m in routers.items()
-            if m is not None and getattr(m, "router", True) is not None}
+            if m is not None and getattr(m, "router", True) is not None} | {
+            name: m for name, m in cells.items() if m is not None}
 
     def active(self, switch: str) -> bool:
         """Whether ``switch``'s module is built and runs in the current training phase."""
@@ -309,6 +372,13 @@ class NaturalBrain(Decoder):
         """The limbic system's factor for a sampler's temperature (1 without it)."""
         return self._limbic.multiplier("temperature") if self._limbic is not None else 1.0
 
+    def sampling_modulation(self) -> dict[str, float]:
+        """The hormones' temperature and top-k factors, when ``limbic_sampling`` is on (both
+        exactly 1 during the warmup)."""
+        if self._limbic is None or not self.config.limbic_sampling:
+            return {}
+        return {name: self._limbic.multiplier(name) for name in ("temperature", "top_k")}
+
     # --- forward ---------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
@@ -331,11 +401,13 @@ class NaturalBrain(Decoder):
         p = min(p, 0.9)
         x = dropout(self.wte(idx) + self.wpe(pos), p, self.training)
         if self.active("wernicke"):
+            gains = self.stdp.gains(idx) if self.stdp is not None else None
             for block in self.blocks:
-                x = self.run_block(block, x, cache)
+                x = self.run_block(block, x, cache, gains)
         balance = None
         if any(self.active(r) for r in self.regions):
-            proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos, idx)
+            proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos, idx,
+                                               prosody)
             proposals = {r: dropout(v, p, self.training) for r, v in proposals.items()}
             if self.basal_ganglia is not None and self.active("basal_ganglia"):
                 x = self.basal_ganglia(x, proposals)
@@ -348,11 +420,13 @@ class NaturalBrain(Decoder):
         loss = ce if balance is None else ce + self.config.moe_balance * balance
         if limbic is not None and self.training and cache is None:
             limbic.update(ce, prosody)
+        if self.stdp is not None and self.active("wernicke") and self.training and cache is None:
+            self.stdp.update(targets, logits)  # read by the next forward, never by this one
         return ModelOutput(logits, loss, {"ce": ce.detach(), **self.metrics()}, hidden)
 
     def _regions(self, x: torch.Tensor, cache: BrainCache | None, pos: torch.Tensor,
                  use_memory: bool, corpus_pos: torch.Tensor | None,
-                 tokens: torch.Tensor | None = None
+                 tokens: torch.Tensor | None = None, prosody: torch.Tensor | None = None
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Each region's proposal (like x) from what the thalamus relays to it, and the
         experts' load-balancing loss."""
@@ -370,14 +444,33 @@ class NaturalBrain(Decoder):
             out["liquid_moe"], balance = self.moe(inputs["liquid_moe"])
         if self.hippocampus is not None and self.active("hippocampus"):
             h = inputs["hippocampus"]
+            coded = self._cells(h, cache, pos, prosody)
             writes = self.config.memory_writes
             if self._limbic is not None:
                 writes = round(writes * self._limbic.multiplier("memory_write"))
             self.hippocampus.writes_per_step = max(1, min(writes, self.config.memory_capacity))
             access = MemoryAccess(read=use_memory, write=self.training and cache is None,
                                   positions=token_positions(corpus_pos, pos), tokens=tokens)
-            out["hippocampus"] = self.hippocampus(h, access) - h
+            out["hippocampus"] = self.hippocampus(coded, access) - h
         return out, balance
+
+    def _cells(self, h: torch.Tensor, cache: BrainCache | None, pos: torch.Tensor,
+               prosody: torch.Tensor | None) -> torch.Tensor:
+        """The hippocampus's input with its place and time codes added (as in `hippocampal`:
+        time since the last sentence or paragraph end, carried by the cache)."""
+        if self.place is not None:
+            h = self.place(h)
+        if self.time is not None:
+            if prosody is None or prosody.shape[:2] != h.shape[:2]:
+                raise ValueError("the natural_brain model's time cells need prosody of shape "
+                                 f"{(*h.shape[:2], N_FEATURES)} from the data pipeline")
+            boundary = (prosody[..., SENTENCE_END] > 0.5) | (prosody[..., PARAGRAPH] > 0.5)
+            start, previous = (cache.pos, cache.last_boundary) if cache is not None else (0, None)
+            elapsed = elapsed_since(boundary, start, previous)
+            if cache is not None:
+                cache.last_boundary = pos[-1] - elapsed[:, -1]
+            h = self.time(h, elapsed)
+        return h
 
     def head(self, x: torch.Tensor, cache: KVCache | None, last_only: bool
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,12 +491,26 @@ class NaturalBrain(Decoder):
         if self.config.use_spiking and self.active("wernicke"):
             out.update(layer_firing_rates([b.mlp for b in self.blocks]))  # type: ignore[misc]
         for switch in SWITCHES:
-            module = self.module_of(switch)
+            module = self.hippocampus if switch == "hippocampus" else self.module_of(switch)
             if switch != "wernicke" and module is not None and self.active(switch):
                 out.update(module.metrics())  # type: ignore[operator]
+        if self.place is not None and self.active("hippocampus"):
+            out.update(self.place.metrics())
+        if self.stdp is not None and self.active("wernicke"):
+            out.update(self.stdp.metrics())
         return out
 
     # --- memory estimate -------------------------------------------------------------------
+
+    def block_activation_bytes(self, layer: int, seq: int, dtype: torch.dtype,
+                               device_type: str) -> int:
+        """The decoder block's, plus, with token STDP in fp32, the queries and keys its gains
+        scale (under autocast the scaled copies take the place of casts the block keeps
+        anyway: measured +0.1%, test_resources)."""
+        base = super().block_activation_bytes(layer, seq, dtype, device_type)
+        if self.stdp is not None and dtype == torch.float32:
+            base += 2 * self.config.n_embd * dtype.itemsize
+        return base
 
     def activation_bytes(self, batch: int, seq: int, dtype: torch.dtype = torch.float32,
                          device_type: str = "cpu") -> int:
@@ -427,6 +534,10 @@ class NaturalBrain(Decoder):
             extra += 4 * (C + 2 * c.pfc_heads + 5 * c.pfc_dim) + 8 * c.pfc_heads * seq
         if self.moe is not None:  # router; per routed slot the expert's input and activations
             extra += 4 * (2 * c.moe_experts + c.moe_top_k * (C + 9 * c.moe_hidden))
+        if self.place is not None:  # the drives' input, the winners' ids and weights
+            extra += 4 * C + 12 * self.place.k + 24
+        if self.time is not None:
+            extra += 4 * c.n_time_cells + 40
         if self.hippocampus is not None:
             recalled = c.memory_top_k + c.memory_graph_k
             extra += 4 * (5 * C + recalled * C + 3 * c.memory_dim) + c.memory_capacity

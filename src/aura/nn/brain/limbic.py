@@ -25,7 +25,7 @@ from aura.data.prosody import FEATURES
 
 AROUSAL, VALENCE = FEATURES.index("arousal"), FEATURES.index("valence")
 NEUTRAL = (0.5, 0.0, 0.5)  # arousal, valence, stress
-MODULATED = ("lr", "memory_write", "dropout", "temperature")
+MODULATED = ("lr", "memory_write", "dropout", "temperature", "top_k")
 _SLOW = 0.01  # the slow surprise average's rate: ~100 forwards
 _STRESS_GAIN = 10.0  # stress = sigmoid(10 * (surprise / usual - 1)): 10% above usual -> 0.73
 
@@ -56,10 +56,12 @@ class LimbicSystem(nn.Module):
     def signals(self) -> dict[str, torch.Tensor]:
         """Each modulated quantity's signal in [-1, 1] from the hormones: arousal raises the
         learning rate and the sampling temperature, stress (novelty) opens the memory-write
-        gate and raises dropout."""
+        gate and raises dropout; at generation arousal also widens top-k (more candidates
+        for a hotter sampler)."""
         arousal, _valence, stress = self.hormones.unbind()
         return {"lr": 2 * arousal - 1, "memory_write": 2 * stress - 1,
-                "dropout": 2 * stress - 1, "temperature": 2 * arousal - 1}
+                "dropout": 2 * stress - 1, "temperature": 2 * arousal - 1,
+                "top_k": 2 * arousal - 1}
 
     def multiplier(self, name: str) -> float:
         """``1 + range * signal`` for quantity ``name``, in [1 - range, 1 + range]; exactly 1
