@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from aura.config import AuraConfig
 from aura.data.prosody import N_FEATURES
 from aura.errors import AuraError
-from aura.memory.store import EpisodicStore
+from aura.memory.store import SNIPPET_TOKENS, EpisodicStore
 from aura.models import AuraModel, build_model, model_names
 from aura.train import resources
 from aura.train.optim import build_optimizers
@@ -114,7 +114,8 @@ def test_the_meta_model_allocates_nothing_not_even_its_memory_stores() -> None:
 
 def test_a_store_counts_its_memories_index_and_map() -> None:
     store = EpisodicStore(8, 4, capacity=10, graph_k=2)
-    slots = 10 * (8 * 4 + 4 * 4 + 2 * 4 + 4 * 8)  # keys, values, importance + strength, longs
+    # keys, values, importance + strength + stability, longs, int32 source-token snippet
+    slots = 10 * (8 * 4 + 4 * 4 + 3 * 4 + 4 * 8 + SNIPPET_TOKENS * 4)
     index = 10 * (8 * 4 + 1)  # the index's copy of the keys, and which slots are valid
     graph = 10 * 2 * (8 + 4)  # the map's neighbours and their scores
     assert store.nbytes() == slots + index + graph
