@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aura.infer.sampling import SamplingConfig
+from aura.infer.sampling import SamplingConfig, typical_filter
 
 _M64 = (1 << 64) - 1
 
@@ -114,18 +114,6 @@ class _Uses:
                 for c in cfgs))
 
 
-def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """``sampling.typical_filter`` with a per-row mass (B, 1); a mass of 2 keeps every token."""
-    logp = logits.log_softmax(dim=-1)
-    p = logp.exp()
-    entropy = -(logp * p).nansum(dim=-1, keepdim=True)
-    distance = (-logp - entropy).abs()
-    sorted_distance, order = distance.sort(dim=-1)
-    cum = p.gather(-1, order).cumsum(dim=-1)
-    last = (cum < mass).sum(dim=-1, keepdim=True).clamp_(max=logits.size(-1) - 1)
-    return logits.masked_fill(distance > sorted_distance.gather(-1, last), -math.inf)
-
-
 def sample_rows(logits: torch.Tensor, seen: torch.Tensor | None, s: RowSettings,
                 uses: _Uses, counters: torch.Tensor) -> torch.Tensor:
     """(B,) next ids from (B, V) logits; ``seen`` (B, V) marks each row's context tokens for
@@ -151,7 +139,7 @@ def sample_rows(logits: torch.Tensor, seen: torch.Tensor | None, s: RowSettings,
                                       -math.inf)
         x = x.scatter(-1, order, ordered)
     if uses.typical:
-        x = _typical(x, s.typical_p[:, None])
+        x = typical_filter(x, s.typical_p[:, None])
     cdf = x.softmax(dim=-1).double().cumsum(dim=-1)
     u = uniforms(s.seed, counters) * cdf[:, -1]
     drawn = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=x.size(-1) - 1)

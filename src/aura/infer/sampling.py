@@ -97,14 +97,15 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -math.inf)
 
 
-def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
+def typical_filter(logits: torch.Tensor, mass: float | torch.Tensor) -> torch.Tensor:
     """Locally typical sampling (Meister et al. 2022) with HF's TypicalLogitsWarper semantics.
 
     Tokens are ranked by how far their surprisal -log p is from the distribution's entropy; the
     closest are kept until their probability reaches ``mass`` (ties with the last one kept too).
     The most *likely* token can be dropped: that is the point, it is often atypically dull.
+    ``mass`` may be a (B, 1) tensor, one per row (a mass >= 1 there keeps every token).
     """
-    if mass >= 1:
+    if not isinstance(mass, torch.Tensor) and mass >= 1:
         return logits
     logp = logits.log_softmax(dim=-1)
     p = logp.exp()
