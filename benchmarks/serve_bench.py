@@ -2,7 +2,7 @@
 
     python benchmarks/serve_bench.py [--run RUN] [--clients 1,8,32] [--requests 2]
                                      [--max-tokens 64] [--quantize none,int8] [--text FILE]
-                                     [--threads N] [--quick]
+                                     [--threads N] [--quick] [--engine]
 
 For each quantisation and each client count, that many threads each send ``--requests``
 streaming chat completions (the official `openai` client, a distinct seed per request, usage
@@ -13,7 +13,9 @@ token after the first (per request: (end - first token) / (tokens - 1)), and err
 Also: the model's weight bytes fp32 vs int8 (in memory; the checkpoint's file is fp32) and,
 given ``--text``, bits per byte of the text fp32 vs int8 (quality does not depend on timing).
 Without ``--run`` a randomly initialised `gpt` of the demo preset's shape (byte vocabulary) is
-served. ``--quick`` is a seconds-long smoke run (1 and 2 clients, 8 tokens).
+served. ``--quick`` is a seconds-long smoke run (1 and 2 clients, 8 tokens). ``--engine`` also
+times the batching engine alone (``DecodeBatch`` rounds in this process, no HTTP) at each client
+count: the share of the serving figures the model side explains.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,6 +162,39 @@ def quality(run: Path, text_file: Path | None) -> dict[str, Any]:
     return out
 
 
+def engine(run: Path, clients: list[int], max_tokens: int, rounds: int = 3) -> dict[str, Any]:
+    """The batching engine alone, no HTTP: median ms per decode round (sample + forward) for
+    each number of sequences, ``rounds`` repetitions alternating; what a round of n costs
+    against a round of one tells the engine's share of the serving figures."""
+    from aura.infer.batching import DecodeBatch
+    from aura.infer.sampling import SamplingConfig
+    from aura.train.checkpoint import load_for_inference
+
+    model = load_for_inference(run).model
+    prompt = list(range(1, 21))
+    cfg = SamplingConfig(temperature=0.8)
+    ms: dict[int, list[float]] = {n: [] for n in clients}
+    for _ in range(rounds):
+        for n in clients:
+            batch = DecodeBatch(model)
+            times = []
+            with torch.inference_mode():
+                batch.add_many([(list(prompt), max_tokens, cfg) for _ in range(n)])
+                for _ in range(max_tokens - 4):
+                    t = time.perf_counter()
+                    batch.step()
+                    batch.advance()
+                    times.append(time.perf_counter() - t)
+            ms[n].append(statistics.median(times) * 1000)
+    rows = {str(n): {"ms_per_round": round(statistics.median(v), 3),
+                     "tokens_per_s": round(n / statistics.median(v) * 1000)}
+            for n, v in ms.items()}
+    one = ms[clients[0]]
+    return {"rows": rows, "gain_vs_first": {
+        str(n): round(n / clients[0] * statistics.median(one) / statistics.median(v), 2)
+        for n, v in ms.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, help="a run or checkpoint (default: a random demo gpt)")
@@ -172,6 +208,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per request")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--quick", action="store_true", help="1 and 2 clients, 8 tokens, 1 request")
+    ap.add_argument("--engine", action="store_true",
+                    help="also time the batching engine alone (no HTTP) at each client count")
     args = ap.parse_args()
     if args.quick:
         args.clients, args.max_tokens, args.requests = "1,2", 8, 1
@@ -194,6 +232,8 @@ def main() -> None:
                     if rows[0]["aggregate_tokens_per_s"] else None)
             report["load"][mode] = {"rows": rows, "batching_gain": gain}
         report["int8_vs_fp32"] = quality(run, args.text)
+        if args.engine:
+            report["engine"] = engine(run, clients, args.max_tokens)
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
