@@ -223,6 +223,29 @@ def test_the_chat_page_is_served_without_a_key(server: Server) -> None:
     assert status == 200 and "<title>aura" in page
 
 
+def test_serve_leaves_a_core_to_the_http_loop_unless_told(monkeypatch) -> None:
+    import os
+
+    import torch
+
+    from aura.cli import _serve_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        _serve_threads(None)
+        assert torch.get_num_threads() == 3
+        _serve_threads(2)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(4)
+        _serve_threads(None)  # the environment decides
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_default_bind_is_loopback(tmp_path: Path) -> None:
     from aura.infer.server import ServeOptions
 
@@ -240,6 +263,7 @@ def test_default_bind_is_loopback(tmp_path: Path) -> None:
     (["serve", "@run", "--api-key", "日本"], "printable ASCII"),
     (["serve", "@run", "--max-tokens-limit", "0"], "--max-tokens-limit"),
     (["serve", "@run", "--save-interval", "nan"], "--save-interval"),
+    (["serve", "@run", "--threads", "0"], "--threads must be >= 1"),
     (["serve", "@run", "--host", "no.such.host.invalid"], "cannot listen on"),
     (["serve", "@run", "--port", "@busy"], "cannot listen on"),
     (["serve", "@run", "--user-prefix", " "], "must not be empty"),

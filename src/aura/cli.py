@@ -952,6 +952,23 @@ def _check_listen(host: str, port: int) -> None:
         raise AuraError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
+def _serve_threads(threads: int | None) -> None:
+    """The model's torch threads: a server's event loop needs a core of its own, or every
+    decode round's OpenMP threads wait on it (on 2 cores, 1 thread served the demo model
+    1.6x faster with 8 clients: docs/BENCHMARKS.md)."""
+    import os
+
+    import torch
+
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        threads = max(1, (os.cpu_count() or 1) - 1)
+    if threads < 1:
+        raise AuraError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from aura.extras import require
 
@@ -979,6 +996,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise AuraError(f"--save-interval must be a number of seconds > 0, got "
                         f"{args.save_interval}")
     _check_listen(args.host, args.port)
+    _serve_threads(args.threads)
     mode = _conversation_memory(args)
     from aura.infer.embeddings import check_spec
 
@@ -1065,6 +1083,9 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
                         "in memory, for the server's life)")
     s.add_argument("--save-interval", type=float, default=30.0, metavar="SECONDS",
                    help="how often the memory is saved (and at shutdown)")
+    s.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads of the model on a CPU (default: the cores but one, which "
+                        "the HTTP loop keeps; OMP_NUM_THREADS, when set, decides instead)")
     s.add_argument("--device", default="auto")
     _add_template(s)
     _add_quantize(s)
