@@ -186,3 +186,20 @@ def test_a_run_rank0_refuses_stops_every_rank_with_one_line(tmp_path: Path, trai
     errors = [line for line in out.stderr.splitlines() if line.startswith("aura: error")]
     assert len(errors) == 1 and "already holds checkpoints" in errors[0], out.stderr[-2000:]
     assert reports[1]["writes"] == []
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_a_finished_job_meets_before_it_tears_its_group_down(monkeypatch, together: bool) -> None:
+    """A normal end waits at a barrier before destroying the group (else a rank could cut
+    connections another still uses); an error path never waits on ranks that may be gone."""
+    from aura.train import distributed
+
+    calls: list[str] = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group",
+                        lambda: calls.append("destroy"))
+    group = distributed.Group(rank=0, world=2, owns_group=True)
+    group.close(together=together)
+    group.close(together=together)  # once destroyed, nothing more
+    assert calls == (["barrier", "destroy"] if together else ["destroy"])

@@ -170,8 +170,14 @@ class Group:
         if self.world > 1:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, together: bool = False) -> None:
+        """Destroy the group this process made. ``together`` (a run that ended normally on
+        every rank): meet at a barrier first, so no rank tears its gloo connections down while
+        another still has traffic in flight on them (a rank then aborted at exit, "terminate
+        called without an active exception", in ~1 of 6 FSDP2 runs with sharded checkpoints)."""
         if self.owns_group and dist.is_initialized():
+            if together and self.world > 1:
+                dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

@@ -499,8 +499,11 @@ class Trainer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: the caller handles them
                 handlers[sig] = signal.signal(sig, self._on_signal)
+        finished = False
         try:
-            return self._loop()
+            result = self._loop()
+            finished = True
+            return result
         except OSError as exc:
             reason = environment_error(exc)
             if reason is None:
@@ -520,7 +523,7 @@ class Trainer:
             self.step_batches.close()
             self.metrics.close()
             self.lock.release()
-            self.group.close()
+            self.group.close(together=finished)
 
     def _last_checkpoint_note(self) -> str:
         """Where the run can go on from once the file system lets it: checkpoints are renamed
