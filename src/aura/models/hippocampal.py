@@ -151,6 +151,18 @@ class HippocampalCache(KVCache):
         self.last_boundary.zero_()
 
 
+def time_since_event(prosody: torch.Tensor, pos: torch.Tensor, cache: HippocampalCache | None
+                     ) -> torch.Tensor:
+    """(B, T) tokens since each token's latest sentence or paragraph end (from the prosody
+    features), carried across a cache's windows: what time cells are tuned to."""
+    boundary = (prosody[..., SENTENCE_END] > 0.5) | (prosody[..., PARAGRAPH] > 0.5)
+    start, previous = (cache.pos, cache.last_boundary) if cache is not None else (0, None)
+    elapsed = elapsed_since(boundary, start, previous)
+    if cache is not None:
+        cache.last_boundary = pos[-1] - elapsed[:, -1]
+    return elapsed
+
+
 def predictive_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean entropy (nats) of the predicted next-token distributions at scored positions."""
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -206,12 +218,7 @@ class HippocampalTransformer(Decoder):
             x = self.grid(x)
         if self.time is not None:
             assert prosody is not None
-            boundary = (prosody[..., SENTENCE_END] > 0.5) | (prosody[..., PARAGRAPH] > 0.5)
-            start, previous = (cache.pos, cache.last_boundary) if cache is not None else (0, None)
-            elapsed = elapsed_since(boundary, start, previous)
-            if cache is not None:
-                cache.last_boundary = pos[-1] - elapsed[:, -1]
-            x = self.time(x, elapsed)
+            x = self.time(x, time_since_event(prosody, pos, cache))
         return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,

@@ -36,11 +36,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from aura.data.prosody import N_FEATURES, PARAGRAPH, SENTENCE_END
+from aura.data.prosody import N_FEATURES
 from aura.memory.store import EpisodicStore
 from aura.memory.writer import MemoryAccess, MemoryWriter, token_positions
 from aura.models.base import ModelConfig, ModelOutput, lm_loss, register_model
 from aura.models.decoder import Block, Decoder, layer_norm_bytes
+from aura.models.hippocampal import HippocampalCache, time_since_event
 from aura.nn.attention import KVCache
 from aura.nn.brain.basal_ganglia import BasalGanglia
 from aura.nn.brain.broca import Broca
@@ -53,7 +54,7 @@ from aura.nn.dropout import dropout
 from aura.nn.hippocampus import HippocampalMemory, store_problems
 from aura.nn.place_cells import PlaceCellEncoder
 from aura.nn.snn_ffn import layer_firing_rates
-from aura.nn.time_cells import TimeCellEncoder, elapsed_since
+from aura.nn.time_cells import TimeCellEncoder
 
 SWITCHES = ("limbic", "thalamus", "wernicke", "pfc", "liquid_moe", "hippocampus",
             "basal_ganglia", "broca")
@@ -240,20 +241,18 @@ class NaturalBrainConfig(ModelConfig):
                                      ("hippocampus", self.hippocampus)) if on)
 
 
-class BrainCache(KVCache):
-    """Wernicke's keys and values, plus the PFC's working memory after the last token and each
-    row's latest event boundary (for the hippocampus's time cells)."""
+class BrainCache(HippocampalCache):
+    """Wernicke's keys and values, each row's latest event boundary (for the hippocampus's time
+    cells), plus the PFC's working memory after the last token."""
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
         super().__init__(n_layer, batch_size, n_head, max_len, head_dim, device, dtype)
         self.pfc_state: torch.Tensor | None = None
-        self.last_boundary = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def reset(self) -> None:
         super().reset()
         self.pfc_state = None
-        self.last_boundary.zero_()
 
 
 @register_model("natural_brain", config=NaturalBrainConfig)
@@ -464,12 +463,7 @@ class NaturalBrain(Decoder):
             if prosody is None or prosody.shape[:2] != h.shape[:2]:
                 raise ValueError("the natural_brain model's time cells need prosody of shape "
                                  f"{(*h.shape[:2], N_FEATURES)} from the data pipeline")
-            boundary = (prosody[..., SENTENCE_END] > 0.5) | (prosody[..., PARAGRAPH] > 0.5)
-            start, previous = (cache.pos, cache.last_boundary) if cache is not None else (0, None)
-            elapsed = elapsed_since(boundary, start, previous)
-            if cache is not None:
-                cache.last_boundary = pos[-1] - elapsed[:, -1]
-            h = self.time(h, elapsed)
+            h = self.time(h, time_since_event(prosody, pos, cache))
         return h
 
     def head(self, x: torch.Tensor, cache: KVCache | None, last_only: bool
