@@ -205,6 +205,45 @@ def test_gradients_reach_queries_through_scores_only() -> None:
     assert not store.keys.requires_grad and not store.values.requires_grad
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_search_gradient_equals_the_dense_top_k(n: int, k: int, seed: int) -> None:
+    """Winners picked without autograd and rescored give the gradient a top-k over the whole
+    (Q, capacity) similarity would: to the k chosen scores only, missing entries none."""
+    index = ExactIndex(48, 8)
+    index.add(torch.arange(n), randn(n, 8, seed=seed))
+    limit = torch.arange(5) * 8  # per-query causal masks: the first query sees one key
+    allowed = torch.arange(48)[None, :] <= limit[:, None]
+    upstream = randn(5, k, seed=seed + 1)
+
+    def run(dense: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        queries = randn(5, 8, seed=seed + 2).requires_grad_()
+        if dense:
+            sims = index.similarity(queries).masked_fill(~allowed, float("-inf"))
+            scores, ids = sims.topk(min(k, 48), dim=-1)
+            ids = ids.masked_fill(scores == float("-inf"), -1)
+        else:
+            scores, ids = index.search(queries, k, allowed)
+        torch.where(scores > float("-inf"), scores, 0.0).mul(upstream).sum().backward()
+        assert queries.grad is not None
+        return scores, ids, queries.grad
+
+    (scores, ids, grad), (ref_scores, ref_ids, ref_grad) = run(False), run(True)
+    torch.testing.assert_close(scores, ref_scores)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_weighted_read_by_slots_equals_the_gathered_values() -> None:
+    """``Retrieval.slots`` into the store's table is what ``values`` gathers."""
+    store = filled(20)
+    got = store.read(randn(6, 8, seed=4), 30)  # more than stored: some entries missing
+    assert not got.mask.all()
+    weights = torch.rand(6, 30) * got.mask
+    bag = F.embedding_bag(got.slots, store.values, per_sample_weights=weights, mode="sum")
+    torch.testing.assert_close(bag, (weights[..., None] * got.values).sum(1))
+
+
 @settings(max_examples=40)
 @given(n=st.integers(1, 40), n_queries=st.integers(1, 6), k=st.integers(1, 12),
        per_query=st.booleans(), seed=st.integers(0, 2**16), data=st.data())

@@ -69,18 +69,32 @@ class ExactIndex:
 
         Differentiable w.r.t. ``queries``; the stored keys are constants.
         """
+        # in place: the product is fresh and its backward does not read it
+        return self._cosines(queries).masked_fill_(~self.valid, float("-inf"))
+
+    def _cosines(self, queries: torch.Tensor) -> torch.Tensor:
         self.rows_scored += queries.shape[0]
-        sims = F.normalize(queries.to(self.keys.dtype), dim=-1) @ self.keys.T
-        return sims.masked_fill(~self.valid, float("-inf"))
+        return F.normalize(queries.to(self.keys.dtype), dim=-1) @ self.keys.T
 
     def search(self, queries: torch.Tensor, k: int, allowed: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        sims = self.similarity(queries)
-        if allowed is not None:
-            sims = sims.masked_fill(~allowed, float("-inf"))
+        """Picks the winners without autograd, then scores only them differentiably.
+
+        A top-k passes gradient to k of every row's ``capacity`` scores, so building the whole
+        (Q, capacity) product into the graph costs a backward of the same size as the search
+        (a zero-filled gradient, its masking, a second large matmul) for nothing.
+        """
         kk = min(k, self.capacity)
-        scores, ids = sims.topk(kk, dim=-1)
-        ids = ids.masked_fill(scores == float("-inf"), -1)  # cosine is finite: -inf means none
+        with torch.no_grad():
+            visible = self.valid if allowed is None else allowed & self.valid
+            sims = self._cosines(queries).masked_fill_(~visible, float("-inf"))
+            scores, ids = sims.topk(kk, dim=-1)
+        found = scores != float("-inf")  # cosine is finite: -inf means none
+        ids = ids.masked_fill(~found, -1)
+        if torch.is_grad_enabled() and queries.requires_grad:
+            unit = F.normalize(queries.to(self.keys.dtype), dim=-1)
+            winners = torch.einsum("qd,qkd->qk", unit, self.keys[ids.clamp(min=0)])
+            scores = torch.where(found, winners, scores)
         if kk < k:
             scores = F.pad(scores, (0, k - kk), value=float("-inf"))
             ids = F.pad(ids, (0, k - kk), value=-1)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,13 +70,21 @@ class Retrieval:
 
     ``scores`` (cosine) carry gradient to the queries, so weighting ``values`` by a softmax of
     them trains whatever produced the queries. ``values`` and ``ids`` are constants: the store
-    holds detached tensors. Missing entries have value 0, score -inf and id -1.
+    holds detached tensors. Missing entries have value 0, score -inf and id -1. ``slots`` are
+    the rows of the store's ``values`` (0 where missing), for a reader that sums the values
+    with weights (``F.embedding_bag``) instead of gathering (Q, k, dim_value) first.
     """
 
-    values: torch.Tensor  # (Q, k, dim_value)
     scores: torch.Tensor  # (Q, k)
     ids: torch.Tensor  # (Q, k)
     mask: torch.Tensor  # (Q, k) bool
+    slots: torch.Tensor  # (Q, k)
+    table: torch.Tensor  # (capacity, dim_value), the store's values
+
+    @cached_property
+    def values(self) -> torch.Tensor:
+        """(Q, k, dim_value), gathered on first use: before the store is written again."""
+        return self.table[self.slots].masked_fill(~self.mask[..., None], 0.0)
 
 
 class EpisodicStore:
@@ -259,10 +268,10 @@ class EpisodicStore:
         scores, slots = self.index.search(queries, k, allowed)
         mask = slots >= 0
         safe = slots.clamp(min=0)
-        values = self.values[safe].masked_fill(~mask[..., None], 0.0)
         ids = self.ids[safe].masked_fill(~mask, -1)
+        got = Retrieval(scores, ids, mask, safe, self.values)
         if not touch:
-            return Retrieval(values, scores, ids, mask)
+            return got
         now = self.step if step is None else step
         self.step = max(self.step, now)
         hit = safe[mask].unique()
@@ -271,13 +280,13 @@ class EpisodicStore:
         if self.decay_mode == "adaptive":
             self.strength[hit] = 1.0
             self.stability[hit] += 1.0
-        return Retrieval(values, scores, ids, mask)
+        return got
 
-    def lookup(self, ids: torch.Tensor, max_source_pos: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unit keys (..., dim_key), values (..., dim_value) and a found mask (...) of memory
-        ``ids`` of any shape; zeros where an id is -1, no longer stored, or (given
-        ``max_source_pos`` of ids' shape) formed after that limit."""
+    def locate(self, ids: torch.Tensor, max_source_pos: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots (...) of memory ``ids`` of any shape, and a found mask (...): False where an id
+        is -1, no longer stored, or (given ``max_source_pos`` of ids' shape) formed after that
+        limit; the slot is then 0."""
         ids = ids.to(self.device)
         sorted_ids, order = torch.sort(self.ids)
         pos = torch.searchsorted(sorted_ids, ids.reshape(-1)).clamp(max=self.capacity - 1)
@@ -285,10 +294,16 @@ class EpisodicStore:
         slots = order[pos]
         if max_source_pos is not None:
             found &= self.source_pos[slots] <= max_source_pos.to(self.device).reshape(-1)
-        keys = F.normalize(self.keys[slots], dim=-1).masked_fill(~found[:, None], 0.0)
-        values = self.values[slots].masked_fill(~found[:, None], 0.0)
-        return (keys.reshape(*ids.shape, -1), values.reshape(*ids.shape, -1),
-                found.reshape(ids.shape))
+        return slots.masked_fill(~found, 0).reshape(ids.shape), found.reshape(ids.shape)
+
+    def lookup(self, ids: torch.Tensor, max_source_pos: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unit keys (..., dim_key), values (..., dim_value) and a found mask (...) of memory
+        ``ids`` of any shape; zeros where not found (see ``locate``)."""
+        slots, found = self.locate(ids, max_source_pos)
+        keys = F.normalize(self.keys[slots], dim=-1).masked_fill(~found[..., None], 0.0)
+        values = self.values[slots].masked_fill(~found[..., None], 0.0)
+        return keys, values, found
 
     def sources(self, ids: list[int]) -> list[tuple[int, list[int]] | None]:
         """Where each memory of ``ids`` was formed: its ``source_pos`` and the token ids it

@@ -106,29 +106,32 @@ class HippocampalMemory(nn.Module):
             # forgets, and a read that bookkeeps nothing is cheaper
             r = self.store.read(queries.float(), self.top_k, max_source_pos=where,
                                 touch=self.training)
-        scores, values, mask = r.scores, r.values, r.mask
+        scores, slots, mask = r.scores, r.slots, r.mask
         if self.graph_k:
-            scores, values, mask = self._spread(queries, r.ids, scores, values, mask, where)
+            scores, slots, mask = self._spread(queries, r.ids, scores, slots, mask, where)
         # Missing entries score -inf: zero them before scaling, or the temperature's gradient
         # would be -inf * 0 = nan.
         logits = torch.where(mask, scores, 0.0) * self.log_temperature.exp()
         weights = torch.softmax(logits.masked_fill(~mask, -1e9), dim=-1) * mask
         best = scores[:, 0].masked_fill(~mask[:, 0], 0.0)
-        return torch.einsum("qk,qkc->qc", weights, values), best
+        # a weighted sum of stored rows, never a (Q, k, C) gather of them
+        read = F.embedding_bag(slots, self.store.values, per_sample_weights=weights, mode="sum")
+        return read, best
 
     def _spread(self, queries: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
-                values: torch.Tensor, mask: torch.Tensor, where: torch.Tensor | None
+                slots: torch.Tensor, mask: torch.Tensor, where: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Add the cognitive map's neighbours of each query's best memory to its candidates,
         scored by their own cosine to the query; ones already among the top-k, or formed after
         the query's position, are masked."""
         nbr = self.store.neighbours(ids[:, 0].contiguous(), self.graph_k)  # (Q, g); -1: none
         limit = None if where is None else where[:, None].expand_as(nbr)
-        keys, nbr_values, found = self.store.lookup(nbr, max_source_pos=limit)
-        nbr_scores = (F.normalize(queries.float(), dim=-1)[:, None] * keys).sum(-1)
+        nbr_slots, found = self.store.locate(nbr, max_source_pos=limit)
+        keys = self.store.index.get(nbr_slots)
+        nbr_scores = torch.einsum("qd,qgd->qg", F.normalize(queries.float(), dim=-1), keys)
         fresh = found & ~(nbr[:, :, None] == ids[:, None, :]).any(-1)
         return (torch.cat([scores, nbr_scores.masked_fill(~fresh, float("-inf"))], 1),
-                torch.cat([values, nbr_values], 1), torch.cat([mask, fresh], 1))
+                torch.cat([slots, nbr_slots], 1), torch.cat([mask, fresh], 1))
 
     @torch.no_grad()
     def _remember(self, h: torch.Tensor, best: torch.Tensor, where: torch.Tensor | None,
