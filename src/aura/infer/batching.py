@@ -26,6 +26,7 @@ tokens of the same seed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,22 +64,19 @@ class RaggedKVCache(KVCache):
         self.rows = 0
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
 
-    def __getattr__(self, name: str) -> torch.Tensor:
-        state = self.__dict__.get("_state", {})
-        if name in state:
-            return state[name][:self.rows]
-        raise AttributeError(name)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        state = self.__dict__.get("_state", {})
-        if name in state:
-            state[name][:self.rows] = value
-        else:
-            super().__setattr__(name, value)
+    def __new__(cls, *args: object, row_state: dict[str, torch.Tensor] | None = None,
+                **kwargs: object) -> RaggedKVCache:
+        """With ``row_state``, an instance of a subclass with one property per name."""
+        if cls is RaggedKVCache and row_state:
+            cls = _with_row_state(tuple(row_state))
+        return super().__new__(cls)
 
     @property  # type: ignore[override]
     def pos(self) -> int:
-        """The longest row's length: what the decoder checks against ``block_size``."""
+        """The longest row's length: what the decoder checks against ``block_size`` (during a
+        forward, known from ``positions``: every layer asks)."""
+        if self._step is not None:
+            return self._step[3] - 1
         return max(self.sizes[:self.rows], default=0)
 
     @pos.setter
@@ -156,7 +154,7 @@ class RaggedKVCache(KVCache):
         """A copy with room for ``capacity`` rows."""
         k0 = self.k[0]
         new = RaggedKVCache(len(self.k), capacity, k0.size(1), self.max_len, k0.size(3),
-                            k0.device, k0.dtype, self._state)
+                            k0.device, k0.dtype, row_state=self._state)
         for mine, theirs in ((new.k, self.k), (new.v, self.v),
                              (list(new._state.values()), list(self._state.values()))):
             for a, b in zip(mine, theirs, strict=True):
@@ -171,6 +169,24 @@ def streamable(features: TokenFeatures) -> bool:
     """Whether every per-token feature a model reads can be computed a token at a time for
     each row (``aura.data.prosody_stream``), as ``DecodeBatch`` needs."""
     return all(isinstance(f, Prosody) for f in features.values())
+
+
+@functools.cache
+def _with_row_state(names: tuple[str, ...]) -> type[RaggedKVCache]:
+    """RaggedKVCache with a property per name reading and assigning the rows in use of that
+    per-row tensor, as the model reads and assigns the attribute of its own cache."""
+
+    def row_property(name: str) -> property:
+        def get(self: RaggedKVCache) -> torch.Tensor:
+            return self._state[name][:self.rows]
+
+        def put(self: RaggedKVCache, value: torch.Tensor) -> None:
+            self._state[name][:self.rows] = value
+
+        return property(get, put)
+
+    return type(f"RaggedKVCache[{', '.join(names)}]", (RaggedKVCache,),
+                {name: row_property(name) for name in names})
 
 
 @dataclass(eq=False)
@@ -200,7 +216,7 @@ class DecodeBatch:
     def __init__(self, model: AuraModel, memory: dict[str, bool] | None = None,
                  features: TokenFeatures | None = None):
         """``features``: the per-token features the model reads (``token_features``); each row's
-        come from its own stream (``feature_streams``), as ``generate`` computes them over the
+        come from its own ``ProsodyStream``, as ``generate`` computes them over the
         row's window."""
         assert model.max_context is not None
         self.model, self.max_ctx = model, model.max_context
@@ -234,7 +250,8 @@ class DecodeBatch:
         """An empty ragged cache shaped like the model's own, with its per-row state."""
         c = self.model.new_cache(1, 1)
         return RaggedKVCache(len(c.k), capacity, c.k[0].size(1), self.max_ctx, c.k[0].size(3),
-                             self.device, c.k[0].dtype, {n: getattr(c, n) for n in c.row_state})
+                             self.device, c.k[0].dtype,
+                             row_state={n: getattr(c, n) for n in c.row_state})
 
     def _grow(self, capacity: int, vocab: int) -> None:
         if self.cache is not None and self.cache.capacity >= capacity:
