@@ -1,11 +1,12 @@
 """Python calls per streamed token in `aura serve`, by thread: a count, not a timing. Prints JSON.
 
-    python benchmarks/serve_calls.py [--requests 4] [--max-tokens 64]
+    python benchmarks/serve_calls.py [--requests 4] [--max-tokens 64] [--clients 1]
 
 Runs the server in this process (uvicorn on a thread, a random demo-shaped `gpt`, byte
 vocabulary) with a profile hook counting every Python and C function call, per thread, while a
 client (raw ``http.client`` on the main thread, not counted) streams ``--requests`` chat
-completions one after another. Reported per thread (the event loop that frames and sends the
+completions one after another (``--clients`` such clients at once, each on its own thread).
+Reported per thread (the event loop that frames and sends the
 SSE chunks, the model worker that samples and detokenises): calls per completion token and the
 functions called most per token. Counts do not depend on the machine's load, only on how many
 tokens shared a chunk (also reported), so they compare two commits where timings on a shared
@@ -39,6 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--clients", type=int, default=1, help="clients streaming at once")
     ap.add_argument("--top", type=int, default=25, help="functions listed per thread")
     args = ap.parse_args()
 
@@ -96,21 +98,37 @@ def main() -> None:
         return tokens, chunks
 
     stream(0)  # warm-up, not counted
+    totals = [0, 0]
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for r in range(args.requests):
+            t, n = stream(1 + c * args.requests + r)
+            with lock:
+                totals[0] += t
+                totals[1] += n
+
+    clients = [threading.Thread(target=client, args=(c,), name=f"client-{c}")
+               for c in range(args.clients)]
     counting.set()
-    tokens = chunks = 0
-    for r in range(args.requests):
-        t, c = stream(r + 1)
-        tokens, chunks = tokens + t, chunks + c
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
     counting.clear()
+    tokens, chunks = totals
     server.should_exit = True
     thread.join(30)
     threads = {}
     for name, counter in counts.items():
+        if name.startswith("client-") or not counter:  # the clients', or idle, threads
+            continue
         total = sum(counter.values())
         threads[name] = {"calls_per_token": round(total / tokens, 1),
                          "top_per_token": {k: round(v / tokens, 2)
                                            for k, v in counter.most_common(args.top)}}
-    json.dump({"machine": machine(), "requests": args.requests, "completion_tokens": tokens,
+    json.dump({"machine": machine(), "clients": args.clients, "requests": args.requests,
+               "completion_tokens": tokens,
                "text_chunks": chunks, "threads": threads}, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
