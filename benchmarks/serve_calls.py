@@ -1,6 +1,7 @@
 """Python calls per streamed token in `aura serve`, by thread: a count, not a timing. Prints JSON.
 
     python benchmarks/serve_calls.py [--requests 4] [--max-tokens 64] [--clients 1]
+                                     [--http auto|h11|httptools] [--loop auto|asyncio|uvloop]
 
 Runs the server in this process (uvicorn on a thread, a random demo-shaped `gpt`, byte
 vocabulary) with a profile hook counting every Python and C function call, per thread, while a
@@ -10,7 +11,8 @@ Reported per thread (the event loop that frames and sends the
 SSE chunks, the model worker that samples and detokenises): calls per completion token and the
 functions called most per token. Counts do not depend on the machine's load, only on how many
 tokens shared a chunk (also reported), so they compare two commits where timings on a shared
-machine cannot.
+machine cannot. ``--http`` and ``--loop`` are uvicorn's (``auto``, what `aura serve` runs, takes
+httptools and uvloop when installed).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", type=int, default=1, help="clients streaming at once")
+    ap.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
+    ap.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     ap.add_argument("--top", type=int, default=25, help="functions listed per thread")
     args = ap.parse_args()
 
@@ -72,8 +76,8 @@ def main() -> None:
     threading.setprofile(profile)  # the threads started from here on: uvicorn's, the worker's
     port = _free_port()
     app = create_app(model, ByteTokenizer(), ServeOptions(port=port))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=args.http,
+                                           loop=args.loop, log_level="warning"))
     thread = threading.Thread(target=server.run, name="event-loop", daemon=True)
     thread.start()
     while not server.started:
@@ -127,7 +131,8 @@ def main() -> None:
         threads[name] = {"calls_per_token": round(total / tokens, 1),
                          "top_per_token": {k: round(v / tokens, 2)
                                            for k, v in counter.most_common(args.top)}}
-    json.dump({"machine": machine(), "clients": args.clients, "requests": args.requests,
+    json.dump({"machine": machine(), "http": args.http, "loop": args.loop,
+               "clients": args.clients, "requests": args.requests,
                "completion_tokens": tokens,
                "text_chunks": chunks, "threads": threads}, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import json
 import secrets
 import signal
@@ -339,35 +340,49 @@ class Events:
 
 
 class Mailbox:
-    """Events from the worker thread to the event loop with one wake-up per batch of them.
+    """Events from the worker thread to the event loop with one wake-up per round of them.
 
     ``call_soon_threadsafe`` per token per request writes to the loop's self-pipe and runs a
-    callback each time; a round of 32 sequences would cost 32 of each. Here the first event
-    posted after a delivery schedules one, which hands over everything posted until it runs.
+    callback each time; a round of 32 sequences would cost 32 of each. Here ``post`` only
+    queues, and the worker calls ``flush`` once a round, after every sequence's text is out and
+    before the round's forward (``Worker.on_flush``): the woken loop frames and sends the chunks
+    while the forward's torch ops run without the GIL, instead of taking the GIL from the
+    worker's per-sequence Python in the middle of the round.
+
+    No lock: a deque's append and popleft are atomic, and the delivery clears ``_scheduled``
+    before it drains, so an event flushed while it runs is either drained by it or schedules the
+    next.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self._lock = threading.Lock()
-        self._items: list[tuple[Events, dict[str, Any]]] = []
+        self._items: collections.deque[tuple[Events, dict[str, Any]]] = collections.deque()
+        self._scheduled = False
+        self.closed = False
 
     def post(self, queue: Events, event: dict[str, Any]) -> None:
-        """Queue ``event`` for ``queue``; RuntimeError once the loop has closed."""
-        with self._lock:
-            self._items.append((queue, event))
-            if len(self._items) > 1:
-                return  # a delivery is already scheduled and will take this too
+        """Queue ``event`` for ``queue`` (delivered at the next ``flush``); RuntimeError once
+        the loop has closed."""
+        if self.closed:
+            raise RuntimeError("the event loop has closed")
+        self._items.append((queue, event))
+
+    def flush(self) -> None:
+        """Have the loop deliver what is queued (one wake-up, unless one is pending)."""
+        if not self._items or self._scheduled:
+            return  # nothing new, or a delivery is scheduled and will take it too
+        self._scheduled = True
         try:
             self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:
-            with self._lock:
-                self._items.clear()
-            raise
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            self.closed = True
+            self._items.clear()
 
     def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for queue, event in items:
+        self._scheduled = False
+        items = self._items
+        while items:
+            queue, event = items.popleft()
             queue.put(event)
 
 
@@ -557,7 +572,10 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
                         stored: list[dict[str, str]] | None = None) -> Response:
         service.check_prompt(prompt)
         loop = asyncio.get_running_loop()
-        mailbox = mailboxes.get(loop) or mailboxes.setdefault(loop, Mailbox(loop))
+        mailbox = mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = mailboxes[loop] = Mailbox(loop)
+            service.worker.on_flush(mailbox.flush)
         events = Events()
         mem = service.memory
 

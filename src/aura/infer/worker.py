@@ -101,6 +101,7 @@ class Worker:
                       if batched and model.batched_decoding and model.max_context is not None
                       and streamable(self.features) else None)
         self.stats = WorkerStats()
+        self._flushers: tuple[Callable[[], None], ...] = ()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aura-model-worker", daemon=True)
         self._thread.start()
@@ -123,6 +124,16 @@ class Worker:
         self._inbox.put((fn, fut))
         return fut
 
+    def on_flush(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` on the worker thread once a round, after the round's events are
+        emitted and before its forward (and after any other events, e.g. a failed start): a
+        consumer that batches what ``emit`` hands it sends it then."""
+        self._flushers = (*self._flushers, fn)
+
+    def _flush(self) -> None:
+        for fn in self._flushers:
+            fn()
+
     def stop(self, timeout: float | None = None) -> None:
         """Cancel what is queued or running (each gets an error event) and end the thread."""
         self._stopping.set()
@@ -138,12 +149,14 @@ class Worker:
                     break
                 self._admit()
                 self._round()
+                self._flush()
         for item in ([a.job for a in self._active] + [p.job for p in self._pending]
                      + self._drain()):
             if isinstance(item, Job):
                 item.emit({"error": "the server is shutting down"})
             elif item is not None:
                 item[1].set_exception(AuraError("the server is shutting down"))
+        self._flush()
         self._active.clear()
         self.stats.active = 0
 
@@ -268,6 +281,7 @@ class Worker:
                 self._fail([a], exc)
                 continue
             still.append(a)
+        self._flush()  # the round's text goes out while its forward runs
         if self.batch is not None and still:
             try:
                 self.batch.advance()
