@@ -386,7 +386,7 @@ class DecodeBatch:
         if not n:
             return
         assert self.cache is not None and self.logits is not None
-        full = [s for s in self.seqs if s.t - s.start > self.max_ctx]
+        full = [s for s in self.seqs if len(s.ids) - s.start > self.max_ctx]
         if full:
             keep = max(1, self.max_ctx // 2)
             for s in full:

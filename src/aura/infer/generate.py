@@ -257,8 +257,11 @@ class TextStream:
             self.result = self.text[:found]
             return True
         if self.stream is not None:
-            held = next((len(p) for p in self.prefixes.get(self.text[-1], ())
-                         if self.text.endswith(p)), 0)
+            held = 0
+            for p in self.prefixes.get(self.text[-1], ()):  # longest first
+                if self.text.endswith(p):
+                    held = len(p)
+                    break
             settled = len(self.text) - held
             if settled > self.emitted:
                 self.stream(self.text[self.emitted:settled])
