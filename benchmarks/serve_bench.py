@@ -3,6 +3,8 @@
     python benchmarks/serve_bench.py [--run RUN] [--clients 1,8,32] [--requests 2]
                                      [--max-tokens 64] [--quantize none,int8] [--text FILE]
                                      [--threads N] [--quick] [--engine]
+                                     [--compare 1,8] [--pairs 5] [--pair-requests 16]
+                                     [--pair-tokens 256]
 
 For each quantisation and each client count, that many threads each send ``--requests``
 streaming chat completions (the official `openai` client, a distinct seed per request, usage
@@ -10,6 +12,16 @@ included) to one server started for the quantisation, all at once. Reported per 
 aggregate completion tokens/s over the wall time, p50/p95 time to first token, p50/p95 time per
 token after the first (per request: (end - first token) / (tokens - 1)), and errors (must be 0).
 ``batching_gain`` is the aggregate tokens/s of the largest client count over that of one.
+
+The issue's target (8 clients get >= 4x one client's aggregate tokens/s) is measured apart, as
+a paired comparison a shared machine cannot swing by itself (``comparison``): ``--pairs`` rounds
+of one client, then of eight (``--compare``), alternating 1, 8, 1, 8, ... against the same
+server, each round the same ``--pair-requests`` requests (same prompt, same seeds, so the same
+tokens: the server returns a seed's text whatever the batching) of ``--pair-tokens`` tokens, one
+client sending them one after another, eight splitting them. Each pair's ratio compares two
+rounds seconds apart, so a slow spell of the machine moves both; reported: every pair's tokens/s
+and ratio, the median ratio (the figure), its min and max, and per side the pooled p50/p95 time
+to first token and per token, and errors.
 Also: the model's weight bytes fp32 vs int8 (in memory; the checkpoint's file is fp32) and,
 given ``--text``, bits per byte of the text fp32 vs int8 (quality does not depend on timing).
 Without ``--run`` a randomly initialised `gpt` of the demo preset's shape (byte vocabulary) is
@@ -95,8 +107,10 @@ def one_request(client: Any, seed: int, max_tokens: int) -> dict[str, float]:
             "tokens": tokens}
 
 
-def load(base: str, clients: int, requests: int, max_tokens: int, timeout: float
-         ) -> dict[str, Any]:
+def _run_clients(base: str, seeds: list[list[int]], max_tokens: int, timeout: float
+                 ) -> tuple[list[dict[str, float]], list[str], float]:
+    """One thread per client, client c sending requests with ``seeds[c]`` one after another:
+    (per-request results, errors, wall seconds)."""
     import openai
 
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0,
@@ -105,10 +119,10 @@ def load(base: str, clients: int, requests: int, max_tokens: int, timeout: float
     errors: list[str] = []
     lock = threading.Lock()
 
-    def worker(c: int) -> None:
-        for r in range(requests):
+    def worker(mine: list[int]) -> None:
+        for seed in mine:
             try:
-                res = one_request(client, seed=1000 * c + r, max_tokens=max_tokens)
+                res = one_request(client, seed=seed, max_tokens=max_tokens)
             except Exception as exc:  # counted, not fatal: errors are a reported figure
                 with lock:
                     errors.append(repr(exc)[:200])
@@ -116,27 +130,69 @@ def load(base: str, clients: int, requests: int, max_tokens: int, timeout: float
             with lock:
                 results.append(res)
 
-    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    threads = [threading.Thread(target=worker, args=(s,)) for s in seeds]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return results, errors, time.perf_counter() - t0
 
+
+def _latencies(results: list[dict[str, float]]) -> dict[str, float | None]:
     def pct(key: str, q: float) -> float | None:
         values = sorted(r[key] for r in results)
         if not values:
             return None
         return values[min(len(values) - 1, int(q * len(values)))]
 
+    return {"ttft_p50_s": pct("ttft", 0.5), "ttft_p95_s": pct("ttft", 0.95),
+            "per_token_p50_s": pct("per_token", 0.5), "per_token_p95_s": pct("per_token", 0.95)}
+
+
+def load(base: str, clients: int, requests: int, max_tokens: int, timeout: float
+         ) -> dict[str, Any]:
+    seeds = [[1000 * c + r for r in range(requests)] for c in range(clients)]
+    results, errors, wall = _run_clients(base, seeds, max_tokens, timeout)
     tokens = sum(int(r["tokens"]) for r in results)
     return {"clients": clients, "requests": len(results) + len(errors),
             "completion_tokens": tokens, "wall_s": round(wall, 3),
-            "aggregate_tokens_per_s": round(tokens / wall, 2),
-            "ttft_p50_s": pct("ttft", 0.5), "ttft_p95_s": pct("ttft", 0.95),
-            "per_token_p50_s": pct("per_token", 0.5), "per_token_p95_s": pct("per_token", 0.95),
+            "aggregate_tokens_per_s": round(tokens / wall, 2), **_latencies(results),
             "errors": len(errors), "error_examples": errors[:3]}
+
+
+def compare(base: str, counts: tuple[int, int], pairs: int, requests: int, max_tokens: int,
+            timeout: float) -> dict[str, Any]:
+    """Rounds of ``counts[0]`` then ``counts[1]`` clients, alternating, ``pairs`` times; every
+    round sends the same ``requests`` seeds (split round-robin over its clients), so both
+    sides generate the same tokens and a pair's ratio is a ratio of times seconds apart."""
+    seeds = [7000 + r for r in range(requests)]
+    sides: dict[int, dict[str, Any]] = {n: {"results": [], "errors": []} for n in counts}
+    rows = []
+    for i in range(pairs):
+        row: dict[str, Any] = {"pair": i}
+        for n in counts:
+            results, errors, wall = _run_clients(
+                base, [seeds[c::n] for c in range(n)], max_tokens, timeout)
+            sides[n]["results"] += results
+            sides[n]["errors"] += errors
+            tokens = sum(int(r["tokens"]) for r in results)
+            row[f"tokens_per_s_{n}"] = round(tokens / wall, 2)
+            row[f"tokens_{n}"] = tokens
+        one, many = row[f"tokens_per_s_{counts[0]}"], row[f"tokens_per_s_{counts[1]}"]
+        row["ratio"] = round(many / one, 3) if one else None
+        rows.append(row)
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    return {"clients": list(counts), "pairs": rows, "requests_per_round": requests,
+            "max_tokens": max_tokens,
+            # the premise of the comparison: both sides generated exactly the same tokens
+            "same_work": all(r[f"tokens_{counts[0]}"] == r[f"tokens_{counts[1]}"] for r in rows),
+            "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
+            "min_ratio": min(ratios, default=None), "max_ratio": max(ratios, default=None),
+            "sides": {str(n): {**_latencies(s["results"]), "requests": len(s["results"])
+                               + len(s["errors"]), "errors": len(s["errors"]),
+                               "error_examples": s["errors"][:3]}
+                      for n, s in sides.items()}}
 
 
 def quality(run: Path, text_file: Path | None) -> dict[str, Any]:
@@ -210,10 +266,23 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 and 2 clients, 8 tokens, 1 request")
     ap.add_argument("--engine", action="store_true",
                     help="also time the batching engine alone (no HTTP) at each client count")
+    ap.add_argument("--compare", default="1,8",
+                    help="the two client counts of the paired comparison")
+    ap.add_argument("--pairs", type=int, default=5,
+                    help="rounds of each side of the comparison, alternating (0: none)")
+    ap.add_argument("--pair-requests", type=int, default=16,
+                    help="requests per comparison round (the same seeds on both sides)")
+    ap.add_argument("--pair-tokens", type=int, default=256,
+                    help="max tokens per request in the comparison")
     args = ap.parse_args()
     if args.quick:
         args.clients, args.max_tokens, args.requests = "1,2", 8, 1
+        args.compare, args.pairs, args.pair_requests, args.pair_tokens = "1,2", 2, 2, 8
     clients = [int(c) for c in args.clients.split(",")]
+    pair = [int(c) for c in args.compare.split(",")]
+    if len(pair) != 2:
+        ap.error("--compare takes two client counts, e.g. 1,8")
+    counts = (pair[0], pair[1])
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or demo_run(Path(tmp))
         report: dict[str, Any] = {"machine": machine(), "run": str(args.run or "random demo gpt"),
@@ -225,12 +294,16 @@ def main() -> None:
                 load(f"http://127.0.0.1:{args.port}", 1, 1, 4, args.timeout)  # warm-up
                 rows = [load(f"http://127.0.0.1:{args.port}", c, args.requests,
                              args.max_tokens, args.timeout) for c in clients]
+                paired = (compare(f"http://127.0.0.1:{args.port}", counts, args.pairs,
+                                  args.pair_requests, args.pair_tokens, args.timeout)
+                          if args.pairs > 0 else None)
             finally:
                 proc.terminate()
                 proc.wait(60)
             gain = (rows[-1]["aggregate_tokens_per_s"] / rows[0]["aggregate_tokens_per_s"]
                     if rows[0]["aggregate_tokens_per_s"] else None)
-            report["load"][mode] = {"rows": rows, "batching_gain": gain}
+            report["load"][mode] = {"rows": rows, "batching_gain": gain,
+                                    "comparison": paired}
         report["int8_vs_fp32"] = quality(run, args.text)
         if args.engine:
             report["engine"] = engine(run, clients, args.max_tokens)

@@ -23,8 +23,28 @@ MODELS = {"gpt": (), "snn_rag": ("model.memory_capacity=64", "model.memory_chunk
 
 def model_of(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(tiny_config(f"model.name={name}", "model.vocab_size=256",
-                                   *MODELS[name]).model).eval()
+    model = build_model(tiny_config(f"model.name={name}", "model.vocab_size=256",
+                                    *MODELS[name]).model).eval()
+    if name == "hippocampal":  # prosody and time cells start silent: make them matter
+        with torch.no_grad():
+            for m in model.prosody:
+                m.proj.weight.normal_(0.0, 1.0)
+            model.time.out.weight.normal_(0.0, 1.0)
+    return model
+
+
+def test_hippocampal_prosody_and_time_cells_change_its_logits() -> None:
+    """What the concurrency test below relies on to catch a row fed another's features."""
+    from aura.data.prosody import token_features
+    from aura.data.sampler import compute_features
+
+    model = model_of("hippocampal")
+    x = torch.tensor([list(b"Hi. Oh no!\n\nGood day, said he.")])
+    feats = compute_features(token_features(("prosody",), ByteTokenizer()), x)["prosody"]
+    with torch.inference_mode():
+        real = model(x, prosody=feats).logits
+        moved = model(x, prosody=feats.roll(1, dims=1)).logits
+    assert (real - moved).abs().amax() > 1e-2
 
 
 def test_a_ragged_step_equals_each_row_alone() -> None:
@@ -50,19 +70,19 @@ def test_a_ragged_step_equals_each_row_alone() -> None:
 
 
 @pytest.mark.parametrize(("name", "batched"), [
-    ("gpt", True), ("snn_rag", True), ("gpt", False),
-    pytest.param("hippocampal", True, marks=pytest.mark.slow)])  # no batched_decoding
+    ("gpt", True), ("snn_rag", True), ("gpt", False), ("hippocampal", True)])
 def test_concurrent_jobs_return_what_each_returns_alone(name: str, batched: bool) -> None:
     """Prompts of different lengths, sampled and greedy, a stop string, and 60 new tokens
     through a context of 32 (so the windows refill at different moments)."""
     model, tok = model_of(name), ByteTokenizer()
-    jobs = [("Hi", SamplingConfig(seed=1), ()), ("Once upon a time", SamplingConfig(seed=2), ()),
+    jobs = [("Hi", SamplingConfig(seed=1), ()),
+            ("Once upon a time. Then!\n\nNo", SamplingConfig(seed=2), ()),
             ("x" * 40, SamplingConfig(temperature=0), ()),
             ("The sea", SamplingConfig(seed=4, top_k=20), ("e",)),
             ("A", SamplingConfig(seed=5, top_p=0.9), ())]
     alone = [generate_text(model, tok, p, 60, s, stop=stop) for p, s, stop in jobs]
     worker = Worker(model, tok, batched=batched)
-    assert (worker.batch is not None) == (batched and name != "hippocampal")  # as declared
+    assert (worker.batch is not None) == batched  # hippocampal's prosody too, row by row
     done: dict[int, str] = {}
     finished = threading.Event()
 
@@ -110,3 +130,38 @@ def test_requests_arriving_together_are_prefilled_as_each_alone() -> None:
                 a.step()
                 a.advance()
         assert [r.ids for r in rows] == [a.seqs[0].ids for a in alone]
+
+
+def test_rows_of_a_prosody_model_are_fed_the_features_of_their_own_windows() -> None:
+    """Each decode step's prosody, row by row, is what ``Prosody`` gives the newest token of the
+    row's window (the window as ``generate`` has it, refills included)."""
+    from aura.data.prosody import token_features
+    from aura.data.sampler import compute_features
+    from aura.infer.batching import DecodeBatch
+
+    model, tok = model_of("hippocampal"), ByteTokenizer()
+    features = token_features(("prosody",), tok)
+    fed: list[torch.Tensor] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: fed.append(kwargs["prosody"]), with_kwargs=True)
+    prompts = [list(b"Hi. Oh"), list(b"So sad!\n\nA good"), list(b"x" * 40), list(b"Yes.")]
+    with torch.inference_mode():
+        batch = DecodeBatch(model, features=features)
+        rows = batch.add_many([(p, 50, SamplingConfig(seed=i)) for i, p in enumerate(prompts)])
+        checked = 0
+        for _ in range(45):
+            starts = [r.start for r in rows]
+            batch.step()
+            batch.advance()
+            step = fed[-1]
+            if step.size(0) != len(rows):
+                continue  # every row refilled in this round: no batched step
+            for r in rows:
+                window = torch.tensor([r.ids[r.start:]])
+                want = compute_features(features, window)["prosody"][0, -1]
+                if r.start == starts[r.row]:  # refilled rows' step was a throwaway
+                    assert torch.equal(step[r.row, 0], want), (r.row, r.t)
+                    checked += 1
+    hook.remove()
+    assert checked > 150
+    assert any(r.start > 0 for r in rows)  # windows refilled (context 32)

@@ -91,11 +91,14 @@ class _CountOps(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_rounds_tensor_work_does_not_grow_with_the_sequences() -> None:
+@pytest.mark.parametrize("name", ["gpt", "hippocampal"])
+def test_a_rounds_tensor_work_does_not_grow_with_the_sequences(name: str) -> None:
     """The torch calls made for a round of 1 sequence and of 8 are the same: sampling, the
-    forward and the cache bookkeeping are batched, not per sequence."""
+    forward and the cache bookkeeping are batched, not per sequence (hippocampal: its prosody
+    features and time-cell state too)."""
     torch.manual_seed(0)
-    model = build_model(tiny_config("model.vocab_size=256", "model.block_size=128").model)
+    model = build_model(tiny_config(f"model.name={name}", "model.vocab_size=256",
+                                    "model.block_size=128").model)
     counts = []
     for n in (1, 8):
         worker = Worker(model, ByteTokenizer())
@@ -111,7 +114,7 @@ def test_a_rounds_tensor_work_does_not_grow_with_the_sequences() -> None:
             with ops:
                 for _ in range(4):
                     worker._round()
-        assert worker.stats.active == n
+        assert worker.stats.active == n and worker.batch is not None
         counts.append(ops.n)
     assert sum(counts[0].values()) > 100  # the forward is in it
     assert counts[0] == counts[1]

@@ -15,17 +15,26 @@ row; from then on each round is one batched sampling call (``row_sampling.sample
 row's settings and seed as tensors) and one forward for all rows. Sequences whose context is
 full are re-prefilled together (their windows are all half a context long), exactly as
 ``generate.Decoder.advance`` does for each. The host keeps each sequence's ids as a list; the
-only per-sequence work in a round is appending an int to it. Batched matmuls may round
+only per-sequence work in a round is appending an int to it (and, for a model that reads
+per-token features such as prosody, advancing the row's feature state: ``ProsodyStream`` gives
+each row's newest token the features ``generate`` computes over the row's whole window, and
+per-row cache state such as the time cells' last boundary rides in the ragged cache beside the
+keys, ``KVCache.row_state``). Batched matmuls may round
 differently from single-row ones in the last bit, which the tests find does not change the
 tokens of the same seed.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from aura.data.prosody import Prosody
+from aura.data.prosody_stream import ProsodyStream
+from aura.data.sampler import TokenFeatures, compute_features
 from aura.infer.row_sampling import RowSettings, _Uses, sample_rows
 from aura.infer.sampling import SamplingConfig
 from aura.models.base import AuraModel
@@ -34,10 +43,18 @@ from aura.nn.attention import KVCache
 
 class RaggedKVCache(KVCache):
     """``capacity`` rows of up to ``max_len`` tokens; the first ``rows`` are in use, row b
-    holding ``lengths[b]``. Decoding feeds one new token per row (T == 1)."""
+    holding ``lengths[b]``. Decoding feeds one new token per row (T == 1).
+
+    ``row_state`` (name -> a (1, ...) example) are the per-row tensors the model's own cache
+    carries (``KVCache.row_state``, e.g. the time cells' last boundary): kept for ``capacity``
+    rows, and read or assigned by the model as the attribute of that name, the rows in use."""
 
     def __init__(self, n_layer: int, capacity: int, n_head: int, max_len: int, head_dim: int,
-                 device: torch.device | str, dtype: torch.dtype):
+                 device: torch.device | str, dtype: torch.dtype,
+                 row_state: dict[str, torch.Tensor] | None = None):
+        self._state = {name: torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=device)
+                       for name, t in (row_state or {}).items()}
+        self.row_state = tuple(self._state)
         shape = (capacity, n_head, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
@@ -47,9 +64,19 @@ class RaggedKVCache(KVCache):
         self.rows = 0
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
 
+    def __new__(cls, *args: object, row_state: dict[str, torch.Tensor] | None = None,
+                **kwargs: object) -> RaggedKVCache:
+        """With ``row_state``, an instance of a subclass with one property per name."""
+        if cls is RaggedKVCache and row_state:
+            cls = _with_row_state(tuple(row_state))
+        return super().__new__(cls)
+
     @property  # type: ignore[override]
     def pos(self) -> int:
-        """The longest row's length: what the decoder checks against ``block_size``."""
+        """The longest row's length: what the decoder checks against ``block_size`` (during a
+        forward, known from ``positions``: every layer asks)."""
+        if self._step is not None:
+            return self._step[3] - 1
         return max(self.sizes[:self.rows], default=0)
 
     @pos.setter
@@ -65,6 +92,8 @@ class RaggedKVCache(KVCache):
         self._step = None
 
     def reset(self) -> None:
+        for t in self._state.values():
+            t.zero_()
         self.lengths.zero_()
         self.sizes = [0] * self.capacity
         self.rows = 0
@@ -104,6 +133,8 @@ class RaggedKVCache(KVCache):
         for mine, theirs in ((self.k, cache.k), (self.v, cache.v)):
             for a, b in zip(mine, theirs, strict=True):
                 a[index, :, :n] = b[:len(rows), :, :n]
+        for name, t in self._state.items():
+            t[index] = getattr(cache, name)[:len(rows)]
         self.lengths[index] = torch.tensor(lengths, device=self.lengths.device)
         for r, length in zip(rows, lengths, strict=True):
             self.sizes[r] = length
@@ -115,20 +146,47 @@ class RaggedKVCache(KVCache):
         for tensors in (self.k, self.v):
             for t in tensors:
                 t[dst, :, :n] = t[src, :, :n]
+        for t in self._state.values():
+            t[dst] = t[src]
         self.set_length(dst, n)
 
     def grown(self, capacity: int) -> RaggedKVCache:
         """A copy with room for ``capacity`` rows."""
         k0 = self.k[0]
         new = RaggedKVCache(len(self.k), capacity, k0.size(1), self.max_len, k0.size(3),
-                            k0.device, k0.dtype)
-        for mine, theirs in ((new.k, self.k), (new.v, self.v)):
+                            k0.device, k0.dtype, row_state=self._state)
+        for mine, theirs in ((new.k, self.k), (new.v, self.v),
+                             (list(new._state.values()), list(self._state.values()))):
             for a, b in zip(mine, theirs, strict=True):
                 a[:self.capacity] = b
         new.lengths[:self.capacity] = self.lengths
         new.sizes[:self.capacity] = self.sizes
         new.rows = self.rows
         return new
+
+
+def streamable(features: TokenFeatures) -> bool:
+    """Whether every per-token feature a model reads can be computed a token at a time for
+    each row (``aura.data.prosody_stream``), as ``DecodeBatch`` needs."""
+    return all(isinstance(f, Prosody) for f in features.values())
+
+
+@functools.cache
+def _with_row_state(names: tuple[str, ...]) -> type[RaggedKVCache]:
+    """RaggedKVCache with a property per name reading and assigning the rows in use of that
+    per-row tensor, as the model reads and assigns the attribute of its own cache."""
+
+    def row_property(name: str) -> property:
+        def get(self: RaggedKVCache) -> torch.Tensor:
+            return self._state[name][:self.rows]
+
+        def put(self: RaggedKVCache, value: torch.Tensor) -> None:
+            self._state[name][:self.rows] = value
+
+        return property(get, put)
+
+    return type(f"RaggedKVCache[{', '.join(names)}]", (RaggedKVCache,),
+                {name: row_property(name) for name in names})
 
 
 @dataclass(eq=False)
@@ -155,10 +213,20 @@ class Row:
 class DecodeBatch:
     """The sequences decoding together, one row each (see the module docstring)."""
 
-    def __init__(self, model: AuraModel, memory: dict[str, bool] | None = None):
+    def __init__(self, model: AuraModel, memory: dict[str, bool] | None = None,
+                 features: TokenFeatures | None = None):
+        """``features``: the per-token features the model reads (``token_features``); each row's
+        come from its own ``ProsodyStream``, as ``generate`` computes them over the
+        row's window."""
         assert model.max_context is not None
         self.model, self.max_ctx = model, model.max_context
         self.memory = memory or {}  # the forward keywords of the inference memory mode
+        self.features = features or {}
+        if not streamable(self.features):
+            raise ValueError(f"token features {sorted(self.features)} cannot be computed a token "
+                             "at a time")
+        self.streams = {name: ProsodyStream(f)  # type: ignore[arg-type]
+                        for name, f in self.features.items()}
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.cache: RaggedKVCache | None = None
         self.seqs: list[Row] = []
@@ -168,21 +236,30 @@ class DecodeBatch:
         self.counters = torch.zeros(0, dtype=torch.long, device=self.device)
         self.uses = _Uses.of([])
 
-    def _prefill(self, windows: torch.Tensor, length: int) -> tuple[torch.Tensor, KVCache]:
+    def _prefill(self, windows: torch.Tensor, length: int,
+                 feats: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Logits after each window and its cache; the features over the windows unless given."""
         cache = self.model.new_cache(windows.size(0), length)
-        logits = self.model(windows, cache=cache, last_only=True, **self.memory).logits[:, -1]
+        if feats is None:
+            feats = compute_features(self.features, windows)
+        logits = self.model(windows, cache=cache, last_only=True, **self.memory,
+                            **feats).logits[:, -1]
         return logits, cache
+
+    def _ragged(self, capacity: int) -> RaggedKVCache:
+        """An empty ragged cache shaped like the model's own, with its per-row state."""
+        c = self.model.new_cache(1, 1)
+        return RaggedKVCache(len(c.k), capacity, c.k[0].size(1), self.max_ctx, c.k[0].size(3),
+                             self.device, c.k[0].dtype,
+                             row_state={n: getattr(c, n) for n in c.row_state})
 
     def _grow(self, capacity: int, vocab: int) -> None:
         if self.cache is not None and self.cache.capacity >= capacity:
             return
         capacity = max(capacity, 2 * (self.cache.capacity if self.cache is not None else 2))
-        c = self.model.new_cache(1, 1)
-        if self.cache is None:
-            self.cache = RaggedKVCache(len(c.k), capacity, c.k[0].size(1), self.max_ctx,
-                                       c.k[0].size(3), self.device, c.k[0].dtype)
-        else:
-            self.cache = self.cache.grown(capacity)
+        self.cache = self._ragged(capacity) if self.cache is None else self.cache.grown(capacity)
+        for stream in self.streams.values():
+            stream.grow(capacity)
         n = len(self.seqs)
 
         def widen(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
@@ -219,19 +296,28 @@ class DecodeBatch:
             logits, cache = self._prefill(window, min(seqs[0].total - seqs[0].start,
                                                        self.max_ctx))
         else:
-            c = self.model.new_cache(1, 1)
-            cache = RaggedKVCache(len(c.k), len(seqs), c.k[0].size(1), self.max_ctx,
-                                  c.k[0].size(3), self.device, c.k[0].dtype)
+            cache = self._ragged(len(seqs))
             cache.rows = len(seqs)
             longest = max(len(w) for w in windows) - 1
+            # each window's features, computed whole (right-padded: causal, so the padding
+            # changes no real token's); the padding's are zeroed, so it marks no boundary
+            ends = torch.tensor([len(w) - 1 for w in windows], device=self.device)
+            whole = compute_features(self.features, torch.tensor(
+                [w + [0] * (longest + 1 - len(w)) for w in windows], device=self.device)
+            ) if self.features else {}
             if longest > 0:
                 padded = torch.tensor([w[:-1] + [0] * (longest + 1 - len(w)) for w in windows],
                                       dtype=torch.long, device=self.device)
-                cache.put(list(range(len(seqs))), self._prefill(padded, longest)[1],
+                real = torch.arange(longest, device=self.device)[None, :] < ends[:, None]
+                feats = {n: f[:, :longest] * real[..., None] for n, f in whole.items()}
+                cache.put(list(range(len(seqs))), self._prefill(padded, longest, feats)[1],
                           [len(w) - 1 for w in windows])
             last = torch.tensor([[w[-1]] for w in windows], dtype=torch.long,
                                 device=self.device)
-            logits = self.model(last, cache=cache, last_only=True, **self.memory).logits[:, -1]
+            rows = torch.arange(len(seqs), device=self.device)
+            feats = {n: f[rows, ends][:, None] for n, f in whole.items()}
+            logits = self.model(last, cache=cache, last_only=True, **self.memory,
+                                **feats).logits[:, -1]
         vocab = logits.size(-1)
         self._grow(len(self.seqs) + len(seqs), vocab)
         assert (self.cache is not None and self.logits is not None and self.seen is not None
@@ -248,9 +334,11 @@ class DecodeBatch:
                                                self.device).fields(), strict=True):
             mine[first:first + len(seqs)] = theirs
         self.seen[first:first + len(seqs)] = False
-        for row, s in zip(rows, seqs, strict=True):
+        for row, s, w in zip(rows, seqs, windows, strict=True):
             self.seen[row, torch.tensor(s.ids, device=self.device)] = True
             self.counters[row] = s.t
+            for stream in self.streams.values():
+                stream.start(row, w)
         self.seqs.extend(seqs)
         self.uses = _Uses.of([s.cfg for s in self.seqs])
         return seqs
@@ -265,6 +353,8 @@ class DecodeBatch:
             for t in tensors:
                 assert t is not None
                 t[row] = t[last]
+            for stream in self.streams.values():
+                stream.move(last, row)
             moved = self.seqs[row] = self.seqs[last]
             moved.row = row
         self.seqs.pop()
@@ -296,20 +386,26 @@ class DecodeBatch:
         if not n:
             return
         assert self.cache is not None and self.logits is not None
-        full = [s for s in self.seqs if s.t - s.start > self.max_ctx]
+        full = [s for s in self.seqs if len(s.ids) - s.start > self.max_ctx]
         if full:
             keep = max(1, self.max_ctx // 2)
             for s in full:
                 s.start = s.t - keep
-            windows = torch.tensor([s.ids[s.start:] for s in full], dtype=torch.long,
-                                   device=self.device)
-            logits, cache = self._prefill(windows, keep)
-            self.cache.put([s.row for s in full], cache)
+                self.cache.set_length(s.row, 0)  # its step below is a throwaway at position 0
+            windows = [s.ids[s.start:] for s in full]
+            logits, cache = self._prefill(torch.tensor(windows, dtype=torch.long,
+                                                       device=self.device), keep)
         if len(full) < n:
-            last = torch.tensor([s.last for s in self.seqs], dtype=torch.long,
-                                device=self.device)
-            self.logits[:n] = self.model(last[:, None], cache=self.cache, last_only=True,
-                                         **self.memory).logits[:, -1].float()
-        for i, s in enumerate(full):  # refilled rows took a needless step above: undo it
-            self.logits[s.row] = logits[i]
-            self.cache.set_length(s.row, s.t - s.start)
+            last = [s.last for s in self.seqs]
+            feats = {name: torch.from_numpy(stream.push(np.arange(n), np.array(last))
+                                            ).to(self.device)[:, None]
+                     for name, stream in self.streams.items()}
+            self.logits[:n] = self.model(
+                torch.tensor(last, dtype=torch.long, device=self.device)[:, None],
+                cache=self.cache, last_only=True, **self.memory, **feats).logits[:, -1].float()
+        if full:  # the refilled rows' cache, state and logits replace their throwaway step's
+            self.cache.put([s.row for s in full], cache)
+            for i, (s, w) in enumerate(zip(full, windows, strict=True)):
+                self.logits[s.row] = logits[i]
+                for stream in self.streams.values():
+                    stream.start(s.row, w)

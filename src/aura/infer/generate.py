@@ -206,11 +206,6 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     return out[:, :n]
 
 
-def _held_back(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that could be the start of a stop string."""
-    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
-
 class TextStream:
     """New ids -> text: finds stop strings and streams only text that can no longer change.
 
@@ -234,6 +229,11 @@ class TextStream:
         self.text = ""  # the settled text of ids[:read]
         self.prefix = self.read = 0  # ids[prefix:read] is the context decoded before new ids
         self.longest_stop = max((len(x) for x in stop), default=0)
+        # the proper prefixes of the stop strings by their last character, longest first: the
+        # text's end can only be one whose last character it ends in (one lookup per token)
+        self.prefixes: dict[str, list[str]] = {}
+        for p in sorted({s[:k] for s in stop for k in range(1, len(s))}, key=len, reverse=True):
+            self.prefixes.setdefault(p[-1], []).append(p)
 
     def push(self, token: torch.Tensor) -> bool:
         """Take one step's (1,) ids; True asks ``generate`` to stop."""
@@ -257,7 +257,11 @@ class TextStream:
             self.result = self.text[:found]
             return True
         if self.stream is not None:
-            held = _held_back(self.text[-self.longest_stop:], self.stop) if self.stop else 0
+            held = 0
+            for p in self.prefixes.get(self.text[-1], ()):  # longest first
+                if self.text.endswith(p):
+                    held = len(p)
+                    break
             settled = len(self.text) - held
             if settled > self.emitted:
                 self.stream(self.text[self.emitted:settled])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import json
 import secrets
 import signal
@@ -308,37 +309,90 @@ class Service:
         return vectors, total
 
 
+class Events:
+    """One request's events on the event loop: what arrived since its reader last looked.
+
+    An ``asyncio.Queue`` costs a dozen calls per event (its put, get, empty checks and wake-up
+    bookkeeping); a request's reader wants everything that has arrived at once anyway (a stream
+    that fell behind sends it as one chunk). Here ``put`` appends and wakes the reader only when
+    it is waiting, and ``take`` hands over the whole list."""
+
+    def __init__(self) -> None:
+        self._items: list[dict[str, Any]] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, event: dict[str, Any]) -> None:
+        """On the event loop's thread (``Mailbox`` delivers)."""
+        self._items.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> list[dict[str, Any]]:
+        """Every event not taken yet, oldest first; waits for one if there is none."""
+        if not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
+
+
 class Mailbox:
-    """Events from the worker thread to the event loop with one wake-up per batch of them.
+    """Events from the worker thread to the event loop with one wake-up per round of them.
 
     ``call_soon_threadsafe`` per token per request writes to the loop's self-pipe and runs a
-    callback each time; a round of 32 sequences would cost 32 of each. Here the first event
-    posted after a delivery schedules one, which hands over everything posted until it runs.
+    callback each time; a round of 32 sequences would cost 32 of each. Here ``post`` only
+    queues, and the worker calls ``flush`` once a round, after every sequence's text is out and
+    before the round's forward (``Worker.on_flush``): the woken loop frames and sends the chunks
+    while the forward's torch ops run without the GIL, instead of taking the GIL from the
+    worker's per-sequence Python in the middle of the round.
+
+    No lock: a deque's append and popleft are atomic, and the delivery clears ``_scheduled``
+    before it drains, so an event flushed while it runs is either drained by it or schedules the
+    next.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue[dict[str, Any]], dict[str, Any]]] = []
+        self._items: collections.deque[tuple[Events, dict[str, Any]]] = collections.deque()
+        self._scheduled = False
+        self.closed = False
 
-    def post(self, queue: asyncio.Queue[dict[str, Any]], event: dict[str, Any]) -> None:
-        """Queue ``event`` for ``queue``; RuntimeError once the loop has closed."""
-        with self._lock:
-            self._items.append((queue, event))
-            if len(self._items) > 1:
-                return  # a delivery is already scheduled and will take this too
+    def post(self, queue: Events, event: dict[str, Any]) -> None:
+        """Queue ``event`` for ``queue`` (delivered at the next ``flush``); RuntimeError once
+        the loop has closed."""
+        if self.closed:
+            raise RuntimeError("the event loop has closed")
+        self._items.append((queue, event))
+
+    def flush(self) -> None:
+        """Have the loop deliver what is queued (one wake-up, unless one is pending)."""
+        if not self._items or self._scheduled:
+            return  # nothing new, or a delivery is scheduled and will take it too
+        self._scheduled = True
         try:
             self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:
-            with self._lock:
-                self._items.clear()
-            raise
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            self.closed = True
+            self._items.clear()
 
     def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for queue, event in items:
-            queue.put_nowait(event)
+        self._scheduled = False
+        items = self._items
+        while items:
+            queue, event = items.popleft()
+            queue.put(event)
+
+
+def sse_event(data: str) -> bytes:
+    """``data`` (one line: JSON never holds a raw newline) as one SSE event, framed exactly as
+    sse-starlette frames ``{"data": data}`` (its default separator, CRLF)."""
+    return b"data: " + data.encode() + b"\r\n\r\n"
+
+
+_json_string = json.encoder.encode_basestring_ascii  # json.dumps(str) without its dispatch
 
 
 def _new_id(prefix: str) -> str:
@@ -518,8 +572,11 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
                         stored: list[dict[str, str]] | None = None) -> Response:
         service.check_prompt(prompt)
         loop = asyncio.get_running_loop()
-        mailbox = mailboxes.get(loop) or mailboxes.setdefault(loop, Mailbox(loop))
-        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        mailbox = mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = mailboxes[loop] = Mailbox(loop)
+            service.worker.on_flush(mailbox.flush)
+        events = Events()
         mem = service.memory
 
         def emit(event: dict[str, Any]) -> None:
@@ -591,46 +648,44 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
 
             created = int(time.time())  # one request's chunks share it, as OpenAI's do
 
-            def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, str]:
+            def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
                 body = {"id": rid, "object": chunk_obj, "created": created,
                         "model": model_name, "choices": choices, **extra}
-                return {"data": json.dumps(body)}
+                return sse_event(json.dumps(body))
 
-            # A text chunk is this template around the JSON string of its text: no dict or
-            # whole-body encoding per token.
+            # A text chunk is these bytes around the JSON string of its text, already framed as
+            # an SSE event (what sse-starlette would make of ``{"data": ...}``): per chunk, one
+            # string escape and one encode, no dict, whole-body encoding or event object.
             marker = secrets.token_hex(8)
-            head, tail = chunk([choice(marker, None)])["data"].split(json.dumps(marker))
+            head, tail = chunk([choice(marker, None)]).split(json.dumps(marker).encode())
 
             async def stream():  # type: ignore[no-untyped-def]
                 try:
                     if chat:
                         yield chunk([choice("", None, first=True)])
-                    pending: dict[str, Any] | None = None
                     while True:
-                        event = pending or await events.get()
-                        pending = None
-                        if "text" in event and "done" not in event:
-                            text = event["text"]
-                            while not events.empty():  # behind: what has come, in one chunk
-                                pending = events.get_nowait()
-                                if "text" not in pending or "done" in pending:
-                                    break
-                                text += pending["text"]
-                                pending = None
-                            yield {"data": head + json.dumps(text) + tail}
-                        elif "done" in event:
-                            if stored is not None:
-                                whole(event, created)
-                            yield chunk([choice(None if chat else "", event["done"])])
-                            if include_usage:
-                                yield chunk([], usage=usage(event))
-                            yield {"data": "[DONE]"}
+                        text = ""
+                        for event in await events.take():
+                            if "text" in event and "done" not in event:
+                                text += event["text"]  # behind: what has come, in one chunk
+                                continue
+                            if text:
+                                yield head + _json_string(text).encode() + tail
+                                text = ""
+                            if "done" in event:
+                                if stored is not None:
+                                    whole(event, created)
+                                yield chunk([choice(None if chat else "", event["done"])])
+                                if include_usage:
+                                    yield chunk([], usage=usage(event))
+                                yield sse_event("[DONE]")
+                            else:
+                                body = {"error": {"message": event["error"], "param": None,
+                                                  "type": "server_error", "code": None}}
+                                yield sse_event(json.dumps(body))
                             return
-                        else:
-                            body = {"error": {"message": event["error"], "type": "server_error",
-                                              "param": None, "code": None}}
-                            yield {"data": json.dumps(body)}
-                            return
+                        if text:
+                            yield head + _json_string(text).encode() + tail
                 finally:
                     job.cancel()  # a no-op when finished; stops it when the client left
 
@@ -638,7 +693,7 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
 
         while True:
             try:
-                event = await asyncio.wait_for(events.get(), timeout=0.25)
+                event = (await asyncio.wait_for(events.take(), timeout=0.25))[-1]
             except TimeoutError:
                 if await request.is_disconnected():
                     job.cancel()

@@ -4,7 +4,8 @@ Requests queue to the worker; each active generation keeps its own random genera
 stream (``generate.Decoder``, ``generate.TextStream``) and is prefilled alone through its own KV
 cache. Then every round samples one token for each sequence and computes all their next logits
 in one forward, each sequence a row of a cache whose rows sit at their own positions
-(``batching.DecodeBatch``), for models that declare ``batched_decoding``; other models get one
+(``batching.DecodeBatch``), for models that declare ``batched_decoding`` (per-token features
+such as prosody computed a token at a time for each row); other models get one
 forward per sequence per round. New requests are admitted between rounds (continuous batching:
 a request starts at the next round, not after the others finish). Each sequence goes through
 the same steps as ``generate`` alone, so a concurrent request returns what the same request
@@ -30,7 +31,7 @@ import torch
 from aura.data.prosody import token_features
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
-from aura.infer.batching import DecodeBatch, Row
+from aura.infer.batching import DecodeBatch, Row, streamable
 from aura.infer.generate import Decoder, TextStream, _check_max_new_tokens
 from aura.infer.sampling import SamplingConfig
 from aura.models.base import AuraModel
@@ -95,10 +96,12 @@ class Worker:
         self._active: list[_Active] = []
         self._pending: list[_Active] = []  # started, waiting for a row (``_admit``)
         # One forward for every sequence's next token, where the model can (else one each);
-        # models that read per-token features decode alone, as those need each window.
-        self.batch = (DecodeBatch(model, self.memory) if batched and model.batched_decoding
-                      and model.max_context is not None and not self.features else None)
+        # per-token features (prosody) come a token at a time from each row's own state.
+        self.batch = (DecodeBatch(model, self.memory, self.features)
+                      if batched and model.batched_decoding and model.max_context is not None
+                      and streamable(self.features) else None)
         self.stats = WorkerStats()
+        self._flushers: tuple[Callable[[], None], ...] = ()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aura-model-worker", daemon=True)
         self._thread.start()
@@ -121,6 +124,16 @@ class Worker:
         self._inbox.put((fn, fut))
         return fut
 
+    def on_flush(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` on the worker thread once a round, after the round's events are
+        emitted and before its forward (and after any other events, e.g. a failed start): a
+        consumer that batches what ``emit`` hands it sends it then."""
+        self._flushers = (*self._flushers, fn)
+
+    def _flush(self) -> None:
+        for fn in self._flushers:
+            fn()
+
     def stop(self, timeout: float | None = None) -> None:
         """Cancel what is queued or running (each gets an error event) and end the thread."""
         self._stopping.set()
@@ -136,12 +149,14 @@ class Worker:
                     break
                 self._admit()
                 self._round()
+                self._flush()
         for item in ([a.job for a in self._active] + [p.job for p in self._pending]
                      + self._drain()):
             if isinstance(item, Job):
                 item.emit({"error": "the server is shutting down"})
             elif item is not None:
                 item[1].set_exception(AuraError("the server is shutting down"))
+        self._flush()
         self._active.clear()
         self.stats.active = 0
 
@@ -266,6 +281,7 @@ class Worker:
                 self._fail([a], exc)
                 continue
             still.append(a)
+        self._flush()  # the round's text goes out while its forward runs
         if self.batch is not None and still:
             try:
                 self.batch.advance()

@@ -141,6 +141,8 @@ class HippocampalConfig(ModelConfig):
 class HippocampalCache(KVCache):
     """Keys and values, plus each row's latest event boundary (for the time cells)."""
 
+    row_state = ("last_boundary",)
+
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
         super().__init__(n_layer, batch_size, n_head, max_len, head_dim, device, dtype)
@@ -154,12 +156,13 @@ class HippocampalCache(KVCache):
 def time_since_event(prosody: torch.Tensor, pos: torch.Tensor, cache: HippocampalCache | None
                      ) -> torch.Tensor:
     """(B, T) tokens since each token's latest sentence or paragraph end (from the prosody
-    features), carried across a cache's windows: what time cells are tuned to."""
+    features), carried across a cache's windows: what time cells are tuned to. ``pos`` is (T,),
+    or (B, T) from a cache whose rows sit at their own positions."""
     boundary = (prosody[..., SENTENCE_END] > 0.5) | (prosody[..., PARAGRAPH] > 0.5)
     start, previous = (cache.pos, cache.last_boundary) if cache is not None else (0, None)
-    elapsed = elapsed_since(boundary, start, previous)
+    elapsed = elapsed_since(boundary, pos[:, :1] if pos.dim() == 2 else start, previous)
     if cache is not None:
-        cache.last_boundary = pos[-1] - elapsed[:, -1]
+        cache.last_boundary = pos[..., -1] - elapsed[:, -1]
     return elapsed
 
 
@@ -173,6 +176,7 @@ def predictive_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 @register_model("hippocampal", config=HippocampalConfig)
 class HippocampalTransformer(Decoder):
     cache_type = HippocampalCache
+    batched_decoding = True  # the cache through KVCache's methods and its row_state only
     has_memory_switch = True  # train.memory_warmup_steps keeps recall off at the start
 
     def __init__(self, config: HippocampalConfig):

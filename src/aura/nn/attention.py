@@ -43,6 +43,10 @@ def keeps_attention_weights(device_type: str, dtype: torch.dtype, dropout: float
 class KVCache:
     """Preallocated keys/values for every layer; ``pos`` tokens are filled so far."""
 
+    # Per-row tensors (batch_size, ...) a subclass carries besides keys and values, by attribute
+    # name; a batching server keeps them per row (``aura.infer.batching.RaggedKVCache``).
+    row_state: tuple[str, ...] = ()
+
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
         shape = (batch_size, n_head, max_len, head_dim)

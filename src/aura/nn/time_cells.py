@@ -15,17 +15,18 @@ import torch
 from torch import nn
 
 
-def elapsed_since(boundary: torch.Tensor, start: int = 0,
+def elapsed_since(boundary: torch.Tensor, start: int | torch.Tensor = 0,
                   previous: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens since the latest boundary at or before each position: (..., T) bool -> long.
 
     0 on a boundary token, counting up after it. The tokens sit at positions ``start ..
-    start + T - 1``; ``previous`` (...,) is the position of the latest boundary before them
-    (a generation cache carries it from step to step), else the sequence start counts as one.
+    start + T - 1`` (``start`` an int, or (..., 1) per row); ``previous`` (...,) is the
+    position of the latest boundary before them (a generation cache carries it from step to
+    step), else the sequence start counts as one.
     A running max of boundary positions (``cummax``) needs no loop over time, and position t
     reads only boundaries at <= t: causal by construction.
     """
-    pos = torch.arange(start, start + boundary.size(-1), device=boundary.device)
+    pos = torch.arange(boundary.size(-1), device=boundary.device) + start
     last = torch.where(boundary, pos, 0).cummax(-1).values
     if previous is not None:
         last = torch.maximum(last, previous.unsqueeze(-1))
