@@ -1,8 +1,9 @@
 """An earlier commit against this checkout, side by side in ONE process: training steps, cached and
-uncached generation, the LIF forward + backward, the hippocampal model's step and inference.
+uncached generation, the LIF forward + backward, the hippocampal and SNN-RAG models' step and
+inference.
 
-    python benchmarks/before_after.py --before 6e19dca [--what train,generate,lif,hippocampal]
-                                      [--rounds 8]
+    python benchmarks/before_after.py --before 6e19dca
+        [--what train,generate,lif,hippocampal,snn_rag] [--rounds 8]
 
 Separate processes of the same code vary by 30% and more on a shared 2-core machine (heap layout,
 CPU frequency, a neighbour's load), which hides a 10% change. So the earlier commit's ``aura``
@@ -171,15 +172,14 @@ def bench_lif(mods: dict[str, Callable[[str], ModuleType]], rounds: int) -> dict
     return out
 
 
-def bench_hippocampal(mods: dict[str, Callable[[str], ModuleType]], rounds: int
-                      ) -> dict[str, Any]:
+def bench_memory_model(preset: str, mods: dict[str, Callable[[str], ModuleType]], rounds: int
+                       ) -> dict[str, Any]:
     """Seconds per training step (forward, backward, AdamW, the step's memories written) and
-    per inference forward of the ``hippocampal-cpu`` preset's model (batch 12 x 128, memory
-    full, corpus positions passed as the trainer does)."""
+    per inference forward of ``preset``'s model (batch 12 x 128, memory full, prosody and
+    corpus positions passed as the trainer does, where the model takes them)."""
     models, opts = {}, {}
     for v in mods:
-        cfg = mods[v]("config").load_config(preset="hippocampal-cpu",
-                                             overrides=["model.vocab_size=65"])
+        cfg = mods[v]("config").load_config(preset=preset, overrides=["model.vocab_size=65"])
         torch.manual_seed(0)
         models[v] = mods[v]("models").build_model(cfg.model)
         opts[v] = torch.optim.AdamW(models[v].parameters(), lr=1e-3)
@@ -188,10 +188,15 @@ def bench_hippocampal(mods: dict[str, Callable[[str], ModuleType]], rounds: int
     prosody = torch.rand(12, 128, 8, generator=g)
     where = torch.arange(12) * 128
 
+    def kwargs(v: str) -> dict[str, torch.Tensor]:
+        m = models[v]
+        return ({"prosody": prosody} if m.token_features else {}) | (
+            {"corpus_pos": where} if m.wants_corpus_pos else {})
+
     def train(v: str) -> float:
         m = models[v].train()
         t = time.perf_counter()
-        m(x, x, prosody=prosody, corpus_pos=where).loss.backward()
+        m(x, x, **kwargs(v)).loss.backward()
         opts[v].step()
         opts[v].zero_grad(set_to_none=True)
         m.memory_stores()  # the step's memories are written before the next forward
@@ -201,18 +206,18 @@ def bench_hippocampal(mods: dict[str, Callable[[str], ModuleType]], rounds: int
         m = models[v].eval()
         with torch.inference_mode():
             t = time.perf_counter()
-            m(x, prosody=prosody, corpus_pos=where)
+            m(x, **kwargs(v))
             return time.perf_counter() - t
 
-    for v in mods:  # fill the 1024-memory stores (32 a step)
+    for v in mods:  # fill the stores (hippocampal: 1024 memories, 32 a step)
         for _ in range(40):
             train(v)
     per = max(rounds, 8)
-    return {"train_s": alternate({v: functools.partial(train, v) for v in mods}, per,
+    return {"preset": preset,
+            "train_s": alternate({v: functools.partial(train, v) for v in mods}, per,
                                  higher_is_faster=False),
             "infer_s": alternate({v: functools.partial(infer, v) for v in mods}, per,
                                  higher_is_faster=False)}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -221,7 +226,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
     benches = {"train": bench_train, "generate": bench_generate, "lif": bench_lif,
-               "hippocampal": bench_hippocampal}
+               "hippocampal": functools.partial(bench_memory_model, "hippocampal-cpu"),
+               "snn_rag": functools.partial(bench_memory_model, "snn-rag-cpu")}
     wanted = args.what.split(",")
     if not set(wanted) <= set(benches):
         ap.error(f"--what takes {', '.join(benches)}")
