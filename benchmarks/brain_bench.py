@@ -11,10 +11,13 @@ Char-level builtin Shakespeare (held-out works as val). Each run trains on the s
 (same seed) for the same tokens; every ``--eval-every`` steps the val loss is recorded (the
 curve), and at the end val loss and bits per byte on ``--eval-tokens`` held-out tokens.
 ``gpt`` keeps brain-cpu's layers and heads with n_embd widened to the closest parameter count.
-``--ablations`` adds brain-cpu with each module off in turn, the thalamus in bypass and
-``use_spiking`` on. The figures are quality only (loss, bpb); seconds are recorded for the lead
-but mean nothing on a shared machine. Also reported: ln(vocab), uniform guessing's loss, and
-the val loss at step 100 (seed 000's sanity rule: far below uniform by then).
+``--ablations`` adds brain-cpu with each module off in turn (STDP with Wernicke, the place
+and time cells with the hippocampus), the thalamus in bypass, ``use_spiking`` on, and token STDP
+and the place/time cells off (which ablates them only when ``--brain-set`` turns them on, as the
+full brain of the three-seed ablation does). The figures are quality only (loss, bpb); seconds
+are recorded for the lead but mean nothing on a shared machine. Also reported: ln(vocab),
+uniform guessing's loss, and the val loss at step 100 (seed 000's sanity rule: far below
+uniform by then).
 
 migrate (seed 003 §5, 512 -> 1024 at full size): brain-cpu at width ``--narrow`` trains
 ``--before`` steps, ``aura convert`` (``aura.train.convert.convert``) widens it to ``--wide``
@@ -54,6 +57,10 @@ from aura.train.trainer import Trainer
 from machine import machine
 
 PRESET = "brain-cpu"
+# what goes when a module goes: token STDP lives in Wernicke's attention, the place and time
+# cells code the hippocampus's input
+PARTS_OF = {"wernicke": ["model.use_stdp=false"],
+            "hippocampus": ["model.place_cells=false", "model.time_cells=false"]}
 VOCAB = 84  # the char tokenizer of builtin:shakespeare (checked against the prepared data)
 
 
@@ -86,11 +93,16 @@ def runs(args: argparse.Namespace, common: list[str]) -> dict[str, AuraConfig]:
     out = {"brain": brain, "gpt": matched_gpt(full, gpt_common)}
     if args.ablations:
         for switch in SWITCHES:
-            out[f"no_{switch}"] = load_config(preset=PRESET,
-                                              overrides=[*common, f"model.{switch}=false"])
+            out[f"no_{switch}"] = load_config(preset=PRESET, overrides=[
+                *common, f"model.{switch}=false", *PARTS_OF.get(switch, [])])
         out["thalamus_bypass"] = load_config(preset=PRESET,
                                              overrides=[*common, "model.thalamus_mode=bypass"])
         out["spiking"] = load_config(preset=PRESET, overrides=[*common, "model.use_spiking=true"])
+        # off by default in brain-cpu: these two ablate something only when --brain-set turns
+        # them on (the full brain of the three-seed ablation)
+        out["no_stdp"] = load_config(preset=PRESET, overrides=[*common, "model.use_stdp=false"])
+        out["no_place_time"] = load_config(preset=PRESET, overrides=[
+            *common, "model.place_cells=false", "model.time_cells=false"])
     return out
 
 
