@@ -18,7 +18,7 @@ from aura.train.gpu import estimate_gpu
 from aura.train.optim import build_optimizers, cast_weights, optimizer_state_bytes
 from aura.train.resources import estimate_training_memory, meta_model
 from aura.train.trainer import Trainer
-from conftest import CliResult, assert_usage_error, tiny_config
+from conftest import CliResult, assert_usage_error, read_metrics, tiny_config
 
 Run = Callable[..., CliResult]
 GiB = 2**30
@@ -100,18 +100,29 @@ def test_bf16_weights_need_bf16_precision(run_cli: Run) -> None:
 
 
 @pytest.mark.slow
-def test_a_tiny_brain_trains_with_bf16_weights_and_adafactor(train_data: Path,
-                                                             tmp_path: Path) -> None:
-    cfg = brain("model.vocab_size=null", "train.weights=bf16", "train.precision=bf16",
-                "train.optimizer=adafactor", "train.lr=0.1", "train.max_steps=6",
-                "train.eval_interval=6", "train.checkpoint_interval=6", "train.grad_accum=2")
-    trainer = Trainer(cfg, train_data, tmp_path / "run", progress=False, log=lambda _m: None)
-    result = trainer.run()
-    assert math.isfinite(result.val_loss or math.nan)
-    assert result.val_loss < math.log(trainer.model.config.vocab_size)  # below uniform
-    assert trainer.model.wte.weight.dtype == torch.bfloat16
-    loaded = load_for_inference(tmp_path / "run")  # bf16 tensors into an fp32 model
-    assert torch.equal(loaded.model.wte.weight, trainer.model.wte.weight.float())
+def test_a_tiny_brain_trains_and_resumes_bit_exactly_with_bf16_weights_and_adafactor(
+        train_data: Path, tmp_path: Path) -> None:
+    common = (*BRAIN, "model.vocab_size=null", "train.weights=bf16", "train.precision=bf16",
+              "train.optimizer=adafactor", "train.lr=0.1", "train.grad_accum=2",
+              "train.eval_interval=3", "train.checkpoint_interval=3", "train.schedule=constant")
+
+    def run(steps: int, where: Path, resume: bool = False) -> Trainer:
+        trainer = Trainer(tiny_config(*common, f"train.max_steps={steps}"), train_data, where,
+                          resume=resume, progress=False, log=lambda _m: None)
+        trainer.run()
+        return trainer
+
+    a = run(6, tmp_path / "a")
+    run(3, tmp_path / "b")
+    b = run(6, tmp_path / "b", resume=True)
+    rows = {d: [r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in "ab"}
+    assert rows["a"] == rows["b"] and len(rows["a"]) == 6
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(),
+                                                  strict=True))
+    assert b.model.wte.weight.dtype == torch.bfloat16  # the resumed model is bf16 again
+    assert rows["a"][-1] < math.log(a.model.config.vocab_size)  # below uniform
+    loaded = load_for_inference(tmp_path / "a")  # bf16 tensors into an fp32 model
+    assert torch.equal(loaded.model.wte.weight, a.model.wte.weight.float())
 
 
 def test_neurogen_4gb_fits_4gb_at_the_seeds_numbers() -> None:
