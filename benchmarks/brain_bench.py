@@ -149,7 +149,8 @@ def cmd_quality(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summary(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """Mean (and std over seeds) val loss and bpb per run, and each run's delta to the brain."""
+    """Mean (and std over seeds) val loss and bpb per run, and each run's delta to the brain
+    (with the std over seeds of the per-seed deltas)."""
     out: dict[str, Any] = {}
     for name, by_seed in results.items():
         losses = [r["val_loss"] for r in by_seed.values()]
@@ -159,8 +160,12 @@ def summary(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
                      else None, "val_bits_per_byte": round(statistics.mean(bpbs), 4)}
     if "brain" in out:
         base = out["brain"]["val_loss"]
-        for row in out.values():
+        for name, row in out.items():
             row["delta_vs_brain"] = round(row["val_loss"] - base, 4)
+            paired = [r["val_loss"] - results["brain"][seed]["val_loss"]
+                      for seed, r in results[name].items() if seed in results["brain"]]
+            if len(paired) > 1:  # per seed, against the brain on the same batches
+                row["delta_paired_std"] = round(statistics.stdev(paired), 4)
     return out
 
 
