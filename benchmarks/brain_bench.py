@@ -11,10 +11,13 @@ Char-level builtin Shakespeare (held-out works as val). Each run trains on the s
 (same seed) for the same tokens; every ``--eval-every`` steps the val loss is recorded (the
 curve), and at the end val loss and bits per byte on ``--eval-tokens`` held-out tokens.
 ``gpt`` keeps brain-cpu's layers and heads with n_embd widened to the closest parameter count.
-``--ablations`` adds brain-cpu with each module off in turn, the thalamus in bypass and
-``use_spiking`` on. The figures are quality only (loss, bpb); seconds are recorded for the lead
-but mean nothing on a shared machine. Also reported: ln(vocab), uniform guessing's loss, and
-the val loss at step 100 (seed 000's sanity rule: far below uniform by then).
+``--ablations`` adds brain-cpu with each module off in turn (STDP with Wernicke, the place
+and time cells with the hippocampus), the thalamus in bypass, ``use_spiking`` on, and token STDP
+and the place/time cells off (which ablates them only when ``--brain-set`` turns them on, as the
+full brain of the three-seed ablation does). The figures are quality only (loss, bpb); seconds
+are recorded for the lead but mean nothing on a shared machine. Also reported: ln(vocab),
+uniform guessing's loss, and the val loss at step 100 (seed 000's sanity rule: far below
+uniform by then).
 
 migrate (seed 003 §5, 512 -> 1024 at full size): brain-cpu at width ``--narrow`` trains
 ``--before`` steps, ``aura convert`` (``aura.train.convert.convert``) widens it to ``--wide``
@@ -54,6 +57,10 @@ from aura.train.trainer import Trainer
 from machine import machine
 
 PRESET = "brain-cpu"
+# what goes when a module goes: token STDP lives in Wernicke's attention, the place and time
+# cells code the hippocampus's input
+PARTS_OF = {"wernicke": ["model.use_stdp=false"],
+            "hippocampus": ["model.place_cells=false", "model.time_cells=false"]}
 VOCAB = 84  # the char tokenizer of builtin:shakespeare (checked against the prepared data)
 
 
@@ -86,11 +93,16 @@ def runs(args: argparse.Namespace, common: list[str]) -> dict[str, AuraConfig]:
     out = {"brain": brain, "gpt": matched_gpt(full, gpt_common)}
     if args.ablations:
         for switch in SWITCHES:
-            out[f"no_{switch}"] = load_config(preset=PRESET,
-                                              overrides=[*common, f"model.{switch}=false"])
+            out[f"no_{switch}"] = load_config(preset=PRESET, overrides=[
+                *common, f"model.{switch}=false", *PARTS_OF.get(switch, [])])
         out["thalamus_bypass"] = load_config(preset=PRESET,
                                              overrides=[*common, "model.thalamus_mode=bypass"])
         out["spiking"] = load_config(preset=PRESET, overrides=[*common, "model.use_spiking=true"])
+        # off by default in brain-cpu: these two ablate something only when --brain-set turns
+        # them on (the full brain of the three-seed ablation)
+        out["no_stdp"] = load_config(preset=PRESET, overrides=[*common, "model.use_stdp=false"])
+        out["no_place_time"] = load_config(preset=PRESET, overrides=[
+            *common, "model.place_cells=false", "model.time_cells=false"])
     return out
 
 
@@ -137,7 +149,8 @@ def cmd_quality(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summary(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """Mean (and std over seeds) val loss and bpb per run, and each run's delta to the brain."""
+    """Mean (and std over seeds) val loss and bpb per run, and each run's delta to the brain
+    (with the std over seeds of the per-seed deltas)."""
     out: dict[str, Any] = {}
     for name, by_seed in results.items():
         losses = [r["val_loss"] for r in by_seed.values()]
@@ -147,8 +160,12 @@ def summary(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
                      else None, "val_bits_per_byte": round(statistics.mean(bpbs), 4)}
     if "brain" in out:
         base = out["brain"]["val_loss"]
-        for row in out.values():
+        for name, row in out.items():
             row["delta_vs_brain"] = round(row["val_loss"] - base, 4)
+            paired = [r["val_loss"] - results["brain"][seed]["val_loss"]
+                      for seed, r in results[name].items() if seed in results["brain"]]
+            if len(paired) > 1:  # per seed, against the brain on the same batches
+                row["delta_paired_std"] = round(statistics.stdev(paired), 4)
     return out
 
 

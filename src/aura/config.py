@@ -30,7 +30,8 @@ from aura.field_docs import field_docs
 from aura.models import ModelConfig, model_config_class
 
 Schedule = Literal["cosine", "plateau", "constant"]
-Optimizer = Literal["adamw", "muon"]
+Optimizer = Literal["adamw", "muon", "adafactor"]
+Weights = Literal["fp32", "bf16"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Parallel = Literal["ddp", "fsdp"]
 CheckpointFormat = Literal["consolidated", "sharded"]
@@ -92,11 +93,16 @@ class TrainConfig:
     """Label smoothing of the cross-entropy loss, in [0, 1)."""
     optimizer: Optimizer = "adamw"
     """"adamw", or "muon": Muon for the hidden 2-D matrices and AdamW for embeddings, the head
-    and everything else."""
+    and everything else, or "adafactor": factored second moments (a row and a column per
+    matrix), no first moment, for a run whose AdamW state would not fit."""
     precision: Precision = "auto"
     """Forward precision: "auto" (bf16, else fp16, on CUDA; on CPU bf16 where it is native and
     model.n_embd >= 256, where it measured faster, else fp32; fp32 on MPS), "fp32", "bf16", or
     "fp16" (GPU only, with loss scaling)."""
+    weights: Weights = "fp32"
+    """The parameters' (and so gradients' and optimizer state's) dtype: "fp32", or "bf16" (half
+    the memory, needs train.precision=bf16; updates below bf16's resolution are lost, so it
+    suits a model that would not fit otherwise)."""
     device: str = "auto"
     """"auto" (CUDA, then MPS, then CPU) or a torch device: cpu, cuda, cuda:N, mps."""
     compile: bool = False
@@ -467,6 +473,8 @@ def validate_config(cfg: AuraConfig) -> None:
         m.n_embd % m.n_head == 0,
         f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})",
     )
+    _check(t.weights == "fp32" or t.precision == "bf16",
+           f"train.weights={t.weights} needs train.precision=bf16, got {t.precision!r}")
     for problem in m.problems():
         _check(False, problem)
     if t.block_size is not None:

@@ -47,7 +47,12 @@ class GpuEstimate:
         return {"params": self.params, "vocab_size": self.vocab,
                 "vocab_assumed": self.vocab_assumed, "world_size": self.world,
                 "sharded": self.sharded, "peak_gpu_bytes": self.peak_bytes,
-                "peak_gpu": format_bytes(self.peak_bytes)}
+                "peak_gpu": format_bytes(self.peak_bytes),
+                "bytes": {"weights": self.parts.param_bytes, "gradients": self.parts.grad_bytes,
+                          "optimizer": self.parts.optimizer_bytes,
+                          "buffers": self.parts.buffer_bytes,
+                          "activations": self.parts.activation_bytes,
+                          "overhead": self.parts.overhead_bytes}}
 
 
 def estimate_gpu(cfg: AuraConfig, world: int = 1) -> GpuEstimate:
@@ -87,7 +92,14 @@ def describe(est: GpuEstimate) -> str:
             f"(weights {format_bytes(p.param_bytes)}, gradients {format_bytes(p.grad_bytes)}, "
             f"optimizer {format_bytes(p.optimizer_bytes)} before sharding; activations "
             f"{format_bytes(p.activation_bytes)} for {p.batch} x {p.seq} tokens in "
-            f"{p.precision})\n")
+            f"{p.precision})\n"
+            f"  weights        {format_bytes(p.param_bytes):>10}\n"
+            f"  gradients      {format_bytes(p.grad_bytes):>10}\n"
+            f"  optimizer      {format_bytes(p.optimizer_bytes):>10}\n"
+            f"  buffers        {format_bytes(p.buffer_bytes):>10}  (memories, running state)\n"
+            f"  activations    {format_bytes(p.activation_bytes):>10}  (one micro-batch, the "
+            f"loss's vocabulary-wide tensors, autocast's weight copies)\n"
+            f"  overhead       {format_bytes(p.overhead_bytes):>10}\n")
 
 
 # --- the device at hand -------------------------------------------------------------------------

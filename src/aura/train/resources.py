@@ -4,17 +4,21 @@ the allocator with a traceback minutes later (and leaving a stub run directory).
 
 The estimate (``estimate_training_memory``) adds up the peak of a training step:
 
-- weights and gradients: 4 bytes per parameter each (weights stay fp32 under autocast). The
-  parameter count is exact: the model is built on the ``meta`` device, which gives every
-  tensor its shape and allocates nothing, so each registered model is counted by its own code;
-- optimizer state: AdamW's two moments per parameter; with ``train.optimizer=muon`` one momentum
-  for the matrices Muon trains (``muon_matrices``) and two moments for the rest;
+- weights and gradients: 4 bytes per parameter each (weights stay fp32 under autocast), 2 with
+  ``train.weights=bf16``. The parameter count is exact: the model is built on the ``meta``
+  device, which gives every tensor its shape and allocates nothing, so each registered model is
+  counted by its own code;
+- optimizer state, in the weights' dtype (``aura.train.optim.optimizer_state_bytes``): AdamW's
+  two moments per parameter; with ``train.optimizer=muon`` one momentum for the matrices Muon
+  trains (``muon_matrices``) and two moments for the rest; with ``adafactor`` a row and a
+  column per matrix;
 - buffers: the model's buffers and its episodic memory stores;
 - activations of one micro-batch (``train.batch_size`` sequences of the longest training
   length): what the model declares its autograd graph keeps (``AuraModel.activation_bytes``,
   which knows the precision and ``train.grad_checkpoint``), plus autocast's half-precision
-  copies of the weight matrices, plus the loss's vocabulary-wide tensors in backward (the kept
-  logits and two fp32 gradients of the log-softmax);
+  copies of the weight matrices (none when the weights are bf16 already), plus the loss's
+  vocabulary-wide tensors in backward (the kept logits and two fp32 gradients of the
+  log-softmax);
 - the checkpoint copy: safetensors copies a file's tensors into memory before writing them, so
   saving the optimizer state briefly needs that much again. Gradients and activations are gone
   by then, so the total counts the larger of the two;
@@ -46,7 +50,7 @@ from aura.continual.hook import state_bytes
 from aura.errors import AuraError
 from aura.models import AuraModel, build_model
 from aura.train.device import pick_device, pick_precision
-from aura.train.optim import muon_matrices
+from aura.train.optim import muon_matrices, optimizer_state_bytes, weight_dtypes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OVERHEAD = 96 * 2**20
@@ -143,17 +147,21 @@ def estimate_training_memory(config: AuraConfig, precision: str | None = None,
     model = meta_model(config)
     params = list(model.parameters())
     trained = [p for p in params if p.requires_grad]
-    param_bytes = sum(p.nbytes for p in params)
-    grad_bytes = sum(p.nbytes for p in trained)
+    dtypes = weight_dtypes(model, t.weights)  # the meta model is fp32; the trainer casts
+    size = {id(p): dtypes.get(id(p), p.dtype).itemsize for p in params}
+    param_bytes = sum(p.numel() * size[id(p)] for p in params)
+    grad_bytes = sum(p.numel() * size[id(p)] for p in trained)
     muon = {id(p) for p in muon_matrices(model)} if t.optimizer == "muon" else set()
-    optimizer_bytes = sum(p.nbytes * (1 if id(p) in muon else 2) for p in trained)
+    optimizer_bytes = sum(optimizer_state_bytes(tuple(p.shape), t.optimizer, size[id(p)],
+                                                id(p) in muon) for p in trained)
     stores = sum(writer.store.nbytes() for writer in model.writers.values())
     buffer_bytes = sum(b.nbytes for b in model.buffers()) + stores
     seq = training_seq_len(config)
     tokens = t.batch_size * seq
     activations = model.activation_bytes(t.batch_size, seq, dtype, device_type)
-    if dtype != torch.float32:  # autocast keeps a half copy of each weight matrix for backward
-        activations += sum(p.numel() for p in params if p.dim() >= 2) * dtype.itemsize
+    # autocast keeps a half copy of each fp32 weight matrix for backward
+    activations += sum(p.numel() for p in params if p.dim() >= 2 and size[id(p)] > dtype.itemsize
+                       ) * dtype.itemsize
     vocab = config.model.vocab_size or 0
     activations += tokens * vocab * (dtype.itemsize + 2 * 4)  # logits, log-softmax gradients
     return MemoryEstimate(

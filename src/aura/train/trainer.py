@@ -55,7 +55,7 @@ from aura.train.device import (
     pick_precision,
 )
 from aura.train.metrics import MetricsLog, TrainLog, progress_fields, training_flops_per_token
-from aura.train.optim import build_optimizers
+from aura.train.optim import build_optimizers, cast_weights
 from aura.train.resources import check_ranks_memory
 from aura.train.sanity import SanityMonitor, SanityWarning
 from aura.train.schedule import Every, Plateau, lr_factor
@@ -165,6 +165,7 @@ class Trainer:
         self.scaler = self.precision.new_scaler()
         torch.manual_seed(t.seed)
         self.model: AuraModel = build_model(cfg.model).to(self.device)
+        cast_weights(self.model, t.weights)
         self.model.grad_checkpoint = t.grad_checkpoint
         self.wrapped = self.parallel.wrap(self.model, self.precision, t.grad_checkpoint)
         self.forward: Callable[..., Any] = self.wrapped

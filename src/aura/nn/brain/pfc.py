@@ -21,6 +21,9 @@ from torch import nn
 
 
 class PrefrontalCortex(nn.Module):
+    fp32_weights = True
+    """The recurrence runs in fp32 outside autocast, so train.weights=bf16 leaves these fp32."""
+
     def __init__(self, n_embd: int, dim: int, n_head: int):
         super().__init__()
         if dim % n_head:
