@@ -19,7 +19,10 @@ datastore of the episode filled while reading, the model's memory off), ``both``
 
 stream: each held-out work of builtin:shakespeare read with ``aura eval --stream`` semantics,
 bits per byte per window for memory off, the model's memory written, and the kNN datastore of
-the document; the mean past the first window is what the issue's 3% target is about.
+the document; the mean past the first window is what the issue's 3% target is about. The
+condition ``fresh`` (not in the default list) empties the model's stores before each work and
+then writes them while reading: the memory holds only the document's earlier windows, as in
+training with ``train.memory_stream``.
 
 retrieval: seed 002's in-model retrieval accuracy (">95% top-5"). ``--passages`` passages of
 ``--chars`` characters of the held-out works become one memory each, keyed by the model's own
@@ -194,10 +197,15 @@ def stream(args: argparse.Namespace) -> dict[str, Any]:
             text = text[:args.max_chars] if args.max_chars else text
             rows: dict[str, Any] = {}
             for condition in args.conditions.split(","):
-                if condition in ("model", "both") and not model.remembers_at_inference:
+                if (condition in ("model", "both", "fresh")
+                        and not model.remembers_at_inference):
                     continue
                 m = copy.deepcopy(model)
-                own = condition in ("model", "both")
+                own = condition in ("model", "both", "fresh")
+                if condition == "fresh":
+                    for writer in m.writers.values():
+                        writer.discard()
+                        writer.store.clear()
                 readout = (KNNLM(new_datastore(knn.key_dim(m.hidden_size), args.capacity),
                                  m.config.vocab_size, m.hidden_size, knn, learn=True)
                            if condition in ("knn", "both") else None)

@@ -379,22 +379,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     # The prompt is echoed once every input is validated: bad input leaves stdout empty.
     on_ready = None if stream is None else (lambda: stream(prompt))
+    knn = None
+    if args.knn is not None:
+        from aura.eval.knn import knn_readout
+
+        knn = knn_readout(loaded.model, loaded.path, lam=args.knn,
+                          temperature=args.knn_temperature, k=args.knn_k, span=None,
+                          stream=False, learn=False)
     trace = None
     if args.show_memory:
         from aura.infer.memory_trace import MemoryTrace
 
         if args.memory_span < 1:
             raise AuraError(f"--memory-span must be >= 1, got {args.memory_span}")
-        trace = MemoryTrace(loaded.model, loaded.tokenizer, span=args.memory_span)
+        trace = MemoryTrace(loaded.model, loaded.tokenizer, span=args.memory_span, knn=knn)
         if not trace.active:
             raise AuraError(f"model {loaded.model.config.name!r} has no episodic memory to show "
                             "(--show-memory needs hippocampal, snn_rag or natural_brain's "
-                            "hippocampus)")
+                            "hippocampus, or a kNN datastore read with --knn)")
     with contextlib.nullcontext() if trace is None else trace.recording():
         text = generate_text(loaded.model, loaded.tokenizer, prompt, args.max_new_tokens,
                              sampling, use_cache=not args.no_cache, stop=stop, stream=stream,
                              on_ready=on_ready, memory=args.memory or "read",
-                             on_token=None if trace is None else trace.push)
+                             on_token=None if trace is None else trace.push, knn=knn)
     if args.json:
         from aura.infer.generate import modulated
 
@@ -658,6 +665,13 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                         "text, similarity, gate); --json carries them as memory_reads")
     g.add_argument("--memory-span", type=int, default=16, metavar="N",
                    help="tokens per span for --show-memory")
+    g.add_argument("--knn", type=float, metavar="LAMBDA",
+                   help="draw each token from the next-token distribution mixed with the "
+                        "checkpoint's kNN-LM datastore's (aura memory build --knn), weight "
+                        "LAMBDA in [0, 1] (0: the plain model's tokens)")
+    g.add_argument("--knn-temperature", type=float, default=0.05,
+                   help="softmax temperature over the neighbours' cosines (default 0.05)")
+    g.add_argument("--knn-k", type=int, default=16, help="neighbours per token (default 16)")
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")

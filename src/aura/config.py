@@ -131,6 +131,10 @@ class TrainConfig:
     memory_warmup_steps: int = 0
     """Steps at the start that run with use_memory=False: the model reads no memories (and
     hippocampal forms none), so it learns language before leaning on recall."""
+    memory_stream: bool = False
+    """Memorizing Transformers' regime for a model's own memory: each batch row reads its own
+    stretch of the corpus in consecutive windows, step after step, and its tokens read only
+    memories of that stretch's current document (aura.data.streams); off: random windows."""
     seed: int = 1337
     """Seed of the initial weights and of the batch order, in [0, 2**32)."""
     viz_interval: int = 0

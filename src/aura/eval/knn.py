@@ -4,7 +4,9 @@
 The corpus datastore holds kNN-LM's published keys (a position's final hidden state, ``span``
 1) with the next token, for windows of ``block_size + 1`` tokens in corpus order (spread evenly
 when the store cannot hold them all); every entry's ``source_pos`` is its token's offset in the
-split. It is saved as the checkpoint's ``memory/knn`` store, verified like every other file.
+split and its ``source_tokens`` the context it was formed from (the window's tokens ending at
+it), which ``aura generate --knn --show-memory`` prints. It is saved as the checkpoint's
+``memory/knn`` store, verified like every other file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from aura.data.sampler import compute_features
 from aura.data.shards import SplitData
@@ -29,7 +32,7 @@ from aura.memory.knn_lm import (
     load_datastore,
     new_datastore,
 )
-from aura.memory.store import EpisodicStore
+from aura.memory.store import SNIPPET_TOKENS, EpisodicStore
 from aura.models.base import AuraModel
 
 
@@ -60,7 +63,8 @@ def build_datastore(model: AuraModel, split: SplitData, tokenizer: Tokenizer, *,
                                 "a kNN datastore by")
             pos = torch.tensor([g for _, _, g in batch], device=device)[:, None] + \
                 torch.arange(1, block + 1, device=device)
-            knn.add(knn.keys(hidden, x), y, source_pos=pos)
+            context = F.pad(x, (SNIPPET_TOKENS - 1, 0), value=-1).unfold(1, SNIPPET_TOKENS, 1)
+            knn.add(knn.keys(hidden, x), y, source_pos=pos, source_tokens=context)
     finally:
         model.train(was_training)
     return store

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from aura.infer.row_sampling import RowSampler
 from aura.infer.sampling import SamplingConfig
 from aura.models.base import AuraModel
 from aura.models.memory_mode import memory_kwargs
+
+if TYPE_CHECKING:
+    from aura.memory.knn_lm import KNNLM
 
 TokenCallback = Callable[[torch.Tensor], bool | None]
 # The output ids are allocated whole before decoding (8 bytes per token and row), so an extra
@@ -70,13 +73,20 @@ def _new_cache(model: AuraModel, batch: int, start: int, total: int,
 
 
 def _last_logits(model: AuraModel, window: torch.Tensor, n_new: int, cache: Any,
-                 features: TokenFeatures, memory: dict[str, bool] | None = None) -> torch.Tensor:
+                 features: TokenFeatures, memory: dict[str, bool] | None = None,
+                 knn: KNNLM | None = None) -> torch.Tensor:
     """Logits after ``window``, feeding the model its last ``n_new`` tokens (the rest are in
     the cache). Token features are computed over the whole window, since e.g. a word's valence
-    depends on the tokens before it, then cut to the tokens fed."""
+    depends on the tokens before it, then cut to the tokens fed. With ``knn`` (a kNN-LM
+    read-out) they are the mixture's log-probabilities (``KNNLM.next_logits``)."""
     feats = {name: f[:, -n_new:] for name, f in compute_features(features, window).items()}
-    return model(window[:, -n_new:], cache=cache, last_only=True, **(memory or {}),
-                 **feats).logits[:, -1]
+    out = model(window[:, -n_new:], cache=cache, last_only=True, **(memory or {}), **feats)
+    if knn is None:
+        return out.logits[:, -1]
+    if out.hidden is None:
+        raise AuraError(f"model {model.config.name!r} returns no hidden states to read a kNN "
+                        "datastore with")
+    return knn.next_logits(out.logits[:, -1], out.hidden[:, -1], window[:, -1])
 
 
 class Decoder:
@@ -86,11 +96,11 @@ class Decoder:
 
     def __init__(self, model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
                  use_cache: bool, stop_ids: int | None, features: TokenFeatures,
-                 memory: dict[str, bool] | None = None):
+                 memory: dict[str, bool] | None = None, knn: KNNLM | None = None):
         # the model's own factors (its state is read-only while generating: once is enough)
         sampling = modulated(model, sampling)[0]
         self.model, self.out, self.t, self.sampling = model, out, t, sampling
-        self.stop_ids, self.features, self.memory = stop_ids, features, memory
+        self.stop_ids, self.features, self.memory, self.knn = stop_ids, features, memory, knn
         batch, self.total = out.shape
         self.max_ctx = model.max_context
         self.done = torch.zeros(batch, dtype=torch.bool, device=out.device)
@@ -99,7 +109,7 @@ class Decoder:
         self.cache = (_new_cache(model, batch, self.start, self.total, self.max_ctx)
                       if use_cache else None)
         self.logits = _last_logits(model, out[:, self.start:t], t - self.start, self.cache,
-                                   features, memory)
+                                   features, memory, knn)
         # Each row's draws are keyed by (its seed, position), as in the server's batches.
         self.sampler = RowSampler([sampling] * batch, out[:, :t], self.logits.size(-1))
 
@@ -130,7 +140,7 @@ class Decoder:
             if max_ctx is not None:
                 self.start = max(0, t - max_ctx)
             self.logits = _last_logits(model, out[:, self.start:t], t - self.start, None,
-                                       self.features, self.memory)
+                                       self.features, self.memory, self.knn)
         elif self.needs_refill():
             assert max_ctx is not None
             # The cache is full. Learned absolute positions cannot slide: every cached key was
@@ -140,17 +150,17 @@ class Decoder:
             self.start = t - max(1, max_ctx // 2)
             self.cache = _new_cache(model, out.size(0), self.start, self.total, max_ctx)
             self.logits = _last_logits(model, out[:, self.start:t], t - self.start, self.cache,
-                                       self.features, self.memory)
+                                       self.features, self.memory, self.knn)
         else:
             self.logits = _last_logits(model, out[:, self.start:t], 1, self.cache, self.features,
-                                       self.memory)
+                                       self.memory, self.knn)
 
 
 def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfig,
             use_cache: bool, stop_ids: int | None, on_token: TokenCallback | None,
-            features: TokenFeatures, memory: dict[str, bool]) -> int:
+            features: TokenFeatures, memory: dict[str, bool], knn: KNNLM | None = None) -> int:
     """Fill ``out[:, t:]`` one column per step; return how many columns are filled."""
-    decoder = Decoder(model, out, t, sampling, use_cache, stop_ids, features, memory)
+    decoder = Decoder(model, out, t, sampling, use_cache, stop_ids, features, memory, knn)
     while True:
         nxt, over = decoder.step()
         stop_asked = on_token is not None and on_token(nxt)
@@ -162,7 +172,7 @@ def _decode(model: AuraModel, out: torch.Tensor, t: int, sampling: SamplingConfi
 def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
              sampling: SamplingConfig, *, use_cache: bool = True, stop_ids: int | None = None,
              on_token: TokenCallback | None = None, features: TokenFeatures | None = None,
-             memory: str = "read") -> torch.Tensor:
+             memory: str = "read", knn: KNNLM | None = None) -> torch.Tensor:
     """(B, T0 + n) ids: the prompt followed by n <= max_new_tokens generated tokens.
 
     Context beyond ``model.max_context`` is cropped to its last max_context tokens (uncached:
@@ -175,6 +185,8 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     ``generate_text`` makes them from the tokenizer. ``memory`` is the inference memory
     switch (aura.models.memory_mode): with ``write`` every forward also queues memories of
     what it read, written as the next forward starts, so a token never reads its own.
+    ``knn`` draws each token from the kNN-LM mixture (aura.memory.knn_lm) of the model and the
+    read-out's datastore; its lambda 0 draws exactly the tokens of ``knn=None``.
     """
     if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long:
         raise ValueError(f"prompt_ids must be a (B, T) long tensor, got {prompt_ids.dtype} "
@@ -200,7 +212,7 @@ def generate(model: AuraModel, prompt_ids: torch.Tensor, max_new_tokens: int,
     try:
         with torch.inference_mode():
             n = _decode(model, out, t0, sampling, use_cache, stop_ids, on_token, features,
-                        memory_args)
+                        memory_args, knn)
     finally:
         model.train(was_training)
     return out[:, :n]
@@ -296,7 +308,8 @@ def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_t
                   sampling: SamplingConfig, *, use_cache: bool = True, stop: Sequence[str] = (),
                   stream: Callable[[str], None] | None = None,
                   on_ready: Callable[[], None] | None = None, memory: str = "read",
-                  on_token: Callable[[torch.Tensor], None] | None = None) -> str:
+                  on_token: Callable[[torch.Tensor], None] | None = None,
+                  knn: KNNLM | None = None) -> str:
     """The text generated after ``prompt``, ending before the first stop string or eot token.
 
     ``stream`` receives the same text in pieces as it is generated. An empty prompt starts
@@ -304,7 +317,7 @@ def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_t
     training; without one there is nothing to condition on. ``on_ready`` is called once every
     argument has been checked, before the first token: a caller that echoes the prompt there
     prints nothing for input that is refused. ``memory`` as for ``generate``; ``on_token``
-    sees each step's (B,) ids (e.g. ``MemoryTrace.push``).
+    sees each step's (B,) ids (e.g. ``MemoryTrace.push``); ``knn`` as for ``generate``.
     """
     if any(s == "" for s in stop):
         raise AuraError("stop strings must not be empty")
@@ -329,5 +342,6 @@ def generate_text(model: AuraModel, tokenizer: Tokenizer, prompt: str, max_new_t
         return text.push(token)
 
     generate(model, prompt_ids, max_new_tokens, sampling, use_cache=use_cache,
-             stop_ids=tokenizer.eot_id, on_token=push, features=features, memory=memory)
+             stop_ids=tokenizer.eot_id, on_token=push, features=features, memory=memory,
+             knn=knn)
     return text.finish()

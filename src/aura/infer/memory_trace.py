@@ -11,6 +11,12 @@ Generated tokens are grouped into spans of ``span`` tokens; per span each memory
 once (its best similarity, the mean gate of the tokens that read it, how many did), best first,
 with where it was formed (``source_pos``) and its source text, decoded from the token ids the
 store keeps with it (``EpisodicStore.source_tokens``; empty for memories written without them).
+
+With a kNN-LM read-out (``aura generate --knn``) its datastore is watched too (``KNNLM.observer``,
+also a pure lookup): per span, the neighbours the sampled tokens' distributions were mixed from,
+as store ``knn``, each with its best cosine similarity, its mean weight among the neighbours
+(the softmax of ``knn_lm``), the token it votes for (``next``), its source context and the
+read-out's lambda. Those reads follow the forward whose logits they mix, so they share its step.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import torch
 from torch import nn
 
 from aura.data.tokenizers import Tokenizer
-from aura.memory.store import EpisodicStore
+from aura.memory.knn_lm import KNNLM
+from aura.memory.store import EpisodicStore, Retrieval
 from aura.models.base import AuraModel
 from aura.models.inspect import cross_attention_reads, hippocampal_reads
 from aura.nn.hippocampus import HippocampalMemory
 from aura.nn.memory_attention import MemoryCrossAttention
 
 SNIPPET_CHARS = 60  # a source text longer than this is shown by its end
+KNN_STORE = "knn"  # the name a kNN datastore's reads are listed under
 
 
 @dataclass
@@ -44,12 +52,15 @@ class _Read:
 
 class MemoryTrace:
     """Records a model's memory reads during generation (``recording``) and reports them by
-    span (``spans``); ``active`` is False for a model without memory layers."""
+    span (``spans``); ``active`` is False for a model without memory layers and no ``knn``
+    read-out to watch."""
 
-    def __init__(self, model: AuraModel, tokenizer: Tokenizer, span: int = 16, top: int = 3):
+    def __init__(self, model: AuraModel, tokenizer: Tokenizer, span: int = 16, top: int = 3,
+                 knn: KNNLM | None = None):
         if span < 1 or top < 1:
             raise ValueError(f"span and top must be >= 1, got {span}, {top}")
         self.model, self.tokenizer, self.span, self.top = model, tokenizer, span, top
+        self.knn = knn
         # each memory layer, by the name of its store (the model's writer it reads)
         self.parts: dict[str, nn.Module] = {
             name: m for m in model.modules() if isinstance(m, HippocampalMemory |
@@ -61,7 +72,7 @@ class MemoryTrace:
 
     @property
     def active(self) -> bool:
-        return bool(self.parts)
+        return bool(self.parts) or self.knn is not None
 
     def push(self, token: torch.Tensor) -> None:
         """Take one step's (B,) generated ids (the first row is traced)."""
@@ -74,11 +85,15 @@ class MemoryTrace:
         handles = [m.register_forward_pre_hook(self._part_hook(name))
                    for name, m in self.parts.items()]
         handles.append(self.model.register_forward_hook(self._model_hook))
+        if self.knn is not None:
+            self.knn.observer = self._knn_hook
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
+            if self.knn is not None:
+                self.knn.observer = None
 
     def _part_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -101,6 +116,16 @@ class MemoryTrace:
         self.steps.append(self._pending)
         self._pending = {}
 
+    def _knn_hook(self, got: Retrieval, weights: torch.Tensor) -> None:
+        """The datastore's neighbours of the newest forward's last position (first row)."""
+        if not self.steps:
+            return
+        keep = got.mask[0]
+        self.steps[-1][KNN_STORE] = {
+            "ids": got.ids[0][keep].detach().cpu(),
+            "scores": got.scores[0][keep].detach().float().cpu(),
+            "weights": weights[0][keep].detach().float().cpu()}
+
     def _store(self, name: str) -> EpisodicStore:
         part = self.parts[name]
         assert isinstance(part, HippocampalMemory | MemoryCrossAttention)
@@ -116,9 +141,10 @@ class MemoryTrace:
             by_memory: dict[tuple[str, int], _Read] = {}
             for step in self.steps[start:end]:
                 for name, r in step.items():
-                    gate = float(r["gate"])
-                    for mid, score in zip(r["ids"].long().tolist(), r["scores"].tolist(),
-                                          strict=True):
+                    gates = (r["weights"].tolist() if name == KNN_STORE
+                             else [float(r["gate"])] * r["ids"].numel())
+                    for mid, score, gate in zip(r["ids"].long().tolist(), r["scores"].tolist(),
+                                                gates, strict=True):
                         if mid < 0:
                             continue
                         read = by_memory.setdefault((name, mid), _Read(score))
@@ -136,8 +162,34 @@ class MemoryTrace:
                         "source_pos": None if src is None else src[0],
                         "source": None if src is None or not src[1]
                         else self.tokenizer.decode(src[1])})
+            if self.knn is not None:
+                reads.extend(self._knn_reads(by_memory))
             out.append({"start": start, "end": end,
                         "text": self.tokenizer.decode(self.tokens[start:end]), "reads": reads})
+        return out
+
+
+    def _knn_reads(self, by_memory: dict[tuple[str, int], _Read]) -> list[dict[str, Any]]:
+        """The span's best kNN neighbours: as the model's memories, with ``weight`` (their
+        mean share of the neighbours' distribution) for ``gate``, the token each votes for
+        and the read-out's lambda."""
+        assert self.knn is not None
+        store = self.knn.store
+        mine = sorted(((mid, r) for (n_, mid), r in by_memory.items() if n_ == KNN_STORE),
+                      key=lambda item: -item[1].score)[:self.top]
+        ids = [mid for mid, _ in mine]
+        sources = store.sources(ids)
+        _, values, found = store.lookup(torch.tensor(ids, dtype=torch.long))
+        out = []
+        for i, ((mid, r), src) in enumerate(zip(mine, sources, strict=True)):
+            nxt = (self.tokenizer.decode([int(values[i, 0].round())]) if bool(found[i])
+                   else None)
+            out.append({
+                "store": KNN_STORE, "id": mid, "similarity": round(r.score, 4),
+                "weight": round(sum(r.gates) / len(r.gates), 4), "tokens": len(r.gates),
+                "source_pos": None if src is None else src[0],
+                "source": None if src is None or not src[1] else self.tokenizer.decode(src[1]),
+                "next": nxt, "lambda": self.knn.config.lam})
         return out
 
 
@@ -158,6 +210,11 @@ def format_spans(spans: list[dict[str, Any]]) -> list[str]:
             else:
                 src_text = repr(src if len(src) <= SNIPPET_CHARS else "..." + src[-SNIPPET_CHARS:])
             where = "?" if r["source_pos"] is None else r["source_pos"]
+            if r["store"] == KNN_STORE:
+                lines.append(f"    knn #{r['id']}  sim {r['similarity']:+.3f}  weight "
+                             f"{r['weight']:.3f}  x{r['tokens']}  @{where}  {src_text} -> "
+                             f"{r['next']!r}  (lambda {r['lambda']:g})")
+                continue
             lines.append(f"    {r['store']} #{r['id']}  sim {r['similarity']:+.3f}  "
                          f"gate {r['gate']:.3f}  x{r['tokens']}  @{where}  {src_text}")
     return lines

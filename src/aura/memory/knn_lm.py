@@ -26,6 +26,7 @@ states come out of a LayerNorm, so their norms are nearly equal and the two rank
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from aura.errors import ConfigError
-from aura.memory.store import EpisodicStore
+from aura.memory.store import EpisodicStore, Retrieval
+
+# Sees every datastore read: the neighbours (Retrieval of Q queries) and their (Q, k) weights.
+ReadObserver = Callable[[Retrieval, torch.Tensor], None]
 
 KNN_NAME = "knn"  # the datastore's directory under a checkpoint's memory/
 
@@ -110,6 +114,7 @@ class KNNLM:
         self._codes = F.normalize(torch.randn(vocab_size, c.proj_dim, generator=g), dim=-1
                                   ).to(device)
         self._tail: torch.Tensor | None = None  # the last span-1 positions' features
+        self.observer: ReadObserver | None = None  # e.g. `aura generate --show-memory`
 
     def _features(self, hidden: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per-position features (B, T, 2 * proj_dim)."""
@@ -139,7 +144,21 @@ class KNNLM:
         tokens = got.values[..., 0].round().long().clamp(0, self.vocab_size - 1)
         probs = torch.zeros(keys.size(0), self.vocab_size, device=keys.device)
         probs.scatter_add_(1, tokens, weights.float())
+        if self.observer is not None:
+            self.observer(got, weights)
         return probs, found
+
+    def next_logits(self, logits: torch.Tensor, hidden: torch.Tensor, x: torch.Tensor
+                    ) -> torch.Tensor:
+        """What a sampler draws the next token from, for the last positions' logits (B, V),
+        hidden states (B, H) and tokens (B,): the mixture's log-probabilities. ``lambda`` 0
+        returns ``logits`` untouched, so generation draws exactly the plain model's tokens
+        (the neighbours are still read when an observer watches)."""
+        if self.config.lam == 0.0:
+            if self.observer is not None and len(self.store):
+                self.knn_probs(self.keys(hidden[:, None], x[:, None]))
+            return logits
+        return self.log_probs(logits[:, None], hidden[:, None], x[:, None])[:, 0]
 
     def log_probs(self, logits: torch.Tensor, hidden: torch.Tensor, x: torch.Tensor,
                   carry: bool = False) -> torch.Tensor:
@@ -168,18 +187,25 @@ class KNNLM:
 
     @torch.no_grad()
     def add(self, keys: torch.Tensor, targets: torch.Tensor,
-            source_pos: torch.Tensor | None = None) -> int:
+            source_pos: torch.Tensor | None = None,
+            source_tokens: torch.Tensor | None = None) -> int:
         """Write (key, next token) pairs as one store step; targets < 0 (padding) are
-        skipped, and at most the newest ``capacity`` kept. Returns how many were written."""
+        skipped, and at most the newest ``capacity`` kept. ``source_tokens`` (one row of ids
+        per key, -1 padded) is the context each key was formed from, kept for showing it.
+        Returns how many were written."""
         tokens = targets.reshape(-1)
         keep = (tokens >= 0) & torch.isfinite(keys).all(-1)
         keys, tokens = keys[keep][-self.store.capacity:], tokens[keep][-self.store.capacity:]
         if tokens.numel() == 0:
             return 0
         self._step += 1
-        pos = None if source_pos is None else source_pos.reshape(-1)[keep][-tokens.numel():]
-        self.store.write(keys, tokens.float()[:, None], step=self._step, source_pos=pos)
-        return int(tokens.numel())
+        n = tokens.numel()
+        pos = None if source_pos is None else source_pos.reshape(-1)[keep][-n:]
+        src = (None if source_tokens is None
+               else source_tokens.reshape(keep.numel(), -1)[keep][-n:])
+        self.store.write(keys, tokens.float()[:, None], step=self._step, source_pos=pos,
+                         source_tokens=src)
+        return int(n)
 
 
 def load_datastore(checkpoint: Path, device: torch.device | str = "cpu"

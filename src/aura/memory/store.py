@@ -245,14 +245,16 @@ class EpisodicStore:
 
     def read(self, queries: torch.Tensor, k: int, *,
              max_source_pos: torch.Tensor | int | None = None, step: int | None = None,
-             touch: bool = True) -> Retrieval:
+             touch: bool = True, min_source_pos: torch.Tensor | None = None) -> Retrieval:
         """The ``k`` memories most cosine-similar to each query (Q, dim_key).
 
         ``max_source_pos`` (an int, or a (Q,) tensor for one limit per query) hides memories with
-        a larger ``source_pos``. Each memory returned gets ``last_access_step = step`` (default:
-        the newest step seen) and ``read_boost`` more importance (with "adaptive" decay also
-        its strength restored and its stability raised), unless ``touch`` is False: a
-        pure lookup (evaluation), which leaves what eviction will do unchanged.
+        a larger ``source_pos``, ``min_source_pos`` ((Q,)) those with a smaller one (a document
+        read as a stream sees only memories of itself: ``train.memory_stream``). Each memory
+        returned gets ``last_access_step = step`` (default: the newest step seen) and
+        ``read_boost`` more importance (with "adaptive" decay also its strength restored and
+        its stability raised), unless ``touch`` is False: a pure lookup (evaluation), which
+        leaves what eviction will do unchanged.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -265,6 +267,13 @@ class EpisodicStore:
                 raise ValueError(f"max_source_pos must be an int or shape ({queries.shape[0]},), "
                                  f"got {tuple(limit.shape)}")
             allowed = self.source_pos[None, :] <= limit.reshape(-1, 1)
+        if min_source_pos is not None:
+            floor = min_source_pos.to(self.device).reshape(-1, 1)
+            if floor.size(0) != queries.shape[0]:
+                raise ValueError(f"min_source_pos must have shape ({queries.shape[0]},), got "
+                                 f"{tuple(min_source_pos.shape)}")
+            above = self.source_pos[None, :] >= floor
+            allowed = above if allowed is None else allowed & above
         scores, slots = self.index.search(queries, k, allowed)
         mask = slots >= 0
         safe = slots.clamp(min=0)
@@ -282,11 +291,12 @@ class EpisodicStore:
             self.stability[hit] += 1.0
         return got
 
-    def locate(self, ids: torch.Tensor, max_source_pos: torch.Tensor | None = None
+    def locate(self, ids: torch.Tensor, max_source_pos: torch.Tensor | None = None,
+               min_source_pos: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots (...) of memory ``ids`` of any shape, and a found mask (...): False where an id
-        is -1, no longer stored, or (given ``max_source_pos`` of ids' shape) formed after that
-        limit; the slot is then 0."""
+        is -1, no longer stored, or (given ``max_source_pos`` / ``min_source_pos`` of ids'
+        shape) formed after / before that limit; the slot is then 0."""
         ids = ids.to(self.device)
         sorted_ids, order = torch.sort(self.ids)
         pos = torch.searchsorted(sorted_ids, ids.reshape(-1)).clamp(max=self.capacity - 1)
@@ -294,13 +304,16 @@ class EpisodicStore:
         slots = order[pos]
         if max_source_pos is not None:
             found &= self.source_pos[slots] <= max_source_pos.to(self.device).reshape(-1)
+        if min_source_pos is not None:
+            found &= self.source_pos[slots] >= min_source_pos.to(self.device).reshape(-1)
         return slots.masked_fill(~found, 0).reshape(ids.shape), found.reshape(ids.shape)
 
-    def lookup(self, ids: torch.Tensor, max_source_pos: torch.Tensor | None = None
+    def lookup(self, ids: torch.Tensor, max_source_pos: torch.Tensor | None = None,
+               min_source_pos: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unit keys (..., dim_key), values (..., dim_value) and a found mask (...) of memory
         ``ids`` of any shape; zeros where not found (see ``locate``)."""
-        slots, found = self.locate(ids, max_source_pos)
+        slots, found = self.locate(ids, max_source_pos, min_source_pos)
         keys = F.normalize(self.keys[slots], dim=-1).masked_fill(~found[..., None], 0.0)
         values = self.values[slots].masked_fill(~found[..., None], 0.0)
         return keys, values, found

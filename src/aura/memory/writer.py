@@ -33,13 +33,16 @@ class MemoryAccess:
     see every memory, and writes record the store's step), the ``tokens`` (B, T) themselves, so a
     memory can keep the text it was formed from. ``salience`` (B, T), when given, chooses what is
     written: every token with salience > 0, that salience its importance, in place of the
-    memory's own choice (``aura learn`` keeps what it found salient)."""
+    memory's own choice (``aura learn`` keeps what it found salient). ``floor`` (B, T), when
+    given, is the lowest corpus position each token may read a memory from (its document's
+    start: ``train.memory_stream``)."""
 
     read: bool = True
     write: bool = False
     positions: torch.Tensor | None = None
     tokens: torch.Tensor | None = None  # (B, T) ids, kept with what is written as its snippet
     salience: torch.Tensor | None = None
+    floor: torch.Tensor | None = None
 
 
 def token_positions(corpus_pos: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor | None:

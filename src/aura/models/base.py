@@ -95,6 +95,9 @@ class AuraModel(nn.Module):
     # True: training batches also pass ``corpus_pos`` (B,), each window's offset in the train
     # split (aura.data.sampler), so a memory of the corpus can hide text after each token.
     wants_corpus_pos: bool = False
+    # True: the model takes ``memory_floor`` (B, T), each token's document start in the corpus,
+    # and reads no memory formed before it (``train.memory_stream``'s batches pass it).
+    wants_memory_floor: bool = False
     # True: forward takes ``use_memory``; the trainer keeps memory reads off for
     # ``train.memory_warmup_steps``.
     has_memory_switch: bool = False

@@ -185,6 +185,7 @@ class HippocampalTransformer(Decoder):
         super().__init__(c, learned_positions=not c.theta_gamma)
         self.token_features = ("prosody",) if c.prosody or c.time_cells else ()
         self.wants_corpus_pos = c.memory  # memories then hide text after each token
+        self.wants_memory_floor = c.memory  # train.memory_stream: ... and other documents
         self.remembers_at_inference = c.memory
         self.remembers_by_salience = c.memory
         self.theta_gamma = (ThetaGammaEncoding(c.n_embd, c.theta_period, c.gammas_per_theta)
@@ -229,14 +230,16 @@ class HippocampalTransformer(Decoder):
                 cache: HippocampalCache | None = None, label_smoothing: float = 0.0,
                 last_only: bool = False, prosody: torch.Tensor | None = None,
                 use_memory: bool = True, corpus_pos: torch.Tensor | None = None,
-                remember: bool | None = None, memory_salience: torch.Tensor | None = None
-                ) -> ModelOutput:
+                remember: bool | None = None, memory_salience: torch.Tensor | None = None,
+                memory_floor: torch.Tensor | None = None) -> ModelOutput:
         """``prosody`` (B, T, N_FEATURES) comes from the data pipeline; with a cache it is the
         new tokens' rows, and the cache remembers the last boundary the time cells count from.
         ``corpus_pos`` (B,), the windows' corpus offsets (training), keeps memory reads to text
         before each token. Training forms memories (``remember``, default: training without a
         cache; True also at inference); they are written as the next forward starts.
         ``memory_salience`` (B, T) makes those the tokens of positive salience.
+        ``memory_floor`` (B, T), each token's document start in the corpus
+        (``train.memory_stream``), hides memories formed before it.
         """
         B, T = idx.shape
         self.flush_memory()
@@ -249,7 +252,7 @@ class HippocampalTransformer(Decoder):
             remember = self.training and cache is None
         access = MemoryAccess(read=use_memory, write=remember and self.memory is not None,
                               positions=token_positions(corpus_pos, pos), tokens=idx,
-                              salience=memory_salience)
+                              salience=memory_salience, floor=memory_floor)
         x = self._encode(idx, pos, cache, prosody)
         for i, block in enumerate(self.blocks):
             gains = self.prosody[i](prosody) if self.prosody is not None else None

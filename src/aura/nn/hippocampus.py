@@ -84,10 +84,11 @@ class HippocampalMemory(nn.Module):
         B, T, C = h.shape
         queries = self.query(h).reshape(B * T, -1)
         where = None if access.positions is None else access.positions.reshape(-1)
+        floor = None if access.floor is None else access.floor.reshape(-1)
         best = torch.zeros(B * T, device=h.device)
         recall = torch.zeros_like(h)
         if len(self.store):
-            read, best = self._recall(queries, where)
+            read, best = self._recall(queries, where, floor)
             gate = torch.sigmoid(self.gate(h))  # (B, T, 1)
             recall = gate * self.out(read.reshape(B, T, C).to(h.dtype))
             self._metrics = {"memory_gate": gate.detach().float().mean(),
@@ -97,18 +98,19 @@ class HippocampalMemory(nn.Module):
             self._remember(h.detach(), best.detach(), where, access.tokens, access.salience)
         return h + recall.to(h.dtype)
 
-    def _recall(self, queries: torch.Tensor, where: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _recall(self, queries: torch.Tensor, where: torch.Tensor | None,
+                floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax-weighted values of each query's memories (Q, C), and its best cosine (Q,);
-        ``where`` (Q,) limits each query to memories formed at or before it."""
+        ``where`` (Q,) limits each query to memories formed at or before it, ``floor`` (Q,)
+        to those formed at or after its document's start."""
         with torch.autocast(queries.device.type, enabled=False):  # cosines in fp32
             # evaluation leaves recency and importance alone: it must not steer what training
             # forgets, and a read that bookkeeps nothing is cheaper
             r = self.store.read(queries.float(), self.top_k, max_source_pos=where,
-                                touch=self.training)
+                                touch=self.training, min_source_pos=floor)
         scores, slots, mask = r.scores, r.slots, r.mask
         if self.graph_k:
-            scores, slots, mask = self._spread(queries, r.ids, scores, slots, mask, where)
+            scores, slots, mask = self._spread(queries, r.ids, scores, slots, mask, where, floor)
         # Missing entries score -inf: zero them before scaling, or the temperature's gradient
         # would be -inf * 0 = nan.
         logits = torch.where(mask, scores, 0.0) * self.log_temperature.exp()
@@ -119,14 +121,16 @@ class HippocampalMemory(nn.Module):
         return read, best
 
     def _spread(self, queries: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
-                slots: torch.Tensor, mask: torch.Tensor, where: torch.Tensor | None
+                slots: torch.Tensor, mask: torch.Tensor, where: torch.Tensor | None,
+                floor: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Add the cognitive map's neighbours of each query's best memory to its candidates,
         scored by their own cosine to the query; ones already among the top-k, or formed after
-        the query's position, are masked."""
+        the query's position (or before its ``floor``), are masked."""
         nbr = self.store.neighbours(ids[:, 0].contiguous(), self.graph_k)  # (Q, g); -1: none
         limit = None if where is None else where[:, None].expand_as(nbr)
-        nbr_slots, found = self.store.locate(nbr, max_source_pos=limit)
+        low = None if floor is None else floor[:, None].expand_as(nbr)
+        nbr_slots, found = self.store.locate(nbr, max_source_pos=limit, min_source_pos=low)
         keys = self.store.index.get(nbr_slots)
         nbr_scores = torch.einsum("qd,qgd->qg", F.normalize(queries.float(), dim=-1), keys)
         fresh = found & ~(nbr[:, :, None] == ids[:, None, :]).any(-1)

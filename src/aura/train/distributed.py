@@ -230,16 +230,19 @@ def gather_queue(group: Group, queued: _Queued | None) -> _Queued | None:
     """The union of every rank's queued memories in rank order (rows of the global batch in
     order). A queue with importance is its forward's most important states (the hippocampus's
     top-k by novelty): the union keeps the most important, as many as one rank queued, which
-    is the top-k of the whole batch, i.e. what one process would have queued."""
-    shape = [0, 0, 0, 0, 0]  # rows, key dim, value dim, has importance, has source_pos
+    is the top-k of the whole batch, i.e. what one process would have queued. Each memory's
+    source token ids (what ``--show-memory`` prints) travel with it."""
+    # rows, key dim, value dim, has importance, has source_pos, source_tokens width (0: none)
+    shape = [0, 0, 0, 0, 0, 0]
     if queued is not None:
         shape = [queued.keys.numel() // queued.keys.size(-1), queued.keys.size(-1),
                  queued.values.size(-1), int(queued.importance is not None),
-                 int(queued.source_pos is not None)]
-    dims = torch.zeros((group.world, 5), dtype=torch.int64, device=group.device)
+                 int(queued.source_pos is not None),
+                 0 if queued.source_tokens is None else queued.source_tokens.size(-1)]
+    dims = torch.zeros((group.world, 6), dtype=torch.int64, device=group.device)
     dims[group.rank] = torch.tensor(shape, device=group.device)
     dist.all_reduce(dims)
-    rows, dk, dv, has_imp, has_pos = dims.max(0).values.tolist()
+    rows, dk, dv, has_imp, has_pos, width = dims.max(0).values.tolist()
     if rows == 0:
         return None
     device = group.device
@@ -256,11 +259,18 @@ def gather_queue(group: Group, queued: _Queued | None) -> _Queued | None:
                                       rows)) if has_imp else None)
     source_pos = (torch.cat(_all_rows(group, part(q and q.source_pos, None, torch.int64),
                                       rows)) if has_pos else None)
+    source_tokens = None
+    if width:
+        mine = q and q.source_tokens
+        if q is not None and mine is None:  # this rank kept none: its rows have no text
+            mine = torch.full((*q.keys.shape[:-1], width), -1, dtype=torch.int64)
+        source_tokens = torch.cat(_all_rows(group, part(mine, width, torch.int64), rows))
     if importance is not None and importance.numel() > rows:
         importance, top = importance.topk(rows)
         keys, values = keys[top], values[top]
         source_pos = None if source_pos is None else source_pos[top]
-    return _Queued(keys, values, importance, source_pos)
+        source_tokens = None if source_tokens is None else source_tokens[top]
+    return _Queued(keys, values, importance, source_pos, source_tokens)
 
 
 def share_memories(group: Group, model: AuraModel) -> None:

@@ -29,6 +29,7 @@ from aura.continual.hook import ContinualHook
 from aura.data.prosody import token_features
 from aura.data.sampler import BatchSampler, Curriculum, StepBatches
 from aura.data.shards import PreparedData
+from aura.data.streams import document_streams
 from aura.errors import AuraError, DataError, environment_error
 from aura.models import AuraModel, build_model
 from aura.train import distributed, gpu, sharded
@@ -184,6 +185,8 @@ class Trainer:
         self.train_batches = BatchSampler(self.data.split("train"), t.batch_size, block_fn, t.seed,
                                           features=features,
                                           corpus_pos=self.model.wants_corpus_pos, part=part)
+        if t.memory_stream:
+            self.train_batches = document_streams(self.model, self.data, cfg, features, part)
         val = self.data.splits.get("val")
         self.val_batches = (BatchSampler(val, t.batch_size, self.block, t.seed + 1,
                                          features=features, part=part)
