@@ -187,6 +187,29 @@ def test_learn_writes_the_most_salient_tokens_through_the_models_own_key_project
         assert float(store.importance[slot]) == pytest.approx(float(sal[p]), rel=1e-5)
 
 
+def test_learns_gradient_steps_write_no_memories_of_their_own() -> None:
+    """With --train-steps, a model told what to remember keeps only what salience chose: its
+    training forwards (random windows at no service position) write nothing."""
+    from aura.data.tokenizers import ByteTokenizer
+    from aura.learn.learner import LearnerConfig, PlasticLearner
+    from aura.models import build_model
+
+    cfg = tiny_config("model.name=hippocampal", "model.vocab_size=256", "model.block_size=16",
+                      "model.memory_capacity=256")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    learner = PlasticLearner(ByteTokenizer(), model,
+                             cfg=LearnerConfig(memories_per_window=2, train_steps=2))
+    text = "The cat sat on the mat. A zebra! Quietly the xylophone played jazz."
+    stats = learner.apply(text, "k")
+    n = learner.encode(text).numel()
+    assert "train_loss" in stats
+    assert stats["memories"] == 2 * -(-n // 16)
+    store = model.memory_stores()["hippocampus"]
+    assert store.next_id == 2 * -(-n // 16)
+    assert int(store.source_pos[store.ids >= 0].max()) < n
+
+
 def test_a_chunk_bank_keeps_the_chunks_holding_a_salient_token() -> None:
     """Given salience, snn_rag's memory layer queues only the chunks with a token of positive
     salience, each with its largest salience as importance."""

@@ -39,7 +39,8 @@ everything a chunk learns is in place before the next chunk is measured:
   in a model that cannot be told what to remember is only written by the model's training
   forwards (``--train-steps``); the service says so once at start.
 * **Gradient steps** (``train_steps > 0``): AdamW (clip 1.0) on random windows of the text,
-  seeded by its content hash, so a text learned again after a crash gets the same steps. A
+  seeded by its content hash, so a text learned again after a crash gets the same steps (a
+  model that writes its own memories or is told what to remember forms none in them). A
   replay buffer (``aura.continual.replay``) keeps a reservoir of past windows, each entering
   with its mean salience as priority (the plasticity layer decides what is rehearsed) and
   re-prioritised by its loss when replayed; ``replay_fraction`` of each step's windows come from
@@ -393,8 +394,8 @@ class PlasticLearner:
             x = torch.stack([ids[s:s + size] for s in starts.tolist()]).to(self.device)
             y = torch.stack([ids[s + 1:s + 1 + size] for s in starts.tolist()]).to(self.device)
             kw = compute_features(self.features, x)
-            if self.own_writer:  # the surprise pass already wrote this text's memories
-                kw["remember"] = False
+            if self.own_writer or self.salience_writer:  # this text's memories are written:
+                kw["remember"] = False  # its salient tokens, not what a training step finds novel
             step_key = (_key_seed(key, self.cfg.seed), len(losses))
             loss = self._replay_loss(x, y, kw, step_key)
             if self.ewc is not None and self.ewc.active:
