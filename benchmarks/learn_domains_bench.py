@@ -16,7 +16,7 @@ just-learned loss, BWT = -forgetting), and the first domain's loss after the las
 
 ``--set model.name=hippocampal`` trains a base model with an episodic store instead, so the
 service's salience also chooses what that store keeps (``remembers_by_salience``); each row
-then also reports the memories the exported model holds.
+then also reports the memories the exported model holds and has ever written.
 """
 
 from __future__ import annotations
@@ -54,10 +54,13 @@ def write_files(data: PreparedData, out: Path, file_bytes: int, max_files: int) 
     return len(raw)
 
 
-def scored(run: Path, datas: list[PreparedData], eval_tokens: int) -> tuple[list[float], int]:
-    """Every domain's val loss under the run's model, and the memories its stores hold."""
+def scored(run: Path, datas: list[PreparedData], eval_tokens: int
+           ) -> tuple[list[float], list[int]]:
+    """Every domain's val loss under the run's model, and the memories its stores hold and
+    have ever been written (ids are never reused)."""
     model = load_for_inference(run, log=lambda _m: None).model
-    held = sum(len(s) for s in model.memory_stores().values())
+    stores = model.memory_stores().values()
+    held = [sum(len(s) for s in stores), sum(s.next_id for s in stores)]
     return [evaluate_prepared(model, d, "val", max_tokens=eval_tokens).loss
             for d in datas], held
 
