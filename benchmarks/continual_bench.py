@@ -49,6 +49,12 @@ STRATEGIES: dict[str, tuple[str, list[str]]] = {
     "sleep": ("sleep", ["continual.sleep_distill=1.0"]),
     "joint": ("joint", []),
 }
+# Sleep from the episodic store, for a model that keeps one (e.g. ``--set model.name=
+# hippocampal``); not in the default list, which runs the demo gpt (no store).
+STORE_STRATEGIES: dict[str, tuple[str, list[str]]] = {
+    "sleep-store": ("sleep", ["continual.sleep_distill=1.0", "continual.sleep_source=store"]),
+    "sleep-both": ("sleep", ["continual.sleep_distill=1.0", "continual.sleep_source=both"]),
+}
 
 
 def _collect(files: list[Path], out: Path, max_bytes: int) -> Path:
@@ -178,7 +184,7 @@ def main() -> None:
               "train.memory_check=false", *args.set]
     results: dict[str, Any] = {}
     for label in args.strategies.split(","):
-        strategy, extra = STRATEGIES[label]
+        strategy, extra = (STRATEGIES | STORE_STRATEGIES)[label]
         runs = []
         peak_reset = reset_peak_rss()
         for seed in range(args.seeds):

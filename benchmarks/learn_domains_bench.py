@@ -13,6 +13,10 @@ just-learned loss, BWT = -forgetting), and the first domain's loss after the las
 
     python benchmarks/learn_domains_bench.py --out /tmp/learn-bench          # the figures
     python benchmarks/learn_domains_bench.py --out /tmp/learn-bench --quick  # a smoke run
+
+``--set model.name=hippocampal`` trains a base model with an episodic store instead, so the
+service's salience also chooses what that store keeps (``remembers_by_salience``); each row
+then also reports the memories the exported model holds and has ever written.
 """
 
 from __future__ import annotations
@@ -50,9 +54,15 @@ def write_files(data: PreparedData, out: Path, file_bytes: int, max_files: int) 
     return len(raw)
 
 
-def losses(run: Path, datas: list[PreparedData], eval_tokens: int) -> list[float]:
+def scored(run: Path, datas: list[PreparedData], eval_tokens: int
+           ) -> tuple[list[float], list[int]]:
+    """Every domain's val loss under the run's model, and the memories its stores hold and
+    have ever been written (ids are never reused)."""
     model = load_for_inference(run, log=lambda _m: None).model
-    return [evaluate_prepared(model, d, "val", max_tokens=eval_tokens).loss for d in datas]
+    stores = model.memory_stores().values()
+    held = [sum(len(s) for s in stores), sum(s.next_id for s in stores)]
+    return [evaluate_prepared(model, d, "val", max_tokens=eval_tokens).loss
+            for d in datas], held
 
 
 def main() -> None:
@@ -69,6 +79,9 @@ def main() -> None:
     ap.add_argument("--max-bytes", type=int, default=400_000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny settings: checks the script")
+    ap.add_argument("--set", action="append", default=[], help="extra KEY=VALUE for the base "
+                    "model's config (e.g. model.name=hippocampal)")
+    ap.add_argument("--variants", default="naive,replay,replay+ewc")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -83,10 +96,10 @@ def main() -> None:
             f"train.eval_interval={args.base_steps}", "train.eval_iters=4",
             f"train.checkpoint_interval={args.base_steps}",
             f"train.warmup_steps={max(1, args.base_steps // 20)}", "train.memory_check=false",
-            "continual.ewc=true"])
+            "continual.ewc=true", *args.set])
         cfg.data.dir = domains[0].data
         Trainer(cfg, domains[0].data, base, progress=False, log=lambda _m: None).run()
-    initial = losses(base, datas, args.eval_tokens)
+    initial = scored(base, datas, args.eval_tokens)[0]
 
     files = args.out / "files"
     for d, data in zip(domains, datas, strict=True):
@@ -96,11 +109,12 @@ def main() -> None:
     variants = {"naive": (0, 0.0), "replay": (args.replay_tokens, 0.0),
                 "replay+ewc": (args.replay_tokens, args.ewc_lambda)}
     results: dict[str, Any] = {}
-    for label, (replay, lam) in variants.items():
+    for label in args.variants.split(","):
+        replay, lam = variants[label]
         root = args.out / "variants" / label
         shutil.rmtree(root, ignore_errors=True)
         watch, state = root / "watch", root / "state"
-        matrix = []
+        matrix, memories = [], []
         for i, d in enumerate(domains):
             shutil.copytree(files / d.name, watch / f"{i}-{d.name}")
             LearnService(LearnOptions(watch, state=state, model=base, once=True, progress=False,
@@ -108,17 +122,20 @@ def main() -> None:
                                       replay_tokens=replay, ewc_lambda=lam),
                          log=lambda _m: None).run()
             export_state(state, root / f"after-{i}", log=lambda _m: None)
-            matrix.append(losses(root / f"after-{i}", datas, args.eval_tokens))
+            row, held = scored(root / f"after-{i}", datas, args.eval_tokens)
+            matrix.append(row)
+            memories.append(held)
         metrics = cl_metrics(matrix, initial)
         results[label] = {"replay_tokens": replay, "ewc_lambda": lam, "matrix": matrix,
-                          "metrics": metrics, "first_domain_after_first": matrix[0][0],
+                          "metrics": metrics, "memories": memories,
+                          "first_domain_after_first": matrix[0][0],
                           "first_domain_after_last": matrix[-1][0]}
         print(json.dumps({"variant": label, "forgetting": metrics["forgetting"],
                           "bwt": metrics["bwt"], "acc": metrics["acc"],
                           "first_domain_after_last": matrix[-1][0]}), file=sys.stderr,
               flush=True)
     print(json.dumps({"machine": machine(), "domains": [d.name for d in domains],
-                      "model": "demo (4 x 128, block 64), byte-level",
+                      "model": "demo (4 x 128, block 64), byte-level", "set": args.set,
                       "settings": {k: (str(v) if isinstance(v, Path) else v)
                                    for k, v in vars(args).items()},
                       "initial": initial, "results": results}, indent=1))

@@ -131,21 +131,26 @@ def test_remembering_by_salience_is_a_forward_keyword(name: str) -> None:
     params = inspect.signature(model.forward).parameters
     if model.remembers_by_salience:
         assert {"memory_salience", "remember", "corpus_pos"} <= set(params)
-    assert model.remembers_by_salience == (name == "hippocampal")
+    assert model.remembers_by_salience == (name in ("hippocampal", "natural_brain", "snn_rag"))
 
 
-def test_learn_writes_the_most_salient_tokens_through_the_models_own_key_projection() -> None:
+@pytest.mark.parametrize("name", ["hippocampal", "natural_brain"])
+def test_learn_writes_the_most_salient_tokens_through_the_models_own_key_projection(
+        name: str) -> None:
     """Each window's two most salient tokens become memories: valued by the model's own memory
     layer state at that token, keyed by its own key projection of it, importance the salience,
-    at the service-wide position; a later forward reads them."""
+    at the service-wide position; a later forward reads them. natural_brain's hippocampus sits
+    behind the thalamus, so its state is the region's (normed, place- and time-coded) input."""
     from aura.data.tokenizers import ByteTokenizer
     from aura.learn.learner import LearnerConfig, PlasticLearner
     from aura.models import build_model
 
-    cfg = tiny_config("model.name=hippocampal", "model.vocab_size=256", "model.block_size=16",
-                      "model.memory_capacity=256")
+    slow = ["model.liquid_moe=false"] if name == "natural_brain" else []  # its experts' scatter
+    cfg = tiny_config(f"model.name={name}", "model.vocab_size=256", "model.block_size=16",
+                      "model.memory_capacity=256", *slow)
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
+    memory = model.memory if name == "hippocampal" else model.hippocampus
     learner = PlasticLearner(ByteTokenizer(), model, cfg=LearnerConfig(memories_per_window=2))
     assert learner.notes == []
     seen: list[torch.Tensor] = []
@@ -165,7 +170,7 @@ def test_learn_writes_the_most_salient_tokens_through_the_models_own_key_project
     new = (store.ids >= 0) & (store.source_pos >= n0)
     assert set(store.source_pos[new].tolist()) == want
     states: list[torch.Tensor] = []
-    hook = model.memory.register_forward_hook(lambda _m, a, _o: states.append(a[0][0]))
+    hook = memory.register_forward_hook(lambda _m, a, _o: states.append(a[0][0]))
     with torch.no_grad():
         for off in range(0, ids.numel(), 16):
             x = ids[off:off + 16][None]
@@ -177,9 +182,87 @@ def test_learn_writes_the_most_salient_tokens_through_the_models_own_key_project
         state = states[p // 16][p % 16]
         torch.testing.assert_close(store.values[slot], state, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(store.keys[slot],
-                                   model.memory.key(state),
+                                   memory.key(state),
                                    rtol=1e-4, atol=1e-5)
         assert float(store.importance[slot]) == pytest.approx(float(sal[p]), rel=1e-5)
+
+
+def test_learns_gradient_steps_write_no_memories_of_their_own() -> None:
+    """With --train-steps, a model told what to remember keeps only what salience chose: its
+    training forwards (random windows at no service position) write nothing."""
+    from aura.data.tokenizers import ByteTokenizer
+    from aura.learn.learner import LearnerConfig, PlasticLearner
+    from aura.models import build_model
+
+    cfg = tiny_config("model.name=hippocampal", "model.vocab_size=256", "model.block_size=16",
+                      "model.memory_capacity=256")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    learner = PlasticLearner(ByteTokenizer(), model,
+                             cfg=LearnerConfig(memories_per_window=2, train_steps=2))
+    text = "The cat sat on the mat. A zebra! Quietly the xylophone played jazz."
+    stats = learner.apply(text, "k")
+    n = learner.encode(text).numel()
+    assert "train_loss" in stats
+    assert stats["memories"] == 2 * -(-n // 16)
+    store = model.memory_stores()["hippocampus"]
+    assert store.next_id == 2 * -(-n // 16)
+    assert int(store.source_pos[store.ids >= 0].max()) < n
+
+
+def test_a_chunk_bank_keeps_the_chunks_holding_a_salient_token() -> None:
+    """Given salience, snn_rag's memory layer queues only the chunks with a token of positive
+    salience, each with its largest salience as importance."""
+    from aura.memory.writer import MemoryWriter
+    from aura.nn.memory_attention import MemoryCrossAttention
+
+    writer = MemoryWriter(EpisodicStore(8, 8, 16, 0.0))
+    layer = MemoryCrossAttention(8, 2, writer, top_k=2, chunk=4)
+    h = torch.randn(1, 12, 8)
+    salience = torch.zeros(1, 12)
+    salience[0, 1], salience[0, 2], salience[0, 11] = 0.5, 2.0, 0.25
+    layer.remember(h, torch.arange(12)[None] + 100, salience=salience)
+    assert writer.flush() == 2
+    store = writer.store
+    live = store.ids >= 0
+    assert sorted(store.source_pos[live].tolist()) == [103, 111]
+    assert sorted(store.importance[live].tolist()) == [0.25, 2.0]
+    torch.testing.assert_close(store.keys[live][store.source_pos[live] == 103][0],
+                               h[0, :4].mean(0))
+
+
+def test_learn_gives_snn_rag_every_chunk_with_its_salience_as_importance() -> None:
+    """snn_rag keeps every chunk of what it learns (a retrieval corpus), importance the most
+    salient token's salience in it, at service positions; a later forward reads them."""
+    from aura.data.tokenizers import ByteTokenizer
+    from aura.learn.learner import LearnerConfig, PlasticLearner
+    from aura.models import build_model
+
+    cfg = tiny_config("model.name=snn_rag", "model.vocab_size=256", "model.block_size=16",
+                      "model.memory_capacity=256", "model.memory_chunk=4")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    learner = PlasticLearner(ByteTokenizer(), model, cfg=LearnerConfig(memories_per_window=2))
+    assert learner.salience_writer and learner.notes == []
+    seen: list[torch.Tensor] = []
+    real = learner._memorize_through_model
+    learner._memorize_through_model = lambda ids, sal: (seen.append(sal), real(ids, sal))[1]
+    n0 = int(learner.apply("hello there, warm up the counts", "k0")["tokens"])
+    ids = learner.encode("The cat sat on the mat. A zebra! Quietly the xylophone played jazz.")
+    stats = learner.apply("The cat sat on the mat. A zebra! Quietly the xylophone played jazz.",
+                          "k1")
+    assert stats["memories"] == ids.numel() // 16 * 4 + ids.numel() % 16 // 4
+    (store,) = model.memory_stores().values()
+    new = (store.ids >= 0) & (store.source_pos >= n0)
+    sal = seen[-1]
+    for slot in new.nonzero().squeeze(1).tolist():
+        end = int(store.source_pos[slot]) - n0
+        assert end % 4 == 3
+        assert float(store.importance[slot]) == pytest.approx(
+            float(sal[end - 3:end + 1].max()), rel=1e-5)
+    with torch.no_grad():
+        out = model(ids[:16][None], corpus_pos=torch.tensor([n0 + 16]))
+    assert float(out.aux["mem_hit_rate"]) > 0
 
 
 def test_resume_right_after_a_store_sleep_is_bit_identical(domains: list[Path],

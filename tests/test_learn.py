@@ -544,15 +544,36 @@ def test_a_model_that_writes_its_own_memories_gets_them_at_token_positions(
     assert int(live.min()) >= 7 and int(live.max()) < s.tokens  # chunk ends, in tokens
 
 
-def test_a_store_the_learner_cannot_write_is_named_once(watch: Path, tmp_path: Path) -> None:
-    """natural_brain's hippocampus cannot be told what to remember (hippocampal can:
-    test_continual_store.py)."""
-    run = own_writer_run(tmp_path, "natural_brain", "model.memory_dim=16")
+def test_natural_brains_hippocampus_is_written_by_the_service(watch: Path,
+                                                             tmp_path: Path) -> None:
+    """natural_brain's hippocampus is told what to remember (``remembers_by_salience``, as
+    hippocampal's: test_continual_store.py): no note, and the saved store holds each window's
+    most salient tokens, at service positions."""
+    run = own_writer_run(tmp_path, "natural_brain", "model.memory_dim=16",
+                         "model.liquid_moe=false")
     lines: list[str] = []
-    LearnService(LearnOptions(watch, model=run, once=True, progress=False),
-                 log=lines.append).run()
-    assert [line for line in lines if "hippocampus" in line] == [
-        "note: memory store 'hippocampus' (16-d keys) is written only by the model itself (its "
+    state = tmp_path / "state"
+    s = LearnService(LearnOptions(watch, state=state, model=run, once=True, progress=False),
+                     log=lines.append).run()
+    assert not [line for line in lines if "hippocampus" in line]
+    store = EpisodicStore.load(current_gen(state) / "memory" / "hippocampus")
+    sizes = [p.stat().st_size for p in sorted(watch.rglob("*.txt"))]
+    assert store.next_id == sum(min(4, n - off) for n in sizes for off in range(0, n, 32))
+    live = store.source_pos[store.ids >= 0]
+    assert len(store) == 64 and int(live.max()) < s.tokens
+
+
+def test_a_store_the_learner_cannot_write_is_named_once(tmp_path: Path) -> None:
+    """A store keyed by its own projection in a model that cannot be told what to remember is
+    named once: the learner cannot write it."""
+    from aura.learn.learner import PlasticLearner
+
+    cfg = tiny_config("model.name=natural_brain", "model.vocab_size=256",
+                      "model.memory_dim=16", "model.liquid_moe=false")
+    model = build_model(cfg.model)
+    model.remembers_by_salience = False
+    assert PlasticLearner(ByteTokenizer(), model).notes == [
+        "memory store 'hippocampus' (16-d keys) is written only by the model itself (its "
         "training forwards: --train-steps)"]
 
 

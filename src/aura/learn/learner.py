@@ -23,20 +23,24 @@ everything a chunk learns is in place before the next chunk is measured:
   final hidden state under a model, else hashed token-bigram frequencies (64 buckets). Its
   residual is how much of a text's content the learned components do not explain.
 * **Episodic memories** (a model with memory writers): a model that declares
-  ``writes_own_memory`` (snn_rag) writes its own entries during the surprise pass, told each
-  window's service-wide token offset (``corpus_pos``, counted from just past the bank's newest
-  entry, so the model's reads, limited to text before each token, still see every entry it came
-  with); into any other store whose keys and values are as wide as the final hidden state the
-  learner writes each window's most salient positions (importance the salience, ``source_pos``
-  the service-wide token position). A model that declares ``remembers_by_salience``
-  (hippocampal) is run once more over each chunk, told which tokens to remember (each window's
-  most salient) and at which service-wide positions, and writes them itself: keyed by its own
-  key projection and valued by its own memory layer's states, so its reads retrieve what the
-  service found surprising. A store keyed by its own projection in a model that cannot be told
-  what to remember is only written by the model's training forwards (``--train-steps``); the
-  service says so once at start.
+  ``writes_own_memory`` (snn_rag) writes its own entries (in the surprise pass, or with
+  ``remembers_by_salience`` in the pass below), told each window's service-wide token offset
+  (``corpus_pos``, counted from just past the bank's newest entry, so the model's reads, limited
+  to text before each token, still see every entry it came with); into any other store whose
+  keys and values are as wide as the final hidden state the learner writes each window's most
+  salient positions (importance the salience, ``source_pos`` the service-wide token position).
+  A model that declares ``remembers_by_salience`` (hippocampal, natural_brain, snn_rag) is run
+  once more over each chunk, told which tokens to remember (each window's most salient) and at
+  which service-wide positions, and writes them itself: keyed by its own key projection and
+  valued by its own memory layer's states, so its reads retrieve what the service found
+  surprising. snn_rag, which writes its own memories, keeps every chunk (its bank is a
+  retrieval corpus) and is told every token's salience: a chunk's importance is its most
+  salient token's, so a full bank evicts the dullest text. A store keyed by its own projection
+  in a model that cannot be told what to remember is only written by the model's training
+  forwards (``--train-steps``); the service says so once at start.
 * **Gradient steps** (``train_steps > 0``): AdamW (clip 1.0) on random windows of the text,
-  seeded by its content hash, so a text learned again after a crash gets the same steps. A
+  seeded by its content hash, so a text learned again after a crash gets the same steps (a
+  model that writes its own memories or is told what to remember forms none in them). A
   replay buffer (``aura.continual.replay``) keeps a reservoir of past windows, each entering
   with its mean salience as priority (the plasticity layer decides what is rehearsed) and
   re-prioritised by its loss when replayed; ``replay_fraction`` of each step's windows come from
@@ -155,8 +159,7 @@ class PlasticLearner:
         # A model that writes its own memories (snn_rag) is asked to; for the others the learner
         # writes final hidden states into stores of that width.
         self.own_writer = model is not None and model.writes_own_memory
-        self.salience_writer = (model is not None and not self.own_writer
-                                and model.remembers_by_salience)
+        self.salience_writer = model is not None and model.remembers_by_salience
         # Where the service's text starts in the positions an own writer reads by: after every
         # entry its bank holds (e.g. a trained bank's corpus offsets), so those stay readable.
         self.origin = torch.tensor([self._bank_end() if self.own_writer else 0])
@@ -223,7 +226,7 @@ class PlasticLearner:
         written = self._memories_written()
         for start in range(0, n, chunk):
             part = ids[start:start + chunk]
-            bits, hidden = self._surprise(part, remember=not warmup)
+            bits, hidden = self._surprise(part, remember=not warmup and not self.salience_writer)
             spikes = self._spikes(part, bits)
             self.stdp.update(part, spikes)
             salience = self.stdp.modulate((bits / self.surprise_ema).float(), part)
@@ -355,9 +358,12 @@ class PlasticLearner:
     @torch.no_grad()
     def _memorize_through_model(self, ids: torch.Tensor, salience: torch.Tensor) -> None:
         """Have the model write each window's most salient tokens (``remembers_by_salience``)
-        at their service-wide positions; the stores then hold them."""
+        at their service-wide positions; the stores then hold them. A model that writes its
+        own memories keeps choosing what (snn_rag: every chunk, its bank a retrieval corpus)
+        and is given every token's salience as importance."""
         assert self.model is not None
-        chosen = self._top_salience(salience)
+        chosen = (salience.clamp_min(1e-6) if self.own_writer
+                  else self._top_salience(salience))
         self.model.eval()
         full = ids.numel() // self.window * self.window
         off = 0
@@ -366,7 +372,8 @@ class PlasticLearner:
             if not g.numel():
                 continue
             x = g.to(self.device)
-            starts = int(self.position) + off + torch.arange(g.shape[0]) * g.shape[1]
+            starts = (int(self.origin) + int(self.position) + off
+                      + torch.arange(g.shape[0]) * g.shape[1])
             self.model(x, remember=True, memory_salience=s.to(self.device),
                        corpus_pos=starts.to(self.device), **compute_features(self.features, x))
             off += g.numel()
@@ -387,8 +394,8 @@ class PlasticLearner:
             x = torch.stack([ids[s:s + size] for s in starts.tolist()]).to(self.device)
             y = torch.stack([ids[s + 1:s + 1 + size] for s in starts.tolist()]).to(self.device)
             kw = compute_features(self.features, x)
-            if self.own_writer:  # the surprise pass already wrote this text's memories
-                kw["remember"] = False
+            if self.own_writer or self.salience_writer:  # this text's memories are written:
+                kw["remember"] = False  # its salient tokens, not what a training step finds novel
             step_key = (_key_seed(key, self.cfg.seed), len(losses))
             loss = self._replay_loss(x, y, kw, step_key)
             if self.ewc is not None and self.ewc.active:

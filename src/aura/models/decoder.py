@@ -67,7 +67,7 @@ class Block(nn.Module):
         if self.memory is not None and self.ln_m is not None and access is not None:
             h = self.ln_m(x)
             if access.write:
-                self.memory.remember(h, access.positions, access.tokens)
+                self.memory.remember(h, access.positions, access.tokens, access.salience)
             if access.read:
                 x = x + self.memory(h, access.positions)
         return x + self.mlp(self.ln2(x))

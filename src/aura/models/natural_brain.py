@@ -306,6 +306,7 @@ class NaturalBrain(Decoder):
                                                  c.memory_top_k, c.memory_writes)
         self.has_memory_switch = c.hippocampus  # train.memory_warmup_steps keeps recall off
         self.wants_corpus_pos = c.hippocampus  # memories then hide text after each token
+        self.remembers_by_salience = c.hippocampus  # aura learn chooses what it writes
         self.basal_ganglia = (BasalGanglia(c.n_embd, self.regions)
                               if c.basal_ganglia and self.regions else None)
         # the training phase (train.phases), saved with the weights: a model evaluated after
@@ -383,11 +384,13 @@ class NaturalBrain(Decoder):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: BrainCache | None = None, label_smoothing: float = 0.0,
                 last_only: bool = False, prosody: torch.Tensor | None = None,
-                use_memory: bool = True, corpus_pos: torch.Tensor | None = None
+                use_memory: bool = True, corpus_pos: torch.Tensor | None = None,
+                remember: bool | None = None, memory_salience: torch.Tensor | None = None
                 ) -> ModelOutput:
         """``prosody`` (B, T, N_FEATURES) drives the limbic system (training only);
-        ``use_memory`` and ``corpus_pos`` are the hippocampus's, as in `hippocampal`; with a
-        cache the PFC continues from the state the cache holds."""
+        ``use_memory``, ``corpus_pos``, ``remember`` (default: training without a cache) and
+        ``memory_salience`` are the hippocampus's, as in `hippocampal`; with a cache the PFC
+        continues from the state the cache holds."""
         B, T = idx.shape
         self.flush_memory()
         pos = self.positions(idx, cache)
@@ -405,8 +408,10 @@ class NaturalBrain(Decoder):
                 x = self.run_block(block, x, cache, gains)
         balance = None
         if any(self.active(r) for r in self.regions):
+            if remember is None:
+                remember = self.training and cache is None
             proposals, balance = self._regions(x, cache, pos, use_memory, corpus_pos, idx,
-                                               prosody)
+                                               prosody, remember, memory_salience)
             proposals = {r: dropout(v, p, self.training) for r, v in proposals.items()}
             if self.basal_ganglia is not None and self.active("basal_ganglia"):
                 x = self.basal_ganglia(x, proposals)
@@ -425,7 +430,8 @@ class NaturalBrain(Decoder):
 
     def _regions(self, x: torch.Tensor, cache: BrainCache | None, pos: torch.Tensor,
                  use_memory: bool, corpus_pos: torch.Tensor | None,
-                 tokens: torch.Tensor | None = None, prosody: torch.Tensor | None = None
+                 tokens: torch.Tensor | None = None, prosody: torch.Tensor | None = None,
+                 remember: bool = False, salience: torch.Tensor | None = None
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Each region's proposal (like x) from what the thalamus relays to it, and the
         experts' load-balancing loss."""
@@ -448,8 +454,9 @@ class NaturalBrain(Decoder):
             if self._limbic is not None:
                 writes = round(writes * self._limbic.multiplier("memory_write"))
             self.hippocampus.writes_per_step = max(1, min(writes, self.config.memory_capacity))
-            access = MemoryAccess(read=use_memory, write=self.training and cache is None,
-                                  positions=token_positions(corpus_pos, pos), tokens=tokens)
+            access = MemoryAccess(read=use_memory, write=remember,
+                                  positions=token_positions(corpus_pos, pos), tokens=tokens,
+                                  salience=salience)
             out["hippocampus"] = self.hippocampus(coded, access) - h
         return out, balance
 

@@ -142,6 +142,7 @@ class SNNRAG(Decoder):
         # a MiniLM bank needs the text, which a forward does not see: only build_memory fills it
         self.writes_own_memory = config.memory_encoder == "self"
         self.remembers_at_inference = self.writes_own_memory
+        self.remembers_by_salience = self.writes_own_memory  # aura learn sets importance
         for memory in memories.values():  # the GPT-2 init overwrote their identity query
             memory.reset_memory_parameters()
 
@@ -182,17 +183,21 @@ class SNNRAG(Decoder):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, label_smoothing: float = 0.0,
                 last_only: bool = False, use_memory: bool = True, remember: bool | None = None,
-                corpus_pos: torch.Tensor | None = None) -> ModelOutput:
+                corpus_pos: torch.Tensor | None = None,
+                memory_salience: torch.Tensor | None = None) -> ModelOutput:
         """``use_memory=False`` skips every read; ``remember`` (default: training without a
         cache, self-encoded banks only) queues this input's chunks for the bank; ``corpus_pos``
         (B,) are the windows' corpus offsets: each token reads only entries from text at or
-        before it, and written chunks carry their last token's offset as ``source_pos``."""
+        before it, and written chunks carry their last token's offset as ``source_pos``;
+        ``memory_salience`` (B, T) keeps the chunks holding a salient token (see
+        ``MemoryCrossAttention.remember``)."""
         self.flush_memory()
         if remember is None:
             remember = self.training and cache is None
         pos = self.positions(idx, cache)
         access = MemoryAccess(read=use_memory, write=remember and self.writes_own_memory,
-                              positions=token_positions(corpus_pos, pos), tokens=idx)
+                              positions=token_positions(corpus_pos, pos), tokens=idx,
+                              salience=memory_salience)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = self.run_block(block, x, cache, None, access)

@@ -88,17 +88,28 @@ class MemoryCrossAttention(nn.Module):
 
     @torch.no_grad()
     def remember(self, h: torch.Tensor, positions: torch.Tensor | None = None,
-                 tokens: torch.Tensor | None = None) -> None:
+                 tokens: torch.Tensor | None = None, salience: torch.Tensor | None = None
+                 ) -> None:
         """Queue h's chunk encodings, each at the corpus position of its last token (from
         ``positions`` (B, T); default: the store's step) and, given the ``tokens`` (B, T), with
-        the text ending at that token."""
-        n = h.size(1) // self.chunk
+        the text ending at that token. Given ``salience`` (B, T) (``aura learn``), only the
+        chunks holding a token of positive salience, each with its largest as importance, so
+        a full bank evicts the least salient first."""
+        B, T, _ = h.shape
+        n = T // self.chunk
+        keys = self.encode(h.detach().float())
         ends = None if positions is None else positions[:, self.chunk - 1::self.chunk][:, :n]
         source = None
         if tokens is not None:
             source = snippets(tokens, SNIPPET_TOKENS)[:, self.chunk - 1::self.chunk][:, :n]
-        self.writer.queue(self.encode(h.detach().float()), source_pos=ends,
-                          source_tokens=source)
+        importance = None
+        if salience is not None:
+            peak = salience[:, :n * self.chunk].reshape(B, n, self.chunk).amax(2).float()
+            keep = peak > 0
+            keys, importance = keys[keep], peak[keep]
+            ends = None if ends is None else ends[keep]
+            source = None if source is None else source[keep]
+        self.writer.queue(keys, importance=importance, source_pos=ends, source_tokens=source)
 
     # --- reading ------------------------------------------------------------------------------
 
