@@ -18,7 +18,10 @@ from aura.models.base import build_model
 from conftest import tiny_config
 
 MODELS = {"gpt": (), "snn_rag": ("model.memory_capacity=64", "model.memory_chunk=8"),
-          "hippocampal": ()}
+          "hippocampal": (),
+          "natural_brain": ("model.time_cells=true", "model.pfc_dim=32", "model.broca_dim=64",
+                            "model.moe_hidden=16", "model.memory_capacity=64",
+                            "model.memory_writes=8")}
 
 
 def model_of(name: str) -> torch.nn.Module:
@@ -30,6 +33,15 @@ def model_of(name: str) -> torch.nn.Module:
             for m in model.prosody:
                 m.proj.weight.normal_(0.0, 1.0)
             model.time.out.weight.normal_(0.0, 1.0)
+    if name == "natural_brain":  # a PFC state or boundary from another row must show, and
+        with torch.no_grad():    # hormones past their warmup modulate sampling (x1.16)
+            model.pfc.out.weight.normal_(0.0, 0.5)
+            model.pfc.candidate.weight.normal_(0.0, 0.5)
+            model.time.out.weight.normal_(0.0, 1.0)
+            model.limbic.clock.fill_(model.limbic.warmup)
+            model.limbic.hormones[0] = 0.9
+        assert model.sampling_modulation() == pytest.approx({"temperature": 1.16,
+                                                             "top_k": 1.16})
     return model
 
 
@@ -70,7 +82,8 @@ def test_a_ragged_step_equals_each_row_alone() -> None:
 
 
 @pytest.mark.parametrize(("name", "batched"), [
-    ("gpt", True), ("snn_rag", True), ("gpt", False), ("hippocampal", True)])
+    ("gpt", True), ("snn_rag", True), ("gpt", False), ("hippocampal", True),
+    pytest.param("natural_brain", True, marks=pytest.mark.slow)])
 def test_concurrent_jobs_return_what_each_returns_alone(name: str, batched: bool) -> None:
     """Prompts of different lengths, sampled and greedy, a stop string, and 60 new tokens
     through a context of 32 (so the windows refill at different moments)."""
@@ -82,7 +95,7 @@ def test_concurrent_jobs_return_what_each_returns_alone(name: str, batched: bool
             ("A", SamplingConfig(seed=5, top_p=0.9), ())]
     alone = [generate_text(model, tok, p, 60, s, stop=stop) for p, s, stop in jobs]
     worker = Worker(model, tok, batched=batched)
-    assert (worker.batch is not None) == batched  # hippocampal's prosody too, row by row
+    assert (worker.batch is not None) == batched  # prosody and recurrent state too, per row
     done: dict[int, str] = {}
     finished = threading.Event()
 
@@ -165,3 +178,56 @@ def test_rows_of_a_prosody_model_are_fed_the_features_of_their_own_windows() -> 
     hook.remove()
     assert checked > 150
     assert any(r.start > 0 for r in rows)  # windows refilled (context 32)
+
+
+def test_natural_brain_pfc_state_and_time_cells_change_its_next_logits() -> None:
+    """What the concurrency test relies on to catch a row continuing another's PFC state or
+    counting from another's boundary."""
+    from aura.data.prosody import token_features
+    from aura.data.sampler import compute_features
+
+    model = model_of("natural_brain")
+    x = torch.tensor([list(b"Hi. Oh no!\n\nGood day, said he")])
+    feats = compute_features(token_features(("prosody",), ByteTokenizer()), x)["prosody"]
+    with torch.inference_mode():
+        def next_logits(forget: str | None) -> torch.Tensor:
+            cache = model.new_cache(1, 64)
+            model(x[:, :-1], cache=cache, prosody=feats[:, :-1])
+            if forget is not None:
+                getattr(cache, forget).zero_()
+            return model(x[:, -1:], cache=cache, prosody=feats[:, -1:]).logits[0, -1]
+        real = next_logits(None)
+        for state in ("pfc_state", "last_boundary"):
+            assert (real - next_logits(state)).abs().amax() > 1e-2, state
+
+
+def test_natural_brain_rows_arriving_together_keep_their_own_pfc_state() -> None:
+    """The PFC's recurrence would run through right-padding, so rows arriving together are
+    prefilled each alone: every row's logits, PFC state and boundary are its own prefill's,
+    and the next steps agree too."""
+    from aura.data.prosody import token_features
+    from aura.infer.batching import DecodeBatch
+
+    model = model_of("natural_brain")
+    features = token_features(("prosody",), ByteTokenizer())
+    prompts = [list(b"Hi"), list(b"So sad!\n\nA good"), list(b"Yes. No")]
+    cfg = SamplingConfig(seed=3, top_k=20)
+    with torch.inference_mode():
+        together = DecodeBatch(model, features=features)
+        rows = together.add_many([(p, 6, cfg) for p in prompts])
+        alone = []
+        for p in prompts:
+            one = DecodeBatch(model, features=features)
+            one.add(p, 6, cfg)
+            alone.append(one)
+        for name in ("pfc_state", "last_boundary"):
+            torch.testing.assert_close(getattr(together.cache, name),
+                                       torch.cat([getattr(a.cache, name) for a in alone]))
+        assert together.settings.top_k[:3].tolist() == [23] * 3  # the hormones' x1.16
+        for _ in range(5):
+            together.step()
+            together.advance()
+            for a in alone:
+                a.step()
+                a.advance()
+        assert [r.ids for r in rows] == [a.seqs[0].ids for a in alone]

@@ -91,14 +91,19 @@ class _CountOps(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", ["gpt", "hippocampal"])
-def test_a_rounds_tensor_work_does_not_grow_with_the_sequences(name: str) -> None:
+@pytest.mark.parametrize(("name", "extra"), [
+    ("gpt", ()), ("hippocampal", ()), ("natural_brain", ("model.liquid_moe=false",))])
+def test_a_rounds_tensor_work_does_not_grow_with_the_sequences(name: str,
+                                                              extra: tuple[str, ...]) -> None:
     """The torch calls made for a round of 1 sequence and of 8 are the same: sampling, the
     forward and the cache bookkeeping are batched, not per sequence (hippocampal: its prosody
-    features and time-cell state too)."""
+    features and time-cell state too; natural_brain: its PFC state and limbic prosody too).
+    natural_brain's LiquidMoE runs each expert some token chose once per forward, so its calls
+    follow which experts are chosen (at most model.moe_experts, whatever the rows): it is off
+    here."""
     torch.manual_seed(0)
     model = build_model(tiny_config(f"model.name={name}", "model.vocab_size=256",
-                                    "model.block_size=128").model)
+                                    "model.block_size=128", *extra).model)
     counts = []
     for n in (1, 8):
         worker = Worker(model, ByteTokenizer())

@@ -35,6 +35,7 @@ import torch
 from aura.data.prosody import Prosody
 from aura.data.prosody_stream import ProsodyStream
 from aura.data.sampler import TokenFeatures, compute_features
+from aura.infer.generate import modulated
 from aura.infer.row_sampling import RowSettings, _Uses, sample_rows
 from aura.infer.sampling import SamplingConfig
 from aura.models.base import AuraModel
@@ -287,7 +288,13 @@ class DecodeBatch:
         causal model's real tokens never see the padding after them; a row's length masks it
         later), then every last token in one decode step over a ragged cache, whose logits are
         each row's first."""
-        seqs = [Row(list(ids), len(ids) + m, cfg) for ids, m, cfg in requests]
+        if len(requests) > 1 and not getattr(getattr(self.model, "cache_type", None),
+                                             "padded_prefill", True):
+            return [s for r in requests for s in self.add_many([r])]
+        # the model's own sampling factors (its state is read-only while generating), per row
+        # as ``generate`` applies them to each sequence
+        seqs = [Row(list(ids), len(ids) + m, modulated(self.model, cfg)[0])
+                for ids, m, cfg in requests]
         for s in seqs:
             s.start = max(0, s.t - self.max_ctx)
         windows = [s.ids[s.start:] for s in seqs]

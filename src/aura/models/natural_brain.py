@@ -245,6 +245,8 @@ class BrainCache(HippocampalCache):
     """Wernicke's keys and values, each row's latest event boundary (for the hippocampus's time
     cells), plus the PFC's working memory after the last token."""
 
+    padded_prefill = False  # the PFC's recurrence would run through a row's padding
+
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
         super().__init__(n_layer, batch_size, n_head, max_len, head_dim, device, dtype)
@@ -252,12 +254,14 @@ class BrainCache(HippocampalCache):
 
     def reset(self) -> None:
         super().reset()
-        self.pfc_state = None
+        if self.pfc_state is not None:
+            self.pfc_state.zero_()  # zeros are the PFC's initial state, as None is
 
 
 @register_model("natural_brain", config=NaturalBrainConfig)
 class NaturalBrain(Decoder):
     cache_type = BrainCache
+    batched_decoding = True  # the cache through KVCache's methods and its row_state only
 
     def __init__(self, config: NaturalBrainConfig):
         c = config
@@ -314,6 +318,16 @@ class NaturalBrain(Decoder):
         self.register_buffer("phase", torch.tensor(len(PHASES) - 1))
         self._active = set(SWITCHES)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._enter_phase())
+
+    def new_cache(self, batch_size: int, max_len: int) -> BrainCache:
+        """With a PFC, its state starts as zeros (what None means to it) and is per-row state,
+        so a batching server keeps one per sequence."""
+        cache = super().new_cache(batch_size, max_len)
+        assert isinstance(cache, BrainCache)
+        if self.pfc is not None:
+            cache.pfc_state = self.pfc.initial_state(batch_size, self.wte.weight.device)
+            cache.row_state = (*cache.row_state, "pfc_state")
+        return cache
 
     def module_of(self, switch: str) -> nn.Module | None:
         """The module a switch builds (None when off); "wernicke" is the blocks."""

@@ -46,6 +46,10 @@ class KVCache:
     # Per-row tensors (batch_size, ...) a subclass carries besides keys and values, by attribute
     # name; a batching server keeps them per row (``aura.infer.batching.RaggedKVCache``).
     row_state: tuple[str, ...] = ()
+    # Whether rows of different lengths may be prefilled together, right-padded: true when
+    # padding after a row's tokens changes none of its state (causal attention); false for
+    # state a recurrence carries through every token (the batching server then prefills each).
+    padded_prefill: bool = True
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
