@@ -268,6 +268,8 @@ def configs(draw: st.DrawFn) -> AuraConfig:
     n_head = draw(st.integers(1, 8))
     block = draw(st.integers(8, 512))
     steps = draw(st.lists(st.integers(0, 10_000), max_size=3, unique=True).map(sorted))
+    precision = draw(st.sampled_from(["auto", "fp32", "bf16", "fp16"]))
+    weights = draw(st.sampled_from(["fp32", "bf16"])) if precision == "bf16" else "fp32"
     return apply_overrides(
         load_config(preset=draw(st.sampled_from(list(PRESETS)))),
         {
@@ -278,7 +280,8 @@ def configs(draw: st.DrawFn) -> AuraConfig:
             "model.dropout": draw(st.floats(0, 0.99)),
             "data.curriculum": [[s, draw(st.integers(1, block))] for s in steps],
             "train.lr": draw(st.floats(1e-8, 10)),
-            "train.precision": draw(st.sampled_from(["auto", "fp32", "bf16", "fp16"])),
+            "train.precision": precision,
+            "train.weights": weights,  # bf16 weights need bf16 compute
             "train.compile": draw(st.booleans()),
         },
     )

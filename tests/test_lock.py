@@ -56,11 +56,10 @@ from pathlib import Path
 from aura.lock import DirectoryLock
 
 lock = DirectoryLock(Path(sys.argv[1]), "aura train", "busy")
-worker = os.fork()
-if worker == 0:
+if os.fork() == 0:  # the child reports once its at-fork handler has closed its copy
+    print(os.getpid(), flush=True)
     time.sleep(60)
     os._exit(0)
-print(worker, flush=True)
 time.sleep(60)
 """
 

@@ -29,7 +29,7 @@ from aura.models.base import ModelConfig, ModelOutput, lm_loss, register_model
 from aura.models.decoder import Decoder
 from aura.nn.attention import KVCache
 from aura.nn.grid_cells import GridCellEncoder
-from aura.nn.hippocampus import HippocampalMemory, store_problems
+from aura.nn.hippocampus import HippocampalMemory, recall_activation_bytes, store_problems
 from aura.nn.oscillations import ThetaGammaEncoding
 from aura.nn.place_cells import PlaceCellEncoder
 from aura.nn.prosody_modulation import ProsodyModulation
@@ -294,13 +294,13 @@ class HippocampalTransformer(Decoder):
             extra += 4 * c.n_embd + 20 * c.grid_modules * c.grid_cells_per_module + 8
         if self.time is not None:
             extra += 4 * c.n_time_cells + 40
-        if self.memory is not None:  # the recalled values of top-k and map neighbours
-            recalled = c.memory_top_k + c.memory_graph_k
-            extra += (4 * (5 * c.n_embd + recalled * c.n_embd + 3 * c.memory_dim)
-                      + c.memory_capacity)
         if c.entropy_reg:  # the entropy of every position's prediction
             extra += 8 * c.vocab_size  # type: ignore[operator]
-        return super().activation_bytes(batch, seq, dtype, device_type) + batch * seq * extra
+        recall = 0 if self.memory is None else recall_activation_bytes(
+            batch * seq, c.n_embd, c.memory_top_k, c.memory_graph_k, c.memory_dim,
+            c.memory_capacity)
+        return (super().activation_bytes(batch, seq, dtype, device_type) + batch * seq * extra
+                + recall)
 
     def inspected_parts(self) -> dict[str, nn.Module]:
         """The decoder's, plus each hippocampal mechanism that is switched on."""

@@ -51,7 +51,7 @@ from aura.nn.brain.pfc import PrefrontalCortex
 from aura.nn.brain.salience import TokenSalience
 from aura.nn.brain.thalamus import Thalamus
 from aura.nn.dropout import dropout
-from aura.nn.hippocampus import HippocampalMemory, store_problems
+from aura.nn.hippocampus import HippocampalMemory, recall_activation_bytes, store_problems
 from aura.nn.place_cells import PlaceCellEncoder
 from aura.nn.snn_ffn import layer_firing_rates
 from aura.nn.time_cells import TimeCellEncoder
@@ -553,12 +553,11 @@ class NaturalBrain(Decoder):
             extra += 4 * C + 12 * self.place.k + 24
         if self.time is not None:
             extra += 4 * c.n_time_cells + 40
-        if self.hippocampus is not None:
-            recalled = c.memory_top_k + c.memory_graph_k
-            extra += 4 * (5 * C + recalled * C + 3 * c.memory_dim) + c.memory_capacity
         if self.basal_ganglia is not None:
             extra += layer_norm_bytes(C) + 4 * C + 8 * (len(self.regions) + 1)
         extra += C * h
         if self.broca is not None:
             extra += 2 * c.broca_dim * h
-        return batch * seq * (kept + extra)
+        recall = 0 if self.hippocampus is None else recall_activation_bytes(
+            batch * seq, C, c.memory_top_k, c.memory_graph_k, c.memory_dim, c.memory_capacity)
+        return batch * seq * (kept + extra) + recall

@@ -41,6 +41,17 @@ def store_problems(capacity: int, decay: float, graph_k: int) -> list[str]:
     return out
 
 
+def recall_activation_bytes(tokens: int, n_embd: int, top_k: int, graph_k: int, dim_key: int,
+                            capacity: int) -> int:
+    """What a training read keeps for the backward: per token its query, gate and read-out
+    (five rows of the width, three of the key), per candidate its slot, weight and unit key (the
+    winners are rescored, the search itself keeps nothing), and once the store's value table
+    the weighted sum reads by slot."""
+    candidates = top_k + graph_k
+    per_token = 4 * (5 * n_embd + 3 * dim_key) + candidates * (12 + 4 * dim_key)
+    return tokens * per_token + 4 * capacity * n_embd
+
+
 class HippocampalMemory(nn.Module):
     """Recall from, and novel states into, the store of ``writer`` (keys ``dim_key``-wide, values
     ``n_embd``-wide, a cognitive map of ``graph_k`` neighbours when spreading activation)."""
