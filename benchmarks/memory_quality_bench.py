@@ -59,7 +59,8 @@ from aura.data.sources import shakespeare_files
 from aura.data.tokenizers import Tokenizer
 from aura.eval.perplexity import _features
 from aura.eval.stream import evaluate_stream, stream_steps
-from aura.memory.knn_lm import KNNLM, STREAM_KEYS, KNNConfig, new_datastore
+from aura.memory.knn_lm import KNNLM, STREAM_KEYS, KNNConfig, KNNMixture, new_datastore
+from aura.memory.store import EpisodicStore
 from aura.models.base import AuraModel
 from aura.models.memory_mode import memory_kwargs
 from aura.train.checkpoint import load_for_inference
@@ -182,6 +183,54 @@ def recall(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def work_span(split: Any, tok: Tokenizer, text: str) -> tuple[int, int]:
+    """[start, end) of ``text`` in the prepared split's tokens (found by its first 256)."""
+    tokens = np.concatenate([np.asarray(m, dtype=np.int64) for m in split.maps])
+    head = tok.encode(text[:256]).astype(np.int64)
+    at = tokens.tobytes().find(head.tobytes())
+    if at < 0 or at % 8:
+        raise SystemExit("the work to keep out of the corpus datastore is not in the train split")
+    return at // 8, at // 8 + len(tok.encode(text))
+
+
+def corpus_datastore(model: AuraModel, tok: Tokenizer, args: argparse.Namespace
+                     ) -> EpisodicStore:
+    """kNN-LM's corpus datastore (``aura memory build --knn``) of ``--corpus-knn`` train
+    positions, none from the ``--corpus-exclude`` work (lambda is chosen on it); cached in
+    ``--corpus-cache`` when given."""
+    from pathlib import Path
+
+    from aura.data.shards import PreparedData
+    from aura.eval.knn import build_datastore
+
+    cache = Path(args.corpus_cache) if args.corpus_cache else None
+    if cache is not None and cache.exists():
+        return EpisodicStore.load(cache)
+    split = PreparedData.open(args.data).split("train")
+    works = {f.stem: f.read_text(encoding="utf-8") for f in shakespeare_files()}
+    exclude = work_span(split, tok, works[args.corpus_exclude]) if args.corpus_exclude else None
+    with torch.inference_mode():
+        store = build_datastore(model, split, tok, capacity=args.corpus_knn, exclude=exclude)
+    if cache is not None:
+        store.save(cache)
+    return store
+
+
+def stream_readout(model: AuraModel, condition: str, knn: KNNConfig, capacity: int,
+                   corpus: EpisodicStore | None) -> Any:
+    """The kNN read-out of a stream condition: ``knn`` the document's own datastore,
+    ``corpus`` the corpus datastore (plain keys), ``corpus+doc`` both, each at ``lam``."""
+    vocab, width = model.config.vocab_size, model.hidden_size
+    doc = (KNNLM(new_datastore(knn.key_dim(width), capacity), vocab, width, knn, learn=True)
+           if condition in ("knn", "both", "corpus+doc") else None)
+    if condition not in ("corpus", "corpus+doc"):
+        return doc
+    if corpus is None:
+        raise SystemExit(f"condition {condition!r} needs --corpus-knn N")
+    plain = KNNLM(corpus, vocab, width, KNNConfig(knn.lam, knn.temperature, knn.k))
+    return plain if doc is None else KNNMixture([plain, doc])
+
+
 def stream(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     knn = KNNConfig(args.lam, args.temperature, args.k, args.span, args.token_weight)
@@ -189,6 +238,10 @@ def stream(args: argparse.Namespace) -> dict[str, Any]:
         loaded = load_for_inference(run)
         model, tok = loaded.model, loaded.tokenizer
         works = held_out_works(_val_text(args.data))
+        if args.works:
+            every = {f.stem: f.read_text(encoding="utf-8") for f in shakespeare_files()}
+            works = {w: every[w] for w in args.works.split(",")}
+        corpus = corpus_datastore(model, tok, args) if args.corpus_knn else None
         per_work: dict[str, Any] = {}
         for name, text in works.items():
             text = text[:args.max_chars] if args.max_chars else text
@@ -198,9 +251,7 @@ def stream(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 m = copy.deepcopy(model)
                 own = condition in ("model", "both")
-                readout = (KNNLM(new_datastore(knn.key_dim(m.hidden_size), args.capacity),
-                                 m.config.vocab_size, m.hidden_size, knn, learn=True)
-                           if condition in ("knn", "both") else None)
+                readout = stream_readout(m, condition, knn, args.capacity, corpus)
                 r = evaluate_stream(m, tok, text, memory="write" if own else "off",
                                     readout=readout)
                 rows[condition] = {"bits_per_byte": r.bits_per_byte,
@@ -415,8 +466,16 @@ def main() -> None:
     r.add_argument("--facts", type=int, default=4)
     r.add_argument("--distractor", type=int, default=5, help="x block_size characters")
     r.add_argument("--seed", type=int, default=0)
-    sub.choices["stream"].add_argument("--max-chars", type=int,
-                                       help="read only the first N characters of each work")
+    st = sub.choices["stream"]
+    st.add_argument("--max-chars", type=int, help="read only the first N characters of each work")
+    st.add_argument("--works", help="comma-separated builtin:shakespeare works to read "
+                    "(default: the held-out ones)")
+    st.add_argument("--corpus-knn", type=int, metavar="N",
+                    help="a corpus datastore of N train positions, for the conditions corpus "
+                         "and corpus+doc")
+    st.add_argument("--corpus-exclude", metavar="WORK",
+                    help="a train work kept out of the corpus datastore (to choose lambda on)")
+    st.add_argument("--corpus-cache", metavar="DIR", help="load/save the corpus datastore here")
     sub.choices["cost"].add_argument("--max-chars", type=int, default=20000)
     q = sub.choices["retrieval"]
     q.add_argument("--passages", type=int, default=500)

@@ -124,6 +124,28 @@ def test_a_built_datastore_persists_and_reads_back_the_same_neighbours(
     torch.testing.assert_close(a.scores, b.scores)
 
 
+def test_a_datastore_keeps_out_the_excluded_text_and_by_default_holds_the_whole_split(
+        train_data: Path) -> None:
+    from aura.memory.build import corpus_windows
+
+    data = PreparedData.open(train_data)
+    split, tokenizer = data.split("train"), data.tokenizer
+    model = gpt(data.vocab_size)
+    block = model.max_context
+    assert block is not None
+    every = corpus_windows(split, block + 1, 10**9)
+    lo, hi = every[1][2], every[2][2] + 5  # window 1 whole, window 2 in part
+    kept = corpus_windows(split, block + 1, 10**9, exclude=(lo, hi))
+    assert len(kept) == len(every) - 2
+    assert all(w[2] + block + 1 <= lo or w[2] >= hi for w in kept)
+    whole = build_datastore(model, split, tokenizer)  # the default: all of a small split
+    assert len(whole) == len(every) * block
+    held_out = build_datastore(model, split, tokenizer, exclude=(lo, hi))
+    assert len(held_out) == len(kept) * block
+    sources = set(held_out.source_pos[held_out.ids >= 0].tolist())
+    assert not sources & set(range(lo, hi))
+
+
 def test_cli_memory_build_knn_then_eval_knn(run_cli, run_dir: Path, train_data: Path,  # type: ignore[no-untyped-def]
                                             tmp_path: Path) -> None:
     doc = tmp_path / "doc.txt"
