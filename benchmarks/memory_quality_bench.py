@@ -3,7 +3,8 @@
     python benchmarks/memory_quality_bench.py recall RUN [RUN ...] [--episodes 60] [--facts 4]
         [--distractor 5] [--lam 0.5] [--temperature 0.05] [--k 16]
     python benchmarks/memory_quality_bench.py stream RUN [RUN ...] [--max-chars N]
-        [--lam 0.25] [--temperature 0.05]
+        [--lam 0.25] [--temperature 0.05] [--works W,...] [--corpus-knn N
+        --corpus-exclude WORK --corpus-cache DIR]
     python benchmarks/memory_quality_bench.py cost RUN [RUN ...] [--max-chars 20000]
     python benchmarks/memory_quality_bench.py retrieval RUN [RUN ...] [--passages 500]
         [--chars 64] [--typo-rate 0.1] [--word-rate 0.15] [--shift 8]
@@ -19,7 +20,12 @@ datastore of the episode filled while reading, the model's memory off), ``both``
 
 stream: each held-out work of builtin:shakespeare read with ``aura eval --stream`` semantics,
 bits per byte per window for memory off, the model's memory written, and the kNN datastore of
-the document; the mean past the first window is what the issue's 3% target is about.
+the document; the mean past the first window is what the issue's 3% target is about. With
+``--corpus-knn N`` two more conditions: ``corpus`` (kNN-LM over a datastore of N train positions,
+what ``aura memory build --knn`` builds) and ``corpus+doc`` (that and the document's own
+datastore, each at ``--lam``: ``aura eval --stream --knn LAM`` on a checkpoint with a corpus
+datastore). ``--corpus-exclude WORK`` keeps a train work out of the corpus datastore so lambda
+can be chosen on it (``--works WORK``) without touching the reported works.
 
 retrieval: seed 002's in-model retrieval accuracy (">95% top-5"). ``--passages`` passages of
 ``--chars`` characters of the held-out works become one memory each, keyed by the model's own
