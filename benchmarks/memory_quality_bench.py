@@ -42,7 +42,8 @@ keys' mean removed from keys and queries (``key_centred``), and for the query th
 actually reads with (``query``: hippocampal ``query``, snn_rag ``retrieve``).
 
 cost: tokens per second of the stream per condition over the first ``--max-chars`` of the
-held-out works (a timing: run it on an idle machine).
+held-out works (a timing: run it on an idle machine); with ``--corpus-knn N`` also ``corpus``
+and ``corpus+doc`` (FAISS searches the corpus datastore past 32,768 positions).
 
 Each run is a checkpoint trained on char-level builtin Shakespeare (e.g. `aura train --preset
 hippocampal-cpu`); the held-out works are those its data split put in val (found by content).
@@ -286,14 +287,13 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         loaded = load_for_inference(run)
         model, tok = loaded.model, loaded.tokenizer
         text = "\n".join(held_out_works(_val_text(args.data)).values())[:args.max_chars]
+        corpus = corpus_datastore(model, tok, args) if args.corpus_knn else None
         rows: dict[str, Any] = {}
         for condition in args.conditions.split(","):
             if condition in ("model", "both") and not model.remembers_at_inference:
                 continue
             m = copy.deepcopy(model)
-            readout = (KNNLM(new_datastore(knn.key_dim(m.hidden_size), args.capacity),
-                             m.config.vocab_size, m.hidden_size, knn, learn=True)
-                       if condition in ("knn", "both") else None)
+            readout = stream_readout(m, condition, knn, args.capacity, corpus)
             start = time.perf_counter()
             r = evaluate_stream(m, tok, text, memory="write" if condition in ("model", "both")
                                 else "off", readout=readout)
@@ -476,12 +476,15 @@ def main() -> None:
     st.add_argument("--max-chars", type=int, help="read only the first N characters of each work")
     st.add_argument("--works", help="comma-separated builtin:shakespeare works to read "
                     "(default: the held-out ones)")
-    st.add_argument("--corpus-knn", type=int, metavar="N",
-                    help="a corpus datastore of N train positions, for the conditions corpus "
-                         "and corpus+doc")
-    st.add_argument("--corpus-exclude", metavar="WORK",
-                    help="a train work kept out of the corpus datastore (to choose lambda on)")
-    st.add_argument("--corpus-cache", metavar="DIR", help="load/save the corpus datastore here")
+    for name in ("stream", "cost"):
+        c = sub.choices[name]
+        c.add_argument("--corpus-knn", type=int, metavar="N",
+                       help="a corpus datastore of N train positions, for the conditions "
+                            "corpus and corpus+doc")
+        c.add_argument("--corpus-exclude", metavar="WORK",
+                       help="a train work kept out of the corpus datastore (to choose lambda on)")
+        c.add_argument("--corpus-cache", metavar="DIR",
+                       help="load/save the corpus datastore here")
     sub.choices["cost"].add_argument("--max-chars", type=int, default=20000)
     q = sub.choices["retrieval"]
     q.add_argument("--passages", type=int, default=500)
