@@ -3,7 +3,8 @@
     python benchmarks/memory_quality_bench.py recall RUN [RUN ...] [--episodes 60] [--facts 4]
         [--distractor 5] [--lam 0.5] [--temperature 0.05] [--k 16]
     python benchmarks/memory_quality_bench.py stream RUN [RUN ...] [--max-chars N]
-        [--lam 0.25] [--temperature 0.05]
+        [--lam 0.25] [--temperature 0.05] [--works W,...] [--corpus-knn N
+        --corpus-exclude WORK --corpus-cache DIR]
     python benchmarks/memory_quality_bench.py cost RUN [RUN ...] [--max-chars 20000]
     python benchmarks/memory_quality_bench.py retrieval RUN [RUN ...] [--passages 500]
         [--chars 64] [--typo-rate 0.1] [--word-rate 0.15] [--shift 8]
@@ -22,7 +23,12 @@ bits per byte per window for memory off, the model's memory written, and the kNN
 the document; the mean past the first window is what the issue's 3% target is about. The
 condition ``fresh`` (not in the default list) empties the model's stores before each work and
 then writes them while reading: the memory holds only the document's earlier windows, as in
-training with ``train.memory_stream``.
+training with ``train.memory_stream``. With ``--corpus-knn N`` two more conditions: ``corpus``
+(kNN-LM over a datastore of N train positions, what ``aura memory build --knn`` builds) and
+``corpus+doc`` (that and the document's own datastore, each at ``--lam``: ``aura eval --stream
+--knn LAM`` on a checkpoint with a corpus datastore). ``--corpus-exclude WORK`` keeps a train
+work out of the corpus datastore so lambda can be chosen on it (``--works WORK``) without
+touching the reported works.
 
 retrieval: seed 002's in-model retrieval accuracy (">95% top-5"). ``--passages`` passages of
 ``--chars`` characters of the held-out works become one memory each, keyed by the model's own
@@ -39,7 +45,8 @@ keys' mean removed from keys and queries (``key_centred``), and for the query th
 actually reads with (``query``: hippocampal ``query``, snn_rag ``retrieve``).
 
 cost: tokens per second of the stream per condition over the first ``--max-chars`` of the
-held-out works (a timing: run it on an idle machine).
+held-out works (a timing: run it on an idle machine); with ``--corpus-knn N`` also ``corpus``
+and ``corpus+doc`` (FAISS searches the corpus datastore past 32,768 positions).
 
 Each run is a checkpoint trained on char-level builtin Shakespeare (e.g. `aura train --preset
 hippocampal-cpu`); the held-out works are those its data split put in val (found by content).
@@ -62,7 +69,8 @@ from aura.data.sources import shakespeare_files
 from aura.data.tokenizers import Tokenizer
 from aura.eval.perplexity import _features
 from aura.eval.stream import evaluate_stream, stream_steps
-from aura.memory.knn_lm import KNNLM, STREAM_KEYS, KNNConfig, new_datastore
+from aura.memory.knn_lm import KNNLM, STREAM_KEYS, KNNConfig, KNNMixture, new_datastore
+from aura.memory.store import EpisodicStore
 from aura.models.base import AuraModel
 from aura.models.memory_mode import memory_kwargs
 from aura.train.checkpoint import load_for_inference
@@ -185,6 +193,54 @@ def recall(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def work_span(split: Any, tok: Tokenizer, text: str) -> tuple[int, int]:
+    """[start, end) of ``text`` in the prepared split's tokens (found by its first 256)."""
+    tokens = np.concatenate([np.asarray(m, dtype=np.int64) for m in split.maps])
+    head = tok.encode(text[:256]).astype(np.int64)
+    at = tokens.tobytes().find(head.tobytes())
+    if at < 0 or at % 8:
+        raise SystemExit("the work to keep out of the corpus datastore is not in the train split")
+    return at // 8, at // 8 + len(tok.encode(text))
+
+
+def corpus_datastore(model: AuraModel, tok: Tokenizer, args: argparse.Namespace
+                     ) -> EpisodicStore:
+    """kNN-LM's corpus datastore (``aura memory build --knn``) of ``--corpus-knn`` train
+    positions, none from the ``--corpus-exclude`` work (lambda is chosen on it); cached in
+    ``--corpus-cache`` when given."""
+    from pathlib import Path
+
+    from aura.data.shards import PreparedData
+    from aura.eval.knn import build_datastore
+
+    cache = Path(args.corpus_cache) if args.corpus_cache else None
+    if cache is not None and cache.exists():
+        return EpisodicStore.load(cache)
+    split = PreparedData.open(args.data).split("train")
+    works = {f.stem: f.read_text(encoding="utf-8") for f in shakespeare_files()}
+    exclude = work_span(split, tok, works[args.corpus_exclude]) if args.corpus_exclude else None
+    with torch.inference_mode():
+        store = build_datastore(model, split, tok, capacity=args.corpus_knn, exclude=exclude)
+    if cache is not None:
+        store.save(cache)
+    return store
+
+
+def stream_readout(model: AuraModel, condition: str, knn: KNNConfig, capacity: int,
+                   corpus: EpisodicStore | None) -> Any:
+    """The kNN read-out of a stream condition: ``knn`` the document's own datastore,
+    ``corpus`` the corpus datastore (plain keys), ``corpus+doc`` both, each at ``lam``."""
+    vocab, width = model.config.vocab_size, model.hidden_size
+    doc = (KNNLM(new_datastore(knn.key_dim(width), capacity), vocab, width, knn, learn=True)
+           if condition in ("knn", "both", "corpus+doc") else None)
+    if condition not in ("corpus", "corpus+doc"):
+        return doc
+    if corpus is None:
+        raise SystemExit(f"condition {condition!r} needs --corpus-knn N")
+    plain = KNNLM(corpus, vocab, width, KNNConfig(knn.lam, knn.temperature, knn.k))
+    return plain if doc is None else KNNMixture([plain, doc])
+
+
 def stream(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     knn = KNNConfig(args.lam, args.temperature, args.k, args.span, args.token_weight)
@@ -192,6 +248,10 @@ def stream(args: argparse.Namespace) -> dict[str, Any]:
         loaded = load_for_inference(run)
         model, tok = loaded.model, loaded.tokenizer
         works = held_out_works(_val_text(args.data))
+        if args.works:
+            every = {f.stem: f.read_text(encoding="utf-8") for f in shakespeare_files()}
+            works = {w: every[w] for w in args.works.split(",")}
+        corpus = corpus_datastore(model, tok, args) if args.corpus_knn else None
         per_work: dict[str, Any] = {}
         for name, text in works.items():
             text = text[:args.max_chars] if args.max_chars else text
@@ -206,9 +266,7 @@ def stream(args: argparse.Namespace) -> dict[str, Any]:
                     for writer in m.writers.values():
                         writer.discard()
                         writer.store.clear()
-                readout = (KNNLM(new_datastore(knn.key_dim(m.hidden_size), args.capacity),
-                                 m.config.vocab_size, m.hidden_size, knn, learn=True)
-                           if condition in ("knn", "both") else None)
+                readout = stream_readout(m, condition, knn, args.capacity, corpus)
                 r = evaluate_stream(m, tok, text, memory="write" if own else "off",
                                     readout=readout)
                 rows[condition] = {"bits_per_byte": r.bits_per_byte,
@@ -237,14 +295,13 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         loaded = load_for_inference(run)
         model, tok = loaded.model, loaded.tokenizer
         text = "\n".join(held_out_works(_val_text(args.data)).values())[:args.max_chars]
+        corpus = corpus_datastore(model, tok, args) if args.corpus_knn else None
         rows: dict[str, Any] = {}
         for condition in args.conditions.split(","):
             if condition in ("model", "both") and not model.remembers_at_inference:
                 continue
             m = copy.deepcopy(model)
-            readout = (KNNLM(new_datastore(knn.key_dim(m.hidden_size), args.capacity),
-                             m.config.vocab_size, m.hidden_size, knn, learn=True)
-                       if condition in ("knn", "both") else None)
+            readout = stream_readout(m, condition, knn, args.capacity, corpus)
             start = time.perf_counter()
             r = evaluate_stream(m, tok, text, memory="write" if condition in ("model", "both")
                                 else "off", readout=readout)
@@ -423,8 +480,19 @@ def main() -> None:
     r.add_argument("--facts", type=int, default=4)
     r.add_argument("--distractor", type=int, default=5, help="x block_size characters")
     r.add_argument("--seed", type=int, default=0)
-    sub.choices["stream"].add_argument("--max-chars", type=int,
-                                       help="read only the first N characters of each work")
+    st = sub.choices["stream"]
+    st.add_argument("--max-chars", type=int, help="read only the first N characters of each work")
+    st.add_argument("--works", help="comma-separated builtin:shakespeare works to read "
+                    "(default: the held-out ones)")
+    for name in ("stream", "cost"):
+        c = sub.choices[name]
+        c.add_argument("--corpus-knn", type=int, metavar="N",
+                       help="a corpus datastore of N train positions, for the conditions "
+                            "corpus and corpus+doc")
+        c.add_argument("--corpus-exclude", metavar="WORK",
+                       help="a train work kept out of the corpus datastore (to choose lambda on)")
+        c.add_argument("--corpus-cache", metavar="DIR",
+                       help="load/save the corpus datastore here")
     sub.choices["cost"].add_argument("--max-chars", type=int, default=20000)
     q = sub.choices["retrieval"]
     q.add_argument("--passages", type=int, default=500)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from aura.config import load_config
 from aura.data.shards import PreparedData
@@ -124,6 +125,28 @@ def test_a_built_datastore_persists_and_reads_back_the_same_neighbours(
     torch.testing.assert_close(a.scores, b.scores)
 
 
+def test_a_datastore_keeps_out_the_excluded_text_and_by_default_holds_the_whole_split(
+        train_data: Path) -> None:
+    from aura.memory.build import corpus_windows
+
+    data = PreparedData.open(train_data)
+    split, tokenizer = data.split("train"), data.tokenizer
+    model = gpt(data.vocab_size)
+    block = model.max_context
+    assert block is not None
+    every = corpus_windows(split, block + 1, 10**9)
+    lo, hi = every[1][2], every[2][2] + 5  # window 1 whole, window 2 in part
+    kept = corpus_windows(split, block + 1, 10**9, exclude=(lo, hi))
+    assert len(kept) == len(every) - 2
+    assert all(w[2] + block + 1 <= lo or w[2] >= hi for w in kept)
+    whole = build_datastore(model, split, tokenizer)  # the default: all of a small split
+    assert len(whole) == len(every) * block
+    held_out = build_datastore(model, split, tokenizer, exclude=(lo, hi))
+    assert len(held_out) == len(kept) * block
+    sources = set(held_out.source_pos[held_out.ids >= 0].tolist())
+    assert not sources & set(range(lo, hi))
+
+
 def test_cli_memory_build_knn_then_eval_knn(run_cli, run_dir: Path, train_data: Path,  # type: ignore[no-untyped-def]
                                             tmp_path: Path) -> None:
     doc = tmp_path / "doc.txt"
@@ -168,3 +191,24 @@ def test_a_mixture_of_one_datastore_is_that_datastore_and_shares_are_bounded() -
     assert not torch.allclose(single, torch.log_softmax(out.logits, -1), atol=1e-3)
     with pytest.raises(ConfigError, match="sum to at most 1"):
         KNNMixture([part, part, part])
+
+
+def test_stream_keys_rank_the_same_twelve_tokens_above_closer_states() -> None:
+    """The recall failure the stream default fixes: context A repeats the query's last 12
+    tokens with states only half alike; context B has the query's very states but 3 of its 12
+    tokens differ (another room number). A must rank first."""
+    from aura.memory.knn_lm import STREAM_KEYS
+
+    torch.manual_seed(0)
+    width, span = 64, STREAM_KEYS["span"]
+    config = KNNConfig(span=span, token_weight=STREAM_KEYS["token_weight"])
+    knn = KNNLM(new_datastore(config.key_dim(width), 8), TOK.vocab_size, width, config)
+    x = torch.from_numpy(TOK.encode("the key of rqrs is ").astype(np.int64))[None, -span:]
+    other = x.clone()
+    other[0, 4:7] = torch.from_numpy(TOK.encode("abc").astype(np.int64))
+    h = torch.randn(1, span, width)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, span, width, generator=g)
+    half = 0.5 * F.normalize(h, dim=-1) + 0.75 ** 0.5 * F.normalize(noise, dim=-1)
+    q, a, b = (knn.keys(s, t)[-1] for s, t in ((h, x), (half, x), (h, other)))
+    assert float(q @ a) > float(q @ b)

@@ -87,3 +87,28 @@ def test_a_tied_key_hippocampal_model_trains_saves_and_loads(tmp_path: Path) -> 
     loaded = load_for_inference(tmp_path / "run").model
     assert torch.equal(loaded.memory_stores()["hippocampus"].keys,
                        model.memory_stores()["hippocampus"].keys)
+
+
+def test_stream_conditions_read_the_corpus_datastore_and_the_document() -> None:
+    """``corpus`` reads the corpus datastore only and never adds to it; ``corpus+doc`` mixes it
+    with the document's own, which learns as the stream is read."""
+    from aura.eval.stream import evaluate_stream
+    from aura.memory.knn_lm import KNNLM, KNNConfig, KNNMixture, new_datastore
+
+    model = build(SNN_RAG)
+    corpus = new_datastore(model.hidden_size, 64)
+    torch.manual_seed(0)
+    corpus.write(torch.randn(64, model.hidden_size), torch.randint(0, TOK.vocab_size, (64, 1))
+                 .float())
+    knn = KNNConfig(0.2, 0.05, 4, 12, 1.0)
+    only = bench.stream_readout(model, "corpus", knn, 512, corpus)
+    assert isinstance(only, KNNLM) and only.store is corpus and only.config.plain
+    both = bench.stream_readout(model, "corpus+doc", knn, 512, corpus)
+    assert isinstance(both, KNNMixture) and [p.config.lam for p in both.parts] == [0.2, 0.2]
+    text = TEXT[:120]
+    plain = evaluate_stream(model, TOK, text, memory="off")
+    read = evaluate_stream(model, TOK, text, memory="off", readout=both)
+    assert len(corpus) == 64 and len(both.parts[1].store) == len(text) - 1
+    assert read.loss != pytest.approx(plain.loss, rel=1e-4)
+    with pytest.raises(SystemExit, match="--corpus-knn"):
+        bench.stream_readout(model, "corpus", knn, 512, None)

@@ -831,10 +831,10 @@ def _cmd_memory_build(args: argparse.Namespace) -> int:
         loaded = load_for_inference(args.run, pick_device(args.device))
         data = PreparedData.open(args.data, expect_tokenizer_hash=loaded.tokenizer.hash)
         if args.knn:
-            from aura.eval.knn import build_datastore
+            from aura.eval.knn import KNN_CORPUS_CAPACITY, build_datastore
 
             store = build_datastore(loaded.model, data.split(args.split), loaded.tokenizer,
-                                    capacity=args.max_chunks or 65536,
+                                    capacity=args.max_chunks or KNN_CORPUS_CAPACITY,
                                     batch_size=args.batch_size)
             n = len(store)
         else:
@@ -871,7 +871,7 @@ def _add_memory(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--data", required=True, metavar="DIR", help="prepared data (same tokenizer)")
     b.add_argument("--split", default="train", choices=["train", "val"])
     b.add_argument("--max-chunks", type=int, help="entries per bank (default: its capacity; "
-                   "with --knn 65536)")
+                   "with --knn the whole split up to 1,048,576 positions)")
     b.add_argument("--knn", action="store_true",
                    help="build a kNN-LM datastore instead (any model: each position's final "
                         "hidden state and the token after it), saved as the checkpoint's "

@@ -35,17 +35,25 @@ from aura.memory.knn_lm import (
 from aura.memory.store import SNIPPET_TOKENS, EpisodicStore
 from aura.models.base import AuraModel
 
+# Positions a corpus datastore holds by default: all of a split up to 2^20. kNN-LM's gain grows
+# with the datastore (Khandelwal et al., fig. 2); measured on char-level Shakespeare with
+# snn_rag, corpus-only bits per byte fell 1.0-1.7% at 65,536 positions, 1.7-2.3% at 262,144
+# (docs/BENCHMARKS.md). Past IVF_MIN_CAPACITY the store searches with FAISS when installed.
+KNN_CORPUS_CAPACITY = 1 << 20
+
 
 @torch.no_grad()
 def build_datastore(model: AuraModel, split: SplitData, tokenizer: Tokenizer, *,
-                    capacity: int = 65536, batch_size: int = 8) -> EpisodicStore:
+                    capacity: int = KNN_CORPUS_CAPACITY, batch_size: int = 8,
+                    exclude: tuple[int, int] | None = None) -> EpisodicStore:
     """A plain kNN-LM datastore of ``split``: (hidden state, next token) for every position of
-    up to ``capacity`` tokens' worth of windows, in corpus order."""
+    up to ``capacity`` tokens' worth of windows, in corpus order, none from the split offsets
+    ``exclude`` (text kept out to tune lambda on). Large stores search with FAISS ("auto")."""
     if capacity < 1 or batch_size < 1:
         raise AuraError(f"capacity and batch_size must be >= 1, got {capacity}, {batch_size}")
     block = model.max_context or 1024
-    windows = corpus_windows(split, block + 1, max(1, capacity // block))
-    store = new_datastore(model.hidden_size, min(capacity, len(windows) * block))
+    windows = corpus_windows(split, block + 1, max(1, capacity // block), exclude)
+    store = new_datastore(model.hidden_size, min(capacity, len(windows) * block), index="auto")
     knn = KNNLM(store, int(model.config.vocab_size or 0), model.hidden_size, KNNConfig())
     device, features = _device(model), _features(model, tokenizer)
     memory = {"use_memory": True} if model.has_memory_switch else {}

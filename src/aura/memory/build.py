@@ -34,12 +34,16 @@ class TextEncoder(Protocol):
     def encode(self, texts: list[str]) -> torch.Tensor: ...
 
 
-def corpus_windows(split: SplitData, window: int, count: int) -> list[tuple[int, int, int]]:
+def corpus_windows(split: SplitData, window: int, count: int,
+                   exclude: tuple[int, int] | None = None) -> list[tuple[int, int, int]]:
     """At most ``count`` non-overlapping windows of ``window`` tokens, evenly spread over the
-    split in corpus order, as (shard, offset in shard, offset in the split)."""
+    split in corpus order, as (shard, offset in shard, offset in the split); none overlaps the
+    split offsets ``exclude`` = [start, end) (text held out to tune on)."""
     starts = np.cumsum([0] + [sh.n_tokens for sh in split.shards])
     windows = [(s, off, int(starts[s]) + off) for s, sh in enumerate(split.shards)
                for off in range(0, sh.n_tokens - window + 1, window)]
+    if exclude is not None:
+        windows = [w for w in windows if w[2] + window <= exclude[0] or w[2] >= exclude[1]]
     if not windows:
         raise DataError(f"{split.name} split: no shard holds block_size = {window} tokens")
     if len(windows) > count:
