@@ -72,9 +72,10 @@ class ExactIndex:
         # in place: the product is fresh and its backward does not read it
         return self._cosines(queries).masked_fill_(~self.valid, float("-inf"))
 
-    def _cosines(self, queries: torch.Tensor) -> torch.Tensor:
+    def _cosines(self, queries: torch.Tensor, used: int | None = None) -> torch.Tensor:
+        """Cosines (Q, used) to the first ``used`` slots (default: all)."""
         self.rows_scored += queries.shape[0]
-        return F.normalize(queries.to(self.keys.dtype), dim=-1) @ self.keys.T
+        return F.normalize(queries.to(self.keys.dtype), dim=-1) @ self.keys[:used].T
 
     def search(self, queries: torch.Tensor, k: int, allowed: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +85,13 @@ class ExactIndex:
         (Q, capacity) product into the graph costs a backward of the same size as the search
         (a zero-filled gradient, its masking, a second large matmul) for nothing.
         """
-        kk = min(k, self.capacity)
+        # Slots fill from 0 up, so a store still filling scores only its occupied prefix.
+        used = int(self.valid.nonzero()[-1]) + 1 if bool(self.valid.any()) else 1
+        kk = min(k, used)
         with torch.no_grad():
-            visible = self.valid if allowed is None else allowed & self.valid
-            sims = self._cosines(queries).masked_fill_(~visible, float("-inf"))
+            valid = self.valid[:used]
+            visible = valid if allowed is None else allowed[..., :used] & valid
+            sims = self._cosines(queries, used).masked_fill_(~visible, float("-inf"))
             scores, ids = sims.topk(kk, dim=-1)
         found = scores != float("-inf")  # cosine is finite: -inf means none
         ids = ids.masked_fill(~found, -1)
