@@ -121,6 +121,16 @@ def test_frozen_lr_stops_a_strict_run_cleanly(train_data: Path, tmp_path: Path) 
     assert (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()  # saved
 
 
+def test_a_models_own_lr_scale_is_no_mismatch(train_data: Path, tmp_path: Path) -> None:
+    """A hormone scaling the LR (``AuraModel.lr_scale``) is part of what the step applies."""
+    t, _ = trainer(train_data, tmp_path / "run", "train.max_steps=3", "model.n_layer=1",
+                   "train.strict_sanity=true")
+    t.model.lr_scale = lambda: 0.5  # type: ignore[method-assign]
+    result = t.run()
+    assert result.stopped != "sanity" and sanity_rows(tmp_path / "run") == []
+    assert t.opt.param_groups[0]["lr"] < 0.6 * t.opt.param_groups[0]["base_lr"]
+
+
 def test_exploding_gradients_and_a_dead_spiking_layer(train_data: Path, tmp_path: Path) -> None:
     t, said = trainer(train_data, tmp_path / "run", f"train.max_steps={PERSIST}",
                       "model.ffn=snn")

@@ -378,8 +378,10 @@ class Trainer:
     def _step(self, step: int) -> tuple[float, float, dict[str, float]]:
         t = self.cfg.train
         self.model.on_step(step, bisect.bisect_right(t.phases, step) if t.phases else None)
-        self.opt.set_lr_factor(lr_factor(t, step, self.plateau) * self.state.fault_lr_scale
-                               * self.model.lr_scale())
+        # the model's own scale (limbic hormones) included: what the sanity check compares to
+        self._lr_applied = (lr_factor(t, step, self.plateau) * self.state.fault_lr_scale
+                            * self.model.lr_scale())
+        self.opt.set_lr_factor(self._lr_applied)
         self.model.train()
         total = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
@@ -612,14 +614,14 @@ class Trainer:
 
     def _watch(self, step: int, loss: float, grad_norm: float, aux: dict[str, float]
                ) -> list[SanityWarning]:
-        """The sanity monitor's look at step ``step`` (just done): the schedule's LR of each
-        parameter group against what the optimizer holds, the loss, the norm, the aux."""
+        """The sanity monitor's look at step ``step`` (just done): the LR the step set for each
+        parameter group (schedule, fault scale, the model's own scale) against what the optimizer
+        holds, the loss, the norm, the aux."""
         if self.sanity is None:
             return []
-        factor = lr_factor(self.cfg.train, step, self.plateau) * self.state.fault_lr_scale
         groups = self.opt.param_groups
         return self._said(self.sanity.after_step(
-            step + 1, loss, grad_norm, [g["base_lr"] * factor for g in groups],
+            step + 1, loss, grad_norm, [g["base_lr"] * self._lr_applied for g in groups],
             [g["lr"] for g in groups], aux))
 
     def _said(self, warnings: list[SanityWarning]) -> list[SanityWarning]:
