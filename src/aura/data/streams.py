@@ -24,18 +24,12 @@ document's memories fading out of the store unread. A tokenizer without an end-o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from aura.data.sampler import Batch, BatchSampler, TokenFeatures, compute_features
-from aura.data.shards import PreparedData, SplitData
-from aura.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from aura.config import AuraConfig
-    from aura.models.base import AuraModel
+from aura.data.shards import SplitData
+from aura.errors import DataError
 
 
 class DocumentStreams(BatchSampler):
@@ -98,18 +92,3 @@ class DocumentStreams(BatchSampler):
         feats["memory_floor"] = torch.from_numpy(self.floor(step, offsets, x.size(1)))
         return x, y, feats
 
-
-def document_streams(model: AuraModel, data: PreparedData, cfg: AuraConfig,
-                     features: TokenFeatures, part: tuple[int, int]) -> DocumentStreams:
-    """The trainer's batches under ``train.memory_stream``; settings it cannot honour are one
-    line."""
-    t = cfg.train
-    if not model.wants_memory_floor:
-        raise ConfigError(f"train.memory_stream trains a model's own episodic memory; model "
-                          f"{cfg.model.name!r} has none that reads by document (hippocampal "
-                          "with model.memory=true)")
-    if cfg.data.curriculum:
-        raise ConfigError("train.memory_stream reads consecutive windows of one block size: "
-                          "drop data.curriculum")
-    return DocumentStreams(data.split("train"), t.batch_size, t.block_size or cfg.model.block_size,
-                           t.seed, features=features, part=part, eot_id=data.tokenizer.eot_id)

@@ -27,10 +27,10 @@ from aura.atomic import atomic_write_text
 from aura.config import AuraConfig, config_to_dict
 from aura.continual.hook import ContinualHook
 from aura.data.prosody import token_features
-from aura.data.sampler import BatchSampler, Curriculum, StepBatches
+from aura.data.sampler import BatchSampler, Curriculum, StepBatches, TokenFeatures
 from aura.data.shards import PreparedData
-from aura.data.streams import document_streams
-from aura.errors import AuraError, DataError, environment_error
+from aura.data.streams import DocumentStreams
+from aura.errors import AuraError, ConfigError, DataError, environment_error
 from aura.models import AuraModel, build_model
 from aura.train import distributed, gpu, sharded
 from aura.train.checkpoint import (
@@ -182,11 +182,10 @@ class Trainer:
         block_fn = Curriculum(stages, self.block) if stages else self.block
         features = token_features(self.model.token_features, self.data.tokenizer)
         part = (self.group.rank, self.group.world)  # this rank's rows of each global batch
-        self.train_batches = BatchSampler(self.data.split("train"), t.batch_size, block_fn, t.seed,
-                                          features=features,
-                                          corpus_pos=self.model.wants_corpus_pos, part=part)
-        if t.memory_stream:
-            self.train_batches = document_streams(self.model, self.data, cfg, features, part)
+        self.train_batches = (
+            self._document_streams(features, part) if t.memory_stream else
+            BatchSampler(self.data.split("train"), t.batch_size, block_fn, t.seed,
+                         features=features, corpus_pos=self.model.wants_corpus_pos, part=part))
         val = self.data.splits.get("val")
         self.val_batches = (BatchSampler(val, t.batch_size, self.block, t.seed + 1,
                                          features=features, part=part)
@@ -611,6 +610,21 @@ class Trainer:
             (st.tokens_seen - tokens_at_start) / max(seconds, 1e-9),
             self._stop_signal if stopped == "interrupted" else None, summary,
         )
+
+    def _document_streams(self, features: TokenFeatures, part: tuple[int, int]
+                          ) -> DocumentStreams:
+        """The batches of ``train.memory_stream``; settings it cannot honour are one line."""
+        cfg, t = self.cfg, self.cfg.train
+        if not self.model.wants_memory_floor:
+            raise ConfigError(f"train.memory_stream trains a model's own episodic memory; model "
+                              f"{cfg.model.name!r} has none that reads by document (hippocampal "
+                              "with model.memory=true)")
+        if cfg.data.curriculum:
+            raise ConfigError("train.memory_stream reads consecutive windows of one block size: "
+                              "drop data.curriculum")
+        return DocumentStreams(self.data.split("train"), t.batch_size, self.block, t.seed,
+                               features=features, part=part,
+                               eot_id=self.data.tokenizer.eot_id)
 
     def _watch(self, step: int, loss: float, grad_norm: float, aux: dict[str, float]
                ) -> list[SanityWarning]:
