@@ -601,6 +601,14 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _knn_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """--knn LAMBDA (``what`` it mixes), --knn-temperature, --knn-k: eval's and generate's."""
+    p.add_argument("--knn", type=float, metavar="LAMBDA", help=what)
+    p.add_argument("--knn-temperature", type=float, default=0.05,
+                   help="softmax temperature over the neighbours' cosines (default 0.05)")
+    p.add_argument("--knn-k", type=int, default=16, help="neighbours per token (default 16)")
+
+
 def _memory_argument(p: argparse.ArgumentParser) -> None:
     """The inference memory switch eval and generate share (aura.models.memory_mode)."""
     p.add_argument("--memory", choices=["off", "read", "write"],
@@ -665,13 +673,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                         "text, similarity, gate); --json carries them as memory_reads")
     g.add_argument("--memory-span", type=int, default=16, metavar="N",
                    help="tokens per span for --show-memory")
-    g.add_argument("--knn", type=float, metavar="LAMBDA",
-                   help="draw each token from the next-token distribution mixed with the "
-                        "checkpoint's kNN-LM datastore's (aura memory build --knn), weight "
-                        "LAMBDA in [0, 1] (0: the plain model's tokens)")
-    g.add_argument("--knn-temperature", type=float, default=0.05,
-                   help="softmax temperature over the neighbours' cosines (default 0.05)")
-    g.add_argument("--knn-k", type=int, default=16, help="neighbours per token (default 16)")
+    _knn_arguments(g, "draw each token from the next-token distribution mixed with the "
+                      "checkpoint's kNN-LM datastore's (aura memory build --knn), weight "
+                      "LAMBDA in [0, 1] (0: the plain model's tokens)")
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")
@@ -693,13 +697,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                         "memory (and a recurrent state) across them; loss and bits/byte per "
                         "window (--memory defaults to write where the model can)")
     _memory_argument(e)
-    e.add_argument("--knn", type=float, metavar="LAMBDA",
-                   help="mix the next-token distribution with a kNN-LM datastore's, weight "
-                        "LAMBDA in [0, 1]: the checkpoint's (aura memory build --knn), or with "
-                        "--stream the document's own, filled as it is read (--memory write)")
-    e.add_argument("--knn-temperature", type=float, default=0.05,
-                   help="softmax temperature over the neighbours' cosines (default 0.05)")
-    e.add_argument("--knn-k", type=int, default=16, help="neighbours per token (default 16)")
+    _knn_arguments(e, "mix the next-token distribution with a kNN-LM datastore's, weight "
+                      "LAMBDA in [0, 1]: the checkpoint's (aura memory build --knn), or with "
+                      "--stream the document's own, filled as it is read (--memory write)")
     e.add_argument("--knn-span", type=int,
                    help="with --stream: positions (states and tokens) a key spans (default 12;"
                         " 1: the hidden state alone, starting from the corpus datastore)")
