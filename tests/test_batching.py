@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aura.data.tokenizers import ByteTokenizer
-from aura.infer.batching import RaggedKVCache
+from aura.infer.batching import DecodeBatch, RaggedKVCache
 from aura.infer.generate import generate_text
 from aura.infer.sampling import SamplingConfig
 from aura.infer.worker import Job, Worker
@@ -44,6 +44,16 @@ def model_of(name: str) -> torch.nn.Module:
                                                              "top_k": 1.16})
     return model
 
+
+
+def assert_steps_agree(together: DecodeBatch, alone: list[DecodeBatch], rows: list,
+                       steps: int) -> None:
+    """``steps`` more rounds of the batch and of each request alone give the same ids."""
+    for _ in range(steps):
+        for batch in (together, *alone):
+            batch.step()
+            batch.advance()
+    assert [r.ids for r in rows] == [a.seqs[0].ids for a in alone]
 
 def test_hippocampal_prosody_and_time_cells_change_its_logits() -> None:
     """What the concurrency test below relies on to catch a row fed another's features."""
@@ -119,7 +129,6 @@ def test_concurrent_jobs_return_what_each_returns_alone(name: str, batched: bool
 def test_requests_arriving_together_are_prefilled_as_each_alone() -> None:
     """add_many's two forwards (padded prompts but the last token, then every last token)
     give each row the logits and cache its own prefill gives, whatever the lengths."""
-    from aura.infer.batching import DecodeBatch
 
     model = model_of("gpt")
     prompts = [[5], list(range(1, 12)), list(range(40, 47)), list(range(60, 100))]  # 40 > ctx
@@ -136,13 +145,7 @@ def test_requests_arriving_together_are_prefilled_as_each_alone() -> None:
         assert together.cache.sizes[:4] == [1, 11, 7, 32]
         torch.testing.assert_close(together.logits[:4], torch.cat([a.logits[:1] for a in alone]),
                                    atol=1e-5, rtol=1e-5)
-        for _ in range(3):  # the next steps agree too
-            together.step()
-            together.advance()
-            for a in alone:
-                a.step()
-                a.advance()
-        assert [r.ids for r in rows] == [a.seqs[0].ids for a in alone]
+        assert_steps_agree(together, alone, rows, 3)  # the next steps agree too
 
 
 def test_rows_of_a_prosody_model_are_fed_the_features_of_their_own_windows() -> None:
@@ -150,7 +153,6 @@ def test_rows_of_a_prosody_model_are_fed_the_features_of_their_own_windows() -> 
     row's window (the window as ``generate`` has it, refills included)."""
     from aura.data.prosody import token_features
     from aura.data.sampler import compute_features
-    from aura.infer.batching import DecodeBatch
 
     model, tok = model_of("hippocampal"), ByteTokenizer()
     features = token_features(("prosody",), tok)
@@ -206,7 +208,6 @@ def test_natural_brain_rows_arriving_together_keep_their_own_pfc_state() -> None
     prefilled each alone: every row's logits, PFC state and boundary are its own prefill's,
     and the next steps agree too."""
     from aura.data.prosody import token_features
-    from aura.infer.batching import DecodeBatch
 
     model = model_of("natural_brain")
     features = token_features(("prosody",), ByteTokenizer())
@@ -224,10 +225,4 @@ def test_natural_brain_rows_arriving_together_keep_their_own_pfc_state() -> None
             torch.testing.assert_close(getattr(together.cache, name),
                                        torch.cat([getattr(a.cache, name) for a in alone]))
         assert together.settings.top_k[:3].tolist() == [23] * 3  # the hormones' x1.16
-        for _ in range(5):
-            together.step()
-            together.advance()
-            for a in alone:
-                a.step()
-                a.advance()
-        assert [r.ids for r in rows] == [a.seqs[0].ids for a in alone]
+        assert_steps_agree(together, alone, rows, 5)
