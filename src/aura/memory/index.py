@@ -86,7 +86,8 @@ class ExactIndex:
         (a zero-filled gradient, its masking, a second large matmul) for nothing.
         """
         # Slots fill from 0 up, so a store still filling scores only its occupied prefix.
-        used = int(self.valid.nonzero()[-1]) + 1 if bool(self.valid.any()) else 1
+        filled = self.valid.nonzero()  # one host sync, as a top-k's consumers need anyway
+        used = int(filled[-1]) + 1 if len(filled) else 1
         kk = min(k, used)
         with torch.no_grad():
             valid = self.valid[:used]
