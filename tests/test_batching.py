@@ -21,7 +21,8 @@ MODELS = {"gpt": (), "snn_rag": ("model.memory_capacity=64", "model.memory_chunk
           "hippocampal": (),
           "natural_brain": ("model.time_cells=true", "model.pfc_dim=32", "model.broca_dim=64",
                             "model.moe_hidden=16", "model.memory_capacity=64",
-                            "model.memory_writes=8")}
+                            "model.memory_writes=8"),
+          "bdh": ("model.mlp_multiplier=8",)}
 
 
 def model_of(name: str) -> torch.nn.Module:
@@ -91,8 +92,41 @@ def test_a_ragged_step_equals_each_row_alone() -> None:
     torch.testing.assert_close(batched, torch.stack(alone), atol=1e-5, rtol=1e-5)
 
 
+def test_a_ragged_bdh_step_equals_each_row_alone() -> None:
+    """Each row's recurrent state and RoPE position are its own, on both sides of the
+    precomputed tables' ``block_size`` (32): a row prefilled past it reads computed ones."""
+    from aura.models.bdh import RaggedBDHState
+
+    model = model_of("bdh")
+    prompts = [torch.randint(0, 256, (1, n)) for n in (3, 40, 7)]
+    nxt = torch.randint(0, 256, (3, 1))
+    with torch.inference_mode():
+        alone, states = [], []
+        for p, x in zip(prompts, nxt, strict=True):
+            state = model.new_cache(1, 0)
+            model(p, cache=state)
+            alone.append(model(x[None], cache=state, last_only=True).logits[0, -1])
+            states.append(state.kv[:, 0])
+        ragged = model.new_cache(1, 0).ragged(2)
+        for row, p in enumerate(prompts):
+            state = model.new_cache(1, 0)
+            model(p, cache=state)
+            if row == ragged.capacity:
+                ragged = ragged.grown(4)
+            ragged.rows += 1
+            ragged.put([row], state)
+        batched = model(nxt, cache=ragged, last_only=True).logits[:, -1]
+        assert isinstance(ragged, RaggedBDHState)
+        assert ragged.lengths[:3].tolist() == [4, 41, 8]
+        torch.testing.assert_close(batched, torch.stack(alone), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ragged.kv[:, :3], torch.stack(states, 1), atol=1e-5,
+                                   rtol=1e-5)
+        ragged.move(2, 0)
+    assert ragged.sizes[0] == 8 and torch.equal(ragged.kv[:, 0], ragged.kv[:, 2])
+
+
 @pytest.mark.parametrize(("name", "batched"), [
-    ("gpt", True), ("snn_rag", True), ("gpt", False), ("hippocampal", True),
+    ("gpt", True), ("snn_rag", True), ("gpt", False), ("hippocampal", True), ("bdh", True),
     pytest.param("natural_brain", True, marks=pytest.mark.slow)])
 def test_concurrent_jobs_return_what_each_returns_alone(name: str, batched: bool) -> None:
     """Prompts of different lengths, sampled and greedy, a stop string, and 60 new tokens

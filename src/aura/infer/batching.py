@@ -219,8 +219,9 @@ class DecodeBatch:
         """``features``: the per-token features the model reads (``token_features``); each row's
         come from its own ``ProsodyStream``, as ``generate`` computes them over the
         row's window."""
-        assert model.max_context is not None
+        # None for a recurrent model: its rows never fill, so none is ever re-prefilled
         self.model, self.max_ctx = model, model.max_context
+        self.padded_prefill = getattr(model.new_cache(1, 1), "padded_prefill", True)
         self.memory = memory or {}  # the forward keywords of the inference memory mode
         self.features = features or {}
         if not streamable(self.features):
@@ -248,8 +249,12 @@ class DecodeBatch:
         return logits, cache
 
     def _ragged(self, capacity: int) -> RaggedKVCache:
-        """An empty ragged cache shaped like the model's own, with its per-row state."""
+        """An empty ragged cache shaped like the model's own, with its per-row state (a cache
+        that makes its own batched form, such as a recurrent state, makes it)."""
         c = self.model.new_cache(1, 1)
+        if hasattr(c, "ragged"):
+            return c.ragged(capacity)  # type: ignore[no-any-return]
+        assert self.max_ctx is not None
         return RaggedKVCache(len(c.k), capacity, c.k[0].size(1), self.max_ctx, c.k[0].size(3),
                              self.device, c.k[0].dtype,
                              row_state={n: getattr(c, n) for n in c.row_state})
@@ -288,20 +293,20 @@ class DecodeBatch:
         causal model's real tokens never see the padding after them; a row's length masks it
         later), then every last token in one decode step over a ragged cache, whose logits are
         each row's first."""
-        if len(requests) > 1 and not getattr(getattr(self.model, "cache_type", None),
-                                             "padded_prefill", True):
+        if len(requests) > 1 and not self.padded_prefill:
             return [s for r in requests for s in self.add_many([r])]
         # the model's own sampling factors (its state is read-only while generating), per row
         # as ``generate`` applies them to each sequence
         seqs = [Row(list(ids), len(ids) + m, modulated(self.model, cfg)[0])
                 for ids, m, cfg in requests]
         for s in seqs:
-            s.start = max(0, s.t - self.max_ctx)
+            s.start = 0 if self.max_ctx is None else max(0, s.t - self.max_ctx)
         windows = [s.ids[s.start:] for s in seqs]
         if len(seqs) == 1:
             window = torch.tensor(windows, dtype=torch.long, device=self.device)
-            logits, cache = self._prefill(window, min(seqs[0].total - seqs[0].start,
-                                                       self.max_ctx))
+            length = seqs[0].total - seqs[0].start
+            logits, cache = self._prefill(window, length if self.max_ctx is None
+                                          else min(length, self.max_ctx))
         else:
             cache = self._ragged(len(seqs))
             cache.rows = len(seqs)
@@ -393,8 +398,10 @@ class DecodeBatch:
         if not n:
             return
         assert self.cache is not None and self.logits is not None
-        full = [s for s in self.seqs if len(s.ids) - s.start > self.max_ctx]
+        full = ([] if self.max_ctx is None
+                else [s for s in self.seqs if len(s.ids) - s.start > self.max_ctx])
         if full:
+            assert self.max_ctx is not None
             keep = max(1, self.max_ctx // 2)
             for s in full:
                 s.start = s.t - keep

@@ -98,7 +98,7 @@ class Worker:
         # One forward for every sequence's next token, where the model can (else one each);
         # per-token features (prosody) come a token at a time from each row's own state.
         self.batch = (DecodeBatch(model, self.memory, self.features)
-                      if batched and model.batched_decoding and model.max_context is not None
+                      if batched and model.batched_decoding
                       and streamable(self.features) else None)
         self.stats = WorkerStats()
         self._flushers: tuple[Callable[[], None], ...] = ()

@@ -105,8 +105,9 @@ class AuraModel(nn.Module):
     # input, which is how ``aura learn`` has the model remember new text at service positions.
     writes_own_memory: bool = False
     # True: the model reads its KV cache only through ``KVCache``'s methods (``positions``,
-    # ``attn_mask``, ``append``, ``pos``), so a server may decode many sequences in one forward
-    # with a cache whose rows sit at different positions (``aura.infer.batching``).
+    # ``attn_mask``, ``append``, ``pos``), or its cache makes its own batched form (``ragged``,
+    # e.g. bdh's recurrent state), so a server may decode many sequences in one forward with a
+    # cache whose rows sit at different positions (``aura.infer.batching``).
     batched_decoding: bool = False
     # True: forward takes ``remember``, and asked to, an *inference* forward (eval, generation)
     # queues memories of its input too, written as the next forward starts, so later windows or

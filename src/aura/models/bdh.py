@@ -85,14 +85,89 @@ def apply_rope(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class BDHState:
     """Recurrent generation state: per layer sum_s RoPE(x_s)^T x_s, and the next position."""
 
+    # A prompt's padding would be summed into the state like any token: a batching server
+    # prefills each prompt alone (``KVCache.padded_prefill``).
+    padded_prefill = False
+
     def __init__(self, n_layer: int, batch: int, n_head: int, n: int, d: int,
                  device: torch.device, dtype: torch.dtype):
         self.kv = torch.zeros(n_layer, batch, n_head, n, d, device=device, dtype=dtype)
         self.pos = 0
 
+    def layer_state(self, layer: int) -> torch.Tensor:
+        """(B, heads, N, D): the state ``layer`` reads and adds to."""
+        return self.kv[layer]
+
+    def ragged(self, capacity: int) -> RaggedBDHState:
+        """An empty state of this shape for ``capacity`` sequences at their own positions."""
+        n_layer, _, n_head, n, d = self.kv.shape
+        return RaggedBDHState(n_layer, capacity, n_head, n, d, self.kv.device, self.kv.dtype)
+
+
+class RaggedBDHState(BDHState):
+    """``capacity`` rows of state for a batching server (``aura.infer.batching``): the first
+    ``rows`` in use, row b at position ``lengths[b]``. A decode step feeds every row its newest
+    token, each rotated at its own position; the methods are ``RaggedKVCache``'s."""
+
+    def __init__(self, n_layer: int, capacity: int, n_head: int, n: int, d: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.capacity, self.rows = capacity, 0
+        self.lengths = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.sizes = [0] * capacity  # ``lengths`` on the host
+        super().__init__(n_layer, capacity, n_head, n, d, device, dtype)
+
+    @property  # type: ignore[override]
+    def pos(self) -> int:
+        return max(self.sizes[:self.rows], default=0)
+
+    @pos.setter
+    def pos(self, value: int) -> None:  # the forward's ``cache.pos += T`` moves every row on
+        delta = value - self.pos
+        self.lengths[:self.rows] += delta
+        self.sizes[:self.rows] = [n + delta for n in self.sizes[:self.rows]]
+
+    def layer_state(self, layer: int) -> torch.Tensor:
+        return self.kv[layer, :self.rows]
+
+    def set_length(self, row: int, n: int) -> None:
+        self.lengths[row] = n
+        self.sizes[row] = n
+
+    def reset(self) -> None:
+        self.kv.zero_()
+        self.lengths.zero_()
+        self.sizes = [0] * self.capacity
+        self.rows = 0
+
+    def put(self, rows: list[int], state: BDHState, lengths: list[int] | None = None) -> None:
+        """Rows ``rows`` become the rows of ``state`` (in order), at ``lengths`` (default:
+        ``state.pos``)."""
+        lengths = lengths or [state.pos] * len(rows)
+        index = torch.tensor(rows, device=self.kv.device)
+        self.kv[:, index] = state.kv[:, :len(rows)]
+        self.lengths[index] = torch.tensor(lengths, device=self.kv.device)
+        for r, length in zip(rows, lengths, strict=True):
+            self.sizes[r] = length
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row ``src`` over row ``dst``."""
+        self.kv[:, dst] = self.kv[:, src]
+        self.set_length(dst, self.sizes[src])
+
+    def grown(self, capacity: int) -> RaggedBDHState:
+        """A copy with room for ``capacity`` rows."""
+        new = self.ragged(capacity)
+        new.kv[:, :self.capacity] = self.kv
+        new.lengths[:self.capacity] = self.lengths
+        new.sizes[:self.capacity] = self.sizes
+        new.rows = self.rows
+        return new
+
 
 @register_model("bdh", config=BDHConfig)
 class BDH(AuraModel):
+    batched_decoding = True  # through ``RaggedBDHState``: each row's state and position
+
     def __init__(self, config: BDHConfig):
         super().__init__()
         assert config.vocab_size is not None
@@ -139,6 +214,16 @@ class BDH(AuraModel):
             return self.rope_cos[start:start + t], self.rope_sin[start:start + t]
         return rope_tables(torch.arange(start, start + t, device=self.freqs.device), self.freqs)
 
+    def _row_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, 1, N) cos/sin of each row's position: the same numbers ``_tables`` gives a
+        sequence alone (the precomputed rows below ``block_size``)."""
+        cos, sin = rope_tables(positions, self.freqs)
+        inside = (positions < self.config.block_size)[:, None]
+        at = positions.clamp(max=self.config.block_size - 1)
+        cos = torch.where(inside, self.rope_cos[at], cos)
+        sin = torch.where(inside, self.rope_sin[at], sin)
+        return cos[:, None, None], sin[:, None, None]
+
     def _layer(self, x: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor,
                state: BDHState | None, stats: list[torch.Tensor]) -> torch.Tensor:
         """One BDH layer on x of shape (B, 1, T, D)."""
@@ -152,11 +237,13 @@ class BDH(AuraModel):
             scores = (qr @ qr.mT).tril(diagonal=-1)
             a = (scores * scale if scale != 1.0 else scores) @ x
         else:  # recurrent: each token reads the state of the tokens before it, then adds itself
-            kv = state.kv[layer]
+            kv = state.layer_state(layer)
             a = qr @ kv
             if T > 1:  # a prompt: its tokens also see each other, strictly causally
                 a = a + (qr @ qr.mT).tril(diagonal=-1) @ x
-            kv += qr.mT @ x
+                kv += qr.mT @ x
+            else:  # one token's rank-1 update in place: no (N x D) temporary per head and row
+                kv.addcmul_(qr.mT, x)
             a = a * scale if scale != 1.0 else a
         # per-head (B*T, D) @ (D, N) as one batched GEMM over heads, weights not broadcast
         a = self._ln(a).transpose(0, 1).reshape(nh, B * T, D)
@@ -193,8 +280,10 @@ class BDH(AuraModel):
                 cache: BDHState | None = None, label_smoothing: float = 0.0,
                 last_only: bool = False) -> ModelOutput:
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        cos, sin = self._tables(start, T)
+        if isinstance(cache, RaggedBDHState):  # one token per row, each at its own position
+            cos, sin = self._row_tables(cache.lengths[:B])
+        else:
+            cos, sin = self._tables(cache.pos if cache is not None else 0, T)
         x = self._ln(self.embed(idx).unsqueeze(1))  # B, 1, T, D
         stats: list[torch.Tensor] = []
         for layer in range(self.config.n_layer):
