@@ -194,6 +194,9 @@ def main() -> None:
             out = args.out / "runs" / f"{label}-seed{seed}"
             fresh, start = not out.exists(), time.perf_counter()
             r = run_experiment(exp, out, progress=False, log=lambda _m: None)
+            if "stopped" in r:  # saved mid-stage: running the same command again continues
+                raise SystemExit(f"{label} seed {seed}: stopped by {r['stopped']} in stage "
+                                 f"{r['stage']}; run the same command to continue")
             wall = time.perf_counter() - start if fresh else None
             runs.append({"initial": r["initial"], "matrix": r["matrix"], "metrics": r["metrics"],
                          "cost": strategy_cost([Path(s["run"]) for s in r["stages"]], wall,
