@@ -74,6 +74,7 @@ from aura.memory.store import EpisodicStore
 from aura.models.base import AuraModel
 from aura.models.memory_mode import memory_kwargs
 from aura.train.checkpoint import load_for_inference
+from aura.train.key_fit import alter
 from machine import machine
 
 # five letters each, so no answer is likelier for being short
@@ -309,21 +310,6 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
                                "tokens": r.n_tokens}
         out[str(loaded.path)] = rows
     return out
-
-
-def alter(rng: random.Random, text: str, how: str, rate: float) -> str:
-    """``text`` with ``rate`` of its letters replaced (``typos``) or of its words dropped and
-    one neighbouring pair swapped (``words``)."""
-    if how == "typos":
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        return "".join(rng.choice(letters) if c.isalpha() and rng.random() < rate else c
-                       for c in text)
-    words = text.split(" ")
-    kept = [w for w in words if rng.random() >= rate] or words[:1]
-    if len(kept) > 2:
-        i = rng.randrange(len(kept) - 1)
-        kept[i], kept[i + 1] = kept[i + 1], kept[i]
-    return " ".join(kept)
 
 
 class LayerStates:

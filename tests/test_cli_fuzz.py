@@ -72,7 +72,8 @@ PARSERS = {cmd: p for cmd, p in leaf_parsers().items() if cmd != ("serve",)}
 def test_the_fuzz_covers_every_command() -> None:
     assert set(PARSERS) == {("data", "prepare"), ("data", "stats"), ("config", "show"),
                             ("config", "list"), ("train",), ("generate",), ("eval",), ("plot",),
-                            ("analyze",), ("memory", "build"), ("learn",), ("chat",),
+                            ("analyze",), ("memory", "build"), ("memory", "fit-keys"),
+                            ("learn",), ("chat",),
                             ("cl",), ("learn-export",), ("viz",), ("ablate",), ("export",),
                             ("convert",)}
 

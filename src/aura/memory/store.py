@@ -36,6 +36,7 @@ verifies the checksum and never unpickles.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -217,6 +218,25 @@ class EpisodicStore:
         if self.graph is not None:
             self.graph.update(slots)
         return ids
+
+    @torch.no_grad()
+    def rekey(self, project: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """Key every memory again as ``project(value)``, for stores whose keys are a projection
+        of their values (the hippocampus's) after that projection changed (``aura memory
+        fit-keys``); the cognitive map is rebuilt over the new keys. Returns how many."""
+        live = (self.ids >= 0).nonzero().squeeze(1)
+        if live.numel() == 0:
+            return 0
+        keys = project(self.values[live]).float()
+        if keys.shape != (live.numel(), self.dim_key):
+            raise ValueError(f"project must map values to (N, {self.dim_key}) keys, got "
+                             f"{tuple(keys.shape)}")
+        self.keys[live] = keys
+        self.index.add(live, keys)  # replaces each slot's key (FAISS: removed, then added)
+        if self.graph is not None:
+            self.graph.clear()
+            self.graph.update(live)
+        return int(live.numel())
 
     def _claim(self, n: int) -> torch.Tensor:
         """``n`` slots: empty ones first, then the lowest-retention memories, evicted."""

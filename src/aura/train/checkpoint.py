@@ -49,7 +49,7 @@ from aura.atomic import atomic_dir, atomic_write_text, fsync_dir
 from aura.config import AuraConfig, config_from_dict, config_to_dict
 from aura.data.shards import file_sha256
 from aura.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from aura.errors import DataError
+from aura.errors import AuraError, DataError
 from aura.lock import DirectoryLock
 from aura.models import AuraModel, build_model
 from aura.train import sharded
@@ -636,14 +636,20 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu",
     return Loaded(model.to(device).eval(), tokenizer, config, meta, ckpt)
 
 
-def replace_memory(path: Path, model: AuraModel) -> None:
+def replace_memory(path: Path, model: AuraModel, weights: bool = False) -> None:
     """Rewrite checkpoint ``path`` with ``model``'s episodic stores as they are now (e.g. a bank
-    rebuilt by ``aura memory build``), every other file unchanged, the sha256s in meta.json
-    updated. Built under a temporary name and renamed into place, like ``save_checkpoint``."""
+    rebuilt by ``aura memory build``) and, with ``weights``, its weights (``aura memory
+    fit-keys``), every other file unchanged, the sha256s in meta.json updated. Built under a
+    temporary name and renamed into place, like ``save_checkpoint``."""
     meta = verify_checkpoint(path)
+    if weights and meta.get("sharded") is not None:
+        raise AuraError(f"{path} holds sharded weights; only a one-file checkpoint's weights "
+                        "can be replaced")
     with atomic_dir(path) as tmp:
+        if weights:
+            save_model(model, str(tmp / MODEL_FILE))
         for item in path.iterdir():
-            if item.name in (MEMORY_DIR, META_FILE):
+            if item.name in (MEMORY_DIR, META_FILE) or (weights and item.name == MODEL_FILE):
                 continue
             if item.is_dir():
                 shutil.copytree(item, tmp / item.name)
