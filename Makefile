@@ -52,8 +52,8 @@ test-all: $(STAMP)
 
 # Issue 16's continual-learning figures at full size: every strategy, 2000 steps per domain, 3
 # seeds (hours on one CPU thread: run it on an idle machine, since the JSON carries each
-# strategy's cost), then `aura learn` on the same four domains. Re-running continues the
-# finished stages (their wall time is then null).
+# strategy's cost), then `aura learn` on the same four domains. Re-running reads finished
+# experiments back and continues the rest from their finished stages (wall time then null).
 .PHONY: bench-continual
 bench-continual: $(STAMP)
 	mkdir -p runs

@@ -21,6 +21,7 @@ replay buffer) the last stage's checkpoint carries. Timing figures need an idle 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -35,7 +36,7 @@ from safetensors.torch import load_file
 from aura.continual.hook import STATE_TENSORS
 from aura.data.prepare import PrepareOptions, prepare
 from aura.train.checkpoint import list_checkpoints
-from aura.train.cl_experiment import Domain, Experiment, run_experiment
+from aura.train.cl_experiment import RESULT_JSON, SPEC_JSON, Domain, Experiment, run_experiment
 from machine import machine
 
 # strategy label -> (aura cl strategy, extra --set)
@@ -143,6 +144,17 @@ def mean_cost(costs: list[dict[str, float | None]]) -> dict[str, float | None]:
     return out
 
 
+def finished(exp: Experiment, out: Path) -> dict[str, Any] | None:
+    """The result an earlier invocation wrote for this very experiment, else None: a finished
+    experiment is read back, not evaluated again."""
+    result, spec = out / RESULT_JSON, out / SPEC_JSON
+    if not (result.is_file() and spec.is_file()):
+        return None
+    if json.loads(spec.read_text()) != dataclasses.asdict(exp):
+        return None  # run_experiment refuses it, naming the difference
+    return json.loads(result.read_text())  # type: ignore[no-any-return]
+
+
 def prepare_domains(root: Path, max_bytes: int) -> list[Domain]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     sources = {
@@ -193,7 +205,8 @@ def main() -> None:
                              eval_tokens=args.eval_tokens)
             out = args.out / "runs" / f"{label}-seed{seed}"
             fresh, start = not out.exists(), time.perf_counter()
-            r = run_experiment(exp, out, progress=False, log=lambda _m: None)
+            r = finished(exp, out) or run_experiment(exp, out, progress=False,
+                                                      log=lambda _m: None)
             if "stopped" in r:  # saved mid-stage: running the same command again continues
                 raise SystemExit(f"{label} seed {seed}: stopped by {r['stopped']} in stage "
                                  f"{r['stage']}; run the same command to continue")
