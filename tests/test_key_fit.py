@@ -101,3 +101,21 @@ def test_fit_keys_needs_a_memory_with_its_own_key(tmp_path: Path, train_data: Pa
                        "no memory with a key projection")
     assert_usage_error(run_cli("memory", "fit-keys", run, "--data", train_data, "--steps", "0"),
                        "must be >= 1")
+
+
+def test_natural_brain_hippocampus_is_fitted_through_its_own_input() -> None:
+    """The brain's hippocampus is found like the hippocampal model's, and each passage's
+    states are read at its input, one text at a time (lengths differ: padded, masked)."""
+    from aura.data.tokenizers import ByteTokenizer
+    from aura.models.base import build_model
+    from aura.train.key_fit import key_layers, layer_inputs
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config("model.name=natural_brain", "model.vocab_size=256",
+                                    "model.memory_capacity=64", "model.memory_writes=8").model)
+    layers = key_layers(model.eval())
+    assert list(layers) == ["hippocampus"]
+    states, mask = layer_inputs(model, ByteTokenizer(), layers["hippocampus"],
+                                ["hello there", "abc"])
+    assert states.shape == (2, 11, model.config.n_embd) and mask.sum(1).tolist() == [11, 3]
+    assert states[1, 3:].abs().sum() == 0 and states[1, :3].abs().sum() > 0
