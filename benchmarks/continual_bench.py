@@ -178,6 +178,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=2000, help="training steps per domain")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="run seeds first..first+seeds-1 (split one strategy's seeds over "
+                         "processes sharing --out; a later run over all of them reads them back)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--max-bytes", type=int, default=2_000_000, help="text per domain (not "
@@ -199,7 +202,7 @@ def main() -> None:
         strategy, extra = (STRATEGIES | STORE_STRATEGIES)[label]
         runs = []
         peak_reset = reset_peak_rss()
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             exp = Experiment(domains, strategy, args.steps, preset="demo",
                              set=[*common, *extra, f"train.seed={1337 + seed}"],
                              eval_tokens=args.eval_tokens)
