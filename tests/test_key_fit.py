@@ -103,6 +103,20 @@ def test_fit_keys_needs_a_memory_with_its_own_key(tmp_path: Path, train_data: Pa
                        "must be >= 1")
 
 
+def test_fit_keys_refuses_more_passages_than_the_split_holds(tmp_path: Path, train_data: Path,
+                                                             run_cli) -> None:  # type: ignore[no-untyped-def]
+    run = tmp_path / "hippo"
+    Trainer(tiny_config("model.name=hippocampal", "model.memory_capacity=64",
+                        "model.memory_writes=8", "train.max_steps=1"),
+            train_data, run, progress=False).run()
+    before = sorted(p.name for p in run.rglob("*"))
+    assert_usage_error(run_cli("memory", "fit-keys", run, "--data", train_data,
+                               "--passages", "100000"), "passages of 72, not 100000")
+    assert_usage_error(run_cli("memory", "fit-keys", run, "--data", train_data,
+                               "--passages", "2", "--chars", "3000"), "the val split holds")
+    assert sorted(p.name for p in run.rglob("*")) == before  # nothing written
+
+
 def test_natural_brain_hippocampus_is_fitted_through_its_own_input() -> None:
     """The brain's hippocampus is found like the hippocampal model's, and each passage's
     states are read at its input, one text at a time (lengths differ: padded, masked)."""

@@ -84,10 +84,11 @@ def passage_views(split: SplitData, tokenizer: Tokenizer, opts: KeyFitOptions
     rng = random.Random(opts.seed)
     span = opts.chars + opts.shift
     tokens = np.concatenate([np.asarray(m) for m in split.maps])
-    if len(tokens) < span * opts.passages:
-        raise AuraError(f"the split holds {len(tokens):,} tokens, fewer than {opts.passages} "
-                        f"passages of {span} need")
-    starts = sorted(rng.sample(range(0, len(tokens) - span, span), opts.passages))
+    windows = range(0, len(tokens) - span + 1, span)
+    if len(windows) < opts.passages:
+        raise AuraError(f"the split holds {len(tokens):,} tokens: {len(windows)} passages of "
+                        f"{span}, not {opts.passages}")
+    starts = sorted(rng.sample(windows, opts.passages))
     orig = [tokenizer.decode(tokens[s:s + opts.chars].tolist()) for s in starts]
     # typos from the passages' own lower-case letters, which any tokenizer of them can encode
     letters = "".join(sorted({c for t in orig for c in t if c.isalpha() and c.islower()}))
@@ -179,8 +180,12 @@ def fit_memory_keys(model: AuraModel, tokenizer: Tokenizer, train: SplitData,
                         "own (hippocampal with model.memory_tied_key=false)")
     model.eval()
     train_texts = passage_views(train, tokenizer, opts)
-    test_opts = KeyFitOptions(**{**opts.__dict__, "passages": min(opts.passages, 500),
-                                 "seed": opts.seed + 1})
+    held_out_windows = held_out.n_tokens // (opts.chars + opts.shift)
+    if held_out_windows < 1:
+        raise AuraError(f"the val split holds {held_out.n_tokens} tokens, not one passage of "
+                        f"{opts.chars + opts.shift} to measure the fit on")
+    test_opts = KeyFitOptions(**{**opts.__dict__, "seed": opts.seed + 1,
+                                 "passages": min(opts.passages, 500, held_out_windows)})
     test_texts = passage_views(held_out, tokenizer, test_opts)
     report: dict[str, Any] = {}
     for name, layer in layers.items():
