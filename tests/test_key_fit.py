@@ -70,12 +70,18 @@ def test_fitting_finds_the_directions_altered_passages_share() -> None:
     assert max(before.values()) < 0.5 and min(after.values()) > 0.9, (before, after)
 
 
+def hippocampal_run(root: Path, data: Path, steps: int) -> Path:
+    """A tiny hippocampal run whose store holds memories (its own key projection)."""
+    run = root / "hippo"
+    Trainer(tiny_config("model.name=hippocampal", "model.memory_capacity=64",
+                        "model.memory_writes=8", f"train.max_steps={steps}"),
+            data, run, progress=False).run()
+    return run
+
+
 def test_fit_keys_rewrites_the_key_and_the_stored_keys(tmp_path: Path, train_data: Path,
                                                        run_cli) -> None:  # type: ignore[no-untyped-def]
-    run = tmp_path / "hippo"
-    Trainer(tiny_config("model.name=hippocampal", "model.memory_capacity=64",
-                        "model.memory_writes=8", "train.max_steps=3"),
-            train_data, run, progress=False).run()
+    run = hippocampal_run(tmp_path, train_data, steps=3)
     old = load_for_inference(run).model
     res = run_cli("memory", "fit-keys", run, "--data", train_data, "--passages", "20",
                   "--chars", "16", "--steps", "10", "--json")
@@ -105,10 +111,7 @@ def test_fit_keys_needs_a_memory_with_its_own_key(tmp_path: Path, train_data: Pa
 
 def test_fit_keys_refuses_more_passages_than_the_split_holds(tmp_path: Path, train_data: Path,
                                                              run_cli) -> None:  # type: ignore[no-untyped-def]
-    run = tmp_path / "hippo"
-    Trainer(tiny_config("model.name=hippocampal", "model.memory_capacity=64",
-                        "model.memory_writes=8", "train.max_steps=1"),
-            train_data, run, progress=False).run()
+    run = hippocampal_run(tmp_path, train_data, steps=1)
     before = sorted(p.name for p in run.rglob("*"))
     assert_usage_error(run_cli("memory", "fit-keys", run, "--data", train_data,
                                "--passages", "100000"), "passages of 72, not 100000")
