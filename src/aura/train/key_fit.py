@@ -110,8 +110,8 @@ def layer_inputs(model: AuraModel, tokenizer: Tokenizer, layer: nn.Module, texts
     handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0].float()))
     try:
         for text in texts:
-            ids = torch.tensor([tokenizer.encode(text).tolist()[-model.max_context:]
-                                if model.max_context else tokenizer.encode(text).tolist()],
+            tokens = tokenizer.encode(text).tolist()
+            ids = torch.tensor([tokens[-model.max_context:] if model.max_context else tokens],
                                device=device)
             model(ids, **memory_kwargs(model, "off"), **compute_features(features, ids))
     finally:
