@@ -190,14 +190,18 @@ def test_memory_modes_write_read_and_off(tmp_path: Path) -> None:
 
 
 def test_serve_decodes_with_its_memory_mode(tmp_path: Path) -> None:
+    from aura.infer.engine import Engine
     from aura.infer.server import ServeOptions, Service
     from aura.train.checkpoint import load_for_inference
 
     loaded = load_for_inference(tiny_run(tmp_path, *SNN_RAG))
     for mode, kwargs in (("off", {"use_memory": False}), ("read", {}), ("write", {})):
-        service = Service(loaded.model, loaded.tokenizer, ServeOptions(memory_mode=mode))
+        service = Service(loaded.model, loaded.tokenizer,
+                          ServeOptions(memory_mode=mode, engine="thread"))
         try:
-            assert service.worker.memory == kwargs
-            assert (service.memory is not None) == (mode == "write") == service.writes
+            engine = service.engine
+            assert isinstance(engine, Engine)
+            assert engine.worker.memory == kwargs
+            assert (engine.memory is not None) == (mode == "write") == service.writes
         finally:
             service.close()

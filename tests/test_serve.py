@@ -234,13 +234,13 @@ def test_serve_leaves_a_core_to_the_http_loop_unless_told(monkeypatch) -> None:
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setattr(os, "cpu_count", lambda: 4)
-        _serve_threads(None)
-        assert torch.get_num_threads() == 3
-        _serve_threads(2)
-        assert torch.get_num_threads() == 2
+        assert _serve_threads(None, "thread") == 3 == torch.get_num_threads()
+        assert _serve_threads(2, "thread") == 2 == torch.get_num_threads()
+        # the model's process gets them; this one stays at one until it forks
+        assert _serve_threads(None, "process") == 3 and torch.get_num_threads() == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(4)
-        _serve_threads(None)  # the environment decides
+        assert _serve_threads(None, "thread") == 4  # the environment decides
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(before)

@@ -1011,21 +1011,23 @@ def _check_listen(host: str, port: int) -> None:
         raise AuraError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
-def _serve_threads(threads: int | None) -> None:
+def _serve_threads(threads: int | None, engine: str) -> int:
     """The model's torch threads: a server's event loop needs a core of its own, or every
     decode round's OpenMP threads wait on it (on 2 cores, 1 thread served the demo model
-    1.6x faster with 8 clients: docs/BENCHMARKS.md)."""
+    1.6x faster with 8 clients: docs/BENCHMARKS.md). With the model in a process of its own,
+    this one stays at one thread until the fork: GNU OpenMP lets a forked child run more
+    threads only if its parent never did (``engine.EngineProcess``)."""
     import os
 
     import torch
 
     if threads is None:
-        if os.environ.get("OMP_NUM_THREADS"):
-            return
-        threads = max(1, (os.cpu_count() or 1) - 1)
+        threads = (torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS")
+                   else max(1, (os.cpu_count() or 1) - 1))
     if threads < 1:
         raise AuraError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1 if engine == "process" else threads)
+    return threads
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -1055,7 +1057,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise AuraError(f"--save-interval must be a number of seconds > 0, got "
                         f"{args.save_interval}")
     _check_listen(args.host, args.port)
-    _serve_threads(args.threads)
+    from aura.infer.engine import resolve
+
+    engine = resolve(args.engine)
+    threads = _serve_threads(args.threads, engine)
     mode = _conversation_memory(args)
     from aura.infer.embeddings import check_spec
 
@@ -1072,7 +1077,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                            memory_dir=None if args.memory_dir is None else Path(args.memory_dir),
                            memory_mode=mode, save_interval=args.save_interval,
                            template=template, embeddings=args.embeddings,
-                           store_dir=None if args.store_dir is None else Path(args.store_dir))
+                           store_dir=None if args.store_dir is None else Path(args.store_dir),
+                           engine=engine, threads=threads)
     sig = serve(loaded.model, loaded.tokenizer, options,
                 log=lambda line: print(line, file=sys.stderr, flush=True))
     return EXIT_OK if sig is None else 128 + sig
@@ -1145,6 +1151,9 @@ def _add_talk(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threads", type=int, metavar="N",
                    help="torch threads of the model on a CPU (default: the cores but one, which "
                         "the HTTP loop keeps; OMP_NUM_THREADS, when set, decides instead)")
+    s.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
+                   help="run the model in a process of its own, so it and the HTTP loop do "
+                        "not share one GIL (auto: a process on Linux), or in a thread")
     s.add_argument("--device", default="auto")
     _add_template(s)
     _add_quantize(s)

@@ -18,6 +18,8 @@ and what the last reply retrieved), ``GET /health`` (never needs the key) and th
   boundaries: the text is held back while it could still be the start of a stop string.
 - Chat messages become a prompt through ``template.ChatTemplate`` (documented there).
 - A client that disconnects cancels its generation at the next token.
+- The model runs in a process of its own on Linux (``engine.EngineProcess``, ``--engine
+  thread`` keeps it in this one): the event loop and the model worker then do not share a GIL.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import json
 import secrets
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -37,7 +39,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -47,18 +48,15 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aura.data.sampler import compute_features
 from aura.data.tokenizers import Tokenizer
 from aura.errors import AuraError
 from aura.infer.completion_store import CompletionStore
-from aura.infer.conversation_memory import ConversationMemory
 from aura.infer.embeddings import text_embedder
+from aura.infer.engine import Engine, EngineKind, Generation, start_engine
 from aura.infer.memory_flags import forward_mode
 from aura.infer.sampling import SamplingConfig
 from aura.infer.template import ChatTemplate
-from aura.infer.worker import Job, Worker
 from aura.models.base import AuraModel
-from aura.models.memory_mode import memory_kwargs
 
 
 @dataclass
@@ -79,6 +77,8 @@ class ServeOptions:
     store_dir: Path | None = None  # stored chat completions (aura.infer.completion_store)
     save_interval: float = 30.0
     template: ChatTemplate = field(default_factory=ChatTemplate)
+    engine: EngineKind = "auto"  # the model in a process of its own, or a thread (engine.py)
+    threads: int | None = None  # the model's torch threads (None: as this process is)
 
 
 class OpenAIError(Exception):
@@ -204,40 +204,22 @@ class ApiKey:
 
 
 class Service:
-    """The model, its worker and memory, shared by the routes."""
+    """The engine (model, worker, memory) and what the routes share besides it."""
 
     def __init__(self, model: AuraModel, tokenizer: Tokenizer, options: ServeOptions):
-        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.tokenizer, self.options = tokenizer, options
         self.embedder = text_embedder(options.embeddings, model)
         self.store = CompletionStore(options.store_dir)
-        self.memory = (ConversationMemory(model, tokenizer, options.memory_dir)
-                       if options.memory_dir is not None or options.memory_mode == "write"
-                       else None)
         self.writes = options.memory_mode == "write"
-        self.worker = Worker(model, tokenizer,
-                             memory=memory_kwargs(model, forward_mode(options.memory_mode)))
+        self.has_memory = options.memory_dir is not None or self.writes
+        self.engine = start_engine(options.engine, functools.partial(
+            Engine, model, tokenizer, forward_mode(options.memory_mode), options.memory_dir,
+            self.writes, options.save_interval), options.threads)
         self.created = int(time.time())
-        self._saver_stop = threading.Event()
-        self._saver: threading.Thread | None = None
-        if self.memory is not None and self.memory.root is not None:
-            self._saver = threading.Thread(target=self._save_loop, name="aura-memory-saver",
-                                           daemon=True)
-            self._saver.start()
-
-    def _save_loop(self) -> None:
-        assert self.memory is not None
-        while not self._saver_stop.wait(self.options.save_interval):
-            try:
-                self.worker.call(self.memory.save).result()
-            except AuraError:  # the worker stopped first: close() saves
-                return
 
     def close(self) -> None:
-        """Stop the worker (cancelling what runs), then persist the memory."""
-        self._saver_stop.set()
-        self.worker.stop()
-        if self.memory is not None:
-            self.memory.save()
+        """Stop the engine (cancelling what runs); it persists the memory."""
+        self.engine.close()
 
     # --- requests into jobs --------------------------------------------------------------------
 
@@ -283,30 +265,6 @@ class Service:
                  for m in req.messages]
         last_user = next((t for r, t in reversed(turns) if r == "user"), "")
         return self.options.template.render(turns), last_user
-
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Mean final hidden state of each text (its newest ``max_context`` tokens), unit norm;
-        runs on the worker thread."""
-        from aura.data.prosody import token_features
-
-        features = token_features(self.model.token_features, self.tokenizer)
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        vectors, total = [], 0
-        with torch.inference_mode():
-            for text in texts:
-                ids = [int(i) for i in self.tokenizer.encode(text)]
-                if not ids:
-                    raise AuraError("input texts must not be empty")
-                total += len(ids)
-                if self.model.max_context is not None:
-                    ids = ids[-self.model.max_context:]
-                x = torch.tensor([ids], device=device)
-                out = self.model(x, **compute_features(features, x))
-                if out.hidden is None:
-                    raise AuraError(f"model {self.model.config.name!r} gives no hidden states")
-                vec = torch.nn.functional.normalize(out.hidden[0].float().mean(0), dim=0)
-                vectors.append(vec.cpu().tolist())
-        return vectors, total
 
 
 class Events:
@@ -436,11 +394,20 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        stats = service.worker.stats
+        stats = service.engine.stats
+        info = await memory_info()
         return {"status": "ok", "model": options.model_name, "active": stats.active,
                 "queued": stats.queued, "completed": stats.completed,
                 "cancelled": stats.cancelled, "failed": stats.failed,
-                "memory": service.memory.describe() if service.memory else None}
+                "memory": info["describe"] if info else None}
+
+    async def memory_info() -> dict[str, Any] | None:
+        if not service.has_memory:
+            return None
+        try:
+            return await asyncio.wrap_future(service.engine.call("memory_info"))  # type: ignore[no-any-return]
+        except AuraError:  # the engine has stopped
+            return None
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -449,11 +416,10 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
 
     @app.get("/v1/memory")
     async def memory() -> dict[str, Any]:
-        if service.memory is None:
+        info = await memory_info()
+        if info is None:
             return {"enabled": False, "retrieved": []}
-        return {"enabled": True, "available": service.memory.available,
-                "describe": service.memory.describe(),
-                "retrieved": service.memory.last_retrieved}
+        return {"enabled": True, **info}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatRequest, request: Request) -> Response:
@@ -541,8 +507,7 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
                 raise OpenAIError(502, str(exc), "server_error") from None
             tokens = sum(len(service.tokenizer.encode(t)) for t in texts)
         else:
-            vectors, tokens = await asyncio.wrap_future(
-                service.worker.call(lambda: service.embed(texts)))
+            vectors, tokens = await asyncio.wrap_future(service.engine.call("embed", texts))
         if req.encoding_format == "base64":  # little-endian float32, as OpenAI's client reads
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
                        for v in vectors]
@@ -575,35 +540,32 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
         mailbox = mailboxes.get(loop)
         if mailbox is None:
             mailbox = mailboxes[loop] = Mailbox(loop)
-            service.worker.on_flush(mailbox.flush)
+            service.engine.on_flush(mailbox.flush)
         events = Events()
-        mem = service.memory
+        submitted: list[Any] = []  # the job, once submitted (emit may run before that returns)
 
         def emit(event: dict[str, Any]) -> None:
             try:
                 mailbox.post(events, event)
             except RuntimeError:  # the event loop has closed: nobody is listening any more
-                job.cancel()
+                for job in submitted:
+                    job.cancel()
 
-        job = Job(prompt, max_tokens, sampling, stop, emit, stream=req.stream)
-        if mem is not None and chat and mem.available:
+        remember = None
+        if service.has_memory and chat:
             try:
-                await asyncio.wrap_future(service.worker.call(
-                    lambda: mem.recall(last_user or "")))
-            except AuraError as exc:  # only when the worker has stopped
+                await asyncio.wrap_future(service.engine.call("recall", last_user or ""))
+            except AuraError as exc:  # only when the engine has stopped
                 raise OpenAIError(503, str(exc), "server_error") from None
-
-            def on_done(_: Job, reply: str) -> None:
-                mem.remember(f"{options.template.user} {last_user}{options.template.turn_end}"
-                             f"{options.template.assistant} {reply.strip()}")
-
             if service.writes:
-                job.on_done = on_done
-
+                t = options.template
+                remember = f"{t.user} {last_user}{t.turn_end}{t.assistant} "
         try:
-            service.worker.submit(job)
+            job = service.engine.submit(Generation(prompt, max_tokens, sampling, tuple(stop),
+                                                   req.stream, remember), emit)
         except AuraError as exc:
             raise OpenAIError(503, str(exc), "server_error") from None
+        submitted.append(job)
         rid = _new_id("chatcmpl" if chat else "cmpl")
         obj = "chat.completion" if chat else "text_completion"
         model_name = options.model_name
