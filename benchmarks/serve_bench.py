@@ -5,6 +5,7 @@
                                      [--threads N] [--quick] [--engine]
                                      [--compare 1,8] [--pairs 5] [--pair-requests 16]
                                      [--pair-tokens 256] [--client plain|openai]
+                                     [--serve-engine auto|process|thread[,...]]
 
 For each quantisation and each client count, that many threads each send ``--requests``
 streaming chat completions (a distinct seed per request, usage included) to one server started
@@ -72,14 +73,16 @@ def demo_run(root: Path) -> Path:
     return run
 
 
-def start_server(run: Path, quantize: str, port: int, threads: int) -> subprocess.Popen[bytes]:
+def start_server(run: Path, quantize: str, port: int, threads: int, engine: str = "auto"
+                 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if threads > 0:
         env["OMP_NUM_THREADS"] = str(threads)
     log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server; not a pipe,
     # which would block the server once full
     proc = subprocess.Popen([sys.executable, "-m", "aura", "serve", str(run), "--port", str(port),
-                             "--quantize", quantize, "--device", "cpu"], env=env,
+                             "--quantize", quantize, "--device", "cpu", "--engine", engine],
+                            env=env,
                             stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -314,6 +317,10 @@ def main() -> None:
     ap.add_argument("--client", choices=("plain", "openai"), default="plain",
                     help="the load's client: the standard library's http.client, or the "
                          "official openai client (pydantic per chunk, twice the CPU)")
+    ap.add_argument("--serve-engine", default="auto",
+                    help="`aura serve --engine` for each server, comma-separated to compare "
+                         "them in one run: auto, process (the model in its own process), "
+                         "thread")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per request")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--quick", action="store_true", help="1 and 2 clients, 8 tokens, 1 request")
@@ -342,8 +349,9 @@ def main() -> None:
                                   "client": args.client,
                                   "max_tokens": args.max_tokens, "requests": args.requests,
                                   "load": {}}
-        for mode in args.quantize.split(","):
-            proc = start_server(run, mode, args.port, args.threads)
+        kinds = args.serve_engine.split(",")
+        for mode, kind in ((m, k) for m in args.quantize.split(",") for k in kinds):
+            proc = start_server(run, mode, args.port, args.threads, kind)
             try:
                 load(f"http://127.0.0.1:{args.port}", 1, 1, 4, args.timeout)  # warm-up
                 rows = [load(f"http://127.0.0.1:{args.port}", c, args.requests,
@@ -357,8 +365,9 @@ def main() -> None:
                 proc.wait(60)
             gain = (rows[-1]["aggregate_tokens_per_s"] / rows[0]["aggregate_tokens_per_s"]
                     if rows[0]["aggregate_tokens_per_s"] else None)
-            report["load"][mode] = {"rows": rows, "batching_gain": gain,
-                                    "comparison": paired}
+            report["load"][mode if len(kinds) == 1 else f"{mode}, engine {kind}"] = {
+                "rows": rows, "batching_gain": gain,
+                "comparison": paired}
         report["int8_vs_fp32"] = quality(run, args.text)
         if args.engine:
             report["engine"] = engine(run, clients, args.max_tokens)
