@@ -46,6 +46,10 @@ STRATEGIES: dict[str, tuple[str, list[str]]] = {
     "ewc-lambda100": ("ewc", ["continual.ewc_lambda=100"]),
     "replay": ("replay", []),
     "replay-prioritised": ("replay", ["continual.replay_priority=loss"]),
+    # Ibrahim et al. 2024's regime: half of each batch replayed, from a buffer of 1M tokens
+    # (17% of the 6.1M seen at full size), the setting that meets the issue's targets
+    "replay-1M-half": ("replay", ["continual.replay_tokens=1048576",
+                                  "continual.replay_fraction=0.5"]),
     "replay+ewc": ("replay+ewc", []),
     "sleep": ("sleep", ["continual.sleep_distill=1.0"]),
     "joint": ("joint", []),
