@@ -189,3 +189,16 @@ def test_ctrl_c_reaches_the_whole_group_and_the_server_still_shuts_down_cleanly(
             proc.wait()
     assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
     assert "Zed" in (memory / "state" / "texts.json").read_text()
+
+
+def test_auto_is_a_process_only_for_a_cpu_model_on_linux(monkeypatch) -> None:
+    from aura.infer import engine
+
+    monkeypatch.setattr(engine.sys, "platform", "linux")
+    assert engine.resolve("auto", "cpu") == "process"
+    assert engine.resolve("auto", "cuda") == "thread"  # CUDA does not survive a fork
+    assert engine.resolve("thread", "cpu") == "thread"
+    with pytest.raises(AuraError, match="--engine thread"):
+        engine.resolve("process", "cuda")
+    monkeypatch.setattr(engine.sys, "platform", "darwin")
+    assert engine.resolve("auto", "cpu") == "thread"

@@ -966,15 +966,20 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="int8: dynamic int8 quantisation of the Linear layers (CPU inference)")
 
 
+def _inference_device(args: argparse.Namespace) -> Any:
+    """--device, where "auto" is the CPU for a quantised model (int8 kernels are CPU ones)."""
+    from aura.train.device import pick_device
+
+    return pick_device("cpu" if args.quantize != "none" and args.device == "auto"
+                       else args.device)
+
+
 def _load_quantized(args: argparse.Namespace) -> Any:
     """The run's model and tokenizer (``load_for_inference``), quantised as ``--quantize`` says."""
     from aura.infer.quantize import quantize
     from aura.train.checkpoint import load_for_inference
-    from aura.train.device import pick_device
 
-    device = pick_device("cpu" if args.quantize != "none" and args.device == "auto"
-                         else args.device)
-    loaded = load_for_inference(args.run, device)
+    loaded = load_for_inference(args.run, _inference_device(args))
     quantize(loaded.model, args.quantize, loaded.tokenizer)
     return loaded
 
@@ -1059,7 +1064,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _check_listen(args.host, args.port)
     from aura.infer.engine import resolve
 
-    engine = resolve(args.engine)
+    engine = resolve(args.engine, _inference_device(args))
     threads = _serve_threads(args.threads, engine)
     mode = _conversation_memory(args)
     from aura.infer.embeddings import check_spec

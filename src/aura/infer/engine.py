@@ -375,18 +375,24 @@ def _child(make: Callable[[], Engine], conn: Connection, parent_end: Connection,
     conn.close()
 
 
-def resolve(kind: EngineKind) -> Literal["process", "thread"]:
-    """What "auto" means here: a process where forking a loaded model is safe (Linux)."""
+def resolve(kind: EngineKind, device: torch.device | str = "cpu"
+            ) -> Literal["process", "thread"]:
+    """What "auto" means for a model on ``device``: a process where forking a loaded model
+    is safe (Linux, a CPU model: CUDA cannot be used in a forked child), else a thread."""
+    on_cpu = torch.device(device).type == "cpu"
     if kind == "auto":
-        return "process" if sys.platform.startswith("linux") else "thread"
+        return "process" if sys.platform.startswith("linux") and on_cpu else "thread"
+    if kind == "process" and not on_cpu:
+        raise AuraError(f"--engine process needs a model on the CPU (a forked process cannot "
+                        f"use {torch.device(device).type}); use --engine thread")
     return kind
 
 
-def start_engine(kind: EngineKind, make: Callable[[], Engine], threads: int | None = None
-                 ) -> Engine | EngineProcess:
-    """The engine ``kind`` asks for, its model at ``threads`` torch threads (None: as this
-    process is)."""
-    if resolve(kind) == "process":
+def start_engine(kind: EngineKind, make: Callable[[], Engine], threads: int | None = None,
+                 device: torch.device | str = "cpu") -> Engine | EngineProcess:
+    """The engine ``kind`` asks for (``resolve``), its model on ``device`` at ``threads``
+    torch threads (None: as this process is)."""
+    if resolve(kind, device) == "process":
         return EngineProcess(make, threads)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -214,7 +214,8 @@ class Service:
         self.has_memory = options.memory_dir is not None or self.writes
         self.engine = start_engine(options.engine, functools.partial(
             Engine, model, tokenizer, forward_mode(options.memory_mode), options.memory_dir,
-            self.writes, options.save_interval), options.threads)
+            self.writes, options.save_interval), options.threads,
+            next((p.device for p in model.parameters()), "cpu"))
         self.created = int(time.time())
 
     def close(self) -> None:
