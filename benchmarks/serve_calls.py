@@ -3,12 +3,13 @@
     python benchmarks/serve_calls.py [--requests 4] [--max-tokens 64] [--clients 1]
                                      [--http auto|h11|httptools] [--loop auto|asyncio|uvloop]
 
-Runs the server in this process (uvicorn on a thread, a random demo-shaped `gpt`, byte
-vocabulary) with a profile hook counting every Python and C function call, per thread, while a
-client (raw ``http.client`` on the main thread, not counted) streams ``--requests`` chat
-completions one after another (``--clients`` such clients at once, each on its own thread).
-Reported per thread (the event loop that frames and sends the
-SSE chunks, the model worker that samples and detokenises): calls per completion token and the
+Runs the server in this process (uvicorn on a thread, the model's engine as a thread, as
+`aura serve --engine thread` runs it; a random demo-shaped `gpt`, byte vocabulary) with a
+profile hook counting every Python and C function call, per thread, while a client (raw
+``http.client`` on the main thread, not counted) streams ``--requests`` chat completions one
+after another (``--clients`` such clients at once, each on its own thread). Reported per thread
+(the event loop that frames and sends the SSE chunks, the model worker that samples and
+detokenises): calls per completion token and the
 functions called most per token. Counts do not depend on the machine's load, only on how many
 tokens shared a chunk (also reported), so they compare two commits where timings on a shared
 machine cannot. ``--http`` and ``--loop`` are uvicorn's (``auto``, what `aura serve` runs, takes
@@ -75,7 +76,8 @@ def main() -> None:
 
     threading.setprofile(profile)  # the threads started from here on: uvicorn's, the worker's
     port = _free_port()
-    app = create_app(model, ByteTokenizer(), ServeOptions(port=port))
+    # the engine as a thread: its worker's calls are counted in this process
+    app = create_app(model, ByteTokenizer(), ServeOptions(port=port, engine="thread"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=args.http,
                                            loop=args.loop, log_level="warning"))
     thread = threading.Thread(target=server.run, name="event-loop", daemon=True)
