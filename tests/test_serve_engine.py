@@ -202,3 +202,23 @@ def test_auto_is_a_process_only_for_a_cpu_model_on_linux(monkeypatch) -> None:
         engine.resolve("process", "cuda")
     monkeypatch.setattr(engine.sys, "platform", "darwin")
     assert engine.resolve("auto", "cpu") == "thread"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the engine is a process on Linux")
+def test_a_server_whose_engine_died_says_so_with_503s_and_still_shuts_down(
+        tmp_path: Path) -> None:
+    server = Server(tiny_run(tmp_path))
+    try:
+        (pid,) = engine_pids(server.proc.pid)
+        os.kill(pid, signal.SIGKILL)
+        assert gone([pid])
+        deadline = time.monotonic() + 10
+        while (status := request(server.port, "GET", "/health")[0]) == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert status == 503
+        status, body = request(server.port, "POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, key=None)
+        assert status == 503 and "exited" in body["error"]["message"]
+    finally:
+        assert server.stop(signal.SIGTERM) == 128 + signal.SIGTERM

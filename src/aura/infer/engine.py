@@ -88,6 +88,10 @@ class Engine:
     def stats(self) -> WorkerStats:
         return self.worker.stats
 
+    @property
+    def alive(self) -> bool:
+        return self.worker.alive
+
     def on_flush(self, fn: Callable[[], None]) -> None:
         self.worker.on_flush(fn)
 
@@ -215,6 +219,11 @@ class EngineProcess:
         except BaseException:
             self._proc.join(10)
             raise
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine's process still serves (False once it exited or was killed)."""
+        return not self._closed and self._proc.is_alive()
 
     def on_flush(self, fn: Callable[[], None]) -> None:
         self._flushers = (*self._flushers, fn)

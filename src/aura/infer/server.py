@@ -2,8 +2,8 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both
 streaming and not), ``POST /v1/embeddings``, ``GET /v1/memory`` (what the episodic memory holds
-and what the last reply retrieved), ``GET /health`` (never needs the key) and the chat page at
-``GET /``. Decisions, where OpenAI's API leaves room:
+and what the last reply retrieved), ``GET /health`` (never needs the key; 503 once the model's
+engine has stopped) and the chat page at ``GET /``. Decisions, where OpenAI's API leaves room:
 
 - Errors are OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for a request
   that does not validate (malformed JSON and wrong types included), 401 for a missing or wrong
@@ -393,8 +393,11 @@ def create_app(model: AuraModel, tokenizer: Tokenizer, options: ServeOptions) ->
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", response_model=None)
+    async def health() -> dict[str, Any] | JSONResponse:
+        if not service.engine.alive:  # what a load balancer's check needs to see
+            return JSONResponse({"status": "error", "model": options.model_name,
+                                 "message": "the model's engine has stopped"}, status_code=503)
         stats = service.engine.stats
         info = await memory_info()
         return {"status": "ok", "model": options.model_name, "active": stats.active,

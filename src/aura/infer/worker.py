@@ -134,6 +134,11 @@ class Worker:
         for fn in self._flushers:
             fn()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread still runs (it ends only when stopped)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout: float | None = None) -> None:
         """Cancel what is queued or running (each gets an error event) and end the thread."""
         self._stopping.set()
