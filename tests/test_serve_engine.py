@@ -222,3 +222,22 @@ def test_a_server_whose_engine_died_says_so_with_503s_and_still_shuts_down(
         assert status == 503 and "exited" in body["error"]["message"]
     finally:
         assert server.stop(signal.SIGTERM) == 128 + signal.SIGTERM
+
+
+def test_the_engine_process_forgets_every_job_that_ended() -> None:
+    from aura.infer.engine import _Host
+
+    engine = make_engine()
+    sent: list[tuple[Any, ...]] = []
+    host = _Host(engine, sent.append)
+    try:
+        for jid in range(6):  # max_new_tokens=0 ends on the worker at once, often before
+            host.handle(("submit", jid, Generation("Hi", 0, SamplingConfig())))  # submit returns
+        host.handle(("submit", 6, Generation("Hi", 3, SamplingConfig(seed=0))))
+        deadline = time.monotonic() + 30
+        while sum(1 for m in sent for _, e in m[1] if "done" in e) < 7:
+            assert time.monotonic() < deadline, sent
+            time.sleep(0.01)
+        assert host.jobs == {} and host._ended == set()
+    finally:
+        engine.close()

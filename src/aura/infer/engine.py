@@ -335,53 +335,75 @@ def _child(make: Callable[[], Engine], conn: Connection, parent_end: Connection,
         send(("result", -1, _portable(exc), None))
         return
     send(("result", -1, None, None))
-    outbox: list[tuple[int, dict[str, Any]]] = []
-    jobs: dict[int, Job] = {}
-
-    sent = [dataclasses.replace(engine.stats)]
-
-    def flush() -> None:  # on the worker thread, once a round: its events, new counters
-        if outbox or engine.stats != sent[0]:
-            batch = outbox[:]
-            del outbox[:len(batch)]
-            sent[0] = dataclasses.replace(engine.stats)
-            send(("events", batch, sent[0]))
-
-    def post(jid: int, event: dict[str, Any]) -> None:
-        outbox.append((jid, event))
-        if "done" in event or "error" in event:
-            jobs.pop(jid, None)
-
-    def answer(cid: int, fut: Future[Any]) -> None:
-        exc = fut.exception()
-        send(("result", cid, None if exc is None else _portable(exc),
-              None if exc is not None else fut.result()))
-
-    engine.on_flush(flush)
+    host = _Host(engine, send)
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             break
+        if message[0] == "close":
+            break
+        host.handle(message)
+    engine.close()
+    host.flush()
+    conn.close()
+
+
+class _Host:
+    """The engine process's side of the pipe: ``handle`` one message from the parent; the
+    worker thread's ``flush`` sends each round's events and new counters back."""
+
+    def __init__(self, engine: Engine, send: Callable[[tuple[Any, ...]], None]):
+        self.engine, self.send = engine, send
+        self.jobs: dict[int, Job] = {}  # running, by the parent's id
+        self._ended: set[int] = set()  # ended before ``handle`` had recorded them
+        self._lock = threading.Lock()  # ``jobs`` and ``_ended``: this thread and the worker's
+        self._outbox: list[tuple[int, dict[str, Any]]] = []
+        self._sent = dataclasses.replace(engine.stats)
+        engine.on_flush(self.flush)
+
+    def flush(self) -> None:
+        """On the worker thread, once a round: its events and the counters, if either is new."""
+        if self._outbox or self.engine.stats != self._sent:
+            batch = self._outbox[:]
+            del self._outbox[:len(batch)]
+            self._sent = dataclasses.replace(self.engine.stats)
+            self.send(("events", batch, self._sent))
+
+    def _post(self, jid: int, event: dict[str, Any]) -> None:
+        self._outbox.append((jid, event))
+        if "done" in event or "error" in event:
+            with self._lock:
+                if self.jobs.pop(jid, None) is None:
+                    self._ended.add(jid)
+
+    def _answer(self, cid: int, fut: Future[Any]) -> None:
+        exc = fut.exception()
+        self.send(("result", cid, None if exc is None else _portable(exc),
+                   None if exc is not None else fut.result()))
+
+    def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "submit":
             jid = message[1]
             try:
-                jobs[jid] = engine.submit(message[2], functools.partial(post, jid))
+                job = self.engine.submit(message[2], functools.partial(self._post, jid))
             except AuraError as exc:
-                send(("events", [(jid, {"error": str(exc)})], engine.stats))
+                self.send(("events", [(jid, {"error": str(exc)})], self.engine.stats))
+                return
+            with self._lock:  # a job can end on the worker before submit() returns here
+                if jid in self._ended:
+                    self._ended.discard(jid)
+                else:
+                    self.jobs[jid] = job
         elif kind == "cancel":
-            job = jobs.get(message[1])
+            with self._lock:
+                job = self.jobs.get(message[1])
             if job is not None:
                 job.cancel()
         elif kind == "call":
             _, cid, op, args = message
-            engine.call(op, *args).add_done_callback(functools.partial(answer, cid))
-        elif kind == "close":
-            break
-    engine.close()
-    flush()
-    conn.close()
+            self.engine.call(op, *args).add_done_callback(functools.partial(self._answer, cid))
 
 
 def resolve(kind: EngineKind, device: torch.device | str = "cpu"
