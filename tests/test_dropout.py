@@ -69,3 +69,15 @@ def test_any_shape_and_dtype_keeps_shape_dtype_and_zeros_or_scales(shape, p, dty
     t = round(p * LANES)
     expected = (x.float() * (LANES / (LANES - t))).to(dtype)
     assert torch.equal(y[kept], expected[kept])
+
+
+def test_unscaled_dropout_is_dropout_before_its_scale() -> None:
+    x = torch.randn(5, 9, 13)
+    torch.manual_seed(6)
+    scaled = dropout(x, 0.3)
+    torch.manual_seed(6)
+    dropped, scale = Dropout(0.3).unscaled(x)
+    assert scale == LANES / (LANES - round(0.3 * LANES))
+    torch.testing.assert_close(dropped * scale, scaled)
+    assert Dropout(0.3).eval().unscaled(x) == (x, 1.0)
+    assert Dropout(0.0).unscaled(x) == (x, 1.0)

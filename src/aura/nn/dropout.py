@@ -23,18 +23,29 @@ LANES = 1 << LANE_BITS
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the cheaper CPU mask described above."""
+    dropped, scale = unscaled_dropout(x, p, training)
+    return dropped.mul_(scale) if scale != 1.0 else dropped
+
+
+def unscaled_dropout(x: torch.Tensor, p: float, training: bool = True
+                     ) -> tuple[torch.Tensor, float]:
+    """``x`` with the dropped elements zeroed, and the factor the kept ones still need.
+
+    For a caller whose next step is linear (a matrix product): it scales that step's output,
+    often far smaller than ``x``, which saves a pass over ``x`` forward and one backward.
+    """
     if not training or p == 0.0:
-        return x
+        return x, 1.0
     if x.device.type != "cpu" or p >= 1.0:
-        return F.dropout(x, p, training)
+        return F.dropout(x, p, training), 1.0
     threshold = round(p * LANES)
     if threshold == 0:
-        return x
+        return x, 1.0
     n = x.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # 63 uniform bits each
     lanes = words.view(torch.int16)[:n].bitwise_and(LANES - 1)
     keep = lanes.ge(threshold).view(x.shape)
-    return torch.where(keep, x, 0.0).mul_(LANES / (LANES - threshold))
+    return torch.where(keep, x, 0.0), LANES / (LANES - threshold)
 
 
 class Dropout(nn.Module):
@@ -48,6 +59,10 @@ class Dropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
+
+    def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``unscaled_dropout`` in this module's mode."""
+        return unscaled_dropout(x, self.p, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
