@@ -26,7 +26,7 @@ def test_drop_rate_and_scale_match_the_quantised_probability(p: float) -> None:
 
 
 def test_every_lane_of_a_draw_is_used_and_uniform() -> None:
-    """Each of the four 15-bit lanes of a 63-bit draw drops at the same rate."""
+    """Each of the four 16-bit lanes of a 64-bit draw drops at the same rate."""
     torch.manual_seed(1)
     y = dropout(torch.ones(4 * 200_000), 0.3).view(-1, 4)
     rates = (y == 0).float().mean(0)
