@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aura.models.bdh import apply_rope, rope_freqs, rope_tables
-from aura.nn.linear_attention import causal_linear_attention
+from aura.nn.linear_attention import MIN_SPLIT, causal_linear_attention
 
 
 def plain(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -18,7 +18,7 @@ def plain(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 @settings(max_examples=25, deadline=None)
-@given(heads=st.integers(1, 3), batch=st.integers(1, 3), t=st.integers(1, 9),
+@given(heads=st.integers(1, 3), batch=st.integers(1, 3), t=st.integers(1, 70),
        n=st.integers(1, 12), d=st.integers(1, 6), scale=st.sampled_from([1.0, 0.125]))
 def test_values_and_gradients_equal_the_plain_expression(heads: int, batch: int, t: int, n: int,
                                                          d: int, scale: float) -> None:
@@ -90,3 +90,11 @@ def test_complex_rope_equals_the_real_rotation_values_and_gradients(dtype: torch
     (g,) = torch.autograd.grad((ours * w).sum(), v)
     (want_g,) = torch.autograd.grad((want * w.float()).sum(), v)
     torch.testing.assert_close(g.float(), want_g.float(), **tol)
+
+
+@pytest.mark.parametrize("t", [MIN_SPLIT - 1, MIN_SPLIT, MIN_SPLIT + 1, 2 * MIN_SPLIT + 1])
+def test_the_split_product_equals_the_whole_one_either_side_of_the_threshold(t: int) -> None:
+    torch.manual_seed(t)
+    q = torch.randn(2, 3, t, 8, dtype=torch.float64)
+    v = torch.randn(3, t, 5, dtype=torch.float64)
+    torch.testing.assert_close(causal_linear_attention(q, v), plain(q, v, 1.0))

@@ -247,7 +247,7 @@ class BDH(AuraModel):
         nh, n = self.config.n_head, self.n
         stream = x.view(B * T, D)
         per_head = enc.view(D, nh, n).transpose(0, 1)  # a view: head h's (D, N) columns
-        x_sparse = F.relu(torch.bmm(stream.expand(nh, B * T, D), per_head))  # nh, B*T, N
+        x_sparse = torch.bmm(stream.expand(nh, B * T, D), per_head).relu_()  # nh, B*T, N
         qr = apply_rope(x_sparse.view(nh, B, T, n), cos, sin)
         scale = 1.0 / self.n if self.config.score_norm else 1.0
         if state is None:
@@ -263,7 +263,7 @@ class BDH(AuraModel):
                 kv.addcmul_(q.mT, x)
             a = (a * scale if scale != 1.0 else a).transpose(0, 1)
         a = self._ln(a).reshape(nh, B * T, D)
-        y_sparse = F.relu(torch.bmm(a, enc_v))
+        y_sparse = torch.bmm(a, enc_v).relu_()  # in place: no second 16x wide tensor
         xy = x_sparse * y_sparse  # the paper's y: gated, sparse
         with torch.no_grad():  # both are ReLU outputs, >= 0: the sum of signs counts non-zeros
             stats.append(torch.stack([x_sparse.sign().sum(dtype=torch.float32),
