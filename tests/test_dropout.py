@@ -26,7 +26,7 @@ def test_drop_rate_and_scale_match_the_quantised_probability(p: float) -> None:
 
 
 def test_every_lane_of_a_draw_is_used_and_uniform() -> None:
-    """Each of the four 16-bit lanes of a 64-bit draw drops at the same rate."""
+    """Each of the four 15-bit lanes of a 63-bit draw drops at the same rate."""
     torch.manual_seed(1)
     y = dropout(torch.ones(4 * 200_000), 0.3).view(-1, 4)
     rates = (y == 0).float().mean(0)
@@ -81,3 +81,12 @@ def test_unscaled_dropout_is_dropout_before_its_scale() -> None:
     torch.testing.assert_close(dropped * scale, scaled)
     assert Dropout(0.3).eval().unscaled(x) == (x, 1.0)
     assert Dropout(0.0).unscaled(x) == (x, 1.0)
+
+
+def test_compiles_without_a_graph_break() -> None:
+    """Under torch.compile the mask is Inductor's: the int64 draw would break the graph."""
+    layer = Dropout(0.25)
+    f = torch.compile(lambda x: layer(x), fullgraph=True, backend="eager")
+    y = f(torch.ones(4000))
+    assert torch.all((y == 0) | (y == torch.tensor(4 / 3)))
+    assert 0.15 < float((y == 0).float().mean()) < 0.35
