@@ -1,13 +1,14 @@
 """BDH side by side with the reference (pathwaycom/bdh), and against `gpt`. Prints JSON.
 
     python benchmarks/bdh_bench.py train --reference /path/to/bdh [--steps 6] [--rounds 2]
-        [--precisions fp32 bf16]
+        [--precisions fp32 bf16] [--compile]
     python benchmarks/bdh_bench.py generate --reference /path/to/bdh [--new-tokens 1000]
     python benchmarks/bdh_bench.py memory [--batch 8] [--block 512]
     python benchmarks/bdh_bench.py quality [--steps 600]
 
-train: optimizer steps/s of the reference model (its own code, eager fp32, as its train.py runs
-on CPU) and of Aura's `bdh` in fp32 and bf16 autocast, from the same initial weights on the same
+train: optimizer steps/s of the reference model (its own code, eager fp32) and of Aura's `bdh` in
+fp32 and bf16 autocast, with ``--compile`` also both under torch.compile (the reference's train.py
+compiles its model on every device), from the same initial weights on the same
 byte batches of Shakespeare, one step of each system in turn, at the reference config (batch
 2 x block 64) and at `bdh-cpu`; the mean training losses show both learn the same.
 generate: tokens/s for N new tokens after a 64-token prompt, the reference's re-run-the-prefix
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import resource
@@ -73,6 +75,13 @@ def copy_into_reference(ours: BDH, ref: torch.nn.Module) -> None:
         ref.lm_head.copy_(ours.lm_head)
 
 
+def twin(model: torch.nn.Module, make: Any) -> torch.nn.Module:
+    """A second model from ``make()`` with ``model``'s weights: one system per row."""
+    copy = make()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
 def byte_data(tmp: Path) -> PreparedData:
     prepare(PrepareOptions(["builtin:shakespeare"], "byte"), tmp / "bytes", progress=False)
     return PreparedData.open(tmp / "bytes")
@@ -119,8 +128,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                                        vocab_size=256)
                 ref = ref_mod.BDH(rc)
                 copy_into_reference(ours, ref)
-                ours_bf16 = build_model(cfg.model)
-                ours_bf16.load_state_dict(ours.state_dict())
+                ours_bf16 = twin(ours, functools.partial(build_model, cfg.model))
                 systems = {
                     "reference_fp32": (ref, lambda m, x, y: m(x, y)[1], contextlib.nullcontext),
                     "aura_fp32": (ours, lambda m, x, y: m(x, y).loss, contextlib.nullcontext),
@@ -129,6 +137,14 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 systems = {k: v for k, v in systems.items()
                            if k == "reference_fp32" or k.removeprefix("aura_") in args.precisions}
+                if args.compile:  # as the reference's train.py runs it, on every device
+                    ref_c = torch.compile(twin(ref, functools.partial(ref_mod.BDH, rc)))
+                    ours_c = torch.compile(twin(ours, functools.partial(build_model, cfg.model)))
+                    systems |= {
+                        "reference_compiled": (ref_c, systems["reference_fp32"][1],
+                                               contextlib.nullcontext),
+                        "aura_compiled": (ours_c, systems["aura_fp32"][1],
+                                          contextlib.nullcontext)}
                 torch.manual_seed(1)
                 for name, (times, losses) in interleaved_steps(systems, batches).items():
                     runs.setdefault(name, {"times": [], "losses": []})
@@ -141,9 +157,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                        "mean_loss": round(float(np.mean(r["losses"])), 4)}
                 for name, r in runs.items()
             }
-            base = res["reference_fp32"]["s_per_step"]
-            for name in (n for n in res if n != "reference_fp32"):
-                res[name]["speedup"] = round(base / res[name]["s_per_step"], 2)
+            for name in (n for n in res if n.startswith("aura_")):
+                base = res["reference_compiled" if name == "aura_compiled" else "reference_fp32"]
+                res[name]["speedup"] = round(base["s_per_step"] / res[name]["s_per_step"], 2)
             m = cfg.model
             out[size] = {**shape, "neurons_per_head": m.mlp_multiplier * m.n_embd // m.n_head,
                          **res}
@@ -244,6 +260,9 @@ def main() -> None:
     t.add_argument("--rounds", type=int, default=2)
     t.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                    help="Aura's rows; drop bf16 where it is emulated (AVX2), 13x slower")
+    t.add_argument("--compile", action="store_true",
+                   help="also both systems under torch.compile, fp32 (Aura's against the "
+                        "reference's compiled row); compiling takes a minute or two per model")
     g = sub.add_parser("generate")
     g.add_argument("--reference", type=Path, required=True)
     g.add_argument("--new-tokens", type=int, default=1000)
