@@ -6,8 +6,8 @@ time x neurons) so that BDH's per-head neuron tensors stay contiguous from the e
 decoder. Written as an autograd function because autograd's backward of that expression does
 more work than it needs: the scores are a product of q with itself, so autograd runs one GEMM
 for each side of it (``ds @ q`` and ``ds^T @ q``) and adds them; here ``(ds + ds^T) @ q`` is
-one GEMM, a fifth of BDH's attention backward. Forward, the strictly lower triangle of the
-scores takes three quarters of the full product.
+one GEMM, which at ``bdh-cpu``'s shape is 40% of the attention backward's FLOPs saved. Forward,
+the strictly lower triangle of the scores takes three quarters of the full product.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 MIN_SPLIT = 32
-"""Below this many positions the product is computed whole: smaller GEMMs lose what a quarter
-fewer FLOPs gains."""
+"""Shorter sequences take the whole product, in one GEMM."""
 
 
 class _CausalLinearAttention(torch.autograd.Function):
