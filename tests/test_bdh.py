@@ -152,11 +152,13 @@ def test_bf16_training_stays_finite_for_200_steps_with_or_without_score_norm(
     assert loss.item() < math.log(256)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradient_checkpointing_gives_the_same_gradients(dropout: float) -> None:
+    """With dropout too: the recomputed forward draws the same masks."""
     idx = torch.randint(0, 256, (2, 12))
     grads = []
     for flag in (False, True):
-        model = small("model.shared_weights=false").train()
+        model = small("model.shared_weights=false", f"model.dropout={dropout}").train()
         model.grad_checkpoint = flag
         model(idx, idx).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])

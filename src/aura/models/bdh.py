@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from aura.models.base import AuraModel, ModelConfig, ModelOutput, lm_loss, register_model
 from aura.nn.dropout import Dropout
 from aura.nn.linear_attention import causal_linear_attention
+from aura.nn.sparse_gate import sparse_gate
 
 ROPE_THETA = 2.0**16
 
@@ -263,31 +264,31 @@ class BDH(AuraModel):
                 kv.addcmul_(q.mT, x)
             a = (a * scale if scale != 1.0 else a).transpose(0, 1)
         a = self._ln(a).reshape(nh, B * T, D)
-        y_sparse = torch.bmm(a, enc_v).relu_()  # in place: no second 16x wide tensor
-        xy = x_sparse * y_sparse  # the paper's y: gated, sparse
-        with torch.no_grad():  # both are ReLU outputs, >= 0: the sum of signs counts non-zeros
-            stats.append(torch.stack([x_sparse.sign().sum(dtype=torch.float32),
-                                      xy.sign().sum(dtype=torch.float32)]) / xy.numel())
+        # the paper's y, gated and sparse: x * relu(a Dy), dropped out, in one function
+        keep, rescale = self.drop.mask(x_sparse)
+        xy, y_active = sparse_gate(x_sparse, a, enc_v, keep)
+        with torch.no_grad():  # a ReLU output, >= 0: the sum of signs counts non-zeros
+            x_active = x_sparse.sign().sum(dtype=torch.float32)
+            stats.append(torch.stack([x_active, y_active]) / xy.numel())
         if self._probe is not None:  # which neurons fire, as (B, T, nh, N)
             x_on, xy_on = ((t > 0).view(nh, B, T, n).permute(1, 2, 0, 3) for t in (x_sparse, xy))
             self._probe.append((x_on, xy_on))
         # dropout's 1 / (1 - p) scales the decoder's (B, T, D) output, not its 16x wider input
-        dropped, rescale = self.drop.unscaled(xy)
-        y = torch.bmm(dropped, dec.view(nh, n, D)).sum(0).view(B, 1, T, D)
+        y = torch.bmm(xy, dec.view(nh, n, D)).sum(0).view(B, 1, T, D)
         y = self._ln(y * rescale if rescale != 1.0 else y)
         return self._ln(x + y)
 
     def activation_bytes(self, batch: int, seq: int, dtype: torch.dtype = torch.float32,
                          device_type: str = "cpu") -> int:
-        """Per layer and token: the sparse x, its rotation, y and the decoder's input (each
-        mlp_multiplier x n_embd wide, the bulk), the stream broadcast over heads, the per-head
-        readout and its LayerNorm, the (T x T) scores per head, dropout's mask; with
+        """Per layer and token: the sparse x, its rotation, y (dropped out, as the gate keeps
+        it) and the decoder's input (each mlp_multiplier x n_embd wide, the bulk), the stream
+        broadcast over heads, the per-head readout and its LayerNorm, the (T x T) scores per
+        head; with
         ``grad_checkpoint`` each layer's input, plus the layer backward recomputes and the
         gradients it makes (1.5 layers' worth, measured)."""
         c, h = self.config, dtype.itemsize
         d, heads, neurons = c.n_embd, c.n_head, c.n_head * self.n
-        sparse = 4 + (1 if c.dropout > 0 else 0)
-        layer = (sparse * neurons * h + 2 * heads * d * h + heads * seq * h + d * h
+        layer = (4 * neurons * h + 2 * heads * d * h + heads * seq * h + d * h
                  + heads * (4 * d + 8) + 2 * (4 * d + 8))
         kept = 3 * layer // 2 + 4 * d * c.n_layer if self.grad_checkpoint else layer * c.n_layer
         outside = 8 + (4 * d + 8) + d * h + 4 * c.vocab_size  # type: ignore[operator]
