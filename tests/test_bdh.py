@@ -232,3 +232,13 @@ def test_bdh_trains_on_the_engine_with_curriculum_accumulation_and_muon(
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert 0 < rows[-1]["aux/y_active"] <= rows[-1]["aux/x_active"] < 1
     assert result.val_loss is not None
+
+
+def test_traces_whole_under_torch_compile_with_dropout() -> None:
+    """The gate and its dropout mask trace without a graph break (dynamo; Inductor is slow)."""
+    model = small("model.dropout=0.1").train()
+    idx = torch.randint(0, 256, (2, 12))
+    out = torch.compile(model, fullgraph=True, backend="eager")(idx, idx)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert 0.0 < float(out.aux["y_active"]) <= float(out.aux["x_active"])
