@@ -15,7 +15,6 @@ from aura.nn.dropout import (
     dropout,
     dropout_mask,
     keep_mask,
-    unscaled_dropout,
 )
 
 
@@ -78,16 +77,16 @@ def test_any_shape_and_dtype_keeps_shape_dtype_and_zeros_or_scales(shape, p, dty
     assert torch.equal(y[kept], expected[kept])
 
 
-def test_unscaled_dropout_is_dropout_before_its_scale() -> None:
+def test_dropout_is_the_mask_then_the_scale() -> None:
     x = torch.randn(5, 9, 13)
     torch.manual_seed(6)
     scaled = dropout(x, 0.3)
     torch.manual_seed(6)
-    dropped, scale = Dropout(0.3).unscaled(x)
-    assert scale == LANES / (LANES - round(0.3 * LANES))
-    torch.testing.assert_close(dropped * scale, scaled)
-    assert Dropout(0.3).eval().unscaled(x) == (x, 1.0)
-    assert Dropout(0.0).unscaled(x) == (x, 1.0)
+    mask, scale = Dropout(0.3).mask(x)
+    assert mask is not None and scale == LANES / (LANES - round(0.3 * LANES))
+    torch.testing.assert_close(x * mask * scale, scaled)
+    assert Dropout(0.3).eval().mask(x) == (None, 1.0)
+    assert Dropout(0.0).mask(x) == (None, 1.0)
 
 
 def test_compiles_without_a_graph_break() -> None:
@@ -109,17 +108,9 @@ def test_the_mask_is_a_float_mask_of_zeros_and_the_value(dtype: torch.dtype) -> 
     assert 0.15 < float((m == 0).float().mean()) < 0.35
 
 
-def test_dropout_mask_is_what_unscaled_dropout_multiplies_by() -> None:
-    x = torch.randn(6, 20)
-    torch.manual_seed(8)
-    mask, scale = Dropout(0.4).mask(x)
-    torch.manual_seed(8)
-    dropped, same_scale = unscaled_dropout(x, 0.4)
-    assert mask is not None and scale == same_scale
-    assert torch.equal(x * mask, dropped)
-    assert Dropout(0.4).eval().mask(x) == (None, 1.0)
-    zeros, _ = dropout_mask(x, 1.0)
-    assert zeros is not None and not zeros.any()
+def test_dropout_mask_drops_everything_at_p_one() -> None:
+    zeros, scale = dropout_mask(torch.randn(6, 20), 1.0)
+    assert zeros is not None and not zeros.any() and scale == 1.0
 
 
 def test_dropout_mask_compiles_without_a_graph_break() -> None:

@@ -62,24 +62,11 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return (x * keep_mask(x.shape, p, x.dtype)).mul_(keep_scale(p))  # scaled in fp32 opmath
 
 
-def unscaled_dropout(x: torch.Tensor, p: float, training: bool = True
-                     ) -> tuple[torch.Tensor, float]:
-    """``x`` with the dropped elements zeroed, and the factor the kept ones still need.
-
-    For a caller whose next step is linear (a matrix product): it scales that step's output,
-    often far smaller than ``x``, which saves a pass over ``x`` forward and one backward.
-    """
-    if _identity(p, training):
-        return x, 1.0
-    if _native(x, p):
-        return F.dropout(x, p, training), 1.0
-    return x * keep_mask(x.shape, p, x.dtype), keep_scale(p)
-
-
 def dropout_mask(x: torch.Tensor, p: float, training: bool = True
                  ) -> tuple[torch.Tensor | None, float]:
     """The 0/1 mask ``dropout`` would multiply ``x`` by (None when nothing is dropped), and
-    the factor kept elements need: for a caller that applies the mask inside its own kernel."""
+    the factor kept elements need: for a caller that applies the mask inside its own kernel,
+    and the factor where it is cheapest (BDH scales its decoder's 16x smaller output)."""
     if _identity(p, training):
         return None, 1.0
     if _native(x, p):
@@ -111,10 +98,6 @@ class Dropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
-
-    def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``unscaled_dropout`` in this module's mode."""
-        return unscaled_dropout(x, self.p, self.training)
 
     def mask(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         """``dropout_mask`` in this module's mode."""
