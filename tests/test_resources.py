@@ -147,14 +147,18 @@ def test_optimizer_state_is_what_the_optimizer_allocates(optimizer: str) -> None
 def saved_tensor_bytes(model: AuraModel, batch: int, seq: int,
                        dtype: torch.dtype | None = None) -> int:
     """Bytes of the distinct storages one training forward saves for backward, weights
-    excluded (their autocast copies included), measured by torch's saved-tensor hooks."""
+    excluded (their autocast copies included), measured by torch's saved-tensor hooks. The
+    hook holds what it sees, so a storage freed mid-forward cannot lend its address to another
+    and hide it from the count."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
+    held: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in weights:
             seen[storage.data_ptr()] = storage.nbytes()
+            held.append(t)
         return t
 
     g = torch.Generator().manual_seed(0)

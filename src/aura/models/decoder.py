@@ -178,7 +178,7 @@ class Decoder(AuraModel):
         elif c.neuron == "lif":
             ffn += 3 * hidden * h  # input current, spike counts, rates (fused kernel)
         else:
-            ffn += (2 * c.snn_steps + 1) * hidden * h  # GIF keeps two tensors per step
+            ffn += (c.snn_steps + 1) * hidden * h  # GIF keeps its surrogate's input per step
         masks = 2 * width * h if drop else 0
         memory = self.blocks[layer].memory
         if memory is not None:

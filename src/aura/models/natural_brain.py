@@ -533,10 +533,10 @@ class NaturalBrain(Decoder):
         and Broca keep (the PFC's (T x T) decays per head included)."""
         c, h = self.config, dtype.itemsize
         C = c.n_embd
-        # with use_spiking the blocks' GIF feed-forwards keep state per step beyond what the
-        # decoder's formula (for model.ffn, here mlp) counts: fit to the saved-tensor
-        # measurement (test_resources), 1.00 of it in fp32 and 1.12 in bf16
-        spiking = (2 * c.snn_steps - 1) * 2 * C * h if c.use_spiking else 0
+        # with use_spiking the blocks' GIF feed-forwards keep their (4C) surrogate inputs per
+        # step and the spike counts, where the decoder's formula (for model.ffn, here mlp)
+        # counts GELU's input and output
+        spiking = 4 * (c.snn_steps - 1) * C * h if c.use_spiking else 0
         blocks = [self.block_activation_bytes(i, seq, dtype, device_type) + spiking
                   for i in range(len(self.blocks))]
         kept = (3 * max(blocks, default=0) // 2 + 4 * C * len(blocks) if self.grad_checkpoint
