@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import aura.plasticity.stdp as stdp_module
 from aura.errors import DataError
 from aura.plasticity import OjaLayer, OnlineWhitener, PairSTDP, TokenSTDP
-from aura.plasticity.stdp import QUANTUM, walk_fits_int64
+from aura.plasticity.stdp import QUANTUM, clamped_walk_ends, walk_fits_int64
 
 
 def seed_loop(stdp: TokenSTDP, batches: list[tuple[list[int], list[bool], list[float]]]
@@ -76,6 +76,24 @@ def test_token_stdp_is_bit_identical_to_the_sequential_loop(data, vocab, lr_plus
         sal = data.draw(st.lists(st.floats(0, 10), min_size=n, max_size=n))
         batches.append((tokens, spiked, sal))
     assert_same_as_loop(stdp, batches)
+
+
+@given(data=st.data(), lo=st.integers(-40, 0), width=st.integers(0, 40))
+def test_both_walk_backends_end_where_the_loop_does(data, lo: int, width: int) -> None:
+    """The NumPy passes (CPU) and the PyTorch passes (other devices, run here on CPU tensors)
+    give the loop's clamped ends for every segment."""
+    hi = lo + width
+    counts = data.draw(st.lists(st.integers(1, 25), min_size=1, max_size=12))
+    d = data.draw(st.lists(st.integers(-15, 15), min_size=sum(counts), max_size=sum(counts)))
+    start = data.draw(st.lists(st.integers(lo, hi), min_size=len(counts), max_size=len(counts)))
+    expected, steps = [], iter(d)
+    for x, n in zip(start, counts, strict=True):
+        for _ in range(n):
+            x = min(max(x + next(steps), lo), hi)
+        expected.append(x)
+    args = (torch.tensor(start), torch.tensor(counts), torch.tensor(d), lo, hi)
+    assert clamped_walk_ends(*args).tolist() == expected
+    assert stdp_module._walk_ends(stdp_module._TorchOps, *args).tolist() == expected
 
 
 @pytest.mark.parametrize("vocab", [3, 70_000])
