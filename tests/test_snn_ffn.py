@@ -72,6 +72,19 @@ def test_synops_count_spikes_times_the_fan_out_and_macs_the_dense_fc() -> None:
     assert metrics["macs"].item() == 2 * 7 * D * 4 * D
 
 
+@pytest.mark.parametrize("neuron", ["lif", "gif"])
+@pytest.mark.parametrize("numel", [1001, 2**23 + 1])  # the float32 sum, then the float64 one
+def test_the_spike_total_is_exact_on_both_sides_of_the_float32_bound(neuron: str,
+                                                                      numel: int) -> None:
+    block, _ = ffn(neuron=neuron)
+    peak = block.steps * getattr(block.neuron, "max_level", 1)
+    counts = torch.full((numel,), float(peak))
+    counts[::3] = peak - 1  # the large total is odd: float32 past 2**24 would lose its last unit
+    expected = peak * numel - len(range(0, numel, 3))
+    assert block._spike_total(counts).item() == expected
+    assert block._spike_total(counts.bfloat16()).item() == expected
+
+
 def test_metrics_before_forward_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="forward"):
         SNNFeedForward(D).metrics()
