@@ -309,7 +309,7 @@ class GIF(nn.Module):
         state = GIFState(*(s.to(x.dtype) for s in state))
         thr = self.threshold_of(state)
         mem = self.beta * state.mem + x
-        level = (mem.detach() / thr.detach()).round_().clamp_(1, self.max_level)  # no graph to drop
+        level = (mem.detach() / thr.detach()).round_().clamp_(1, self.max_level)  # builds no graph
         spikes = level - 1 + self.spike(mem - level * thr)
         mem = mem - spikes.detach() * thr
         adaptation = self.adapt_decay * state.adaptation + spikes.detach()

@@ -78,9 +78,9 @@ def clamped_walk_ends(start: torch.Tensor, counts: torch.Tensor, d: torch.Tensor
     rounds. Segments stay apart inside the single cummin by adding ``segment * span``, which
     the caller keeps inside int64 (``walk_fits_int64``).
 
-    On the CPU the passes run in NumPy, 3-4x faster here than PyTorch's: its running minimum
-    writes no indices, and its segment max reads the segments' starts instead of a segment id
-    per step (``benchmarks/plasticity_bench.py``).
+    On the CPU the passes run in NumPy: its running minimum writes no indices, and its segment
+    max reads the segments' starts instead of a segment id per step. The walk over 2**18 tokens
+    took 3.5-4.3 ms there against 11-16 ms in PyTorch (docs/BENCHMARKS.md, "Plasticity").
     """
     if d.device.type == "cpu":
         return torch.from_numpy(_walk_ends(_NumpyOps, start.numpy(), counts.numpy(), d.numpy(),
@@ -95,7 +95,7 @@ class _NumpyOps:
     minimum, maximum = staticmethod(np.minimum), staticmethod(np.maximum)
 
     @staticmethod
-    def segment_ids(counts: np.ndarray) -> np.ndarray:
+    def segment_ids(counts: np.ndarray, total: int) -> np.ndarray:
         return np.repeat(np.arange(counts.size), counts)
 
     @staticmethod
@@ -118,9 +118,10 @@ class _TorchOps:
         return torch.cumsum(x, 0)
 
     @staticmethod
-    def segment_ids(counts: torch.Tensor) -> torch.Tensor:
+    def segment_ids(counts: torch.Tensor, total: int) -> torch.Tensor:
+        """The known ``total`` spares an accelerator the sync its length would cost."""
         return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device),
-                                       counts)
+                                       counts, output_size=total)
 
     @staticmethod
     def suffix_min(x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +142,7 @@ def _walk_ends(xp: Any, start: Any, counts: Any, d: Any, lo: int, hi: int) -> An
     psi = xp.copy(d)
     psi[first] = y1
     psi = xp.cumsum(psi)
-    seg = xp.segment_ids(counts)
+    seg = xp.segment_ids(counts, len(d))
     psi -= (psi[first] - y1)[seg]
     offset = seg * (int(psi.max() - psi.min()) + 1)
     suffix_min = xp.suffix_min(psi + offset) - offset
