@@ -176,7 +176,7 @@ class Decoder(AuraModel):
         if c.ffn == "mlp":
             ffn += 2 * hidden * h  # GELU's input and output
         elif c.neuron == "lif":
-            ffn += 3 * hidden * h  # input current, spike counts, rates (fused kernel)
+            ffn += 2 * hidden * h  # the fused kernel's surrogate sum; the rates
         else:
             ffn += (c.snn_steps + 1) * hidden * h  # GIF keeps its surrogate's input per step
         masks = 2 * width * h if drop else 0
