@@ -12,7 +12,10 @@ written as nanoGPT's train.bin/val.bin) at n_layer=4, n_head=4, n_embd=128, bloc
 dropout 0, eval every 250 iterations over 20 batches. Runs alternate (Aura fp32, Aura bf16,
 nanoGPT eager, nanoGPT compiled) for ``--rounds`` rounds so drift on a noisy machine hits all of
 them; the figure per system is the median milliseconds per training iteration over all its
-iterations but the first few. Prints JSON. Without ``--nanogpt`` only Aura is measured.
+iterations but the first few, and ``speedup`` compares those. ``speedup_by_round`` compares the
+medians of each round alone, and ``speedup_median_of_rounds`` is their median: with many short
+rounds (``--iters 150 --rounds 6``) it is the figure least moved by a drifting machine. Prints
+JSON. Without ``--nanogpt`` only Aura is measured.
 nanoGPT's code is run from the given checkout, never copied here.
 
 ``--loader``: ms per step and tokens/s of Aura's trainer with ``data.num_workers`` 0, 1 and 2 at
@@ -213,29 +216,38 @@ def demo_bench(data_dir: Path, out: Path, iters: int) -> dict[str, object]:
 
 def nanogpt_bench(tmp: Path, nanogpt: Path | None, iters: int, rounds: int,
                   precisions: list[str], compiled: bool) -> dict[str, object]:
+    """Every system once per round, in turn. Besides each system's median over all rounds,
+    the speedups are also taken round by round (the medians of one round against each
+    other), because this VM's speed drifts by a third within minutes: a pair measured a few
+    seconds apart says more than two pools of rounds."""
     tokens = SHAPE["batch_size"] * SHAPE["block_size"]
     data = PreparedData.open(tmp / "data")
     dataset = nanogpt_data(data, nanogpt) if nanogpt else ""
     variants = [(p, c) for p in precisions for c in ((False, True) if compiled else (False,))]
-    results: dict[str, list[float]] = {
-        f"aura_{p}{'_compiled' if c else ''}": [] for p, c in variants}
+    per_round: list[dict[str, list[float]]] = []
     for _ in range(rounds):
+        this_round: dict[str, list[float]] = {}
         for precision, compile_ in variants:
-            results[f"aura_{precision}{'_compiled' if compile_ else ''}"] += run_aura(
+            this_round[f"aura_{precision}{'_compiled' if compile_ else ''}"] = run_aura(
                 tmp / "data", tmp / "run", iters, precision, compile_)
         if nanogpt:
             for compile_ in (False, True):
-                key = f"nanogpt_{'compile' if compile_ else 'eager'}"
-                results.setdefault(key, []).extend(
-                    run_nanogpt(nanogpt, dataset, tmp / "ngpt", iters, compile_))
-    systems = {k: summary(v, tokens) for k, v in results.items()}
+                this_round[f"nanogpt_{'compile' if compile_ else 'eager'}"] = run_nanogpt(
+                    nanogpt, dataset, tmp / "ngpt", iters, compile_)
+        per_round.append(this_round)
+    systems = {k: summary([ms for r in per_round for ms in r[k]], tokens) for k in per_round[0]}
+    pairs = [(a, b) for a in systems if a.startswith("aura")
+             for b in systems if b.startswith("nanogpt")]
+    by_round = {f"{a} vs {b}": [round(statistics.median(r[b]) / statistics.median(r[a]), 3)
+                                for r in per_round] for a, b in pairs}
     return {"shape": SHAPE, "iters": iters, "rounds": rounds, "systems": systems,
             "nan_loss": sorted(NAN_RUNS),
             "speedup": {
                 f"{a} vs {b}": round(systems[b]["ms_per_iter"] / systems[a]["ms_per_iter"], 3)
-                for a in systems if a.startswith("aura") for b in systems if b.startswith("nanogpt")
-            }}
-
+                for a, b in pairs},
+            "speedup_by_round": by_round,
+            "speedup_median_of_rounds": {k: round(statistics.median(v), 3)
+                                         for k, v in by_round.items()}}
 
 if __name__ == "__main__":
     main()
