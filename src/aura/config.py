@@ -106,8 +106,10 @@ class TrainConfig:
     device: str = "auto"
     """"auto" (CUDA, then MPS, then CPU) or a torch device: cpu, cuda, cuda:N, mps."""
     compile: bool = False
-    """torch.compile the model; where that is unavailable, training runs eagerly with a
-    warning."""
+    """torch.compile the model; where that is unavailable (on a CPU, Inductor needs a C++
+    compiler such as g++), training runs eagerly with a warning. Off by default: for the 128-wide
+    `demo` GPT on a 2-core CPU it paid 1.02-1.09x a step after ~15 s of compiling, which a short
+    run does not win back (docs/BENCHMARKS.md)."""
     grad_checkpoint: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory for more
     compute."""
