@@ -1,0 +1,77 @@
+"""Every benchmark figure carries the machine it was measured on (benchmarks/machine.py).
+
+CPUs of one machine class differ by 10x in bf16, so a JSON without its CPU kind cannot be
+compared with another: these tests fail when a script or a field goes missing.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aura import cpu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import machine as bench_machine
+
+BENCHMARKS = Path(bench_machine.__file__).parent
+
+FIELDS = {"commit", "cpu", "cpu_capability", "native_bf16", "torch", "threads"}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_record_says_what_the_probes_say(monkeypatch: pytest.MonkeyPatch,
+                                             native: bool) -> None:
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    monkeypatch.setattr(cpu, "capability", lambda: "AVX512" if native else "AVX2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    record = bench_machine.machine()
+    assert set(record) == FIELDS
+    assert record["native_bf16"] is native
+    assert record["cpu_capability"] == ("AVX512" if native else "AVX2")
+    assert isinstance(record["threads"], int) and record["threads"] >= 1
+    assert record["cpu"] and record["torch"]
+    json.dumps(record)
+
+
+def test_a_restricted_run_names_its_restriction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    record = bench_machine.machine()
+    assert record["restricted_by"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def _prints_json(tree: ast.Module) -> bool:
+    return any(isinstance(node, ast.Attribute) and node.attr == "dumps"
+               and isinstance(node.value, ast.Name) and node.value.id == "json"
+               for node in ast.walk(tree))
+
+
+def _calls_machine(tree: ast.Module) -> bool:
+    return any(isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+               and node.func.id == "machine" for node in ast.walk(tree))
+
+
+def test_every_benchmark_that_prints_json_records_the_machine() -> None:
+    scripts = [p for p in sorted(BENCHMARKS.glob("*.py")) if p.name != "machine.py"]
+    printing = [p for p in scripts if _prints_json(ast.parse(p.read_text()))]
+    assert len(printing) >= 20  # the check looks at the scripts, not at an empty folder
+    missing = [p.name for p in printing if not _calls_machine(ast.parse(p.read_text()))]
+    assert missing == []
+
+
+def test_a_real_benchmark_json_carries_the_fields_and_the_restriction() -> None:
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    res = subprocess.run([sys.executable, str(BENCHMARKS / "plasticity_bench.py"), "--quick"],
+                         capture_output=True, text=True, env=env, timeout=300, check=True)
+    record = json.loads(res.stdout)["machine"]
+    assert set(record) >= FIELDS
+    assert record["restricted_by"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert record["native_bf16"] is False  # oneDNN restricted to AVX2 has no native bf16
