@@ -249,5 +249,6 @@ def nanogpt_bench(tmp: Path, nanogpt: Path | None, iters: int, rounds: int,
             "speedup_median_of_rounds": {k: round(statistics.median(v), 3)
                                          for k, v in by_round.items()}}
 
+
 if __name__ == "__main__":
     main()
