@@ -25,6 +25,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from aura.cli import main
 from aura.data.tokenizers import ByteTokenizer
@@ -275,6 +276,10 @@ def run_child_until(argv: list[str], stop: Callable[[str, int], bool],
                 os.read(child_answers, len(GO_ON))
 
             report_phases(report)
+            # tqdm's write lock holds a semaphore shared with this process's parent: killed
+            # while drawing a bar, the child would leave it taken and the parent's next bar
+            # would wait forever. The child draws under a lock of its own.
+            tqdm.set_lock(threading.RLock())
             torch.set_num_threads(1)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
