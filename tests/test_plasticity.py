@@ -81,7 +81,7 @@ def test_token_stdp_is_bit_identical_to_the_sequential_loop(data, vocab, lr_plus
 @given(data=st.data(), lo=st.integers(-40, 0), width=st.integers(0, 40))
 def test_both_walk_backends_end_where_the_loop_does(data, lo: int, width: int) -> None:
     """The NumPy passes (CPU) and the PyTorch passes (other devices, run here on CPU tensors)
-    give the loop's clamped ends for every segment."""
+    give the loop's clamped ends for every segment, with ``step`` any bound of the steps."""
     hi = lo + width
     counts = data.draw(st.lists(st.integers(1, 25), min_size=1, max_size=12))
     d = data.draw(st.lists(st.integers(-15, 15), min_size=sum(counts), max_size=sum(counts)))
@@ -92,8 +92,10 @@ def test_both_walk_backends_end_where_the_loop_does(data, lo: int, width: int) -
             x = min(max(x + next(steps), lo), hi)
         expected.append(x)
     args = (torch.tensor(start), torch.tensor(counts), torch.tensor(d), lo, hi)
+    step = max(map(abs, d)) + data.draw(st.integers(0, 3))
     assert clamped_walk_ends(*args).tolist() == expected
-    assert stdp_module._walk_ends(stdp_module._TorchOps, *args).tolist() == expected
+    assert clamped_walk_ends(*args, step).tolist() == expected
+    assert stdp_module._walk_ends(stdp_module._TorchOps, *args, step).tolist() == expected
 
 
 @pytest.mark.parametrize("vocab", [3, 70_000])
@@ -153,6 +155,26 @@ def test_token_stdp_modulation_is_clamped_at_zero_and_rates_are_snapped() -> Non
     assert stdp.weights[1].item() == -1.0
     out = stdp.modulate(torch.tensor([2.0, 2.0]), torch.tensor([1, 0]))
     assert out.tolist() == [0.0, 2.0]
+
+
+@pytest.mark.parametrize("n_tokens", [4, 40])  # a gather per token, or one table for all
+def test_token_stdp_modulate_keeps_dtype_promotion_gradients_and_its_input(n_tokens) -> None:
+    """``modulate`` multiplies into its own factor only where that cannot show: the result has
+    ``salience * factor``'s dtype, gradients reach salience, and salience is left as it was."""
+    stdp = TokenSTDP(5, lr_plus=0.5, lr_minus=0.25, alpha=1.0, dtype=torch.float32)
+    tokens = torch.arange(n_tokens) % 5
+    stdp.update(tokens, tokens % 2 == 0)
+    factor = (stdp.weights[tokens] + 1.0).clamp_min(0.0)
+    for sal_dtype in (torch.float32, torch.float64):
+        sal = torch.linspace(0.5, 2.0, n_tokens, dtype=sal_dtype)
+        before = sal.clone()
+        out = stdp.modulate(sal, tokens)
+        assert out.dtype == torch.promote_types(sal_dtype, torch.float32)
+        assert torch.allclose(out.double(), before.double() * factor, atol=1e-6)
+        assert torch.equal(sal, before)
+    sal = torch.ones(n_tokens, requires_grad=True)
+    stdp.modulate(sal, tokens).sum().backward()
+    assert sal.grad is not None and torch.allclose(sal.grad.double(), factor, atol=1e-6)
 
 
 def test_token_stdp_rejects_bad_input() -> None:

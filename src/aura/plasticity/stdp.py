@@ -66,44 +66,64 @@ def stable_argsort(keys: torch.Tensor, bound: int) -> torch.Tensor:
 
 
 def clamped_walk_ends(start: torch.Tensor, counts: torch.Tensor, d: torch.Tensor, lo: int,
-                      hi: int) -> torch.Tensor:
+                      hi: int, step: int | None = None) -> torch.Tensor:
     """Per segment of ``d`` (lengths ``counts``, all >= 1), the end of the walk
-    ``x <- clamp(x + d_i, lo, hi)`` from ``start``; integers in, exact integers out.
+    ``x <- clamp(x + d_i, lo, hi)`` from ``start``; integers in, exact integers out. ``step``
+    bounds ``|d_i|`` (taken from ``d`` when not given).
 
     After the first step puts ``y = x - lo`` in ``[0, a]`` (``a = hi - lo``), the rest is the
     discrete two-sided Skorokhod map of the path ``psi`` (``y`` plus the later steps' prefix
     sums), whose end has a closed form (Kruk, Lehoczky, Ramanan, Shreve 2007):
     ``psi(n) - max(min(0, min psi), max_s min(psi(s) - a, min_{u >= s} psi(u)))``. Each term is
     one vectorised pass (cumsum, a reversed cummin, a segment max): linear in the batch, no
-    rounds. Segments stay apart inside the single cummin by adding ``segment * span``, which
-    the caller keeps inside int64 (``walk_fits_int64``).
+    rounds. Segments stay apart inside the single cummin by lifting segment ``j`` by
+    ``j * _span(...)``, which the caller keeps inside int64 (``walk_fits_int64``); the lift is
+    added once with the cumsum's re-basing and taken off per segment, never per step.
 
-    On the CPU the passes run in NumPy: its running minimum writes no indices, and its segment
-    max reads the segments' starts instead of a segment id per step. The walk over 2**18 tokens
-    took 3.5-4.3 ms there against 11-16 ms in PyTorch (docs/BENCHMARKS.md, "Plasticity").
+    On the CPU the passes run in NumPy, except the cumsum, which PyTorch's kernel does 3x
+    faster: NumPy's running minimum writes no indices, and its segment max reads the segments'
+    starts instead of a segment id per step (docs/BENCHMARKS.md, "Plasticity").
     """
+    if step is None:
+        step = int(d.abs().max()) if d.numel() else 0
     if d.device.type == "cpu":
         return torch.from_numpy(_walk_ends(_NumpyOps, start.numpy(), counts.numpy(), d.numpy(),
-                                           lo, hi))
-    return _walk_ends(_TorchOps, start, counts, d, lo, hi)
+                                           lo, hi, step))
+    return _walk_ends(_TorchOps, start, counts, d, lo, hi, step)
+
+
+def _span(lo: int, hi: int, longest: int, step: int) -> int:
+    """More than the range of one segment's re-based path: ``y`` starts in ``[0, hi - lo]``
+    and moves at most ``step`` for each of at most ``longest`` steps."""
+    return 2 * (hi - lo + longest * step) + 1
 
 
 class _NumpyOps:
-    """The passes ``_walk_ends`` needs, on NumPy arrays."""
+    """The passes ``_walk_ends`` needs, on NumPy arrays (the cumsum by PyTorch, in place)."""
 
-    cumsum, copy = staticmethod(np.cumsum), staticmethod(np.copy)
+    copy = staticmethod(np.copy)
     minimum, maximum = staticmethod(np.minimum), staticmethod(np.maximum)
 
     @staticmethod
-    def segment_ids(counts: np.ndarray, total: int) -> np.ndarray:
-        return np.repeat(np.arange(counts.size), counts)
+    def lifts(n: int, span: int, like: np.ndarray) -> np.ndarray:
+        return np.arange(n, dtype=np.int64) * span
+
+    @staticmethod
+    def cumsum_(x: np.ndarray) -> np.ndarray:
+        torch.from_numpy(x).cumsum_(0)
+        return x
+
+    @staticmethod
+    def repeat(values: np.ndarray, counts: np.ndarray, total: int) -> np.ndarray:
+        return np.repeat(values, counts)
 
     @staticmethod
     def suffix_min(x: np.ndarray) -> np.ndarray:
         return np.minimum.accumulate(x[::-1])[::-1]
 
     @staticmethod
-    def segment_max(x: np.ndarray, seg: np.ndarray, first: np.ndarray) -> np.ndarray:
+    def segment_max(x: np.ndarray, first: np.ndarray, counts: np.ndarray, total: int
+                    ) -> np.ndarray:
         return np.maximum.reduceat(x, first)
 
 
@@ -114,48 +134,54 @@ class _TorchOps:
     minimum, maximum = staticmethod(torch.minimum), staticmethod(torch.maximum)
 
     @staticmethod
-    def cumsum(x: torch.Tensor) -> torch.Tensor:
-        return torch.cumsum(x, 0)
+    def lifts(n: int, span: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.arange(n, device=like.device) * span
 
     @staticmethod
-    def segment_ids(counts: torch.Tensor, total: int) -> torch.Tensor:
+    def cumsum_(x: torch.Tensor) -> torch.Tensor:
+        return x.cumsum_(0)
+
+    @staticmethod
+    def repeat(values: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
         """The known ``total`` spares an accelerator the sync its length would cost."""
-        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device),
-                                       counts, output_size=total)
+        return torch.repeat_interleave(values, counts, output_size=total)
 
     @staticmethod
     def suffix_min(x: torch.Tensor) -> torch.Tensor:
         return torch.flip(torch.cummin(torch.flip(x, (0,)), 0).values, (0,))
 
     @staticmethod
-    def segment_max(x: torch.Tensor, seg: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    def segment_max(x: torch.Tensor, first: torch.Tensor, counts: torch.Tensor, total: int
+                    ) -> torch.Tensor:
+        seg = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device),
+                                      counts, output_size=total)
         empty = torch.full_like(first, torch.iinfo(torch.int64).min)
         return empty.scatter_reduce_(0, seg, x, "amax")
 
 
-def _walk_ends(xp: Any, start: Any, counts: Any, d: Any, lo: int, hi: int) -> Any:
+def _walk_ends(xp: Any, start: Any, counts: Any, d: Any, lo: int, hi: int, step: int) -> Any:
     """``clamped_walk_ends`` on the arrays of ``xp`` (``_NumpyOps`` or ``_TorchOps``)."""
-    a = hi - lo
-    last = xp.cumsum(counts) - 1
+    a, total = hi - lo, len(d)
+    last = xp.cumsum_(xp.copy(counts)) - 1
     first = last - counts + 1
     y1 = (start + d[first]).clip(lo, hi) - lo
     psi = xp.copy(d)
     psi[first] = y1
-    psi = xp.cumsum(psi)
-    seg = xp.segment_ids(counts, len(d))
-    psi -= (psi[first] - y1)[seg]
-    offset = seg * (int(psi.max() - psi.min()) + 1)
-    suffix_min = xp.suffix_min(psi + offset) - offset
-    inner_max = xp.segment_max(xp.minimum(psi - a, suffix_min), seg, first)
-    floor = suffix_min[first].clip(None, 0)
-    return psi[last] - xp.maximum(floor, inner_max) + lo
+    psi = xp.cumsum_(psi)
+    lift = xp.lifts(len(counts), _span(lo, hi, int(counts.max()), step), counts)
+    psi += xp.repeat(lift - (psi[first] - y1), counts, total)
+    suffix_min = xp.suffix_min(psi)
+    inner = psi - a
+    inner = xp.minimum(inner, suffix_min, out=inner)
+    inner_max = xp.segment_max(inner, first, counts, total) - lift
+    floor = (suffix_min[first] - lift).clip(None, 0)
+    return psi[last] - lift - xp.maximum(floor, inner_max) + lo
 
 
 def walk_fits_int64(n_seg: int, longest: int, step: int, lo: int, hi: int) -> bool:
-    """Whether ``clamped_walk_ends``' separated path (``n_seg`` segments, each at most
+    """Whether ``clamped_walk_ends``' lifted path (``n_seg`` segments, each at most
     ``longest`` steps of size at most ``step``) stays below 2**62."""
-    span = 2 * (hi - lo + longest * step) + 1
-    return (n_seg + 1) * span < 2**62
+    return (n_seg + 1) * _span(lo, hi, longest, step) < 2**62
 
 
 class TokenSTDP(SavedRule):
@@ -201,16 +227,20 @@ class TokenSTDP(SavedRule):
         if token_ids.is_floating_point() or token_ids.is_complex():
             raise ValueError(f"token ids must be integers, got {token_ids.dtype}")
         tok = token_ids.reshape(-1).to(device=self.device, dtype=torch.int64)
-        if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got "
-                             f"[{int(tok.min())}, {int(tok.max())}]")
+        if tok.numel():
+            low, high = (int(x) for x in torch.aminmax(tok))
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.vocab_size}), got "
+                                 f"[{low}, {high}]")
         return tok
 
     def update(self, token_ids: torch.Tensor, spikes: torch.Tensor) -> None:
         """Potentiate the tokens whose channels spiked, depress the others, one token at a time."""
         tok = self._check_tokens(token_ids)
         if spikes.shape == token_ids.shape:
-            spiked = spikes.reshape(-1).to(self.device) > 0
+            spiked = spikes.reshape(-1).to(self.device)
+            if spiked.dtype != torch.bool:
+                spiked = spiked > 0
         elif spikes.shape[:-1] == token_ids.shape:
             spiked = spikes.sum(-1).reshape(-1).to(self.device) > 0
         else:
@@ -234,7 +264,8 @@ class TokenSTDP(SavedRule):
         order = stable_argsort(tok, self.vocab_size)
         d = torch.index_select(spiked, 0, order).to(torch.int64)
         d.mul_(self.q_plus + self.q_minus).sub_(self.q_minus)
-        self.q[uniq] = clamped_walk_ends(self.q[uniq], counts, d, self.q_min, self.q_max)
+        self.q[uniq] = clamped_walk_ends(self.q[uniq], counts, d, self.q_min, self.q_max,
+                                         step)
 
     def modulate(self, salience: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """``salience * max(0, 1 + alpha * w[token])``, elementwise over ``token_ids``' shape."""
@@ -245,7 +276,11 @@ class TokenSTDP(SavedRule):
         else:
             w = self._as_float(self.q[tok]).to(self.dtype)
             factor = (w * self.alpha + 1.0).clamp_min_(0.0)
-        return salience * factor.reshape(token_ids.shape).to(salience.device)
+        factor = factor.reshape(token_ids.shape).to(salience.device)
+        if (salience.shape == factor.shape and not salience.requires_grad
+                and torch.result_type(salience, factor) == factor.dtype):
+            return factor.mul_(salience)  # the factor is ours: no second tensor of this size
+        return salience * factor
 
     def config(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size, "lr_plus": self.lr_plus,
