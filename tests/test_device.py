@@ -126,3 +126,13 @@ def test_cpu_bf16_attention_takes_the_math_kernel_only_where_bf16_is_native(
     assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.1) is True
     q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
     assert isinstance(attention._kernel_for(q), contextlib.nullcontext) is not native
+
+
+def test_compiled_bf16_attention_traces_without_a_graph_break() -> None:
+    """The kernel choice reads the CPU probe's answer as a constant: calling the probe inside a
+    compiled forward broke the graph at every attention layer (slower than eager under bf16)."""
+    layer = attention.CausalSelfAttention(n_embd=16, n_head=2, dropout=0.0, bias=False, layer=0)
+    x = torch.randn(1, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(layer)(x)
+    assert explained.break_reasons == []

@@ -7,19 +7,25 @@ AVX2, where oneDNN emulates bf16 and a bf16-autocast training step measured 13x 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
-@functools.cache
-def native_bf16() -> bool:
-    """Whether oneDNN runs bf16 matmuls on bf16 hardware here (False when PyTorch is restricted
-    to AVX2 by ``ONEDNN_MAX_CPU_ISA``, as the benchmarks do to measure the other kind)."""
+def _probe_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+# Asked once, at import: a plain bool is a constant to torch.compile, where calling the probe
+# inside a compiled forward broke the graph at every attention layer.
+_NATIVE_BF16 = _probe_native_bf16()
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls on bf16 hardware here (False when PyTorch is restricted
+    to AVX2 by ``ONEDNN_MAX_CPU_ISA``, as the benchmarks do to measure the other kind)."""
+    return _NATIVE_BF16
 
 
 def capability() -> str:
