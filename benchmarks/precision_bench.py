@@ -2,6 +2,7 @@
 
     python benchmarks/precision_bench.py [--widths 64 128 256 384 512 768] [--steps 15] [--rounds 2]
     python benchmarks/precision_bench.py --presets [cpu-small hippocampal-cpu ...] [--steps 20]
+        [--set model.n_embd=256 ...]
 
 ``train.precision=auto`` picks bf16 on a CPU only where it is native *and* measured faster; this
 is the measurement. Each width is a 4-layer model (head size 64, block 128, batch 8, vocab 512)
@@ -11,7 +12,8 @@ again under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` for the emulate
 
 ``--presets``: the whole trainer step (data, features, model, optimizer) of each named preset on
 char Shakespeare, fp32 and bf16 runs alternating ``--rounds`` times: whether the rule ``auto``
-follows holds for every model, not only ``gpt``.
+follows holds for every model, not only ``gpt``. ``--set`` overrides every preset's config, to
+try a model family at the widths where ``auto`` would pick bf16.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def step_seconds(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Te
     return time.perf_counter() - start
 
 
-def preset_rows(presets: list[str], steps: int, rounds: int) -> list[dict[str, object]]:
+def preset_rows(presets: list[str], steps: int, rounds: int, overrides: list[str]
+                ) -> list[dict[str, object]]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         prepare(PrepareOptions(["builtin:shakespeare"], "char"), tmp / "data", progress=False)
@@ -57,10 +60,12 @@ def preset_rows(presets: list[str], steps: int, rounds: int) -> list[dict[str, o
                     cfg = load_config(preset=preset, overrides=[
                         f"train.precision={precision}", f"train.max_steps={steps}",
                         "train.log_interval=1", f"train.eval_interval={steps}",
-                        "train.eval_iters=1", f"train.checkpoint_interval={steps}"])
+                        "train.eval_iters=1", f"train.checkpoint_interval={steps}",
+                        *overrides])
                     times[precision] += step_ms(cfg, tmp / "data", tmp / "run", warmup=3)
             fp32, bf16 = (statistics.median(times[k]) for k in ("fp32", "bf16"))
-            rows.append({"preset": preset, "fp32_ms": round(fp32, 2), "bf16_ms": round(bf16, 2),
+            rows.append({"preset": preset, **({"set": overrides} if overrides else {}),
+                         "fp32_ms": round(fp32, 2), "bf16_ms": round(bf16, 2),
                          "bf16_speedup": round(fp32 / bf16, 3)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -73,9 +78,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--presets", nargs="*", help=f"whole trainer steps of presets "
                         f"(default {' '.join(PRESETS)}) instead of widths")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="with --presets: a config override for all")
     args = parser.parse_args()
     if args.presets is not None:
-        rows = preset_rows(args.presets or list(PRESETS), args.steps, args.rounds)
+        rows = preset_rows(args.presets or list(PRESETS), args.steps, args.rounds,
+                           args.overrides)
         print(json.dumps({"machine": machine(), "mode": "presets", "rows": rows}, indent=1))
         return
     rows = []

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from aura import cpu
 
@@ -22,7 +23,7 @@ import machine as bench_machine
 
 BENCHMARKS = Path(bench_machine.__file__).parent
 
-FIELDS = {"commit", "cpu", "cpu_capability", "native_bf16", "torch", "threads"}
+FIELDS = {"commit", "cpu", "cpu_capability", "native_bf16", "amx", "torch", "threads"}
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -46,6 +47,22 @@ def test_a_restricted_run_names_its_restriction(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     record = bench_machine.machine()
     assert record["restricted_by"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@pytest.mark.parametrize(("tiles", "native", "isa", "amx"), [
+    (True, True, None, True), (True, True, "AVX10_1_512_AMX", True), (True, True, "ALL", True),
+    (True, True, "AVX512_CORE_BF16", False), (True, False, "AVX2", False),
+    (False, True, None, False)])
+def test_amx_is_reported_where_onednn_may_use_it(monkeypatch: pytest.MonkeyPatch, tiles: bool,
+                                                 native: bool, isa: str | None, amx: bool) -> None:
+    """AMX tiles count only where oneDNN may use them: a cap below AMX hides them."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: tiles)
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    if isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert bench_machine.machine()["amx"] is amx
 
 
 def _prints_json(tree: ast.Module) -> bool:
@@ -75,3 +92,4 @@ def test_a_real_benchmark_json_carries_the_fields_and_the_restriction() -> None:
     assert set(record) >= FIELDS
     assert record["restricted_by"]["ATEN_CPU_CAPABILITY"] == "avx2"
     assert record["native_bf16"] is False  # oneDNN restricted to AVX2 has no native bf16
+    assert record["amx"] is False
