@@ -118,14 +118,18 @@ def test_explicit_bf16_with_native_bf16_says_nothing(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_cpu_bf16_attention_takes_the_math_kernel_only_where_bf16_is_native(
+def test_cpu_bf16_attention_takes_the_math_kernel_only_native_and_short(
         monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     monkeypatch.setattr(cpu, "native_bf16", lambda: native)
-    assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.0) is native
-    assert attention.keeps_attention_weights("cpu", torch.float32, 0.0) is False
-    assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.1) is True
-    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    short, long = attention.MATH_KERNEL_MAX_LEN, attention.MATH_KERNEL_MAX_LEN + 1
+    assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.0, short) is native
+    assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.0, long) is False
+    assert attention.keeps_attention_weights("cpu", torch.float32, 0.0, short) is False
+    assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.1, long) is True
+    q = torch.zeros(1, 1, short, 8, dtype=torch.bfloat16)
     assert isinstance(attention._kernel_for(q), contextlib.nullcontext) is not native
+    q_long = torch.zeros(1, 1, long, 8, dtype=torch.bfloat16)
+    assert isinstance(attention._kernel_for(q_long), contextlib.nullcontext)
 
 
 def test_compiled_bf16_attention_traces_without_a_graph_break() -> None:

@@ -168,7 +168,7 @@ class Decoder(AuraModel):
         c, h = self.config, dtype.itemsize
         width, hidden, drop = c.n_embd, 4 * c.n_embd, c.dropout > 0
         attention = layer_norm_bytes(width) + 2 * width * h  # the qkv and proj inputs
-        if keeps_attention_weights(device_type, dtype, c.dropout):  # (+ mask, dropped weights)
+        if keeps_attention_weights(device_type, dtype, c.dropout, seq):  # (+ mask, weights)
             attention += 3 * width * 4 + c.n_head * seq * 4 * (3 if drop else 1)
         else:
             attention += 4 * width * h + 4 * c.n_head  # q, k, v, output; logsumexp

@@ -16,27 +16,34 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from aura import cpu
 from aura.nn.dropout import Dropout
 
+# Longest query for which, under native CPU bf16, the math kernel beats the flash kernel: on a
+# Xeon with AMX, a bf16 training step on the math kernel took 0.75-0.97x flash's time at T 64-128
+# and 1.5-2.2x at T 256-512, where its T x T weights grow (docs/BENCHMARKS.md).
+MATH_KERNEL_MAX_LEN = 128
 
-def _math_kernel_pays(device_type: str, dtype: torch.dtype) -> bool:
-    """On a CPU with native bf16, under bf16 the math kernel runs on bf16 matmuls and was ~1.5x
-    faster than the flash kernel (benchmarks/train_bench.py); where bf16 is emulated its
-    matmuls are the slow path, so PyTorch chooses, as everywhere else."""
-    return device_type == "cpu" and dtype == torch.bfloat16 and cpu.native_bf16()
+
+def _math_kernel_pays(device_type: str, dtype: torch.dtype, seq_len: int) -> bool:
+    """On a CPU with native bf16, under bf16 and for short sequences the math kernel runs on
+    bf16 matmuls and beat the flash kernel (benchmarks/train_bench.py); longer sequences and
+    CPUs where bf16 is emulated keep PyTorch's choice, as everywhere else."""
+    return (device_type == "cpu" and dtype == torch.bfloat16 and seq_len <= MATH_KERNEL_MAX_LEN
+            and cpu.native_bf16())
 
 
 def _kernel_for(q: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-    if _math_kernel_pays(q.device.type, q.dtype):
+    if _math_kernel_pays(q.device.type, q.dtype, q.size(-2)):
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 
 
-def keeps_attention_weights(device_type: str, dtype: torch.dtype, dropout: float) -> bool:
-    """Whether training attention runs on SDPA's math kernel, which keeps every (T x T)
-    attention weight for backward, rather than a fused one, which keeps O(T): on CPU under bf16
-    with native bf16 (``_kernel_for``) or with dropout (CPU's flash kernel has none), and on
-    MPS (assumed)."""
+def keeps_attention_weights(device_type: str, dtype: torch.dtype, dropout: float,
+                            seq_len: int) -> bool:
+    """Whether training attention over ``seq_len`` tokens runs on SDPA's math kernel, which keeps
+    every (T x T) attention weight for backward, rather than a fused one, which keeps O(T): on
+    CPU under bf16 with native bf16 for short sequences (``_kernel_for``) or with dropout (CPU's
+    flash kernel has none), and on MPS (assumed)."""
     if device_type == "cpu":
-        return _math_kernel_pays(device_type, dtype) or dropout > 0
+        return _math_kernel_pays(device_type, dtype, seq_len) or dropout > 0
     return device_type == "mps"
 
 
