@@ -15,6 +15,7 @@ from aura.config import load_config
 from aura.data.prosody import FEATURES, N_FEATURES
 from aura.models import build_model
 from aura.models.natural_brain import PHASES, SWITCHES, NaturalBrain, NaturalBrainConfig
+from aura.nn.brain import liquid_moe
 from aura.nn.brain.limbic import MODULATED, NEUTRAL, LimbicSystem
 from aura.nn.brain.pfc import PrefrontalCortex
 from aura.train.resources import estimate_training_memory
@@ -168,6 +169,38 @@ def test_moe_balance_loss_is_in_the_training_loss() -> None:
     out = brain(moe_balance=1.0).train()(x, x, prosody=feats)
     assert float(out.loss.detach()) == pytest.approx(float(out.aux["ce"]) + float(
         out.aux["moe_balance_loss"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_moe_pads_expert_batches_to_buckets_only_under_cpu_bf16(bf16: bool) -> None:
+    """oneDNN builds a bf16 kernel per GEMM shape, so under CPU bf16 each expert sees a multiple
+    of ROW_BUCKET rows; the padding changes no token's output and no gradient."""
+    torch.manual_seed(0)
+    moe = liquid_moe.LiquidMoE(n_embd=16, n_experts=3, top_k=2, hidden=8)
+    seen: list[int] = []
+    for expert in moe.experts:
+        expert.register_forward_pre_hook(lambda _, args: seen.append(args[0].size(0)))
+    x = torch.randn(2, 37, 16, requires_grad=True)
+
+    def run(bucket: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        moe.zero_grad()
+        x.grad = None
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(liquid_moe, "ROW_BUCKET", bucket)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out, _ = moe(x)
+        out.float().square().sum().backward()
+        return out.detach(), [x.grad.clone(), *(p.grad.clone() for p in moe.parameters())]
+
+    padded, padded_grads = run(liquid_moe.ROW_BUCKET)
+    assert all(n % liquid_moe.ROW_BUCKET == 0 for n in seen) is bf16
+    seen.clear()
+    plain, plain_grads = run(1)
+    assert sum(seen) == 2 * 37 * 2  # every token's top-2 slots, nothing else
+    tol = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-6, "rtol": 1e-5}
+    torch.testing.assert_close(padded, plain, **tol)
+    for a, b in zip(padded_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, **tol)
 
 
 # --- limbic -----------------------------------------------------------------------------------

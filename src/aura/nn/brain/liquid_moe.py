@@ -13,6 +13,10 @@ no token is dropped because of others in the batch: a token's output depends on 
 only (causal). The Switch Transformer's load-balancing loss ``E * sum_e f_e * P_e`` (f_e the
 fraction of routed slots expert e received, P_e its mean router probability) keeps the
 experts in use; per-expert usage is logged.
+
+Under CPU bf16 each expert's batch is padded with zero rows to a multiple of ``ROW_BUCKET``:
+oneDNN builds a kernel per matrix shape, and a new token count per expert per step cost ~1.3 ms a
+GEMM, a third of a ``brain-cpu`` step (docs/BENCHMARKS.md). The padded rows are dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +24,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ROW_BUCKET = 64
+
+
+def _bucket_padding(x: torch.Tensor) -> int:
+    """Zero rows that round ``x``'s to a multiple of ``ROW_BUCKET`` where its GEMMs would run
+    on oneDNN bf16 kernels built per shape (CPU, bf16 by autocast or by weights); else none."""
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    if x.device.type != "cpu" or not bf16:
+        return 0
+    return -x.size(0) % ROW_BUCKET
 
 
 class CfCExpert(nn.Module):
@@ -62,7 +78,9 @@ class LiquidMoE(nn.Module):
         for e, expert in enumerate(self.experts):
             rows, slot = (idx == e).nonzero(as_tuple=True)
             if rows.numel():
-                y = expert(flat[rows]) * weights[rows, slot, None].to(flat.dtype)
+                chosen = flat[rows]
+                y = expert(F.pad(chosen, (0, 0, 0, _bucket_padding(chosen))))[:rows.numel()]
+                y = y * weights[rows, slot, None].to(flat.dtype)
                 out = out.index_add(0, rows, y.to(out.dtype))
         usage = F.one_hot(idx, E).float().sum((0, 1)) / idx.numel()  # f_e
         balance = E * (usage * probs.mean(0)).sum()
