@@ -41,24 +41,12 @@ def _cpu_model() -> str:
     return "unknown"
 
 
-def _amx() -> bool:
-    """Whether oneDNN may run bf16 matmuls on AMX tiles: the CPU has them and
-    ``ONEDNN_MAX_CPU_ISA`` does not cap it below AMX. On one Xeon, bf16 autocast was 1.8-2.2x
-    fp32 with AMX and 0.6x without (docs/BENCHMARKS.md), so a bf16 figure needs this beside it."""
-    try:
-        tiles = bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        return False
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    return tiles and cpu.native_bf16() and (isa in ("ALL", "DEFAULT") or "AMX" in isa)
-
-
 def machine() -> dict[str, Any]:
     """The facts a figure needs next to it (a JSON object)."""
     restricted = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
                   if k in os.environ}
     return {"commit": _commit(), "cpu": _cpu_model(),
             "cpu_capability": cpu.capability(), "native_bf16": cpu.native_bf16(),
-            "amx": _amx(),
+            "amx": cpu.amx(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             **({"restricted_by": restricted} if restricted else {})}

@@ -80,12 +80,18 @@ def test_no_cuda_means_nothing_to_empty(monkeypatch: pytest.MonkeyPatch) -> None
     assert dev.maybe_empty_cuda_cache() is False
 
 
-@pytest.mark.parametrize(("native", "width", "picked"), [
-    (False, 768, "fp32"), (False, None, "fp32"), (True, 64, "fp32"), (True, None, "fp32"),
-    (True, dev.AUTO_BF16_MIN_WIDTH, "bf16"), (True, 768, "bf16")])
+@pytest.mark.parametrize(("native", "amx", "width", "picked"), [
+    (False, False, 768, "fp32"), (False, False, None, "fp32"), (True, False, 64, "fp32"),
+    (True, False, None, "fp32"), (True, False, dev.AUTO_BF16_MIN_WIDTH_AMX, "fp32"),
+    (True, False, dev.AUTO_BF16_MIN_WIDTH, "bf16"), (True, False, 768, "bf16"),
+    (True, True, 64, "fp32"), (True, True, None, "fp32"),
+    (True, True, dev.AUTO_BF16_MIN_WIDTH_AMX, "bf16"), (True, True, 768, "bf16")])
 def test_cpu_auto_precision_is_bf16_only_where_native_and_wide_enough(
-        monkeypatch: pytest.MonkeyPatch, native: bool, width: int | None, picked: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, native: bool, amx: bool, width: int | None,
+        picked: str) -> None:
+    """Narrower models gain from bf16 on AMX tiles than on AVX512-BF16 alone."""
     monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    monkeypatch.setattr(cpu, "amx", lambda: amx)
     said: list[str] = []
     assert dev.pick_precision("auto", torch.device("cpu"), said.append, width=width).name == picked
     assert said == []

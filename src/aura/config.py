@@ -97,8 +97,8 @@ class TrainConfig:
     matrix), no first moment, for a run whose AdamW state would not fit."""
     precision: Precision = "auto"
     """Forward precision: "auto" (bf16, else fp16, on CUDA; on CPU bf16 where it is native and
-    model.n_embd >= 256, where it measured faster, else fp32; fp32 on MPS), "fp32", "bf16", or
-    "fp16" (GPU only, with loss scaling)."""
+    model.n_embd >= 256, or >= 128 with AMX tiles, where it measured faster, else fp32; fp32 on
+    MPS), "fp32", "bf16", or "fp16" (GPU only, with loss scaling)."""
     weights: Weights = "fp32"
     """The parameters' (and so gradients' and optimizer state's) dtype: "fp32", or "bf16" (half
     the memory, needs train.precision=bf16; updates below bf16's resolution are lost, so it

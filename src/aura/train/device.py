@@ -25,6 +25,9 @@ EMULATED_BF16_SLOWDOWN = 13  # bf16 / fp32 step time, gpt demo shape, AVX2 EPYC 
 # 1.72x at 256 and more above (gpt, 4 layers, B8 x T128); at 128 it was 1.40x there and 1.15x
 # for the demo preset in one run but 0.95x at nanoGPT's shape in another, so 128 stays fp32.
 AUTO_BF16_MIN_WIDTH = 256
+# The same with AMX tiles (a Xeon): every 128-wide preset 1.0-1.25x faster under bf16 and gpt at
+# nanoGPT's shape 1.15-1.22x; at 64, 0.54x (benchmarks/precision_bench.py).
+AUTO_BF16_MIN_WIDTH_AMX = 128
 _said: set[str] = set()
 
 
@@ -81,7 +84,8 @@ class Precision:
 def pick_precision(name: str, device: torch.device, log: Callable[[str], None] = _stderr,
                    width: int | None = None) -> Precision:
     """``auto`` is bf16 (else fp16) on CUDA; on CPU bf16 where it is native and the model is at
-    least ``AUTO_BF16_MIN_WIDTH`` wide (``width`` = n_embd; unknown counts as narrow), else fp32.
+    least ``AUTO_BF16_MIN_WIDTH`` wide (``AUTO_BF16_MIN_WIDTH_AMX`` with AMX; ``width`` = n_embd,
+    unknown counts as narrow), else fp32.
     An explicit bf16 on a CPU without native bf16 runs, after one line saying what it costs."""
     if name == "bf16" and device.type == "cpu" and not cpu.native_bf16():
         say_once(f"warning: this CPU ({cpu.capability()}) has no native bf16: bf16 autocast is "
@@ -90,8 +94,8 @@ def pick_precision(name: str, device: torch.device, log: Callable[[str], None] =
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif (device.type == "cpu" and width is not None and width >= AUTO_BF16_MIN_WIDTH
-              and cpu.native_bf16()):
+        elif (device.type == "cpu" and width is not None and cpu.native_bf16()
+              and width >= (AUTO_BF16_MIN_WIDTH_AMX if cpu.amx() else AUTO_BF16_MIN_WIDTH)):
             name = "bf16"
         else:
             name = "fp32"
