@@ -2,7 +2,7 @@
 
 Machines of one class differ: some have AVX-512 with native bf16 (AVX512-BF16, some with AMX
 tiles too), some only AVX2, where oneDNN emulates bf16 and a bf16-autocast training step measured
-13x slower than fp32 (docs/BENCHMARKS.md). Precision and the attention kernel are chosen from
+13-27x slower than fp32 (docs/BENCHMARKS.md). Precision and the attention kernel are chosen from
 these answers.
 """
 

@@ -20,7 +20,9 @@ import torch
 from aura import cpu
 from aura.errors import ConfigError
 
-EMULATED_BF16_SLOWDOWN = 13  # bf16 / fp32 step time, gpt demo shape, AVX2 EPYC (BENCHMARKS.md)
+# bf16 / fp32 step time of gpt at width 128 on AVX2: 13x on an EPYC, 27x on a Xeon restricted to
+# AVX2 (docs/BENCHMARKS.md)
+EMULATED_BF16_SLOWDOWN = "13-27"
 # Narrowest model (n_embd) whose CPU training step is reliably faster under native bf16 autocast:
 # 1.72x at 256 and more above (gpt, 4 layers, B8 x T128); at 128 it was 1.40x there and 1.15x
 # for the demo preset in one run but 0.95x at nanoGPT's shape in another, so 128 stays fp32.
@@ -89,8 +91,8 @@ def pick_precision(name: str, device: torch.device, log: Callable[[str], None] =
     An explicit bf16 on a CPU without native bf16 runs, after one line saying what it costs."""
     if name == "bf16" and device.type == "cpu" and not cpu.native_bf16():
         say_once(f"warning: this CPU ({cpu.capability()}) has no native bf16: bf16 autocast is "
-                 f"emulated, about {EMULATED_BF16_SLOWDOWN}x slower than fp32 (measured on an "
-                 "AVX2 CPU); train.precision=fp32 (or auto) is faster here", log)
+                 f"emulated, about {EMULATED_BF16_SLOWDOWN}x slower than fp32 (measured on AVX2 "
+                 "CPUs); train.precision=fp32 (or auto) is faster here", log)
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
