@@ -29,8 +29,9 @@ ROW_BUCKET = 64
 
 
 def _bucket_padding(x: torch.Tensor) -> int:
-    """Zero rows that round ``x``'s to a multiple of ``ROW_BUCKET`` where its GEMMs would run
-    on oneDNN bf16 kernels built per shape (CPU, bf16 by autocast or by weights); else none."""
+    """How many zero rows round ``x``'s row count up to a multiple of ``ROW_BUCKET`` where its
+    GEMMs run on oneDNN bf16 kernels built per shape (CPU, bf16 by autocast or by weights);
+    elsewhere none."""
     bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                           and torch.get_autocast_dtype("cpu") == torch.bfloat16)
     if x.device.type != "cpu" or not bf16:
