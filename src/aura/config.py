@@ -108,8 +108,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model; where that is unavailable (on a CPU, Inductor needs a C++
     compiler such as g++), training runs eagerly with a warning. Off by default: for the 128-wide
-    `demo` GPT on a 2-core CPU it paid 1.02-1.09x a step after ~15 s of compiling, which a short
-    run does not win back (docs/BENCHMARKS.md)."""
+    `demo` GPT on a 2-core CPU it paid 1.02-1.09x a step in fp32 after ~15 s of compiling, which
+    a short run does not win back; under bf16 on a Xeon with AMX it paid 1.3x
+    (docs/BENCHMARKS.md)."""
     grad_checkpoint: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory for more
     compute."""
