@@ -65,6 +65,7 @@ def test_train_json_prints_one_object(run_cli: Run, train_data: Path, tmp_path: 
     assert (report["nonfinite_skipped"], report["rollbacks"], report["micro_split"]) == (0, 0, 1)
     assert math.isfinite(report["train_loss"]) and math.isfinite(report["val_loss"])
     assert report["best_val_loss"] == report["val_loss"]
+    assert report["precision"] == "fp32"  # what auto resolved to: 32 wide is fp32 on any CPU
     assert set(report) >= SUMMARY_KEYS
     assert "Traceback" not in res.err
     assert sorted(losses(run)) == [1, 2, 3, 4, 5]
@@ -81,6 +82,7 @@ def test_train_text_output_is_a_summary_line(run_cli: Run, train_data: Path,
     assert res.code == 0, res.err
     lines = res.out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("max_steps at step 2: val loss "), res.out
+    assert " tokens/s in fp32, run in " in lines[0]
 
 
 def test_training_into_an_existing_run_needs_resume(run_cli: Run, train_data: Path,

@@ -350,7 +350,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     elif main_rank:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
         print(f"{result.stopped} at step {result.step}: val loss {val}, "
-              f"{result.tokens_per_s:,.0f} tokens/s, run in {result.run_dir}")
+              f"{result.tokens_per_s:,.0f} tokens/s in {result.precision}, run in "
+              f"{result.run_dir}")
     if result.stopped == "sanity":
         raise AuraError(f"stopped by --strict-sanity: {result.sanity_warnings[0]}; the run is "
                         "saved (continue with --resume)")

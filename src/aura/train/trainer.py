@@ -88,6 +88,7 @@ class TrainResult:
     tokens_per_s: float
     stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when one stopped the run early
     sanity_warnings: list[str] = field(default_factory=list)  # aura.train.sanity's, one line each
+    precision: str = "fp32"  # what ran: train.precision=auto resolves by device and CPU kind
 
 
 class _NonFinite(Exception):
@@ -609,6 +610,7 @@ class Trainer:
             st.nonfinite_skipped, st.rollbacks, st.micro_split, seconds,
             (st.tokens_seen - tokens_at_start) / max(seconds, 1e-9),
             self._stop_signal if stopped == "interrupted" else None, summary,
+            self.precision.name,
         )
 
     def _document_streams(self, features: TokenFeatures, part: tuple[int, int]
