@@ -1,7 +1,7 @@
 """What every benchmark figure is recorded with: the code's commit, the CPU kind, torch, threads.
 
 CPUs of one machine class differ (AVX-512 with native bf16, with or without AMX tiles, or AVX2
-only, where bf16 is emulated and can be 10x slower), so a figure without its CPU cannot be
+only, where bf16 is emulated and 13-27x slower), so a figure without its CPU cannot be
 compared. The commit is the one of the ``aura`` package actually imported, so a run against
 another checkout names that checkout.
 """

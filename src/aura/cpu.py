@@ -34,7 +34,8 @@ def native_bf16() -> bool:
 def amx() -> bool:
     """Whether oneDNN may run bf16 matmuls on AMX tiles here: the CPU has them, bf16 is native
     and ``ONEDNN_MAX_CPU_ISA`` (which the benchmarks set to measure other kinds) does not cap it
-    below AMX. AMX multiplies bf16 about twice as fast as fp32 even at width 128."""
+    below AMX. On a Xeon its bf16 matrix products ran about twice as fast as fp32's, so bf16 pays
+    from width 128 there (docs/BENCHMARKS.md)."""
     try:
         tiles = bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):

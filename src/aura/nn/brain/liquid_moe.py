@@ -80,8 +80,10 @@ class LiquidMoE(nn.Module):
             rows, slot = (idx == e).nonzero(as_tuple=True)
             if rows.numel():
                 chosen = flat[rows]
-                y = expert(F.pad(chosen, (0, 0, 0, _bucket_padding(chosen))))[:rows.numel()]
-                y = y * weights[rows, slot, None].to(flat.dtype)
+                pad = _bucket_padding(chosen)
+                if pad:  # F.pad copies even when it adds nothing
+                    chosen = F.pad(chosen, (0, 0, 0, pad))
+                y = expert(chosen)[:rows.numel()] * weights[rows, slot, None].to(flat.dtype)
                 out = out.index_add(0, rows, y.to(out.dtype))
         usage = F.one_hot(idx, E).float().sum((0, 1)) / idx.numel()  # f_e
         balance = E * (usage * probs.mean(0)).sum()
