@@ -124,17 +124,25 @@ def test_explicit_bf16_with_native_bf16_says_nothing(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_cpu_bf16_attention_takes_the_math_kernel_only_native_and_short(
+def test_cpu_attention_is_written_out_with_dropout_or_native_bf16_and_short(
         monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     monkeypatch.setattr(cpu, "native_bf16", lambda: native)
-    short, long = attention.MATH_KERNEL_MAX_LEN, attention.MATH_KERNEL_MAX_LEN + 1
+    short, long = attention.WRITTEN_OUT_MAX_LEN, attention.WRITTEN_OUT_MAX_LEN + 1
     assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.0, short) is native
     assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.0, long) is False
     assert attention.keeps_attention_weights("cpu", torch.float32, 0.0, short) is False
     assert attention.keeps_attention_weights("cpu", torch.bfloat16, 0.1, long) is True
-    q = torch.zeros(1, 1, short, 8, dtype=torch.bfloat16)
+    assert attention.keeps_attention_weights("cpu", torch.float32, 0.1, long) is True
+    assert attention.keeps_attention_weights("cuda", torch.bfloat16, 0.1, short) is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cached_cpu_bf16_attention_takes_the_math_kernel_only_native_and_short(
+        monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    q = torch.zeros(1, 1, attention.MATH_KERNEL_MAX_LEN, 8, dtype=torch.bfloat16)
     assert isinstance(attention._kernel_for(q), contextlib.nullcontext) is not native
-    q_long = torch.zeros(1, 1, long, 8, dtype=torch.bfloat16)
+    q_long = torch.zeros(1, 1, attention.MATH_KERNEL_MAX_LEN + 1, 8, dtype=torch.bfloat16)
     assert isinstance(attention._kernel_for(q_long), contextlib.nullcontext)
 
 

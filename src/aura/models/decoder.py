@@ -162,14 +162,15 @@ class Decoder(AuraModel):
     def block_activation_bytes(self, layer: int, seq: int, dtype: torch.dtype,
                                device_type: str) -> int:
         """Bytes per token block ``layer`` keeps for backward: LayerNorm inputs, each Linear's
-        input, the attention kernel's tensors (q, k, v and output, or on the math kernel fp32
-        q, k, v and the (T x T) weights), the feed-forward's hidden activations, dropout masks
+        input, the attention kernel's tensors (q, k, v and output, or where the (T x T) weights are
+        kept, q, k, v and those weights), the feed-forward's hidden activations, dropout masks
         (CPU keeps them in the input's dtype) and a memory layer's retrieved entries."""
         c, h = self.config, dtype.itemsize
         width, hidden, drop = c.n_embd, 4 * c.n_embd, c.dropout > 0
         attention = layer_norm_bytes(width) + 2 * width * h  # the qkv and proj inputs
         if keeps_attention_weights(device_type, dtype, c.dropout, seq):  # (+ mask, weights)
-            attention += 3 * width * 4 + c.n_head * seq * 4 * (3 if drop else 1)
+            w = h if device_type == "cpu" else 4  # written out in the dtype; MPS's math in fp32
+            attention += 3 * width * w + c.n_head * seq * w * (3 if drop else 1)
         else:
             attention += 4 * width * h + 4 * c.n_head  # q, k, v, output; logsumexp
         ffn = layer_norm_bytes(width) + width * h  # the fc input

@@ -14,12 +14,17 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aura import cpu
-from aura.nn.dropout import Dropout
+from aura.nn.dropout import Dropout, dropout
 
-# Longest query for which, under native CPU bf16, the math kernel beats the flash kernel: on a
+# Longest query for which, under native CPU bf16, SDPA's math kernel beats its flash kernel: on a
 # Xeon with AMX, a bf16 training step on the math kernel took 0.75-0.97x flash's time at T 64-128
-# and 1.5-2.2x at T 256-512, where its T x T weights grow (docs/BENCHMARKS.md).
+# and 1.5-2.2x at T 256-512, where its T x T weights grow (docs/BENCHMARKS.md). Only cached
+# attention still asks SDPA for it; the causal case is written out.
 MATH_KERNEL_MAX_LEN = 128
+# Longest sequence for which, under native CPU bf16, the written-out causal attention beats the
+# flash kernel: a bf16 training step of `cpu-small` without dropout took 1.13x less time at T 256
+# and was level at T 512, where its (T x T) weights grow (docs/BENCHMARKS.md).
+WRITTEN_OUT_MAX_LEN = 256
 
 
 def _math_kernel_pays(device_type: str, dtype: torch.dtype, seq_len: int) -> bool:
@@ -36,14 +41,39 @@ def _kernel_for(q: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+def _written_out_pays(device_type: str, dtype: torch.dtype, dropout: float, seq_len: int) -> bool:
+    """Where causal attention on a CPU runs ``causal_attention`` rather than SDPA: with dropout,
+    where SDPA could only take its math kernel (CPU's flash kernel has none), and under native
+    bf16 for sequences up to ``WRITTEN_OUT_MAX_LEN``, where its bf16 matmuls beat flash."""
+    if device_type != "cpu":
+        return False
+    return dropout > 0 or (dtype == torch.bfloat16 and seq_len <= WRITTEN_OUT_MAX_LEN
+                           and cpu.native_bf16())
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
+                     ) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + causal mask)``, dropped out, times ``v``: SDPA's math kernel
+    without what costs it on a CPU. That kernel upcasts bf16 to fp32 matmuls, guards every row
+    against being fully masked (which a causal row never is) and draws its dropout mask from
+    the Mersenne Twister; here the matmuls stay in the input's dtype (bf16 on AMX tiles), the
+    mask is added inside ``baddbmm`` and dropout is ``aura.nn.dropout``'s. (B, H, T, D) in and
+    out."""
+    B, H, T, D = q.shape
+    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    scores = torch.baddbmm(future, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2),
+                           alpha=D ** -0.5)
+    weights = dropout(scores.softmax(-1), dropout_p)
+    return torch.bmm(weights, v.reshape(B * H, T, v.size(-1))).view(B, H, T, v.size(-1))
+
+
 def keeps_attention_weights(device_type: str, dtype: torch.dtype, dropout: float,
                             seq_len: int) -> bool:
-    """Whether training attention over ``seq_len`` tokens runs on SDPA's math kernel, which keeps
-    every (T x T) attention weight for backward, rather than a fused one, which keeps O(T): on
-    CPU under bf16 with native bf16 for short sequences (``_kernel_for``) or with dropout (CPU's
-    flash kernel has none), and on MPS (assumed)."""
+    """Whether training attention over ``seq_len`` tokens keeps every (T x T) attention weight
+    for backward (``causal_attention``, on a CPU with dropout or under native bf16 for short
+    sequences; SDPA's math kernel on MPS, assumed) rather than O(T) (a fused kernel)."""
     if device_type == "cpu":
-        return _math_kernel_pays(device_type, dtype, seq_len) or dropout > 0
+        return _written_out_pays(device_type, dtype, dropout, seq_len)
     return device_type == "mps"
 
 
@@ -114,7 +144,9 @@ class CausalSelfAttention(nn.Module):
         if cache is None or cache.pos == 0:
             if cache is not None:
                 cache.append(self.layer, k, v)
-            with _kernel_for(q):
+            if _written_out_pays(q.device.type, q.dtype, p, T):
+                y = causal_attention(q, k, v, p)
+            else:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             mask = cache.attn_mask(T, x.device)
