@@ -784,6 +784,27 @@ def test_grad_checkpointing_trains_the_same(train_data: Path, tmp_path: Path,
         assert got[step] == pytest.approx(ref[step], abs=1e-5)
 
 
+def test_every_step_trains_in_train_mode_and_clips_every_trained_parameter(
+        train_data: Path, tmp_path: Path) -> None:
+    """A step sets train mode only when something left the model in eval (here the forward
+    of every step leaves it so), and clips over what the optimizer steps: every parameter
+    that wants a gradient."""
+    modes: list[bool] = []
+
+    def setup(trainer: Trainer) -> None:
+        wanted = [p for p in trainer.model.parameters() if p.requires_grad]
+        assert {id(p) for p in trainer._trained} == {id(p) for p in wanted}
+
+        def leave_in_eval(_call: int, _x: torch.Tensor, _kw: dict[str, Any]) -> None:
+            modes.append(trainer.model.training)
+            trainer.model.eval()
+
+        wrap_forward(trainer, leave_in_eval)
+
+    train(tiny_config(*BASE), train_data, tmp_path / "run", setup=setup)
+    assert len(modes) == 12 and all(modes)
+
+
 def test_rows_evaluations_and_checkpoints_keep_their_own_cadence(train_data: Path,
                                                                   tmp_path: Path) -> None:
     """Train rows after the first step, every log_interval and the last; evaluations and

@@ -178,6 +178,9 @@ class Trainer:
             except Exception as exc:  # any backend failure: eager still trains correctly
                 self.log(f"warning: torch.compile unavailable ({exc}); training eagerly")
         self.opt = build_optimizers(self.model, t, self.device)
+        # what the optimizer steps, listed once: walking the modules for them again every step
+        # cost ~0.07 ms of a 17 ms step (gpt 4 x 128 under bf16 on AMX)
+        self._trained = [p for group in self.opt.param_groups for p in group["params"]]
         self.block = t.block_size or cfg.model.block_size
         stages = cfg.data.curriculum
         block_fn = Curriculum(stages, self.block) if stages else self.block
@@ -382,7 +385,8 @@ class Trainer:
         self._lr_applied = (lr_factor(t, step, self.plateau) * self.state.fault_lr_scale
                             * self.model.lr_scale())
         self.opt.set_lr_factor(self._lr_applied)
-        self.model.train()
+        if not self.model.training:  # only when something left it in eval: setting every
+            self.model.train()       # module's flag each step cost ~0.17 ms of a 17 ms step
         total = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
         switches = self._switches(step)
@@ -404,7 +408,7 @@ class Trainer:
         if self.scaler is not None:
             self.opt.unscale_(self.scaler)
         norm = self.parallel.local(
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf))
+            torch.nn.utils.clip_grad_norm_(self._trained, t.grad_clip or math.inf))
         loss_value, norm_value = torch.stack([total, norm.to(total)]).tolist()
         aux_values = {k: float(v) for k, v in aux.items() if k != "ce"}
         # every rank sees the global mean loss (its norm is global already): same decisions
