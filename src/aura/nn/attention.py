@@ -22,8 +22,8 @@ from aura.nn.dropout import Dropout, dropout
 # attention still asks SDPA for it; the causal case is written out.
 MATH_KERNEL_MAX_LEN = 128
 # Longest sequence for which, under native CPU bf16, the written-out causal attention beats the
-# flash kernel: a bf16 training step of `cpu-small` without dropout took 1.13x less time at T 256
-# and was level at T 512, where its (T x T) weights grow (docs/BENCHMARKS.md).
+# flash kernel: a bf16 training step of `cpu-small` without dropout ran 1.13-1.17x faster at T 256
+# and level at T 512, where its (T x T) weights grow (docs/BENCHMARKS.md).
 WRITTEN_OUT_MAX_LEN = 256
 
 
