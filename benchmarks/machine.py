@@ -1,4 +1,5 @@
-"""What every benchmark figure is recorded with: the code's commit, the CPU kind, torch, threads.
+"""What every benchmark figure is recorded with: the code's commit, the CPU kind, torch, threads,
+and whether the process keeps the memory it frees (aura/allocator.py).
 
 CPUs of one machine class differ (AVX-512 with native bf16, with or without AMX tiles, or AVX2
 only, where bf16 is emulated and 13-27x slower), so a figure without its CPU cannot be
@@ -17,6 +18,11 @@ import torch
 
 import aura
 from aura import cpu
+from aura.allocator import keep_freed_memory, keeps_freed_memory
+
+# Every benchmark measures Aura as its entry points run it (`aura ...`, the Trainer): keeping
+# freed memory is process-wide, so systems compared inside one process all run with it.
+keep_freed_memory()
 
 
 def _commit() -> str:
@@ -47,6 +53,6 @@ def machine() -> dict[str, Any]:
                   if k in os.environ}
     return {"commit": _commit(), "cpu": _cpu_model(),
             "cpu_capability": cpu.capability(), "native_bf16": cpu.native_bf16(),
-            "amx": cpu.amx(),
+            "amx": cpu.amx(), "keeps_freed_memory": keeps_freed_memory(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             **({"restricted_by": restricted} if restricted else {})}

@@ -23,7 +23,8 @@ import machine as bench_machine
 
 BENCHMARKS = Path(bench_machine.__file__).parent
 
-FIELDS = {"commit", "cpu", "cpu_capability", "native_bf16", "amx", "torch", "threads"}
+FIELDS = {"commit", "cpu", "cpu_capability", "native_bf16", "amx", "keeps_freed_memory", "torch",
+          "threads"}
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -39,6 +40,8 @@ def test_the_record_says_what_the_probes_say(monkeypatch: pytest.MonkeyPatch,
     assert record["cpu_capability"] == ("AVX512" if native else "AVX2")
     assert isinstance(record["threads"], int) and record["threads"] >= 1
     assert record["cpu"] and record["torch"]
+    assert record["keeps_freed_memory"] is (sys.platform.startswith("linux")
+                                            and os.environ.get("AURA_KEEP_FREED_MEMORY") != "0")
     json.dumps(record)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
 
+from aura.allocator import keep_freed_memory
 from aura.errors import AuraError, environment_error
 from aura.field_docs import field_docs
 
@@ -1313,6 +1314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --nproc relaunches
+    keep_freed_memory()
     try:
         return args.func(args)
     except AuraError as exc:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from aura.allocator import keep_freed_memory
 from aura.atomic import atomic_write_text
 from aura.config import AuraConfig, config_to_dict
 from aura.continual.hook import ContinualHook
@@ -124,6 +125,7 @@ class Trainer:
         # settings errors leave no run directory; under torchrun, rank 0 alone speaks and writes
         self.group = distributed.init(cfg.train.device)
         self.device = self.group.device
+        keep_freed_memory()  # a Trainer built in a notebook runs as `aura train` does
         if not self.group.main:
             self.log, self.progress = distributed.quiet, False
         try:
