@@ -126,7 +126,8 @@ class MemoryCrossAttention(nn.Module):
                                      max_source_pos=limit, touch=self.training)
         hit = got.mask.view(B, T, 1, k)
         scores = got.scores.masked_fill(~got.mask, 0.0).view(B, T, 1, k).to(h.dtype)
-        keys, values = self.kv(got.values.to(h.dtype)).view(B, T, k, 2, nh, hd).unbind(3)
+        keys, values = (t.view(B, T, k, nh, hd)  # split: one copy in the backward, as in attention
+                        for t in self.kv(got.values.to(h.dtype)).split(C, dim=-1))
         q = self.q(h).view(B, T, nh, hd)
         logits = torch.einsum("bthd,btkhd->bthk", q, keys) * hd**-0.5 + self.score_weight * scores
         logits = logits.masked_fill(~hit, float("-inf"))
