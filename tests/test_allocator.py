@@ -31,7 +31,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 PAGES = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
 
 
-def last_step(env: dict[str, str]) -> tuple[bool, int]:
+def last_steps(env: dict[str, str]) -> tuple[bool, int]:
     out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REPEATED_STEP], check=True,
                          capture_output=True, text=True, env={**os.environ, **env}).stdout.split()
     return out[0] == "True", int(out[1])
@@ -39,7 +39,7 @@ def last_step(env: dict[str, str]) -> tuple[bool, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_repeated_step_reuses_its_buffers_without_faulting_them_in() -> None:
-    kept, faults = last_step({"AURA_KEEP_FREED_MEMORY": "1"})
+    kept, faults = last_steps({"AURA_KEEP_FREED_MEMORY": "1"})
     assert kept
     assert faults < PAGES // 8
 
@@ -48,7 +48,7 @@ def test_a_repeated_step_reuses_its_buffers_without_faulting_them_in() -> None:
 @pytest.mark.parametrize("off", ["0", "false", "OFF"])
 def test_the_environment_can_leave_glibcs_defaults(off: str) -> None:
     """Opted out, every step faults both tensors' pages in again: what the setting saves."""
-    kept, faults = last_step({"AURA_KEEP_FREED_MEMORY": off})
+    kept, faults = last_steps({"AURA_KEEP_FREED_MEMORY": off})
     assert not kept
     assert faults >= 4 * PAGES
 
