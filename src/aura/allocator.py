@@ -4,12 +4,12 @@ glibc serves every allocation above its mmap threshold (128 KiB, rising with use
 32 MiB) with a fresh mapping that it unmaps on free, and gives the free top of its heap back to
 the kernel. A training step frees and allocates the same large buffers every step (a BPE model's
 logits, a spiking layer's (T, B, N) states), so each step faulted them in again page by page:
-132k page faults a step at `cpu-small` with a 4096-token vocabulary, 15% of the step, and half
+132-142k page faults a step at `cpu-small` with a 4096-token vocabulary, 15% of the step, and half
 of a LIF layer's time at T 32 B 256 N 2048 (docs/BENCHMARKS.md). PyTorch's CPU launcher
 (`torch.backends.xeon.run_cpu`) answers the same by preloading jemalloc; glibc's ``mallopt``
 does it inside the process, with nothing to install. The cost: the process's resident memory
 stays at its peak, and the heap, fragmented by PyTorch's aligned blocks for its first steps, can
-raise that peak (within 4% for the CPU presets, +38% for a large LIF layer alone).
+raise that peak (within 5% for the CPU presets, +33-38% for a large LIF layer alone).
 ``AURA_KEEP_FREED_MEMORY=0`` leaves glibc's defaults.
 """
 
