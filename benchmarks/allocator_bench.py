@@ -56,21 +56,15 @@ def child_train(preset: str, data: Path, steps: int, overrides: list[str]) -> di
 
 
 def child_lif(steps: int, quick: bool) -> dict[str, float]:
-    import torch
-
-    from aura.nn.spiking import LIF
-    T, B, N = (8, 4, 256) if quick else (32, 256, 2048)
-    lif = LIF(beta=0.9, threshold=1.0, reset="soft", surrogate="atan")
-    x = torch.randn(T, B, N)
-    w = torch.randn(T, B, N)
+    from snn_bench import aura_lif, fwd_bwd, lif_input  # the LIF benchmark's own call
+    x, w = lif_input(*((8, 4, 256) if quick else (32, 256, 2048)))
+    run = aura_lif("soft")
     ms, before = [], 0
     for i in range(steps + WARMUP):
         if i == WARMUP:
             before = faults()
         start = time.perf_counter()
-        xi = x.clone().requires_grad_()
-        spikes, _ = lif(xi)
-        (spikes * w).sum().backward()
+        fwd_bwd(run, x, w)
         if i >= WARMUP:
             ms.append((time.perf_counter() - start) * 1000)
     return {"ms": statistics.median(ms), "faults_per_step": (faults() - before) / steps}
@@ -94,7 +88,8 @@ def run_child(workload: str, data: Path, steps: int, keep: bool, quick: bool) ->
     env = {**os.environ, "AURA_KEEP_FREED_MEMORY": "1" if keep else "0"}
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     row = json.loads(out.splitlines()[-1])
-    assert row.pop("kept") is keep, "the setting did not take as asked"
+    if row.pop("kept") is not keep:
+        sys.exit(f"allocator_bench: AURA_KEEP_FREED_MEMORY={int(keep)} did not take in {workload}")
     return row
 
 
