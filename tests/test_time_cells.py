@@ -87,6 +87,40 @@ def test_rates_far_beyond_max_interval_are_finite_and_vanish():
     assert everywhere.min() >= 0 and everywhere.max() <= 1
 
 
+@given(st.integers(2, 64), st.floats(2.0, 1e4), st.floats(0.1, 4.0),
+       st.lists(st.integers(0, 10**7), min_size=1, max_size=64))
+def test_rates_are_never_subnormal_and_otherwise_the_gaussian(
+        n_cells: int, max_interval: float, width: float, elapsed: list[int]):
+    """exp underflows through float32's subnormals, which x86 multiplies ~100x slower: those
+    cells are exactly silent, every other rate is the tuning curve's (to float32's rounding of
+    z, which the exponential magnifies in the tails)."""
+    enc = TimeCellEncoder(E, n_cells, max_interval, width)
+    counts = torch.tensor(elapsed)
+    rates = enc.rates(counts)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((rates > 0) & (rates < tiny)).any()
+    tau, sigma = (t.double() for t in enc.tuning())
+    z = (torch.log1p(counts.double())[:, None] - torch.log1p(tau)) / sigma
+    exact = torch.exp(-0.5 * z.square())
+    normal = exact >= 2 * tiny
+    torch.testing.assert_close(rates[normal].double(), exact[normal], rtol=2e-3, atol=0)
+    assert (rates[exact < tiny / 2] == 0).all()
+
+
+def test_subnormal_range_is_reached_and_flushed():
+    """Elapsed counts whose z lands in exp's subnormal range (|z| ~ 13.2-14.0) for some cell:
+    the code at the default setting has such cells, and they come out 0."""
+    enc = TimeCellEncoder(E, N)
+    tau, sigma = enc.tuning(dtype=torch.float64)
+    counts = torch.arange(0, 20_000)
+    z = (torch.log1p(counts.double())[:, None] - torch.log1p(tau)) / sigma
+    exact = torch.exp(-0.5 * z.square())
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = (exact < tiny) & (exact > tiny * 2**-23)
+    assert subnormal.sum() > 100
+    assert (enc.rates(counts)[subnormal] == 0).all()
+
+
 def test_a_boundary_token_is_silent():
     assert TimeCellEncoder(E, N).rates(torch.zeros(3, dtype=torch.long)).max() < 1e-10
 

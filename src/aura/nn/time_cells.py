@@ -73,12 +73,16 @@ class TimeCellEncoder(nn.Module):
     def rates(self, elapsed: torch.Tensor) -> torch.Tensor:
         """Code of each token's elapsed count (>= 0): (...) -> (..., n_cells) in [0, 1].
 
-        Computed in at least float32, whatever the input or autocast.
+        Computed in at least float32, whatever the input or autocast. A cell whose rate would
+        be subnormal (``exp`` underflowing, about 13 widths off its field) is exactly silent:
+        x86 CPUs multiply subnormals ~100x slower, and a few thousand of them in the code made
+        the readout's matmuls 5 ms a step of ``hippocampal-cpu``'s ~90.
         """
         dtype = torch.promote_types(elapsed.dtype, torch.float32)
         tau, sigma = self.tuning(elapsed.device, dtype)
         z = (torch.log1p(elapsed.to(dtype))[..., None] - torch.log1p(tau)) / sigma
-        return torch.exp(-0.5 * z.square())
+        rates = torch.exp(-0.5 * z.square())
+        return rates.masked_fill(rates < torch.finfo(dtype).tiny, 0.0)
 
     def forward(self, h: torch.Tensor, elapsed: torch.Tensor) -> torch.Tensor:
         """(B, T, n_embd), (B, T) -> (B, T, n_embd)."""
