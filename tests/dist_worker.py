@@ -7,7 +7,8 @@ SPEC: ``argv`` (of ``aura train``), ``run`` (the run directory), ``report`` (a d
 the run: each rank writes ``rank-N.json`` there), ``kill_rank`` / ``kill_after_step``
 (that rank SIGKILLs itself once that step is done). The report holds every write into the run
 directory this rank attempted (an audit hook on open-for-write, mkdir, rename, remove), the
-parameter elements this rank holds (FSDP2: its shards) and a digest of each episodic store.
+parameter elements this rank holds (FSDP2: its shards), a digest of each episodic store and
+(DDP) whether the wrapper was freed by the time ``aura train`` returned.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,8 @@ def main() -> int:
 
     def run_and_keep(self: Any) -> Any:
         kept["trainer"] = self
+        if self.wrapped is not self.model:  # DDP: is it freed when the run ends?
+            kept["wrapper"] = weakref.ref(self.wrapped)
         return run_fn(self)
 
     def advance_and_maybe_die(self: Any, step: int) -> int:
@@ -65,6 +69,8 @@ def main() -> int:
     trainer_mod.Trainer._advance = advance_and_maybe_die  # type: ignore[method-assign]
     code = aura_main(["train", *spec["argv"]])
     report: dict[str, Any] = {"rank": rank, "code": code, "writes": writes}
+    if "wrapper" in kept:
+        report["wrapper_freed"] = kept["wrapper"]() is None
     trainer = kept.get("trainer")
     if trainer is not None:
         report["param_numel"] = sum(

@@ -61,6 +61,8 @@ def test_ddp_equals_one_process_rank0_alone_writes_and_resumes_on_one(
     out, reports = torchrun(tmp_path, train_args(train_data, ddp, 3), ddp)
     assert out.returncode == 0, out.stderr[-3000:]
     assert [r["code"] for r in reports] == [0, 0]
+    # DDP's reducer holds the gloo group: freed before the group is destroyed, not at exit
+    assert [r.get("wrapper_freed") for r in reports] == [True, True]
     assert reports[1]["writes"] == []  # rank 1 never touched the run directory
     assert reports[0]["writes"]  # while rank 0 wrote it (the audit sees writes)
     assert out.stdout.count("max_steps at step 3") == 1  # one report, from rank 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import gc
 import json
 import math
 import signal
@@ -535,7 +536,19 @@ class Trainer:
             self.step_batches.close()
             self.metrics.close()
             self.lock.release()
+            if finished:
+                self._release_parallel_wrapper()
             self.group.close(together=finished)
+
+    def _release_parallel_wrapper(self) -> None:
+        """Free the DDP wrapper (and a compiled one around it) before the group is destroyed.
+        Its reducer holds the gloo process group past ``destroy_process_group``; left to the
+        interpreter's exit, gloo's threads can abort a rank whose run had finished (SIGABRT,
+        "terminate called without an active exception", once in a default test suite). Only
+        after a finished run: a reducer with work pending on a lost rank would block here."""
+        if self.group.world > 1 and self.wrapped is not self.model:
+            self.wrapped = self.forward = self.model
+            gc.collect()  # the wrapper's own reference cycles go now, not at exit
 
     def _last_checkpoint_note(self) -> str:
         """Where the run can go on from once the file system lets it: checkpoints are renamed
