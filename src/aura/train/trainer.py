@@ -181,9 +181,7 @@ class Trainer:
             except Exception as exc:  # any backend failure: eager still trains correctly
                 self.log(f"warning: torch.compile unavailable ({exc}); training eagerly")
         self.opt = build_optimizers(self.model, t, self.device)
-        # what the optimizer steps, listed once: walking the modules for them again every step
-        # cost ~0.07 ms of a 17 ms step (gpt 4 x 128 under bf16 on AMX)
-        self._trained = [p for group in self.opt.param_groups for p in group["params"]]
+        self._trained = self.opt.params
         self.block = t.block_size or cfg.model.block_size
         stages = cfg.data.curriculum
         block_fn = Curriculum(stages, self.block) if stages else self.block
@@ -410,8 +408,9 @@ class Trainer:
             aux = {**aux, "ewc": torch.tensor(penalty)}
         if self.scaler is not None:
             self.opt.unscale_(self.scaler)
-        norm = self.parallel.local(
-            torch.nn.utils.clip_grad_norm_(self._trained, t.grad_clip or math.inf))
+        total_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in self._trained if p.grad is not None])
+        norm = self.parallel.local(total_norm)
         loss_value, norm_value = torch.stack([total, norm.to(total)]).tolist()
         aux_values = {k: float(v) for k, v in aux.items() if k != "ce"}
         # every rank sees the global mean loss (its norm is global already): same decisions
@@ -420,7 +419,7 @@ class Trainer:
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.opt.zero_grad()
             raise self._nonfinite_error(loss_value)
-        self.opt.step(self.scaler)
+        self.opt.step(self.scaler, clip=(total_norm, t.grad_clip or math.inf))
         if self.scaler is not None:
             self.scaler.update()
         self.opt.zero_grad()
