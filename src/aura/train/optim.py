@@ -83,7 +83,7 @@ def steps_directly(opt: torch.optim.Optimizer) -> bool:
 
 def direct_adamw_step(opt: torch.optim.AdamW) -> bool:
     """``opt.step()`` as the kernel calls it ends in, one per param group and dtype:
-    ``Optimizer.step``'s bookkeeping around them cost ~0.45 ms of a ~23 ms step (`gpt` at
+    ``Optimizer.step``'s bookkeeping around them cost ~0.4 ms of a ~24 ms step (`gpt` at
     nanoGPT's CPU shape, docs/BENCHMARKS.md). False, and nothing done, before the first step
     has made the state."""
     groups = []
