@@ -82,6 +82,13 @@ def twin(model: torch.nn.Module, make: Any) -> torch.nn.Module:
     return copy
 
 
+def unlogged(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` stepping as the trainer steps it when no log row reads the step's sparsity
+    metrics (9 steps in 10 at the default log_interval): the reference computes none."""
+    model.report_metrics = False
+    return model
+
+
 def byte_data(tmp: Path) -> PreparedData:
     prepare(PrepareOptions(["builtin:shakespeare"], "byte"), tmp / "bytes", progress=False)
     return PreparedData.open(tmp / "bytes")
@@ -120,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             runs: dict[str, dict[str, list[float]]] = {}
             for _ in range(args.rounds):
                 torch.manual_seed(0)
-                ours = build_model(cfg.model)
+                ours = unlogged(build_model(cfg.model))
                 assert isinstance(ours, BDH)
                 rc = ref_mod.BDHConfig(n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd,
                                        dropout=cfg.model.dropout, n_head=cfg.model.n_head,
@@ -128,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                                        vocab_size=256)
                 ref = ref_mod.BDH(rc)
                 copy_into_reference(ours, ref)
-                ours_bf16 = twin(ours, functools.partial(build_model, cfg.model))
+                ours_bf16 = unlogged(twin(ours, functools.partial(build_model, cfg.model)))
                 systems = {
                     "reference_fp32": (ref, lambda m, x, y: m(x, y)[1], contextlib.nullcontext),
                     "aura_fp32": (ours, lambda m, x, y: m(x, y).loss, contextlib.nullcontext),
@@ -139,7 +146,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                            if k == "reference_fp32" or k.removeprefix("aura_") in args.precisions}
                 if args.compile:  # as the reference's train.py runs it, on every device
                     ref_c = torch.compile(twin(ref, functools.partial(ref_mod.BDH, rc)))
-                    ours_c = torch.compile(twin(ours, functools.partial(build_model, cfg.model)))
+                    ours_c = torch.compile(unlogged(twin(ours, functools.partial(build_model,
+                                                                           cfg.model))))
                     systems |= {
                         "reference_compiled": (ref_c, systems["reference_fp32"][1],
                                                contextlib.nullcontext),

@@ -175,6 +175,51 @@ def test_sparsity_metrics_per_layer_and_mean() -> None:
     assert float(out.aux["y_active"]) <= float(out.aux["x_active"])  # y gates x
 
 
+def test_without_report_metrics_the_step_is_the_same_and_the_sparsity_is_skipped() -> None:
+    idx = torch.randint(0, 256, (2, 12))
+    runs = []
+    for report in (True, False):
+        model = small("model.dropout=0.1").train()
+        model.report_metrics = report
+        torch.manual_seed(5)  # the same dropout masks
+        out = model(idx, idx)
+        out.loss.backward()
+        runs.append((out, [p.grad for p in model.parameters()]))
+    (logged, grads), (quiet, quiet_grads) = runs
+    assert "y_active" in logged.aux and not any("active" in k for k in quiet.aux)
+    assert torch.equal(logged.loss, quiet.loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, quiet_grads, strict=True))
+
+
+def test_the_trainer_counts_sparsity_on_logged_steps_only(train_data: Path,
+                                                          tmp_path: Path) -> None:
+    from aura.train.trainer import Trainer
+
+    cfg = load_config(overrides=[
+        "model.name=bdh", "model.n_embd=32", "model.n_head=2", "model.mlp_multiplier=8",
+        "model.n_layer=2", "model.block_size=16", "train.batch_size=2", "train.max_steps=7",
+        "train.log_interval=3", "train.eval_interval=2", "train.eval_iters=1",
+        "train.precision=fp32"])
+    trainer = Trainer(cfg, train_data, tmp_path / "run", progress=False, log=lambda _m: None)
+    seen, at_eval = [], []
+    trainer.model.on_step = lambda step, phase=None: seen.append(  # type: ignore[method-assign]
+        (step, trainer.model.report_metrics))
+    evaluate = trainer.evaluate
+
+    def spy() -> float | None:
+        at_eval.append(trainer.model.report_metrics)
+        return evaluate()
+
+    trainer.evaluate = spy  # type: ignore[method-assign]
+    trainer.run()
+    # logged: the first step, every third, and the last
+    assert seen == [(s, s + 1 in (1, 3, 6, 7)) for s in range(7)]
+    assert at_eval == [True] * 4 and trainer.model.report_metrics  # evaluation reports them
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 3, 6, 7]
+    assert all(0 < r["aux/y_active"] <= r["aux/x_active"] < 1 for r in rows)
+
+
 def test_causality_the_future_never_changes_the_past() -> None:
     a, b = assert_causal(small().eval(), torch.randint(0, 256, (1, 12)), 7, 256)
     assert not torch.allclose(a[:, 8:], b[:, 8:])

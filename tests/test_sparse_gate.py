@@ -27,18 +27,21 @@ def inputs(h: int, rows: int, d: int, n: int, dtype: torch.dtype, seed: int
 
 @settings(max_examples=40, deadline=None)
 @given(h=st.integers(1, 3), rows=st.integers(1, 9), d=st.integers(1, 5), n=st.integers(1, 7),
-       dropped=st.booleans(), seed=st.integers(0, 2**16))
-def test_values_gradients_and_count_match_the_plain_expression(h, rows, d, n, dropped,
+       dropped=st.booleans(), count=st.booleans(), seed=st.integers(0, 2**16))
+def test_values_gradients_and_count_match_the_plain_expression(h, rows, d, n, dropped, count,
                                                                seed) -> None:
     x, a, w, keep = inputs(h, rows, d, n, torch.float64, seed)
     mask = keep if dropped else None
     leaves = [t.clone().requires_grad_() for t in (x, a, w)]
-    out, active = sparse_gate(*leaves, mask)
+    out, active = sparse_gate(*leaves, mask, count)
     ref_leaves = [t.clone().requires_grad_() for t in (x, a, w)]
     ref = plain(*ref_leaves, mask)
     torch.testing.assert_close(out, ref)
-    assert active.item() == (plain(x, a, w, None) > 0).sum().item()  # counted before dropout
-    assert not active.requires_grad
+    if count:
+        assert active.item() == (plain(x, a, w, None) > 0).sum().item()  # before dropout
+        assert not active.requires_grad
+    else:  # the values and gradients do not depend on counting
+        assert active is None
     grad = torch.randn_like(ref)
     out.backward(grad)
     ref.backward(grad)

@@ -87,6 +87,10 @@ class AuraModel(nn.Module):
 
     config: ModelConfig
     grad_checkpoint: bool = False  # recompute each block in backward (set by the trainer)
+    # False: forward may skip the aux metrics that only describe the model for a log (bdh's
+    # sparsity counts, ~8% of a `bdh-cpu` step); the trainer clears it for steps whose metrics
+    # no log row reads. Evaluation and inspection leave it on.
+    report_metrics: bool = True
 
     # --- what the model declares; callers trust these and probe nothing ----------------------
     # Per-token features (aura.data.prosody.token_features) the data pipeline computes for this

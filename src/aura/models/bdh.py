@@ -266,10 +266,11 @@ class BDH(AuraModel):
         a = self._ln(a).reshape(nh, B * T, D)
         # the paper's y, gated and sparse: x * relu(a Dy), dropped out, in one function
         keep, rescale = self.drop.mask(x_sparse)
-        xy, y_active = sparse_gate(x_sparse, a, enc_v, keep)
-        with torch.no_grad():  # a ReLU output, >= 0: the sum of signs counts non-zeros
-            x_active = x_sparse.sign().sum(dtype=torch.float32)
-            stats.append(torch.stack([x_active, y_active]) / xy.numel())
+        xy, y_active = sparse_gate(x_sparse, a, enc_v, keep, self.report_metrics)
+        if y_active is not None:
+            with torch.no_grad():  # a ReLU output, >= 0: the sum of signs counts non-zeros
+                x_active = x_sparse.sign().sum(dtype=torch.float32)
+                stats.append(torch.stack([x_active, y_active]) / xy.numel())
         if self._probe is not None:  # which neurons fire, as (B, T, nh, N)
             x_on, xy_on = ((t > 0).view(nh, B, T, n).permute(1, 2, 0, 3) for t in (x_sparse, xy))
             self._probe.append((x_on, xy_on))
@@ -339,7 +340,10 @@ class BDH(AuraModel):
         return state
 
     def _sparsity(self, stats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Fraction of non-zero x and y neurons per layer (the paper reports about 5% of y)."""
+        """Fraction of non-zero x and y neurons per layer (the paper reports about 5% of y);
+        none when ``report_metrics`` is off."""
+        if not stats:
+            return {}
         per_layer = torch.stack(stats[-self.config.n_layer:]).detach()
         out = {f"x_active/{i}": v[0] for i, v in enumerate(per_layer)}
         out |= {f"y_active/{i}": v[1] for i, v in enumerate(per_layer)}

@@ -575,7 +575,11 @@ class Trainer:
                 stopped = "interrupted"
                 break
             step = self.state.step
-            result = self._guarded_step(step)
+            self.model.report_metrics = train_log.due(step + 1)  # descriptive aux: logged only
+            try:
+                result = self._guarded_step(step)
+            finally:
+                self.model.report_metrics = True
             bar.n = self.state.step
             if result is None:  # retried, skipped or rolled back: self.state.step is next
                 continue
