@@ -88,7 +88,7 @@ class AuraModel(nn.Module):
     config: ModelConfig
     grad_checkpoint: bool = False  # recompute each block in backward (set by the trainer)
     # False: forward may skip the aux metrics that only describe the model for a log (bdh's
-    # sparsity counts, ~8% of a `bdh-cpu` step); the trainer clears it for steps whose metrics
+    # sparsity counts, 4-5% of a `bdh-cpu` step); the trainer clears it for steps whose metrics
     # no log row reads. Evaluation and inspection leave it on.
     report_metrics: bool = True
 
