@@ -1,7 +1,7 @@
 """BDH side by side with the reference (pathwaycom/bdh), and against `gpt`. Prints JSON.
 
     python benchmarks/bdh_bench.py train --reference /path/to/bdh [--steps 6] [--rounds 2]
-        [--precisions fp32 bf16] [--compile]
+        [--precisions fp32 bf16] [--compile] [--logged]
     python benchmarks/bdh_bench.py generate --reference /path/to/bdh [--new-tokens 1000]
     python benchmarks/bdh_bench.py memory [--batch 8] [--block 512]
     python benchmarks/bdh_bench.py quality [--steps 600]
@@ -10,7 +10,9 @@ train: optimizer steps/s of the reference model (its own code, eager fp32) and o
 fp32 and bf16 autocast, with ``--compile`` also both under torch.compile (the reference's train.py
 compiles its model on every device), from the same initial weights on the same
 byte batches of Shakespeare, one step of each system in turn, at the reference config (batch
-2 x block 64) and at `bdh-cpu`; the mean training losses show both learn the same.
+2 x block 64) and at `bdh-cpu`; the mean training losses show both learn the same. Aura steps as
+the trainer steps 9 times in 10, without counting its sparsity metrics; ``--logged`` adds a row
+that counts them, as a logged step does.
 generate: tokens/s for N new tokens after a 64-token prompt, the reference's re-run-the-prefix
 `generate` vs the recurrent state, at the bdh-cpu size (the reference config would take hours).
 memory: peak RSS of one training step with and without per-layer gradient checkpointing, each
@@ -144,6 +146,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 systems = {k: v for k, v in systems.items()
                            if k == "reference_fp32" or k.removeprefix("aura_") in args.precisions}
+                if args.logged:  # what a step the trainer logs costs: the sparsity counted
+                    logged = twin(ours, functools.partial(build_model, cfg.model))
+                    systems["aura_fp32_logged"] = (logged, systems["aura_fp32"][1],
+                                                   contextlib.nullcontext)
                 if args.compile:  # as the reference's train.py runs it, on every device
                     ref_c = torch.compile(twin(ref, functools.partial(ref_mod.BDH, rc)))
                     ours_c = torch.compile(unlogged(twin(ours, functools.partial(build_model,
@@ -271,6 +277,9 @@ def main() -> None:
     t.add_argument("--compile", action="store_true",
                    help="also both systems under torch.compile, fp32 (Aura's against the "
                         "reference's compiled row); compiling takes a minute or two per model")
+    t.add_argument("--logged", action="store_true",
+                   help="also Aura fp32 stepping as on a logged step, its sparsity metrics "
+                        "counted (row aura_fp32_logged)")
     g = sub.add_parser("generate")
     g.add_argument("--reference", type=Path, required=True)
     g.add_argument("--new-tokens", type=int, default=1000)
