@@ -15,13 +15,13 @@ import aura.cli
 import aura.train.trainer
 from aura import allocator
 
-# a step that makes and frees two 64 MiB tensors, 12 times; prints the page faults of the last 4
+# a step that makes and frees two 64 MiB tensors, 16 times; prints the page faults of the last 8
 # (glibc's heap takes a few steps to settle: aligned allocations fragment it at first)
 FAULTS_OF_A_REPEATED_STEP = """
 import resource, torch
 from aura.allocator import keep_freed_memory
 kept = keep_freed_memory()
-for step in range(12):
+for step in range(16):
     if step == 8:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(16 << 20) * 2
@@ -39,9 +39,12 @@ def last_steps(env: dict[str, str]) -> tuple[bool, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_repeated_step_reuses_its_buffers_without_faulting_them_in() -> None:
+    """Kept, the last 8 steps fault in at most two 64 MiB tensors' pages; opted out, 16. The
+    heap usually settles by the 6th step, but in about one process in ten one tensor is faulted
+    in again later (3 of 30 runs here, and one CI run)."""
     kept, faults = last_steps({"AURA_KEEP_FREED_MEMORY": "1"})
     assert kept
-    assert faults < PAGES // 8
+    assert faults <= 2 * PAGES
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -50,7 +53,7 @@ def test_the_environment_can_leave_glibcs_defaults(off: str) -> None:
     """Opted out, every step faults both tensors' pages in again: what the setting saves."""
     kept, faults = last_steps({"AURA_KEEP_FREED_MEMORY": off})
     assert not kept
-    assert faults >= 4 * PAGES
+    assert faults >= 8 * PAGES
 
 
 def test_off_linux_nothing_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
