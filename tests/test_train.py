@@ -793,7 +793,7 @@ def test_every_step_trains_in_train_mode_and_clips_every_trained_parameter(
 
     def setup(trainer: Trainer) -> None:
         wanted = [p for p in trainer.model.parameters() if p.requires_grad]
-        assert {id(p) for p in trainer._trained} == {id(p) for p in wanted}
+        assert {id(p) for p in trainer.opt.params} == {id(p) for p in wanted}
 
         def leave_in_eval(_call: int, _x: torch.Tensor, _kw: dict[str, Any]) -> None:
             modes.append(trainer.model.training)

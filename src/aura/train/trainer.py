@@ -181,7 +181,6 @@ class Trainer:
             except Exception as exc:  # any backend failure: eager still trains correctly
                 self.log(f"warning: torch.compile unavailable ({exc}); training eagerly")
         self.opt = build_optimizers(self.model, t, self.device)
-        self._trained = self.opt.params
         self.block = t.block_size or cfg.model.block_size
         stages = cfg.data.curriculum
         block_fn = Curriculum(stages, self.block) if stages else self.block
@@ -409,7 +408,7 @@ class Trainer:
         if self.scaler is not None:
             self.opt.unscale_(self.scaler)
         total_norm = torch.nn.utils.get_total_norm(
-            [p.grad for p in self._trained if p.grad is not None])
+            [p.grad for p in self.opt.params if p.grad is not None])
         norm = self.parallel.local(total_norm)
         loss_value, norm_value = torch.stack([total, norm.to(total)]).tolist()
         aux_values = {k: float(v) for k, v in aux.items() if k != "ce"}
