@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,31 @@ def _cpu_model() -> str:
     return "unknown"
 
 
+# What makes this machine compute as an AVX2-only CPU. Each library takes its own cap: ATen's
+# kernels, oneDNN (bf16 products) and MKL, whose fp32 products otherwise stay on AVX-512 (1.6-1.7x
+# faster than its AVX2 path on the Xeon of docs/BENCHMARKS.md).
+AVX2_RESTRICTION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def restriction_missing() -> list[str]:
+    """The variables an AVX2 run (``ATEN_CPU_CAPABILITY=avx2``) lacks to be AVX2 throughout."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() != "avx2":
+        return []
+    return [f"{k}={v}" for k, v in AVX2_RESTRICTION.items()
+            if os.environ.get(k, "").lower() != v.lower()]
+
+
 def machine() -> dict[str, Any]:
-    """The facts a figure needs next to it (a JSON object)."""
-    restricted = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-                  if k in os.environ}
+    """The facts a figure needs next to it (a JSON object). A partial AVX2 restriction is named
+    in the record and on stderr: its fp32 figures would be an AVX-512 machine's."""
+    restricted = {k: os.environ[k] for k in AVX2_RESTRICTION if k in os.environ}
+    missing = restriction_missing()
+    if missing:
+        print(f"machine: AVX2 restriction incomplete, add {' '.join(missing)}", file=sys.stderr)
     return {"commit": _commit(), "cpu": _cpu_model(),
             "cpu_capability": cpu.capability(), "native_bf16": cpu.native_bf16(),
             "amx": cpu.amx(), "keeps_freed_memory": keeps_freed_memory(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            **({"restricted_by": restricted} if restricted else {})}
+            **({"restricted_by": restricted} if restricted else {}),
+            **({"restriction_missing": missing} if missing else {})}

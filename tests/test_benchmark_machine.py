@@ -32,8 +32,8 @@ def test_the_record_says_what_the_probes_say(monkeypatch: pytest.MonkeyPatch,
                                              native: bool) -> None:
     monkeypatch.setattr(cpu, "native_bf16", lambda: native)
     monkeypatch.setattr(cpu, "capability", lambda: "AVX512" if native else "AVX2")
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    for name in bench_machine.AVX2_RESTRICTION:
+        monkeypatch.delenv(name, raising=False)
     record = bench_machine.machine()
     assert set(record) == FIELDS
     assert record["native_bf16"] is native
@@ -45,11 +45,38 @@ def test_the_record_says_what_the_probes_say(monkeypatch: pytest.MonkeyPatch,
     json.dumps(record)
 
 
-def test_a_restricted_run_names_its_restriction(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+def test_a_restricted_run_names_its_restriction(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in bench_machine.AVX2_RESTRICTION.items():
+        monkeypatch.setenv(name, value)
     record = bench_machine.machine()
-    assert record["restricted_by"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert record["restricted_by"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                       "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert "restriction_missing" not in record
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("unset", ["ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"])
+def test_a_partial_avx2_restriction_is_named(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str],
+                                             unset: str) -> None:
+    """Without MKL's cap its fp32 products stay on AVX-512, so the run is not an AVX2 CPU's."""
+    for name, value in bench_machine.AVX2_RESTRICTION.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(unset)
+    record = bench_machine.machine()
+    assert record["restriction_missing"] == [f"{unset}=AVX2"]
+    assert capsys.readouterr().err.strip().endswith(f"add {unset}=AVX2")
+
+
+def test_hiding_amx_alone_is_not_a_partial_avx2_restriction(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in bench_machine.AVX2_RESTRICTION:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    record = bench_machine.machine()
+    assert record["restricted_by"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    assert "restriction_missing" not in record
 
 
 @pytest.mark.parametrize(("tiles", "native", "isa", "amx"), [
@@ -88,11 +115,22 @@ def test_every_benchmark_that_prints_json_records_the_machine() -> None:
 
 
 def test_a_real_benchmark_json_carries_the_fields_and_the_restriction() -> None:
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env = {**os.environ, **bench_machine.AVX2_RESTRICTION}
     res = subprocess.run([sys.executable, str(BENCHMARKS / "plasticity_bench.py"), "--quick"],
                          capture_output=True, text=True, env=env, timeout=300, check=True)
     record = json.loads(res.stdout)["machine"]
     assert set(record) >= FIELDS
-    assert record["restricted_by"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert record["restricted_by"] == bench_machine.AVX2_RESTRICTION
     assert record["native_bf16"] is False  # oneDNN restricted to AVX2 has no native bf16
     assert record["amx"] is False
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="PyTorch built without MKL")
+def test_the_restriction_puts_mkl_on_avx2() -> None:
+    """MKL names the code path its fp32 product takes; restricted, that must be AVX2's."""
+    env = {**os.environ, **bench_machine.AVX2_RESTRICTION, "MKL_VERBOSE": "1"}
+    code = "import torch; a = torch.ones(64, 64); a @ a"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, check=True)
+    banner = next(line for line in res.stdout.splitlines() if line.startswith("MKL_VERBOSE oneMKL"))
+    assert "(Intel(R) AVX2)" in banner and "AVX-512" not in banner
