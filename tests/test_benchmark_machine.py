@@ -107,8 +107,9 @@ def _calls_machine(tree: ast.Module) -> bool:
 
 
 def test_every_benchmark_that_prints_json_records_the_machine() -> None:
+    # both_kinds.py prints the JSON of two other benchmarks, each with its own machine record
     trees = {p.name: ast.parse(p.read_text()) for p in sorted(BENCHMARKS.glob("*.py"))
-             if p.name != "machine.py"}
+             if p.name not in ("machine.py", "both_kinds.py")}
     printing = [name for name, tree in trees.items() if _prints_json(tree)]
     assert len(printing) >= 20  # the check looks at the scripts, not at an empty folder
     assert [name for name in printing if not _calls_machine(trees[name])] == []
@@ -134,3 +135,58 @@ def test_the_restriction_puts_mkl_on_avx2() -> None:
                          timeout=120, check=True)
     banner = next(line for line in res.stdout.splitlines() if line.startswith("MKL_VERBOSE oneMKL"))
     assert "(Intel(R) AVX2)" in banner and "AVX-512" not in banner
+
+
+FAKE_BENCHMARK = """
+import json, sys
+sys.path.insert(0, {benchmarks!r})
+from machine import machine
+if len(sys.argv) > 1:
+    print("failing as asked", file=sys.stderr)
+    raise SystemExit(int(sys.argv[1]))
+print(json.dumps({{"machine": machine()}}))
+"""
+
+
+def _both_kinds(tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """both_kinds.py on a stand-in benchmark that prints its machine record, or fails with the
+    exit code it is given; a stray export must not leak into the native run."""
+    script = tmp_path / "fake_bench.py"
+    script.write_text(FAKE_BENCHMARK.format(benchmarks=str(BENCHMARKS)))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    return subprocess.run([sys.executable, str(BENCHMARKS / "both_kinds.py"), "--", str(script)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.skipif(cpu.capability() not in ("AVX2", "AVX512"), reason="an x86 CPU's kinds")
+def test_both_kinds_runs_native_then_the_whole_restriction(tmp_path: Path) -> None:
+    res = _both_kinds(tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert list(out) == ["native", "avx2"]
+    native, avx2 = out["native"]["machine"], out["avx2"]["machine"]
+    assert "restricted_by" not in native
+    assert native["cpu_capability"] == cpu.capability()
+    assert avx2["restricted_by"] == bench_machine.AVX2_RESTRICTION
+    assert avx2["cpu_capability"] == "AVX2" and avx2["native_bf16"] is False
+    assert "restriction_missing" not in avx2
+
+
+def test_both_kinds_stops_at_a_failed_run(tmp_path: Path) -> None:
+    script = tmp_path / "fake_bench.py"
+    script.write_text(FAKE_BENCHMARK.format(benchmarks=str(BENCHMARKS)))
+    res = subprocess.run([sys.executable, str(BENCHMARKS / "both_kinds.py"), "--only", "avx2",
+                          "--", str(script), "3"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3
+    assert res.stdout == ""
+    assert "failing as asked" in res.stderr and "the avx2 run exited with 3" in res.stderr
+
+
+def test_both_kinds_names_a_run_without_json(tmp_path: Path) -> None:
+    script = tmp_path / "quiet.py"
+    script.write_text("print('no json here')\n")
+    res = subprocess.run([sys.executable, str(BENCHMARKS / "both_kinds.py"), "--only", "native",
+                          "--", str(script)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip().endswith("the native run printed no JSON object")
+    assert "Traceback" not in res.stderr
