@@ -8,8 +8,7 @@
 is the measurement. Each width is a 4-layer model (head size 64, block 128, batch 8, vocab 512)
 trained with fused AdamW; fp32 and bf16 steps alternate in one process, ``--rounds`` times, and
 the figure is the median step time after warm-up. Prints JSON with the machine it ran on; run it
-again under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``
-(``machine.AVX2_RESTRICTION``) for the emulated kind.
+through ``benchmarks/both_kinds.py`` to measure the emulated kind as well.
 
 ``--presets``: the whole trainer step (data, features, model, optimizer) of each named preset on
 char Shakespeare, fp32 and bf16 runs alternating ``--rounds`` times: whether the rule ``auto``
