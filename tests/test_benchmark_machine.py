@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from aura import cpu
+from conftest import requires_extra
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import machine as bench_machine
@@ -51,22 +52,26 @@ def test_a_restricted_run_names_its_restriction(monkeypatch: pytest.MonkeyPatch,
         monkeypatch.setenv(name, value)
     record = bench_machine.machine()
     assert record["restricted_by"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                                       "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+                                       "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                                       "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2"}
     assert "restriction_missing" not in record
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("unset", ["ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"])
+@pytest.mark.parametrize(("unset", "value"), [
+    ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+    ("NUMBA_CPU_NAME", "haswell"), ("NUMBA_CPU_FEATURES", "+avx2")])
 def test_a_partial_avx2_restriction_is_named(monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str],
-                                             unset: str) -> None:
-    """Without MKL's cap its fp32 products stay on AVX-512, so the run is not an AVX2 CPU's."""
-    for name, value in bench_machine.AVX2_RESTRICTION.items():
-        monkeypatch.setenv(name, value)
+                                             unset: str, value: str) -> None:
+    """Without MKL's cap its fp32 products stay on AVX-512, without numba's its compiled loops
+    target the host: either way the run is not an AVX2 CPU's."""
+    for name, v in bench_machine.AVX2_RESTRICTION.items():
+        monkeypatch.setenv(name, v)
     monkeypatch.delenv(unset)
     record = bench_machine.machine()
-    assert record["restriction_missing"] == [f"{unset}=AVX2"]
-    assert capsys.readouterr().err.strip().endswith(f"add {unset}=AVX2")
+    assert record["restriction_missing"] == [f"{unset}={value}"]
+    assert capsys.readouterr().err.strip().endswith(f"add {unset}={value}")
 
 
 def test_hiding_amx_alone_is_not_a_partial_avx2_restriction(
@@ -135,6 +140,18 @@ def test_the_restriction_puts_mkl_on_avx2() -> None:
                          timeout=120, check=True)
     banner = next(line for line in res.stdout.splitlines() if line.startswith("MKL_VERBOSE oneMKL"))
     assert "(Intel(R) AVX2)" in banner and "AVX-512" not in banner
+
+
+def test_the_restriction_makes_numba_compile_for_an_avx2_cpu() -> None:
+    """numba targets the host's CPU name and features unless both are set."""
+    requires_extra("numba", "jit")
+    env = {**os.environ, **bench_machine.AVX2_RESTRICTION}
+    code = ("from numba.core.registry import cpu_target as t; c = t.target_context.codegen(); "
+            "print(c._get_host_cpu_name(), c._get_host_cpu_features())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, check=True)
+    name, features = res.stdout.split()
+    assert name == "haswell" and "avx512" not in features
 
 
 FAKE_BENCHMARK = """

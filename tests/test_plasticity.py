@@ -3,9 +3,12 @@ to identity covariance, batched Oja/GHA finding known components and growing to 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ import aura.plasticity.stdp as stdp_module
 from aura.errors import DataError
 from aura.plasticity import OjaLayer, OnlineWhitener, PairSTDP, TokenSTDP
 from aura.plasticity.stdp import QUANTUM, clamped_walk_ends, walk_fits_int64
+from conftest import requires_extra
 
 
 def seed_loop(stdp: TokenSTDP, batches: list[tuple[list[int], list[bool], list[float]]]
@@ -57,13 +61,30 @@ def assert_same_as_loop(stdp: TokenSTDP, batches: list) -> None:
         assert np.array_equal(a, b)
 
 
+# how TokenSTDP.update walks on the CPU: numba's compiled loop (the `jit` extra) or, without numba
+# and on every other device, the vectorised passes
+WALKS = ["compiled", "vectorised"]
+
+
+@contextlib.contextmanager
+def walking(walk: str) -> Iterator[None]:
+    if walk == "compiled":
+        requires_extra("numba", "jit")
+        assert stdp_module.compiled_walk() is not None
+        yield
+    else:
+        with mock.patch.object(stdp_module, "compiled_walk", lambda: None):
+            yield
+
+
 rates = st.sampled_from([0.01, 0.05, 0.1, 0.125, 0.3, 0.7])
 
 
+@pytest.mark.parametrize("walk", WALKS)
 @given(data=st.data(), vocab=st.integers(1, 6), lr_plus=rates, lr_minus=rates,
        w_min=st.sampled_from([-1.0, -0.3, 0.0, 0.2]), width=st.sampled_from([0.1, 0.5, 1.5]),
        alpha=st.sampled_from([0.2, 1.0, 4.0]))
-def test_token_stdp_is_bit_identical_to_the_sequential_loop(data, vocab, lr_plus, lr_minus,
+def test_token_stdp_is_bit_identical_to_the_sequential_loop(walk, data, vocab, lr_plus, lr_minus,
                                                              w_min, width, alpha) -> None:
     """Many repeats of few tokens, bounds hit often, several batches: same bits as the loop."""
     stdp = TokenSTDP(vocab, lr_plus=lr_plus, lr_minus=lr_minus, w_min=w_min,
@@ -75,7 +96,8 @@ def test_token_stdp_is_bit_identical_to_the_sequential_loop(data, vocab, lr_plus
         spiked = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
         sal = data.draw(st.lists(st.floats(0, 10), min_size=n, max_size=n))
         batches.append((tokens, spiked, sal))
-    assert_same_as_loop(stdp, batches)
+    with walking(walk):
+        assert_same_as_loop(stdp, batches)
 
 
 @given(data=st.data(), lo=st.integers(-40, 0), width=st.integers(0, 40))
@@ -99,8 +121,9 @@ def test_both_walk_backends_end_where_the_loop_does(data, lo: int, width: int) -
 
 
 @pytest.mark.parametrize("vocab", [3, 70_000])
-@pytest.mark.parametrize("chunk", [None, 1000])
-def test_token_stdp_long_runs_and_large_vocabularies(vocab: int, chunk: int | None,
+@pytest.mark.parametrize(("walk", "chunk"), [("compiled", None), ("vectorised", None),
+                                             ("vectorised", 1000)])
+def test_token_stdp_long_runs_and_large_vocabularies(vocab: int, walk: str, chunk: int | None,
                                                      monkeypatch) -> None:
     """Runs of thousands of one token and ids past 2**16, in one pass and in chunks of 1000."""
     if chunk:
@@ -111,7 +134,8 @@ def test_token_stdp_long_runs_and_large_vocabularies(vocab: int, chunk: int | No
     stdp = TokenSTDP(vocab, lr_plus=0.013, lr_minus=0.011, w_min=-0.2, w_max=0.4,
                      dtype=torch.float64)
     batch = (ids.tolist(), spiked.tolist(), rng.random(6000).tolist())
-    assert_same_as_loop(stdp, [batch])
+    with walking(walk):
+        assert_same_as_loop(stdp, [batch])
     walk, clamped = {}, 0  # the bounds did matter: the unclamped walk leaves them
     for tok, spike in zip(batch[0], batch[1], strict=True):
         walk[tok] = walk.get(tok, 0.0) + (stdp.lr_plus if spike else -stdp.lr_minus)
@@ -119,16 +143,56 @@ def test_token_stdp_long_runs_and_large_vocabularies(vocab: int, chunk: int | No
     assert clamped > 100
 
 
-def test_token_stdp_largest_rates_split_the_batch_and_stay_exact() -> None:
-    """Rates and bounds near the 2**20 limit: one batch's walk would overflow int64, so the
-    update runs it in halves; the weights still equal the loop's, bit for bit."""
+@pytest.mark.parametrize("walk", WALKS)
+def test_token_stdp_largest_rates_split_the_batch_and_stay_exact(walk: str) -> None:
+    """Rates and bounds near the 2**20 limit: one batch's vectorised walk would overflow int64,
+    so it runs in halves; the weights still equal the loop's, bit for bit, on both walks."""
     stdp = TokenSTDP(2, lr_plus=2.0**19 + 0.25, lr_minus=2.0**19 - 0.5, w_min=-(2.0**20),
                      w_max=2.0**20, alpha=1e-6, dtype=torch.float64)
     n = 2**17
     assert not walk_fits_int64(2, n, stdp.q_plus, stdp.q_min, stdp.q_max)
     rng = np.random.default_rng(3)
     batch = (rng.integers(0, 2, n).tolist(), (rng.random(n) < 0.5).tolist(), [1.0] * n)
-    assert_same_as_loop(stdp, [batch])
+    with walking(walk):
+        assert_same_as_loop(stdp, [batch])
+
+
+def test_the_compiled_walk_reads_strided_inputs_as_the_vectorised_one_does() -> None:
+    """Every other token of a (2, 50) batch, spikes from a transposed tensor: views the compiled
+    loop reads through their strides."""
+    requires_extra("numba", "jit")
+    rng = np.random.default_rng(5)
+    tokens = torch.from_numpy(rng.integers(0, 7, (2, 100)))[:, ::2]
+    spikes = torch.from_numpy(rng.random((50, 2)) < 0.4).T
+    assert not tokens.is_contiguous() and not spikes.is_contiguous()
+    weights = []
+    for walk in WALKS:
+        stdp = TokenSTDP(7, lr_plus=0.1, lr_minus=0.05, w_min=-0.2, w_max=0.3)
+        with walking(walk):
+            stdp.update(tokens, spikes)
+        weights.append(stdp.weights)
+    assert torch.equal(*weights) and weights[0].abs().sum() > 0
+
+
+def test_the_compiled_walk_runs_where_numba_cannot_keep_its_cache(monkeypatch) -> None:
+    """A read-only install with no writable cache directory compiles anew in each process."""
+    numba = requires_extra("numba", "jit")
+    real_njit = numba.njit
+
+    def no_cache_dir(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return real_njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_cache_dir)
+    stdp_module.compiled_walk.cache_clear()
+    try:
+        walk = stdp_module.compiled_walk()
+        q = np.zeros(3, dtype=np.int64)
+        walk(q, np.array([2, 2, 0]), np.array([True, True, False]), 5, 2, -3, 8)
+        assert q.tolist() == [-2, 0, 8]
+    finally:
+        stdp_module.compiled_walk.cache_clear()
 
 
 def test_token_stdp_reads_2d_batches_row_major_and_sums_channels() -> None:
