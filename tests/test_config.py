@@ -140,12 +140,14 @@ def test_a_broken_presets_file_is_a_one_line_error_naming_it(tmp_path: Path, tex
 
 def test_every_data_file_of_the_package_ships_in_a_wheel() -> None:
     """setuptools leaves files that are not modules out of a (non-editable) wheel unless
-    package-data lists them, and presets.yaml is read at import."""
+    package-data lists them, and presets.yaml is read at import. ``__pycache__`` holds what
+    Python and numba compile at run time, never shipped."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     patterns = pyproject["tool"]["setuptools"]["package-data"]["aura"]
     package = ROOT / "src" / "aura"
     data = [p.relative_to(package).as_posix() for p in package.rglob("*")
-            if p.is_file() and p.suffix not in (".py", ".pyc")]
+            if p.is_file() and p.suffix not in (".py", ".pyc")
+            and "__pycache__" not in p.relative_to(package).parts]
     assert "presets.yaml" in data
     for name in data:
         assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
