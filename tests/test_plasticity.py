@@ -195,6 +195,26 @@ def test_the_compiled_walk_runs_where_numba_cannot_keep_its_cache(monkeypatch) -
         stdp_module.compiled_walk.cache_clear()
 
 
+@pytest.mark.parametrize("walk", WALKS)
+def test_token_stdp_updates_inside_a_compiled_forward(walk: str) -> None:
+    """`natural_brain` updates its STDP weights in its forward, which train.compile compiles:
+    Dynamo must run the update between graphs, not fail on it (and fall back to eager)."""
+    tokens = torch.tensor([1, 2, 1, 6, 1, 1])
+    spikes = torch.tensor([True, False, True, True, False, True])
+    compiled, eager = (TokenSTDP(7, lr_plus=0.1, lr_minus=0.05) for _ in range(2))
+
+    @torch.compile(backend="eager")
+    def forward(tok: torch.Tensor, spk: torch.Tensor) -> torch.Tensor:
+        compiled.update(tok, spk)
+        return tok * 2
+
+    with walking(walk):
+        assert forward(tokens, spikes).tolist() == [2, 4, 2, 12, 2, 2]
+        eager.update(tokens, spikes)
+    assert torch.equal(compiled.weights, eager.weights) and compiled.weights[1] > 0
+    torch.compiler.reset()
+
+
 def test_token_stdp_reads_2d_batches_row_major_and_sums_channels() -> None:
     tokens = torch.tensor([[4, 4, 1], [4, 2, 1]])
     channels = torch.tensor([[[1, 0, 0], [0, 0, 0], [0, 2, -3]],

@@ -280,13 +280,20 @@ class TokenSTDP(SavedRule):
                              f"{tuple(token_ids.shape)}, optionally plus a channel dimension")
         if tok.numel() == 0:
             return
-        walk = compiled_walk() if self.device.type == "cpu" else None
-        if walk is not None:
-            walk(self.q.numpy(), tok.numpy(), spiked.numpy(), self.q_plus, self.q_minus,
-                 self.q_min, self.q_max)
+        if self.device.type == "cpu" and self._walk_compiled(tok, spiked):
             return
         for i in range(0, tok.numel(), UPDATE_CHUNK):
             self._update(tok[i:i + UPDATE_CHUNK], spiked[i:i + UPDATE_CHUNK])
+
+    @torch.compiler.disable  # Dynamo cannot trace numba's dispatcher: it runs between graphs
+    def _walk_compiled(self, tok: torch.Tensor, spiked: torch.Tensor) -> bool:
+        """The update by ``compiled_walk``; False, doing nothing, where numba is missing."""
+        walk = compiled_walk()
+        if walk is None:
+            return False
+        walk(self.q.numpy(), tok.numpy(), spiked.numpy(), self.q_plus, self.q_minus,
+             self.q_min, self.q_max)
+        return True
 
     def _update(self, tok: torch.Tensor, spiked: torch.Tensor) -> None:
         counts = torch.bincount(tok, minlength=self.vocab_size)
