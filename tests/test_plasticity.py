@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -198,7 +200,8 @@ def test_the_compiled_walk_runs_where_numba_cannot_keep_its_cache(monkeypatch) -
 @pytest.mark.parametrize("walk", WALKS)
 def test_token_stdp_updates_inside_a_compiled_forward(walk: str) -> None:
     """`natural_brain` updates its STDP weights in its forward, which train.compile compiles:
-    Dynamo must run the update between graphs, not fail on it (and fall back to eager)."""
+    the walk is an op Dynamo keeps in its graph, not numba's dispatcher, which it fails on
+    (and the trainer would fall back to eager)."""
     tokens = torch.tensor([1, 2, 1, 6, 1, 1])
     spikes = torch.tensor([True, False, True, True, False, True])
     compiled, eager = (TokenSTDP(7, lr_plus=0.1, lr_minus=0.05) for _ in range(2))
@@ -213,6 +216,16 @@ def test_token_stdp_updates_inside_a_compiled_forward(walk: str) -> None:
         eager.update(tokens, spikes)
     assert torch.equal(compiled.weights, eager.weights) and compiled.weights[1] > 0
     torch.compiler.reset()
+
+
+def test_importing_the_rules_leaves_dynamo_and_numba_unloaded() -> None:
+    """Every `aura` command imports the plasticity package; Dynamo (with sympy, ~70 MB and a
+    second of start-up) and numba load only when something needs them."""
+    heavy = "{'torch._dynamo', 'sympy', 'numba'}"
+    code = f"import sys, aura.plasticity; print(sorted({heavy} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip() == "[]"
 
 
 def test_token_stdp_reads_2d_batches_row_major_and_sums_channels() -> None:

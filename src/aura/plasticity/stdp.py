@@ -216,6 +216,59 @@ def walk_fits_int64(n_seg: int, longest: int, step: int, lo: int, hi: int) -> bo
     return (n_seg + 1) * _span(lo, hi, longest, step) < 2**62
 
 
+def vectorised_walk(q: torch.Tensor, tok: torch.Tensor, spiked: torch.Tensor, q_plus: int,
+                    q_minus: int, q_min: int, q_max: int) -> None:
+    """The walk of every token in ``tok`` (int64) in order, on the integer weights ``q`` in
+    place, as a few passes per chunk of ``UPDATE_CHUNK`` tokens: on any device."""
+    for i in range(0, tok.numel(), UPDATE_CHUNK):
+        _walk_chunk(q, tok[i:i + UPDATE_CHUNK], spiked[i:i + UPDATE_CHUNK], q_plus, q_minus,
+                    q_min, q_max)
+
+
+def _walk_chunk(q: torch.Tensor, tok: torch.Tensor, spiked: torch.Tensor, q_plus: int,
+                q_minus: int, q_min: int, q_max: int) -> None:
+    counts = torch.bincount(tok, minlength=q.numel())
+    uniq = counts.nonzero().squeeze(1)
+    counts = counts[uniq]
+    step = max(q_plus, q_minus)
+    if not walk_fits_int64(uniq.numel(), int(counts.max()), step, q_min, q_max):
+        half = tok.numel() // 2  # the walk is sequential: two halves in order are the same
+        for part in (slice(None, half), slice(half, None)):
+            _walk_chunk(q, tok[part], spiked[part], q_plus, q_minus, q_min, q_max)
+        return
+    order = stable_argsort(tok, q.numel())
+    d = torch.index_select(spiked, 0, order).to(torch.int64)
+    d.mul_(q_plus + q_minus).sub_(q_minus)
+    q[uniq] = clamped_walk_ends(q[uniq], counts, d, q_min, q_max, step)
+
+
+def _cpu_walk(q: torch.Tensor, tok: torch.Tensor, spiked: torch.Tensor, q_plus: int,
+              q_minus: int, q_min: int, q_max: int) -> None:
+    walk = compiled_walk()
+    if walk is None:
+        vectorised_walk(q, tok, spiked, q_plus, q_minus, q_min, q_max)
+    else:
+        walk(q.numpy(), tok.numpy(), spiked.numpy(), q_plus, q_minus, q_min, q_max)
+
+
+def _no_output(*_: Any) -> None:
+    """What the op makes besides its in-place update: nothing (its shape function)."""
+
+
+# The CPU walk as a PyTorch op: a forward under torch.compile (natural_brain updates the rule in
+# its forward) keeps the call in its graph, where Dynamo would fail on numba's dispatcher. The
+# low-level registration adds ~3 us a call and imports nothing (``custom_op`` loads Dynamo on
+# its first call, 1.3 s, and costs 0.5 ms a call). The namespace is the importing package's,
+# so two copies of Aura in one process (benchmarks/before_after.py) coexist.
+_OPS = torch.library.Library(__name__.split(".")[0], "FRAGMENT")
+_OPS.define("token_stdp_walk(Tensor(a!) q, Tensor tok, Tensor spiked, int q_plus, int q_minus, "
+            "int q_min, int q_max) -> ()")
+_OPS.impl("token_stdp_walk", _cpu_walk, "CPU")
+_OPS.impl("token_stdp_walk", _no_output, "Meta")
+cpu_walk = getattr(torch.ops, __name__.split(".")[0]).token_stdp_walk
+"""``vectorised_walk`` on CPU tensors, by ``compiled_walk`` where numba is installed."""
+
+
 class TokenSTDP(SavedRule):
     """Per-token STDP weights that scale salience; see the module docstring for the rule.
 
@@ -280,36 +333,8 @@ class TokenSTDP(SavedRule):
                              f"{tuple(token_ids.shape)}, optionally plus a channel dimension")
         if tok.numel() == 0:
             return
-        if self.device.type == "cpu" and self._walk_compiled(tok, spiked):
-            return
-        for i in range(0, tok.numel(), UPDATE_CHUNK):
-            self._update(tok[i:i + UPDATE_CHUNK], spiked[i:i + UPDATE_CHUNK])
-
-    @torch.compiler.disable  # Dynamo cannot trace numba's dispatcher: it runs between graphs
-    def _walk_compiled(self, tok: torch.Tensor, spiked: torch.Tensor) -> bool:
-        """The update by ``compiled_walk``; False, doing nothing, where numba is missing."""
-        walk = compiled_walk()
-        if walk is None:
-            return False
-        walk(self.q.numpy(), tok.numpy(), spiked.numpy(), self.q_plus, self.q_minus,
-             self.q_min, self.q_max)
-        return True
-
-    def _update(self, tok: torch.Tensor, spiked: torch.Tensor) -> None:
-        counts = torch.bincount(tok, minlength=self.vocab_size)
-        uniq = counts.nonzero().squeeze(1)
-        counts = counts[uniq]
-        step = max(self.q_plus, self.q_minus)
-        if not walk_fits_int64(uniq.numel(), int(counts.max()), step, self.q_min, self.q_max):
-            half = tok.numel() // 2  # the walk is sequential: two halves in order are the same
-            self._update(tok[:half], spiked[:half])
-            self._update(tok[half:], spiked[half:])
-            return
-        order = stable_argsort(tok, self.vocab_size)
-        d = torch.index_select(spiked, 0, order).to(torch.int64)
-        d.mul_(self.q_plus + self.q_minus).sub_(self.q_minus)
-        self.q[uniq] = clamped_walk_ends(self.q[uniq], counts, d, self.q_min, self.q_max,
-                                         step)
+        walk = cpu_walk if self.device.type == "cpu" else vectorised_walk
+        walk(self.q, tok, spiked, self.q_plus, self.q_minus, self.q_min, self.q_max)
 
     def modulate(self, salience: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """``salience * max(0, 1 + alpha * w[token])``, elementwise over ``token_ids``' shape."""
