@@ -184,11 +184,11 @@ def serve() -> None:
     for info in pkgutil.walk_packages(aura.__path__, "aura."):
         if info.name != "aura.__main__":  # that one runs the CLI
             importlib.import_module(info.name)
+    torch.set_num_threads(1)  # tiny models; before any parallel region, so forking is safe
     from aura.plasticity import TokenSTDP
 
     # numba's start-up (~0.5 s) once here, not in every forked `aura learn`
     TokenSTDP(2).update(torch.tensor([1]), torch.tensor([True]))
-    torch.set_num_threads(1)  # tiny models; before any parallel region, so forking is safe
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # nothing a module prints may reach the replies
     for line in sys.stdin:
