@@ -89,16 +89,16 @@ def bench_stdp(n_tokens: int, repeats: int) -> dict[str, object]:
     expected = torch.zeros(VOCAB, dtype=torch.float64)
     expected[list(weights)] = torch.tensor(list(weights.values()), dtype=torch.float64)
 
-    def is_loops(result: tuple[TokenSTDP, torch.Tensor]) -> bool:
+    def matches_loop(result: tuple[TokenSTDP, torch.Tensor]) -> bool:
         stdp, out = result
         return torch.equal(stdp.weights, expected) and np.array_equal(out.numpy(), loop_out)
 
     t = time.perf_counter()
-    identical = is_loops(batched())  # the first call includes numba's compile or cache load
+    identical = matches_loop(batched())  # the first call includes numba's compile or cache load
     first_call_s = time.perf_counter() - t
     batched_s = best_of(batched, repeats)
     with mock.patch.object(stdp_module, "compiled_walk", lambda: None):
-        identical_vectorised = is_loops(batched())
+        identical_vectorised = matches_loop(batched())
         vectorised_s = best_of(batched, repeats)
     chunk = 65536
 

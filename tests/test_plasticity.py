@@ -138,10 +138,10 @@ def test_token_stdp_long_runs_and_large_vocabularies(vocab: int, walk: str, chun
     batch = (ids.tolist(), spiked.tolist(), rng.random(6000).tolist())
     with walking(walk):
         assert_same_as_loop(stdp, [batch])
-    walk, clamped = {}, 0  # the bounds did matter: the unclamped walk leaves them
+    unclamped, clamped = {}, 0  # the bounds did matter: the unclamped walk leaves them
     for tok, spike in zip(batch[0], batch[1], strict=True):
-        walk[tok] = walk.get(tok, 0.0) + (stdp.lr_plus if spike else -stdp.lr_minus)
-        clamped += not stdp.w_min <= walk[tok] <= stdp.w_max
+        unclamped[tok] = unclamped.get(tok, 0.0) + (stdp.lr_plus if spike else -stdp.lr_minus)
+        clamped += not stdp.w_min <= unclamped[tok] <= stdp.w_max
     assert clamped > 100
 
 
