@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def preset_rows(presets: list[str], steps: int, rounds: int, overrides: list[str
             rows.append({"preset": preset, **({"set": overrides} if overrides else {}),
                          "fp32_ms": round(fp32, 2), "bf16_ms": round(bf16, 2),
                          "bf16_speedup": round(fp32 / bf16, 3)})
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
     return rows
 
 
@@ -106,7 +107,7 @@ def main() -> None:
         bf16 = statistics.median(times["bf16"]) * 1000
         rows.append({"n_embd": width, "fp32_ms": round(fp32, 2), "bf16_ms": round(bf16, 2),
                      "bf16_speedup": round(fp32 / bf16, 3)})
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
     print(json.dumps({"machine": machine(), "shape": "4 layers, head 64, B8 x T128, vocab 512",
                       "rows": rows}, indent=1))
 
