@@ -131,6 +131,16 @@ def test_a_real_benchmark_json_carries_the_fields_and_the_restriction() -> None:
     assert record["amx"] is False
 
 
+def test_a_benchmark_with_progress_rows_prints_one_json_object() -> None:
+    """both_kinds.py reads a run's stdout as one JSON object; a progress row there breaks it."""
+    res = subprocess.run([sys.executable, str(BENCHMARKS / "precision_bench.py"), "--presets",
+                          "demo", "--steps", "4", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    out = json.loads(res.stdout)
+    assert [row["preset"] for row in out["rows"]] == ["demo"]
+    assert json.loads(res.stderr.splitlines()[-1])["preset"] == "demo"  # progress, on stderr
+
+
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="PyTorch built without MKL")
 def test_the_restriction_puts_mkl_on_avx2() -> None:
     """MKL names the code path its fp32 product takes; restricted, that must be AVX2's."""
