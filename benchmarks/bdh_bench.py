@@ -5,6 +5,7 @@
     python benchmarks/bdh_bench.py generate --reference /path/to/bdh [--new-tokens 1000]
     python benchmarks/bdh_bench.py memory [--batch 8] [--block 512]
     python benchmarks/bdh_bench.py quality [--steps 600]
+    python benchmarks/bdh_bench.py sparse [--steps 300] [--every 50] [--quick]
 
 train: optimizer steps/s of the reference model (its own code, eager fp32) and of Aura's `bdh` in
 fp32 and bf16 autocast, with ``--compile`` also both under torch.compile (the reference's train.py
@@ -18,6 +19,12 @@ generate: tokens/s for N new tokens after a 64-token prompt, the reference's re-
 memory: peak RSS of one training step with and without per-layer gradient checkpointing, each
 in its own process. quality: `bdh-cpu` vs a `gpt` of about the same parameter count after
 equal tokens: val loss and bits per byte.
+sparse: whether BDH's sparse activations could pay in its products. How many of `bdh-cpu`'s
+activations are non-zero as it trains (fp32, AdamW, its own x_active / y_active metrics), and
+the decoder's products (4 heads of (B*T, N) x (N, D): forward, the weight's gradient, the
+activation's gradient) dense against torch's CSR products at those densities and below, on
+random patterns; and the conversion to CSR a dense activation would need first. ``--quick``
+runs 2 steps and one timing: it checks the script.
 The reference's code is imported from the given checkout, never copied here.
 """
 
@@ -34,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +275,69 @@ def cmd_quality(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def cmd_sparse(args: argparse.Namespace) -> dict[str, Any]:
+    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+    _, cfg = configs("cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    density = []
+    with tempfile.TemporaryDirectory() as d:
+        data = byte_data(Path(d))
+        sampler = BatchSampler(data.split("train"), cfg.train.batch_size, cfg.model.block_size,
+                               seed=0)
+        for step in range(args.steps + 1):
+            out = model(*sampler(step))
+            if step % args.every == 0 or step == args.steps:
+                density.append({"step": step, "loss": round(out.loss.item(), 4),
+                                "x_nonzero": round(out.aux["x_active"].item(), 4),
+                                "gated_nonzero": round(out.aux["y_active"].item(), 4)})
+            if step < args.steps:
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    heads, n, dim = cfg.model.n_head, model.n, cfg.model.n_embd
+    rows = cfg.train.batch_size * cfg.model.block_size
+    decoder = torch.randn(heads, n, dim)
+    calls, reps = (1, 1) if args.quick else (20, 5)
+
+    def best_us(fn: Any) -> float:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t) / calls)
+        return round(min(times) * 1e6, 1)
+
+    grad = torch.randn(heads, rows, dim)  # the decoder's output gradient
+
+    def timings(share: float) -> dict[str, float]:
+        """The decoder's three products, dense and with the activation as CSR: forward
+        (act @ W), the weight's gradient (act^T @ grad) and the activation's gradient, needed
+        only where the activation is non-zero (grad @ W^T sampled there)."""
+        act = torch.rand(heads, rows, n)
+        act = torch.where(act < share, act, 0.0)
+        csr = [act[h].to_sparse_csr() for h in range(heads)]
+        return {
+            "nonzero": share,
+            "forward_dense_us": best_us(lambda: torch.bmm(act, decoder)),
+            "forward_csr_us": best_us(lambda: [csr[h] @ decoder[h] for h in range(heads)]),
+            "weight_grad_dense_us": best_us(lambda: torch.bmm(act.mT, grad)),
+            "weight_grad_csr_us": best_us(lambda: [csr[h].mT @ grad[h] for h in range(heads)]),
+            "input_grad_dense_us": best_us(lambda: torch.bmm(grad, decoder.mT)),
+            "input_grad_sampled_us": best_us(lambda: [
+                torch.sparse.sampled_addmm(csr[h], grad[h], decoder[h].mT, beta=0.0)
+                for h in range(heads)]),
+            "to_csr_us": best_us(lambda: [act[h].to_sparse_csr() for h in range(heads)])}
+
+    shares = {density[0]["gated_nonzero"], density[-1]["gated_nonzero"], 0.1, 0.05, 0.02}
+    products = [timings(share) for share in sorted(shares, reverse=True)]
+    return {"model": "bdh-cpu", "steps": args.steps, "density": density,
+            "decoder_product": {"heads": heads, "rows": rows, "n": n, "d": dim,
+                                "by_density": products}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -293,12 +364,18 @@ def main() -> None:
     q = sub.add_parser("quality")
     q.add_argument("--steps", type=int, default=600)
     q.add_argument("--eval-tokens", type=int, default=200_000)
+    s = sub.add_parser("sparse")
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--every", type=int, default=50, help="record the densities every N steps")
+    s.add_argument("--quick", action="store_true", help="2 steps, one timing: checks the script")
     args = ap.parse_args()
+    if args.cmd == "sparse" and args.quick:
+        args.steps, args.every = 2, 1
     if args.cmd == "memory-one":
         print(json.dumps(one_memory(args, args.mode == "checkpointed")))
         return
     result = {"train": cmd_train, "generate": cmd_generate, "memory": cmd_memory,
-              "quality": cmd_quality}[args.cmd](args)
+              "quality": cmd_quality, "sparse": cmd_sparse}[args.cmd](args)
     print(json.dumps({"machine": machine(), **result}, indent=1))
 
 
