@@ -292,6 +292,7 @@ def cmd_sparse(args: argparse.Namespace) -> dict[str, Any]:
                 density.append({"step": step, "loss": round(out.loss.item(), 4),
                                 "x_nonzero": round(out.aux["x_active"].item(), 4),
                                 "gated_nonzero": round(out.aux["y_active"].item(), 4)})
+                print(json.dumps(density[-1]), file=sys.stderr, flush=True)  # progress
             if step < args.steps:
                 out.loss.backward()
                 opt.step()

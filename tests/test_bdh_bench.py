@@ -30,4 +30,6 @@ def test_sparse_reports_densities_and_the_product_at_each() -> None:
                           "weight_grad_csr_us", "input_grad_dense_us", "input_grad_sampled_us",
                           "to_csr_us"}
         assert all(v > 0 for v in p.values())
+    progress = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
+    assert progress == out["density"]  # each density row also went to stderr as it was taken
     assert "Traceback" not in res.stderr and "beta" not in res.stderr
