@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -17,9 +18,17 @@ pexpect = requires_extra("pexpect", "dev")
 SNN_RAG = ("model.name=snn_rag", "model.memory_capacity=64", "model.memory_chunk=8")
 
 
+def live_ctrl_c() -> None:
+    """Ctrl-C as a person at a terminal has it: a test run launched in the background (``&``
+    without job control) ignores SIGINT, the chat would inherit that, and Python then installs
+    no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(run: Path, *args: str, cwd: Path) -> object:
     child = pexpect.spawn(sys.executable, ["-m", "aura", "chat", str(run), *args], env=env(),
-                          cwd=str(cwd), timeout=60, encoding="utf-8", codec_errors="replace")
+                          cwd=str(cwd), timeout=60, encoding="utf-8", codec_errors="replace",
+                          preexec_fn=live_ctrl_c)
     child.expect_exact("/help for commands")
     return child
 
